@@ -1,0 +1,1 @@
+"""Shared pieces both sides agree on: the log, directions, parametrizations, answers, fitness."""

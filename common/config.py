@@ -1,0 +1,196 @@
+"""The run config (``run.toml``): everything the coordinator needs to start or resume a run.
+
+Parsed with ``tomllib`` and validated with pydantic, so a wrong type or an unknown key is
+reported as one line naming the file and the field. The fitness and parametrization
+sections become the :class:`RunSpec` every holder checks against its own policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sottovoce.common.errors import ConfigError
+from sottovoce.common.messages import AnswerKind, BatchSpec, FitnessSpec
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+
+ALGORITHMS = ("bboxer-1+1", "bboxer-1+lambda")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """Identity and limits of the run."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]{1,24}$")
+    algorithm: Literal["bboxer-1+1", "bboxer-1+lambda"] = "bboxer-1+1"
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    max_rounds: int = Field(default=100, ge=1, le=1_000_000)
+    bit_budget: float = Field(default=300.0, gt=0)
+    bound_delta: float = Field(default=0.05, gt=0, lt=1)
+
+
+class ModelSection(_Section):
+    """Which base model; holders load their own copy and must match its fingerprint."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    fingerprint: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+class ParametrizationSection(_Section):
+    kind: Literal["full", "select", "subspace", "scale"] = "scale"
+    patterns: tuple[str, ...] = ()
+    last_k_blocks: int | None = Field(default=None, ge=1)
+    dimension: int = Field(default=0, ge=0)
+    projection_seed: int = Field(default=0, ge=0, lt=2**63)
+    granularity: Literal["tensor", "channel"] = "channel"
+
+    def to_spec(self) -> ParametrizationSpec:
+        return ParametrizationSpec(**self.model_dump())
+
+
+class OptimizerSection(_Section):
+    """Step-size control of the comparison-based ES (one-fifth success rule)."""
+
+    initial_step: float = Field(default=0.05, gt=0)
+    min_step: float = Field(default=1e-4, gt=0)
+    max_step: float = Field(default=0.5, gt=0)
+    candidates: int = Field(default=1, ge=1, le=64)
+    mirrored: bool = False
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> OptimizerSection:
+        if not self.min_step <= self.initial_step <= self.max_step:
+            raise ValueError("need min_step <= initial_step <= max_step")
+        if self.mirrored and self.candidates % 2:
+            raise ValueError("mirrored sampling needs an even number of candidates")
+        return self
+
+
+class EvaluationSection(_Section):
+    mode: Literal["minibatch", "full"] = "minibatch"
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+
+    def to_spec(self) -> BatchSpec:
+        return BatchSpec(mode=self.mode, batch_size=self.batch_size)
+
+
+class FitnessSection(_Section):
+    kind: Literal["classification", "completion"] = "classification"
+    prompt_template: str = "Review: {text}\nSentiment:"
+    label_words: tuple[str, ...] = (" negative", " positive")
+    text_field: str = "text"
+    label_field: str = "label"
+    target_field: str = "answer"
+
+    def to_spec(self) -> FitnessSpec:
+        return FitnessSpec(**self.model_dump())
+
+
+class ServerSection(_Section):
+    """How the coordinator listens and how rounds wait for holders."""
+
+    address: str = "127.0.0.1:50051"
+    min_holders: int = Field(default=1, ge=1)
+    quorum: int = Field(default=1, ge=1)
+    round_timeout_s: float = Field(default=300.0, gt=0)
+    holder_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("holder_weights")
+    @classmethod
+    def _positive_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        for holder, weight in weights.items():
+            if weight <= 0:
+                raise ValueError(f"weight of {holder!r} must be > 0")
+        return weights
+
+
+class SimulateSection(_Section):
+    """Local federation on one machine (``sottovoce simulate``)."""
+
+    holders: int = Field(default=3, ge=1, le=64)
+    dataset: Literal["sentiment"] = "sentiment"
+    test_size: int = Field(default=1000, ge=1)
+    dev_size: int = Field(default=500, ge=0)
+    train_size: int | None = Field(default=None, ge=1)
+    threads_per_holder: int = Field(default=1, ge=1)
+    eval_threads: int = Field(default=2, ge=1)
+    eval_split: Literal["test", "dev"] = "test"
+    max_holder_policy_bits: float = Field(default=100_000.0, gt=0)
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    parametrization: ParametrizationSection = ParametrizationSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    fitness: FitnessSection = FitnessSection()
+    server: ServerSection = ServerSection()
+    simulate: SimulateSection = SimulateSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.run.algorithm == "bboxer-1+1" and self.optimizer.candidates != 1:
+            raise ValueError("optimizer.candidates must be 1 for bboxer-1+1")
+        if self.server.quorum > self.server.min_holders:
+            raise ValueError("server.quorum cannot exceed server.min_holders")
+        return self
+
+    @property
+    def answer_kind(self) -> AnswerKind:
+        return AnswerKind.COMPARE if self.run.algorithm == "bboxer-1+1" else AnswerKind.BEST_OF
+
+    def fingerprint(self) -> str:
+        """Hash of the parts that define the run (a resumed run must have the same)."""
+        material = self.model_dump(mode="json", exclude={"simulate"})
+        blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def parse_config(data: dict[str, Any], source: str) -> RunConfig:
+    """Validate a config dict; errors name ``source`` and the dotted field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_config(path: Path) -> RunConfig:
+    """Read and validate ``run.toml``."""
+    return parse_config(read_toml(path), str(path))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into one ConfigError line."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """First pydantic error as 'section.field: message' (one line)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",):
+        message = f"{message} (got {first['input']!r})"
+    return f"{where}: {message}"

@@ -1,0 +1,155 @@
+"""What coordinator and data holders say to each other, independent of the transport.
+
+These dataclasses are the vocabulary of the protocol (DESIGN.md §4-5). The gRPC transport
+(``common/wire.py``) and the Flower transport translate them to and from their own
+records; the algorithms and the holder's policy only ever see these types.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.steplog import Step
+
+MAX_TASK_ID_LENGTH = 64
+MAX_HOLDER_ID_LENGTH = 64
+MAX_LAMBDA = 64
+
+
+class AnswerKind(str, Enum):
+    """What a task asks for; each kind has a fixed information cost (see ``bits``)."""
+
+    COMPARE = "compare"  # one candidate vs the incumbent: better or not (1 bit)
+    BEST_OF = "best-of"  # index of the best of lambda candidates, or none: log2(lambda+1) bits
+
+
+def answer_bits(kind: AnswerKind, n_candidates: int) -> float:
+    """Information cost of one answer: log2 of the number of possible answers."""
+    if kind is AnswerKind.COMPARE:
+        if n_candidates != 1:
+            raise ValueError("a compare task has exactly one candidate")
+        return 1.0
+    if kind is AnswerKind.BEST_OF:
+        return math.log2(n_candidates + 1)
+    raise ValueError(f"unknown answer kind {kind}")
+
+
+@dataclass(frozen=True)
+class FitnessSpec:
+    """The fitness a holder computes; pinned in its policy so the question cannot be crafted.
+
+    ``kind = "classification"``: render ``prompt_template`` with the record's fields, score
+    each of ``label_words`` as the next token; the record's ``label_field`` holds the index
+    of the right label word. ``kind = "completion"``: mean log-likelihood of the record's
+    ``target_field`` after the rendered prompt.
+    """
+
+    kind: Literal["classification", "completion"] = "classification"
+    prompt_template: str = "Review: {text}\nSentiment:"
+    label_words: tuple[str, ...] = (" negative", " positive")
+    text_field: str = "text"
+    label_field: str = "label"
+    target_field: str = "answer"
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Which examples a task is scored on.
+
+    ``minibatch``: the holder draws ``batch_size`` examples with its own secret RNG (the
+    coordinator never learns which); all candidates are scored on the same ones.
+    ``full``: the holder's whole training split, as in the BBoxER paper.
+    """
+
+    mode: Literal["minibatch", "full"] = "minibatch"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a holder learns when it joins, and checks against its policy before answering."""
+
+    run_id: str
+    algorithm: str
+    model_fingerprint: str
+    parametrization: ParametrizationSpec
+    fitness: FitnessSpec
+    batch: BatchSpec
+    answer_kind: AnswerKind
+    bit_budget: float
+    max_rounds: int
+    log_genesis: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The incumbent moved by ``scale * z(seed)`` in the parametrization's coordinates."""
+
+    seed: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question for one holder.
+
+    ``base_version`` is the log version the holder said it has; ``new_steps`` extend it to
+    ``base_version + len(new_steps)``, whose head hash is ``log_head``.
+    """
+
+    task_id: str
+    run_id: str
+    round_index: int
+    base_version: int
+    new_steps: tuple[Step, ...]
+    log_head: str
+    candidates: tuple[Candidate, ...]
+    answer_kind: AnswerKind
+    batch: BatchSpec
+    deadline_unix: float
+
+    @property
+    def target_version(self) -> int:
+        return self.base_version + len(self.new_steps)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A holder's reply to one task.
+
+    For ``compare``: ``choice`` is 1 if the candidate is better, else 0. For ``best-of``:
+    ``choice`` is 1 + the index of the best candidate, or 0 if none beats the incumbent.
+    A refusal carries ``refusal`` (a one-line reason) and no choice; it costs nothing.
+    """
+
+    task_id: str
+    choice: int | None
+    refusal: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.refusal is not None
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """What a holder declares when it joins: who it is and which model it holds."""
+
+    holder_id: str
+    model_fingerprint: str
+    policy_summary: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """Returned instead of a task once the run is over (budget spent or rounds done)."""
+
+    run_id: str
+    reason: str
+    final_version: int
+    log_head: str
+    bits_spent_total: float

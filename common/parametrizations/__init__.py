@@ -1,0 +1,1 @@
+"""Parametrizations: what the optimizer moves (see base.py for the contract)."""

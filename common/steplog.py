@@ -1,0 +1,214 @@
+"""The model is a log: base model + parametrization + an ordered, hash-chained list of steps.
+
+A step ``(seed, coefficient)`` means ``x <- x + coefficient * z(seed)`` in the
+parametrization's coordinates. Each step's hash covers the previous hash, so a holder
+that has applied steps ``0..v-1`` can check that the steps a coordinator sends next
+extend exactly the log it already has, and a coordinator cannot quietly rewrite history.
+
+On disk the log is JSON lines, appended and fsync'd one step at a time. A torn last line
+(a crash in the middle of a write) is detected on load and reported, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sottovoce.common.errors import LogIntegrityError
+
+UINT64_MAX = 2**64 - 1
+
+
+def as_float32(value: float) -> float:
+    """Round a Python float to the nearest float32, the precision every coefficient has."""
+    return float(np.float32(value))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One accepted update: ``x <- x + coefficient * z(seed)``."""
+
+    seed: int
+    coefficient: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= UINT64_MAX:
+            raise LogIntegrityError(f"step seed {self.seed} is not a uint64")
+        if not np.isfinite(self.coefficient):
+            raise LogIntegrityError(f"step coefficient {self.coefficient} is not finite")
+        if as_float32(self.coefficient) != self.coefficient:
+            raise LogIntegrityError(
+                f"step coefficient {self.coefficient!r} is not exactly a float32"
+            )
+
+    def payload(self) -> bytes:
+        """The 12 bytes that define a step: uint64 seed and float32 coefficient, little-endian."""
+        return struct.pack("<Qf", self.seed, self.coefficient)
+
+
+def genesis_hash(base_fingerprint: str, parametrization_id: str) -> str:
+    """The hash a log starts from: it binds every step to one base model and parametrization."""
+    material = f"sottovoce-log-v1\n{base_fingerprint}\n{parametrization_id}".encode()
+    return hashlib.sha256(material).hexdigest()
+
+
+def chain_hash(previous: str, index: int, step: Step) -> str:
+    """Hash of step ``index`` given the hash of everything before it."""
+    digest = hashlib.sha256()
+    digest.update(bytes.fromhex(previous))
+    digest.update(struct.pack("<Q", index))
+    digest.update(step.payload())
+    return digest.hexdigest()
+
+
+def extend_chain(head: str, start_index: int, steps: Iterable[Step]) -> str:
+    """The head hash after appending ``steps`` at ``start_index`` to a log whose head is ``head``."""
+    for offset, step in enumerate(steps):
+        head = chain_hash(head, start_index + offset, step)
+    return head
+
+
+class StepLog:
+    """An in-memory hash-chained log of steps, optionally backed by an append-only file."""
+
+    def __init__(self, genesis: str, steps: Sequence[Step] = (), path: Path | None = None):
+        self.genesis = genesis
+        self._steps: list[Step] = []
+        self._hashes: list[str] = []
+        self._path = path
+        for step in steps:
+            self._append_in_memory(step)
+
+    # -- reading -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self._steps)
+
+    @property
+    def version(self) -> int:
+        """Number of steps in the log: the version a holder's weights are materialized at."""
+        return len(self._steps)
+
+    @property
+    def head(self) -> str:
+        """Hash of the whole log; the genesis hash when it is empty."""
+        return self._hashes[-1] if self._hashes else self.genesis
+
+    def hash_at(self, version: int) -> str:
+        """Head hash of the first ``version`` steps."""
+        if not 0 <= version <= len(self._steps):
+            raise LogIntegrityError(f"log has {len(self._steps)} steps, no version {version}")
+        return self._hashes[version - 1] if version else self.genesis
+
+    def steps_since(self, version: int) -> list[Step]:
+        """The steps a holder at ``version`` lacks."""
+        if not 0 <= version <= len(self._steps):
+            raise LogIntegrityError(f"log has {len(self._steps)} steps, no version {version}")
+        return self._steps[version:]
+
+    # -- writing -------------------------------------------------------------------------
+    def append(self, step: Step) -> str:
+        """Append a step (durably, if file-backed) and return the new head hash."""
+        head = chain_hash(self.head, len(self._steps), step)
+        if self._path is not None:
+            record = {
+                "index": len(self._steps),
+                "seed": step.seed,
+                "coefficient": step.coefficient,
+                "hash": head,
+            }
+            append_json_line(self._path, record)
+        self._steps.append(step)
+        self._hashes.append(head)
+        return head
+
+    def _append_in_memory(self, step: Step) -> None:
+        self._hashes.append(chain_hash(self.head, len(self._steps), step))
+        self._steps.append(step)
+
+    # -- persistence ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, genesis: str) -> StepLog:
+        """Load (or start) the file-backed log at ``path`` and verify its chain."""
+        log = cls(genesis, path=None)
+        for number, record in enumerate(read_json_lines(path)):
+            try:
+                step = Step(seed=int(record["seed"]), coefficient=float(record["coefficient"]))
+                recorded_index, recorded_hash = int(record["index"]), str(record["hash"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LogIntegrityError(f"{path}: line {number + 1} is not a step: {exc}") from exc
+            if recorded_index != number:
+                raise LogIntegrityError(f"{path}: line {number + 1} has index {recorded_index}")
+            log._append_in_memory(step)
+            if log.head != recorded_hash:
+                raise LogIntegrityError(f"{path}: hash chain breaks at step {number}")
+        log._path = path
+        return log
+
+    def to_records(self) -> list[dict[str, object]]:
+        """The log as plain records (what export writes next to the weights)."""
+        return [
+            {"index": i, "seed": s.seed, "coefficient": s.coefficient, "hash": h}
+            for i, (s, h) in enumerate(zip(self._steps, self._hashes, strict=True))
+        ]
+
+
+def append_json_line(path: Path, record: dict[str, object]) -> None:
+    """Append one JSON record as a line and fsync it before returning."""
+    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json_lines(path: Path) -> list[dict[str, object]]:
+    """Read an append-only JSON-lines file, rejecting a torn or corrupt line by name.
+
+    A last line without its newline is what a crash mid-write leaves; it is reported as a
+    torn write (see :func:`repair_torn_tail`) rather than half-trusted.
+    """
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raise LogIntegrityError(f"{path}: last line is torn (a crash during a write?)")
+    records: list[dict[str, object]] = []
+    for number, line in enumerate(raw.splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LogIntegrityError(f"{path}: line {number + 1} is not JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise LogIntegrityError(f"{path}: line {number + 1} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def repair_torn_tail(path: Path) -> bool:
+    """Drop a torn last line left by a crash; return whether anything was dropped.
+
+    Safe because every record is fsync'd before its effect is visible to anyone: a line
+    that never got its newline was never acted upon.
+    """
+    if not path.exists():
+        return False
+    raw = path.read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return False
+    keep = raw[: raw.rfind(b"\n") + 1]
+    tmp = path.with_suffix(path.suffix + ".repair")
+    tmp.write_bytes(keep)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return True

@@ -1,0 +1,1 @@
+"""The coordinator: optimizers, run state, and the transports that carry its tasks."""

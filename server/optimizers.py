@@ -1,0 +1,96 @@
+"""Comparison-based optimizers of the BBoxER family, as ask/tell objects.
+
+The coordinator never sees a fitness value: ``tell`` receives only which candidate (if
+any) the holders' vote preferred. That is what keeps the information per round to
+log2(λ+1) bits. Candidate seeds are derived from the run seed and the round index, so a
+restarted coordinator asks exactly the same questions again (and holders answer re-sent
+task ids from their ledger cache without paying twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+from sottovoce.common.messages import Candidate
+from sottovoce.common.steplog import Step, as_float32
+
+# One-fifth success rule: multiply the step by SUCCESS_FACTOR on success and by
+# FAILURE_FACTOR on failure; at a success rate of 1/5 the step size is stationary.
+SUCCESS_FACTOR = 2.0
+FAILURE_FACTOR = 2.0 ** (-1.0 / 4.0)
+
+
+def candidate_seed(run_seed: int, round_index: int, candidate_index: int) -> int:
+    """A uint64 direction seed determined by (run seed, round, candidate)."""
+    material = struct.pack("<QQQ", run_seed, round_index, candidate_index)
+    return int.from_bytes(hashlib.sha256(b"sottovoce-candidate" + material).digest()[:8], "little")
+
+
+@dataclass
+class StepSizeRule:
+    """Success-based step-size adaptation (the one-fifth rule), clipped to [min, max]."""
+
+    step: float
+    min_step: float
+    max_step: float
+
+    def update(self, success: bool) -> None:
+        factor = SUCCESS_FACTOR if success else FAILURE_FACTOR
+        self.step = min(self.max_step, max(self.min_step, self.step * factor))
+
+
+class ComparisonES:
+    """(1+λ)-ES over directions z(seed); λ = 1 is BBoxER's (1+1)-ES with one-bit answers.
+
+    ``ask`` proposes λ candidates around the incumbent, each ``step * z(seed)``; with
+    ``mirrored`` they come in pairs ``+step*z`` and ``-step*z`` of one seed, which halves
+    the chance that a good direction is missed by its sign. ``tell`` takes the index of
+    the preferred candidate, or None when no candidate beat the incumbent, and returns the
+    accepted log step, if any.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_seed: int,
+        candidates: int,
+        step_rule: StepSizeRule,
+        mirrored: bool = False,
+    ):
+        if candidates < 1:
+            raise ValueError("need at least one candidate")
+        self.run_seed = run_seed
+        self.candidates = candidates
+        self.mirrored = mirrored
+        self.step_rule = step_rule
+
+    @property
+    def step(self) -> float:
+        return self.step_rule.step
+
+    def ask(self, round_index: int) -> tuple[Candidate, ...]:
+        scale = as_float32(self.step_rule.step)
+        if not self.mirrored:
+            return tuple(
+                Candidate(seed=candidate_seed(self.run_seed, round_index, i), scale=scale)
+                for i in range(self.candidates)
+            )
+        pairs = []
+        for i in range(self.candidates // 2):
+            seed = candidate_seed(self.run_seed, round_index, i)
+            pairs += [Candidate(seed=seed, scale=scale), Candidate(seed=seed, scale=-scale)]
+        return tuple(pairs)
+
+    def tell(self, candidates: tuple[Candidate, ...], winner: int | None) -> Step | None:
+        self.step_rule.update(success=winner is not None)
+        if winner is None:
+            return None
+        chosen = candidates[winner]
+        return Step(seed=chosen.seed, coefficient=chosen.scale)
+
+    def bits_per_answer(self) -> float:
+        """log2 of the number of possible answers: λ candidates or none (1 bit for λ = 1)."""
+        return 1.0 if self.candidates == 1 else math.log2(self.candidates + 1)

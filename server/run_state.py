@@ -1,0 +1,297 @@
+"""The coordinator's durable state: a run directory that a restart resumes exactly.
+
+Layout of a run directory::
+
+    run.toml       the config the run was started with (verbatim)
+    run.json       run id, config and model fingerprints, log genesis
+    journal.jsonl  every answer as it arrives and every closed round (append-only, fsync'd)
+    log.jsonl      the accepted steps, hash-chained (append-only, fsync'd)
+    report.json    written when the run finishes
+
+The journal is written before the log: a round's record (with its accepted step) is
+fsync'd first, then the step is appended to the log. A crash between the two leaves the
+journal one step ahead, and :meth:`RunState.open` completes the log from it, so no step
+is lost or applied twice. Answers are journaled as they arrive, so the bits of a round
+that was interrupted still count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sottovoce.common.config import RunConfig
+from sottovoce.common.errors import ConfigError, LogIntegrityError
+from sottovoce.common.messages import Candidate
+from sottovoce.common.steplog import (
+    Step,
+    StepLog,
+    append_json_line,
+    genesis_hash,
+    read_json_lines,
+    repair_torn_tail,
+)
+
+RUN_META = "run.json"
+JOURNAL = "journal.jsonl"
+LOG = "log.jsonl"
+CONFIG_COPY = "run.toml"
+REPORT = "report.json"
+
+
+@dataclass
+class RoundRecord:
+    """A closed round as journaled."""
+
+    round_index: int
+    candidates: tuple[Candidate, ...]
+    choices: dict[str, int]
+    refusals: dict[str, str]
+    winner: int | None
+    step: Step | None
+    step_size_after: float
+    bits: float
+    closed_by: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "round",
+            "round": self.round_index,
+            "candidates": [[c.seed, c.scale] for c in self.candidates],
+            "choices": self.choices,
+            "refusals": self.refusals,
+            "winner": self.winner,
+            "step": None if self.step is None else [self.step.seed, self.step.coefficient],
+            "step_size_after": self.step_size_after,
+            "bits": self.bits,
+            "closed_by": self.closed_by,
+            "time": time.time(),
+        }
+
+
+@dataclass
+class AnswerRecord:
+    """One holder's answer as it arrived (journaled before it is used)."""
+
+    round_index: int
+    holder_id: str
+    task_id: str
+    choice: int | None
+    refusal: str | None
+    bits: float
+    late: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "answer",
+            "round": self.round_index,
+            "holder": self.holder_id,
+            "task_id": self.task_id,
+            "choice": self.choice,
+            "refusal": self.refusal,
+            "bits": self.bits,
+            "late": self.late,
+            "time": time.time(),
+        }
+
+
+@dataclass
+class RunState:
+    """Everything a coordinator must not forget, rebuilt from disk on open."""
+
+    run_dir: Path
+    run_id: str
+    genesis: str
+    log: StepLog
+    next_round: int = 0
+    step_size: float | None = None
+    bits_total: float = 0.0
+    bits_per_holder: dict[str, float] = field(default_factory=dict)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    open_round_answers: list[AnswerRecord] = field(default_factory=list)
+    answered_task_ids: set[str] = field(default_factory=set)
+    finished_reason: str | None = None
+    repaired: list[str] = field(default_factory=list)
+
+    # -- creating and resuming ---------------------------------------------------------
+    @classmethod
+    def open(
+        cls, run_dir: Path, config: RunConfig, config_text: str, model_fingerprint: str
+    ) -> RunState:
+        """Create a new run directory, or resume the one that is there.
+
+        Resuming needs the same config and model; otherwise the user gets one line saying
+        so and nothing in the directory is touched.
+        """
+        genesis = genesis_hash(model_fingerprint, config.parametrization.to_spec().canonical_id())
+        meta_path = run_dir / RUN_META
+        if meta_path.exists():
+            meta = _read_meta(meta_path)
+            if meta.get("config_fingerprint") != config.fingerprint():
+                raise ConfigError(
+                    f"{run_dir}: holds a run with a different config; use a new --run-dir"
+                )
+            if meta.get("genesis") != genesis:
+                raise ConfigError(f"{run_dir}: holds a run on a different model/parametrization")
+            return cls._resume(run_dir, str(meta["run_id"]), genesis)
+        return cls._create(run_dir, config, config_text, model_fingerprint, genesis)
+
+    @classmethod
+    def _create(
+        cls,
+        run_dir: Path,
+        config: RunConfig,
+        config_text: str,
+        model_fingerprint: str,
+        genesis: str,
+    ) -> RunState:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir}: not empty and not a run directory; use a new --run-dir")
+        # A random nonce makes every run's task ids unique, so a holder's ledger cache of
+        # an older run can never answer a new run's question.
+        run_id = f"{config.run.name}-{secrets.token_hex(4)}"
+        (run_dir / CONFIG_COPY).write_text(config_text, encoding="utf-8")
+        meta = {
+            "run_id": run_id,
+            "config_fingerprint": config.fingerprint(),
+            "model_fingerprint": model_fingerprint,
+            "genesis": genesis,
+            "created": time.time(),
+        }
+        _write_atomic(run_dir / RUN_META, json.dumps(meta, indent=2, sort_keys=True))
+        log = StepLog.open(run_dir / LOG, genesis)
+        return cls(run_dir=run_dir, run_id=run_id, genesis=genesis, log=log)
+
+    @classmethod
+    def _resume(cls, run_dir: Path, run_id: str, genesis: str) -> RunState:
+        repaired = [
+            name for name in (JOURNAL, LOG) if repair_torn_tail(run_dir / name)
+        ]
+        log = StepLog.open(run_dir / LOG, genesis)
+        state = cls(run_dir=run_dir, run_id=run_id, genesis=genesis, log=log, repaired=repaired)
+        state._replay_journal(read_json_lines(run_dir / JOURNAL))
+        return state
+
+    def _replay_journal(self, records: list[dict[str, Any]]) -> None:
+        accepted: list[Step] = []
+        pending: list[AnswerRecord] = []
+        for record in records:
+            kind = record.get("type")
+            if kind == "answer":
+                answer = _answer_from_json(record)
+                self._count_bits(answer.holder_id, answer.bits)
+                self.answered_task_ids.add(answer.task_id)
+                if answer.round_index >= self.next_round:
+                    pending.append(answer)
+            elif kind == "round":
+                closed = _round_from_json(record)
+                self.rounds.append(closed)
+                self.next_round = closed.round_index + 1
+                self.step_size = closed.step_size_after
+                if closed.step is not None:
+                    accepted.append(closed.step)
+                pending = [a for a in pending if a.round_index > closed.round_index]
+            elif kind == "finished":
+                self.finished_reason = str(record.get("reason"))
+        self.open_round_answers = pending
+        self._reconcile_log(accepted)
+
+    def _reconcile_log(self, accepted: list[Step]) -> None:
+        """Complete the log from the journal after a crash between the two writes."""
+        logged = list(self.log)
+        if logged != accepted[: len(logged)]:
+            raise LogIntegrityError(
+                f"{self.run_dir}: log.jsonl disagrees with the steps in journal.jsonl"
+            )
+        for step in accepted[len(logged):]:
+            self.log.append(step)
+            self.repaired.append(f"log step {self.log.version - 1} restored from journal")
+
+    # -- recording -----------------------------------------------------------------------
+    def record_answer(self, answer: AnswerRecord) -> None:
+        """Journal an arriving answer (fsync'd) and count its bits."""
+        append_json_line(self.run_dir / JOURNAL, answer.to_json())
+        self._count_bits(answer.holder_id, answer.bits)
+        self.answered_task_ids.add(answer.task_id)
+
+    def record_round(self, closed: RoundRecord) -> None:
+        """Journal a closed round, then append its step to the log (in that order)."""
+        append_json_line(self.run_dir / JOURNAL, closed.to_json())
+        if closed.step is not None:
+            self.log.append(closed.step)
+        self.rounds.append(closed)
+        self.next_round = closed.round_index + 1
+        self.step_size = closed.step_size_after
+        self.open_round_answers = []
+
+    def record_finished(self, reason: str) -> None:
+        append_json_line(self.run_dir / JOURNAL, {"type": "finished", "reason": reason})
+        self.finished_reason = reason
+
+    def write_report(self, report: dict[str, Any]) -> Path:
+        path = self.run_dir / REPORT
+        _write_atomic(path, json.dumps(report, indent=2, sort_keys=True))
+        return path
+
+    def _count_bits(self, holder_id: str, bits: float) -> None:
+        self.bits_total += bits
+        self.bits_per_holder[holder_id] = self.bits_per_holder.get(holder_id, 0.0) + bits
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LogIntegrityError(f"{path}: unreadable run metadata: {exc}") from None
+    if not isinstance(meta, dict) or "run_id" not in meta:
+        raise LogIntegrityError(f"{path}: not a sottovoce run (no run_id)")
+    return meta
+
+
+def _answer_from_json(record: dict[str, Any]) -> AnswerRecord:
+    try:
+        return AnswerRecord(
+            round_index=int(record["round"]),
+            holder_id=str(record["holder"]),
+            task_id=str(record["task_id"]),
+            choice=None if record["choice"] is None else int(record["choice"]),
+            refusal=record.get("refusal"),
+            bits=float(record["bits"]),
+            late=bool(record["late"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogIntegrityError(f"journal: bad answer record {record}: {exc}") from None
+
+
+def _round_from_json(record: dict[str, Any]) -> RoundRecord:
+    try:
+        step = record["step"]
+        return RoundRecord(
+            round_index=int(record["round"]),
+            candidates=tuple(Candidate(seed=int(s), scale=float(c)) for s, c in record["candidates"]),
+            choices={str(k): int(v) for k, v in record["choices"].items()},
+            refusals={str(k): str(v) for k, v in record.get("refusals", {}).items()},
+            winner=None if record["winner"] is None else int(record["winner"]),
+            step=None if step is None else Step(seed=int(step[0]), coefficient=float(step[1])),
+            step_size_after=float(record["step_size_after"]),
+            bits=float(record["bits"]),
+            closed_by=str(record.get("closed_by", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogIntegrityError(f"journal: bad round record: {exc}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

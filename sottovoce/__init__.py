@@ -1,0 +1,3 @@
+"""sottovoce: private post-training of language models across data holders."""
+
+__version__ = "0.1.0"

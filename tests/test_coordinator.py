@@ -1,0 +1,188 @@
+"""The coordinator core, in process: rounds, votes, budget, journal and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sottovoce.common.config import RunConfig, parse_config
+from sottovoce.common.errors import ConfigError, LogIntegrityError, PolicyViolation
+from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
+from sottovoce.common.steplog import read_json_lines
+from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.run_state import RunState
+
+FINGERPRINT = "sha256:" + "ab" * 32
+
+
+def config(**run: Any) -> RunConfig:
+    data = {
+        "run": {"name": "t", "max_rounds": 10, "bit_budget": 100, **run},
+        "server": {"min_holders": 2, "quorum": 2, "round_timeout_s": 30},
+        "parametrization": {"kind": "scale"},
+    }
+    return parse_config(data, "test")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_coordinator(run_dir: Path, cfg: RunConfig, clock: Clock | None = None) -> Coordinator:
+    state = RunState.open(run_dir, cfg, "# test\n", FINGERPRINT)
+    return Coordinator(cfg, state, FINGERPRINT, clock=clock or Clock())
+
+
+def join_two(coordinator: Coordinator) -> None:
+    for holder in ("a", "b"):
+        coordinator.join(JoinRequest(holder_id=holder, model_fingerprint=FINGERPRINT))
+
+
+def pull(coordinator: Coordinator, holder: str) -> Task:
+    log = coordinator.state.log
+    task = coordinator.pull_task(holder, log.version, log.head, timeout_s=0)
+    assert isinstance(task, Task)
+    return task
+
+
+def play_round(coordinator: Coordinator, choices: dict[str, int]) -> list[Task]:
+    tasks = [pull(coordinator, holder) for holder in choices]
+    for task, (holder, choice) in zip(tasks, choices.items(), strict=True):
+        assert coordinator.push_answer(holder, Answer(task_id=task.task_id, choice=choice))
+    return tasks
+
+
+def test_join_checks_model_fingerprint(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    with pytest.raises(PolicyViolation, match="this run needs"):
+        coordinator.join(JoinRequest(holder_id="a", model_fingerprint="sha256:" + "00" * 32))
+
+
+def test_no_round_before_min_holders(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    coordinator.join(JoinRequest(holder_id="a", model_fingerprint=FINGERPRINT))
+    assert coordinator.pull_task("a", 0, coordinator.state.log.head, timeout_s=0) is None
+
+
+def test_majority_accepts_and_journals(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    join_two(coordinator)
+    tasks = play_round(coordinator, {"a": 1, "b": 1})
+    assert coordinator.state.log.version == 1
+    step = list(coordinator.state.log)[0]
+    assert step.seed == tasks[0].candidates[0].seed
+    assert coordinator.state.bits_total == 2.0
+    assert coordinator.state.bits_per_holder == {"a": 1.0, "b": 1.0}
+    play_round(coordinator, {"a": 1, "b": 0})  # tie: keep the incumbent
+    assert coordinator.state.log.version == 1
+    task = pull(coordinator, "a")
+    assert task.base_version == 1 and task.new_steps == ()
+    journal = read_json_lines(tmp_path / "run" / "journal.jsonl")
+    assert [r["type"] for r in journal] == ["answer", "answer", "round", "answer", "answer", "round"]
+
+
+def test_bad_answers_change_nothing(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    join_two(coordinator)
+    task = pull(coordinator, "a")
+    journal = tmp_path / "run" / "journal.jsonl"
+    with pytest.raises(PolicyViolation, match="not given"):
+        coordinator.push_answer("b", Answer(task_id=task.task_id, choice=1))
+    with pytest.raises(PolicyViolation, match="not given"):
+        coordinator.push_answer("a", Answer(task_id="forged", choice=1))
+    with pytest.raises(PolicyViolation, match="out of range"):
+        coordinator.push_answer("a", Answer(task_id=task.task_id, choice=2))
+    assert not journal.exists() and coordinator.state.bits_total == 0
+    assert coordinator.push_answer("a", Answer(task_id=task.task_id, choice=1))
+    assert not coordinator.push_answer("a", Answer(task_id=task.task_id, choice=0))
+    assert coordinator.state.bits_total == 1.0
+
+
+def test_holder_on_another_log_is_refused(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    join_two(coordinator)
+    with pytest.raises(LogIntegrityError, match="not this run's log"):
+        coordinator.pull_task("a", 0, "f" * 64, timeout_s=0)
+    with pytest.raises(LogIntegrityError):
+        coordinator.pull_task("a", 3, coordinator.state.log.head, timeout_s=0)
+
+
+def test_bit_budget_stops_before_overspending(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config(bit_budget=5))
+    join_two(coordinator)
+    play_round(coordinator, {"a": 1, "b": 1})
+    play_round(coordinator, {"a": 0, "b": 0})
+    finished = coordinator.pull_task("a", 1, coordinator.state.log.head, timeout_s=0)
+    assert isinstance(finished, RunFinished)
+    assert "bit budget" in finished.reason
+    assert coordinator.state.bits_total == 4.0 <= 5
+
+
+def test_deadline_closes_on_quorum_and_late_answers_still_count(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = parse_config(
+        {"run": {"name": "t"}, "server": {"min_holders": 3, "quorum": 2, "round_timeout_s": 10}},
+        "test",
+    )
+    coordinator = open_coordinator(tmp_path / "run", cfg, clock)
+    for holder in ("a", "b", "c"):
+        coordinator.join(JoinRequest(holder_id=holder, model_fingerprint=FINGERPRINT))
+    tasks = {h: pull(coordinator, h) for h in ("a", "b", "c")}
+    coordinator.push_answer("a", Answer(task_id=tasks["a"].task_id, choice=1))
+    coordinator.push_answer("b", Answer(task_id=tasks["b"].task_id, choice=1))
+    clock.now += 11
+    coordinator.tick()
+    assert coordinator.state.log.version == 1
+    assert coordinator.state.rounds[0].closed_by == "deadline"
+    assert not coordinator.push_answer("c", Answer(task_id=tasks["c"].task_id, choice=0))
+    assert coordinator.state.bits_per_holder["c"] == 1.0  # heard, so counted
+
+
+def test_restart_resumes_round_and_log(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = config()
+    coordinator = open_coordinator(run_dir, cfg)
+    join_two(coordinator)
+    play_round(coordinator, {"a": 1, "b": 1})
+    open_task = pull(coordinator, "a")
+    coordinator.push_answer("a", Answer(task_id=open_task.task_id, choice=1))
+    head, step_size = coordinator.state.log.head, coordinator.optimizer.step
+
+    resumed = open_coordinator(run_dir, cfg)  # as after kill -9
+    assert resumed.state.log.head == head and resumed.optimizer.step == step_size
+    assert resumed.state.bits_total == 3.0
+    join_two(resumed)
+    again = pull(resumed, "b")
+    assert again.round_index == open_task.round_index
+    assert again.candidates == open_task.candidates  # the same question is asked again
+    assert resumed.pull_task("a", 1, head, timeout_s=0) is None  # a already answered it
+    resumed.push_answer("b", Answer(task_id=again.task_id, choice=1))
+    assert resumed.state.log.version == 2
+
+
+def test_crash_between_journal_and_log_is_completed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = config()
+    coordinator = open_coordinator(run_dir, cfg)
+    join_two(coordinator)
+    play_round(coordinator, {"a": 1, "b": 1})
+    (run_dir / "log.jsonl").write_text("")  # the step never reached the log
+    resumed = open_coordinator(run_dir, cfg)
+    assert resumed.state.log.version == 1
+    assert resumed.state.repaired
+
+
+def test_other_config_cannot_reuse_run_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    open_coordinator(run_dir, config())
+    with pytest.raises(ConfigError, match="different config"):
+        open_coordinator(run_dir, config(max_rounds=11))
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["model_fingerprint"] == FINGERPRINT

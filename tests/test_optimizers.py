@@ -1,0 +1,67 @@
+"""Ask/tell ES, step-size rule and the vote."""
+
+from __future__ import annotations
+
+import math
+
+from sottovoce.server.optimizers import (
+    FAILURE_FACTOR,
+    SUCCESS_FACTOR,
+    ComparisonES,
+    StepSizeRule,
+    candidate_seed,
+)
+from sottovoce.server.votes import weighted_plurality, winner_index
+
+
+def make(candidates: int = 1, mirrored: bool = False) -> ComparisonES:
+    rule = StepSizeRule(step=0.1, min_step=0.001, max_step=1.0)
+    return ComparisonES(run_seed=7, candidates=candidates, step_rule=rule, mirrored=mirrored)
+
+
+def test_one_fifth_rule_is_stationary_at_one_fifth() -> None:
+    assert math.isclose(SUCCESS_FACTOR * FAILURE_FACTOR**4, 1.0)
+    rule = StepSizeRule(step=0.1, min_step=0.01, max_step=0.2)
+    rule.update(True)
+    assert rule.step == 0.2
+    rule.update(True)
+    assert rule.step == 0.2  # clipped
+    for _ in range(100):
+        rule.update(False)
+    assert rule.step == 0.01
+
+
+def test_ask_is_deterministic_per_round_and_distinct() -> None:
+    es = make(candidates=3)
+    first = es.ask(4)
+    assert first == make(candidates=3).ask(4)
+    assert len({c.seed for c in first}) == 3
+    assert es.ask(5) != first
+    assert candidate_seed(7, 4, 0) == first[0].seed
+    assert 0 <= first[0].seed < 2**64
+
+
+def test_mirrored_pairs_share_a_seed_with_opposite_scales() -> None:
+    es = make(candidates=2, mirrored=True)
+    plus, minus = es.ask(0)
+    assert plus.seed == minus.seed and plus.scale == -minus.scale
+
+
+def test_tell_accepts_winner_and_adapts_step() -> None:
+    es = make()
+    (candidate,) = es.ask(0)
+    step = es.tell((candidate,), 0)
+    assert step is not None and step.seed == candidate.seed and step.coefficient == candidate.scale
+    assert es.step == 0.2
+    assert es.tell((candidate,), None) is None
+    assert math.isclose(es.step, 0.2 * FAILURE_FACTOR)
+    assert make(candidates=3).bits_per_answer() == 2.0
+
+
+def test_weighted_plurality_ties_keep_incumbent() -> None:
+    assert weighted_plurality({"a": 1, "b": 1, "c": 0}, {}) == 1
+    assert weighted_plurality({"a": 1, "b": 0}, {}) == 0
+    assert weighted_plurality({"a": 1, "b": 0, "c": 0}, {"a": 3.0}) == 1
+    assert weighted_plurality({"a": 2, "b": 3}, {}) == 0
+    assert weighted_plurality({}, {}) == 0
+    assert winner_index(0) is None and winner_index(3) == 2
