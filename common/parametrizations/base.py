@@ -20,7 +20,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -76,7 +76,7 @@ class Parametrization(ABC):
 
     @abstractmethod
     def perturbed(self, seed: int, scale: float) -> AbstractContextManager[None]:
-        """Within the context, the model computes with ``x + scale * z(seed)``; exact restore on exit."""
+        """Inside, the model computes with ``x + scale * z(seed)``; exact restore on exit."""
 
     @abstractmethod
     def touched_modules(self) -> list[str]:
@@ -89,7 +89,7 @@ class Parametrization(ABC):
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state dict with the current x folded into the weights."""
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # noqa: B027 (optional hook; most kinds install nothing)
         """Remove any hooks this parametrization installed. Default: nothing to remove."""
 
 
