@@ -1,0 +1,223 @@
+"""Reading a holder's records, the bundled sentiment data, and fixed train/dev/test splits.
+
+A record is a flat JSON-like dict. Holders keep theirs in ``.jsonl`` (one JSON object per
+line) or ``.tsv`` (a header row, then tab-separated values; every value is a string).
+Whatever is wrong with a file is reported as a :class:`DataError` naming the file, the line
+and the field, so an operator can fix it without reading a traceback.
+
+Splits (DESIGN.md §8) are a deterministic shuffle with a fixed seed; data splitting is not
+a privacy mechanism, so :class:`random.Random` is the right tool. The test split's hash
+(:func:`records_hash`) is recorded so a report can say which examples it was measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from sottovoce.common.errors import ConfigError, DataError
+
+Record = dict[str, object]
+
+SENTIMENT_FILE = "movie_snippets.tsv"
+SENTIMENT_THRESHOLD = 0.5  # |mean rating| must exceed this (scale -4..4); the rest is neutral
+SPLIT_SEED = 20261123
+GSM8K_FIELDS = ("question", "answer")
+
+
+def load_records(path: Path, required_fields: Sequence[str]) -> list[Record]:
+    """Read ``.jsonl`` or ``.tsv`` records and check that each has ``required_fields``.
+
+    Blank lines in a ``.jsonl`` file are skipped (a trailing newline is common); line numbers
+    in errors are 1-based lines of the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".tsv"):
+        raise DataError(f"{path}: unknown extension {path.suffix!r}; use .jsonl or .tsv")
+    lines = _read_lines(path)
+    records = _parse_jsonl(path, lines) if suffix == ".jsonl" else _parse_tsv(path, lines)
+    if not records:
+        raise DataError(f"{path}: no records")
+    for line_number, record in records:
+        for name in required_fields:
+            if name not in record:
+                raise DataError(f"{path} line {line_number}: missing field {name!r}")
+    return [record for _, record in records]
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
+    lines = raw.split(b"\n")
+    decoded = []
+    for index, line in enumerate(lines, start=1):
+        try:
+            decoded.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} line {index}: not valid UTF-8 ({err.reason})") from err
+    return decoded
+
+
+def _parse_jsonl(path: Path, lines: list[str]) -> list[tuple[int, Record]]:
+    records: list[tuple[int, Record]] = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {line_number}: invalid JSON ({err.msg})") from err
+        if not isinstance(value, dict):
+            raise DataError(f"{path} line {line_number}: not a JSON object")
+        records.append((line_number, value))
+    return records
+
+
+def _parse_tsv(path: Path, lines: list[str]) -> list[tuple[int, Record]]:
+    """A header row, then one record per line; no quoting (a tab never occurs in a value)."""
+    while lines and not lines[-1]:
+        lines = lines[:-1]
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    if len(set(header)) != len(header) or "" in header:
+        raise DataError(f"{path} line 1: the header needs distinct, non-empty field names")
+    records: list[tuple[int, Record]] = []
+    for line_number, line in enumerate(lines[1:], start=2):
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise DataError(
+                f"{path} line {line_number}: {len(values)} fields, the header has {len(header)}"
+            )
+        records.append((line_number, dict(zip(header, values, strict=True))))
+    return records
+
+
+def sentiment_records() -> list[Record]:
+    """The bundled movie-review sentences as ``{"id", "text", "label"}`` records.
+
+    Label 1 if the mean human rating is above 0.5, 0 if below -0.5; the neutral middle is
+    dropped, leaving 10,043 of the 10,605 sentences. See
+    ``datasets/LICENSE-movie_snippets.txt`` for the source and license.
+    """
+    source = resources.files("sottovoce.common") / "datasets" / SENTIMENT_FILE
+    records: list[Record] = []
+    for line_number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise DataError(f"{SENTIMENT_FILE} line {line_number}: expected id, score, text")
+        ident, score_text, text = fields
+        score = float(score_text)
+        if score > SENTIMENT_THRESHOLD:
+            records.append({"id": int(ident), "text": text, "label": 1})
+        elif score < -SENTIMENT_THRESHOLD:
+            records.append({"id": int(ident), "text": text, "label": 0})
+    return records
+
+
+def gsm8k_records(path: Path) -> list[Record]:
+    """GSM8K problems (``{"question", "answer"}`` per line, final answer after ``#### ``).
+
+    Not bundled: the caller points at its own copy. Each record also gets ``id`` (its
+    0-based position in the file) unless the file already has one.
+    """
+    records = load_records(path, GSM8K_FIELDS)
+    for index, record in enumerate(records):
+        for name in GSM8K_FIELDS:
+            if not isinstance(record[name], str):
+                raise DataError(f"{path} record {index + 1}: field {name!r} is not a string")
+        record.setdefault("id", index)
+    return records
+
+
+@dataclass(frozen=True)
+class SentimentSplits:
+    """Disjoint train (what holders hold), dev (tuning) and test (reported once) splits."""
+
+    train: list[Record]
+    dev: list[Record]
+    test: list[Record]
+
+    def hashes(self) -> dict[str, str]:
+        return {name: records_hash(getattr(self, name)) for name in ("train", "dev", "test")}
+
+
+def split_records(
+    records: Sequence[Record], *, test_size: int, dev_size: int, seed: int = SPLIT_SEED
+) -> SentimentSplits:
+    """Shuffle a copy with ``random.Random(seed)``; the first ``test_size`` are test, then dev."""
+    if test_size < 0 or dev_size < 0:
+        raise ConfigError(f"split sizes must be >= 0 (test {test_size}, dev {dev_size})")
+    if test_size + dev_size >= len(records):
+        raise ConfigError(
+            f"cannot split {len(records)} records into test {test_size}, dev {dev_size} "
+            "and a non-empty train split"
+        )
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    return SentimentSplits(
+        test=shuffled[:test_size],
+        dev=shuffled[test_size : test_size + dev_size],
+        train=shuffled[test_size + dev_size :],
+    )
+
+
+def split_sentiment(
+    records: Sequence[Record],
+    *,
+    test_size: int = 1000,
+    dev_size: int = 500,
+    seed: int = SPLIT_SEED,
+) -> SentimentSplits:
+    """The project's fixed sentiment splits (defaults give 1,000 test, 500 dev, 8,543 train)."""
+    return split_records(records, test_size=test_size, dev_size=dev_size, seed=seed)
+
+
+def canonical_line(record: Record) -> str:
+    """One record as canonical JSON: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def records_hash(records: Iterable[Record]) -> str:
+    """``"sha256:<hex>"`` of the records as canonical JSON lines, in their order."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(canonical_line(record).encode("utf-8") + b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def shard(records: Sequence[Record], n: int) -> list[list[Record]]:
+    """Deal records round-robin to ``n`` holders (shard i gets records i, i+n, i+2n, ...)."""
+    if n < 1:
+        raise ConfigError(f"number of shards must be >= 1, got {n}")
+    if n > len(records):
+        raise ConfigError(f"cannot deal {len(records)} records to {n} holders: some get none")
+    return [list(records[i::n]) for i in range(n)]
+
+
+def write_jsonl(path: Path, records: Iterable[Record]) -> None:
+    """Write records as canonical JSON lines, atomically: a reader sees the old or new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+            for record in records:
+                stream.write(canonical_line(record) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
