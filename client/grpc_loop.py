@@ -1,0 +1,270 @@
+"""The data holder's side of the gRPC transport: dial out, join, then pull, answer, push.
+
+Holders dial out (enclaves often allow outbound connections only) and drive everything:
+the coordinator never calls them. The loop is resumable: every call has a deadline,
+transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) are retried with
+capped exponential backoff for a bounded total time, PushAnswer is idempotent by task id
+so resending after a lost reply is safe, and a coordinator that restarted and forgot the
+holder (NOT_FOUND) is joined again. Anything else is permanent: a
+:class:`TransportError` carrying the coordinator's one-line status detail.
+
+Every task is decoded and bounds-checked (:mod:`sottovoce.common.wire`) before the holder
+sees it, so a malformed task from a malicious coordinator raises :class:`WireError`
+without touching data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from sottovoce.common import wire
+from sottovoce.common.endpoints import HolderEndpoint
+from sottovoce.common.errors import TransportError
+from sottovoce.common.messages import Answer, RunFinished, RunSpec, Task
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall, TlsConfig
+
+logger = logging.getLogger(__name__)
+
+STOPPED_REASON = "stopped by the holder before the run finished"
+POLL_DEADLINE_MARGIN_S = 5.0  # a long-poll's deadline is its wait plus this
+LEAVE_TIMEOUT_S = 2.0  # Leave is best effort; never hold a failing holder up for long
+_STOP_CHECK_S = 0.05  # how often a blocked call looks at the stop event
+
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff for transient errors, for at most ``total_s`` per call."""
+
+    total_s: float = 60.0
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+
+class _StopRequestedError(Exception):
+    """The caller's stop event was set; unwinds the loop to a clean Leave."""
+
+
+def run_holder(
+    holder: HolderEndpoint,
+    address: str,
+    *,
+    tls: TlsConfig | None = None,
+    poll_timeout_s: float = 20.0,
+    connect_timeout_s: float = 10.0,
+    stop: threading.Event | None = None,
+    rpc_timeout_s: float = 10.0,
+    retry: RetryPolicy | None = None,
+) -> RunFinished:
+    """Take part in the coordinator's run at ``address`` until it finishes; return its end.
+
+    Raises PolicyViolation if the holder refuses the run (after telling the coordinator it
+    leaves), TransportError if the coordinator cannot be reached or rejects a call, and
+    WireError if it sends a malformed message. If ``stop`` is set, the holder leaves and a
+    RunFinished with reason :data:`STOPPED_REASON` comes back (its ``bits_spent_total`` is
+    0.0: the coordinator never said; the holder's own ledger knows what it released).
+    """
+    channel = _open_channel(address, tls)
+    try:
+        _wait_until_ready(channel, address, connect_timeout_s)
+        session = _HolderSession(
+            holder,
+            pb_grpc.CoordinatorStub(channel),
+            stop=stop or threading.Event(),
+            poll_timeout_s=poll_timeout_s,
+            rpc_timeout_s=rpc_timeout_s,
+            retry=retry or RetryPolicy(),
+        )
+        return session.run()
+    finally:
+        channel.close()
+
+
+def _open_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    options: list[tuple[str, int | str]] = list(wire.CHANNEL_OPTIONS)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    cert, key, ca = tls.read()
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    if tls.server_name is not None:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _wait_until_ready(channel: grpc.Channel, address: str, timeout_s: float) -> None:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as exc:
+        raise TransportError(
+            f"cannot reach coordinator at {address} after {timeout_s:g} s"
+        ) from exc
+
+
+class _HolderSession:
+    """One holder's conversation with the coordinator: its session token and its calls."""
+
+    def __init__(
+        self,
+        holder: HolderEndpoint,
+        stub: pb_grpc.CoordinatorStub,
+        *,
+        stop: threading.Event,
+        poll_timeout_s: float,
+        rpc_timeout_s: float,
+        retry: RetryPolicy,
+    ):
+        self._holder = holder
+        self._stub = stub
+        self._stop = stop
+        self._poll_timeout_s = poll_timeout_s
+        self._rpc_timeout_s = rpc_timeout_s
+        self._retry = retry
+        self._credentials: Credentials | None = None
+        self._spec: RunSpec | None = None
+
+    def run(self) -> RunFinished:
+        try:
+            self._join()
+            finished = self._loop()
+            self._holder.finish(finished)
+        except _StopRequestedError:
+            self._leave()
+            return self._stopped()
+        except BaseException:
+            self._leave()
+            raise
+        self._leave()
+        return finished
+
+    # -- the protocol --------------------------------------------------------------------
+    def _join(self) -> None:
+        """Join (again, after a coordinator restart) and check the run against the policy."""
+        request = wire.join_request_to_proto(self._holder.join_request())
+        reply = self._call("Join", lambda: self._invoke(self._stub.Join, request))
+        spec, session = wire.join_reply_from_proto(reply)
+        self._credentials = Credentials(holder_id=request.holder_id, session=session)
+        self._spec = spec
+        self._holder.accept_run(spec)  # PolicyViolation: run() leaves and re-raises
+        logger.info("joined run %s as %s", spec.run_id, request.holder_id)
+
+    def _loop(self) -> RunFinished:
+        while True:
+            if self._stop.is_set():
+                raise _StopRequestedError
+            result = self._pull()
+            if isinstance(result, RunFinished):
+                logger.info("run %s finished: %s", result.run_id, result.reason)
+                return result
+            if isinstance(result, Task):
+                self._push(self._holder.answer(result))
+
+    def _pull(self) -> Task | RunFinished | None:
+        def attempt() -> pb.PullTaskReply:
+            request = wire.pull_task_request_to_proto(
+                PullTaskCall(
+                    credentials=self._session(),
+                    have_version=self._holder.log_version,
+                    have_head=self._holder.log_head,
+                    wait_s=self._poll_timeout_s,
+                )
+            )
+            timeout_s = self._poll_timeout_s + POLL_DEADLINE_MARGIN_S
+            return self._invoke(self._stub.PullTask, request, timeout_s)
+
+        return wire.pull_task_reply_from_proto(self._call("PullTask", attempt, rejoin=True))
+
+    def _push(self, answer: Answer) -> None:
+        def attempt() -> pb.PushAnswerReply:
+            call = PushAnswerCall(credentials=self._session(), answer=answer)
+            return self._invoke(self._stub.PushAnswer, wire.push_answer_request_to_proto(call))
+
+        reply = self._call("PushAnswer", attempt, rejoin=True)
+        if not reply.accepted:
+            logger.info("answer to task %s not used (duplicate or late)", answer.task_id)
+
+    def _leave(self) -> None:
+        """Tell the coordinator we go; best effort, since we may be leaving because it is gone."""
+        if self._credentials is None:
+            return
+        request = wire.leave_request_to_proto(self._credentials)
+        self._credentials = None
+        try:
+            self._stub.Leave(request, timeout=LEAVE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            logger.warning("Leave failed (%s): %s", error.code().name, error.details())
+
+    def _stopped(self) -> RunFinished:
+        return RunFinished(
+            run_id=self._spec.run_id if self._spec is not None else "unknown",
+            reason=STOPPED_REASON,
+            final_version=self._holder.log_version,
+            log_head=self._holder.log_head,
+            bits_spent_total=0.0,
+        )
+
+    def _session(self) -> Credentials:
+        if self._credentials is None:
+            raise TransportError("no session with the coordinator (Join has not succeeded)")
+        return self._credentials
+
+    # -- calls, deadlines and retries ----------------------------------------------------
+    def _call(self, name: str, attempt: Callable[[], Reply], *, rejoin: bool = False) -> Reply:
+        """Run ``attempt`` until it succeeds, retrying transient failures within the budget."""
+        give_up_at = time.monotonic() + self._retry.total_s
+        backoff_s = self._retry.initial_backoff_s
+        rejoined = False
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as error:
+                code, detail = error.code(), error.details()
+            if rejoin and code is grpc.StatusCode.NOT_FOUND and not rejoined:
+                logger.warning("coordinator lost our session (%s); joining again", detail)
+                self._join()
+                rejoined = True
+                continue
+            if code in TRANSIENT_CODES and time.monotonic() + backoff_s < give_up_at:
+                logger.info("%s: %s (%s); retrying in %.2g s", name, code.name, detail, backoff_s)
+                if self._stop.wait(backoff_s):
+                    raise _StopRequestedError
+                backoff_s = min(backoff_s * self._retry.multiplier, self._retry.max_backoff_s)
+                continue
+            raise TransportError(f"{name} failed with {code.name}: {detail}")
+
+    def _invoke(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Reply],
+        request: Request,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        """One call with a deadline that gives up early (cancels) if the stop event is set."""
+        future = method.future(request, timeout=timeout_s or self._rpc_timeout_s)
+        while True:
+            try:
+                return future.result(timeout=_STOP_CHECK_S)
+            except grpc.FutureTimeoutError:
+                if self._stop.is_set():
+                    future.cancel()
+                    raise _StopRequestedError from None

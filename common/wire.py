@@ -1,0 +1,722 @@
+"""Conversion between the protocol's dataclasses and their protobuf messages, with bounds.
+
+Everything that crosses the wire is untrusted: a holder must not be steered by a malformed
+task from a malicious coordinator, and the coordinator must not be crashed or have its
+state changed by a malformed request. So every field of every message is checked here, in
+both directions, against explicit bounds (lengths, ranges, finiteness, known enum values),
+and any violation raises :class:`WireError` with one line naming the message and field.
+Encoding checks too, so a bug on the sending side is caught before it reaches a peer.
+
+The dataclasses live in :mod:`sottovoce.common.messages`; the call envelopes (holder id
+and session token around a payload) are the small dataclasses defined below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NoReturn, TypeVar
+
+import numpy as np
+from google.protobuf.message import Message
+
+from sottovoce.common.errors import ConfigError, SottovoceError
+from sottovoce.common.messages import (
+    MAX_HOLDER_ID_LENGTH,
+    MAX_LAMBDA,
+    MAX_TASK_ID_LENGTH,
+    Answer,
+    AnswerKind,
+    BatchSpec,
+    Candidate,
+    FitnessSpec,
+    JoinRequest,
+    RunFinished,
+    RunSpec,
+    Task,
+)
+from sottovoce.common.parametrizations.base import ParametrizationKind, ParametrizationSpec
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.steplog import UINT64_MAX, Step
+
+# -- bounds ------------------------------------------------------------------------------
+MAX_ID_LENGTH = max(MAX_TASK_ID_LENGTH, MAX_HOLDER_ID_LENGTH)  # task, run and holder ids
+MAX_ABS_SCALE = 1e3  # candidate scales and step coefficients
+MAX_NEW_STEPS = 100_000  # steps shipped in one task
+MAX_BATCH_SIZE = 1_000_000
+MAX_TEXT_LENGTH = 4096  # prompt template, patterns, policy values
+MAX_LABEL_WORDS = 16
+MAX_LABEL_WORD_LENGTH = 64
+MAX_NAME_LENGTH = 64  # algorithm name, record field names, policy keys
+MAX_REFUSAL_LENGTH = 512
+MAX_REASON_LENGTH = 512
+MAX_PATTERNS = 256
+MAX_POLICY_ENTRIES = 64
+MAX_LAST_K_BLOCKS = 65_536
+MAX_COUNT = 2**40  # log versions, round indexes, max_rounds, subspace dimension
+MAX_BITS = 1e12  # bit budgets and totals
+MAX_DEADLINE_UNIX = 1e11  # year ~5138: any larger "time" is garbage
+MAX_WAIT_MS = 600_000
+
+ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_LENGTH}}}")
+SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
+FINGERPRINT_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_EXCEPT_NEWLINE_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class WireError(SottovoceError):
+    """A message (received or about to be sent) breaks the protocol's bounds."""
+
+
+# -- call envelopes ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Credentials:
+    """Who is calling: the holder id and the session token its Join returned."""
+
+    holder_id: str
+    session: str
+
+
+@dataclass(frozen=True)
+class PullTaskCall:
+    """A decoded PullTask request."""
+
+    credentials: Credentials
+    have_version: int
+    have_head: str
+    wait_s: float
+
+
+@dataclass(frozen=True)
+class PushAnswerCall:
+    """A decoded PushAnswer request."""
+
+    credentials: Credentials
+    answer: Answer
+
+
+# -- enums -------------------------------------------------------------------------------
+E = TypeVar("E")
+P = TypeVar("P", bound=int)
+Granularity = Literal["tensor", "channel"]
+FitnessKind = Literal["classification", "completion"]
+BatchMode = Literal["minibatch", "full"]
+
+_ANSWER_KINDS: dict[AnswerKind, pb.AnswerKind.ValueType] = {
+    AnswerKind.COMPARE: pb.ANSWER_KIND_COMPARE,
+    AnswerKind.BEST_OF: pb.ANSWER_KIND_BEST_OF,
+}
+_PARAMETRIZATION_KINDS: dict[ParametrizationKind, pb.ParametrizationKind.ValueType] = {
+    "full": pb.PARAMETRIZATION_KIND_FULL,
+    "select": pb.PARAMETRIZATION_KIND_SELECT,
+    "subspace": pb.PARAMETRIZATION_KIND_SUBSPACE,
+    "scale": pb.PARAMETRIZATION_KIND_SCALE,
+}
+_GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
+    "tensor": pb.GRANULARITY_TENSOR,
+    "channel": pb.GRANULARITY_CHANNEL,
+}
+_FITNESS_KINDS: dict[FitnessKind, pb.FitnessKind.ValueType] = {
+    "classification": pb.FITNESS_KIND_CLASSIFICATION,
+    "completion": pb.FITNESS_KIND_COMPLETION,
+}
+_BATCH_MODES: dict[BatchMode, pb.BatchMode.ValueType] = {
+    "minibatch": pb.BATCH_MODE_MINIBATCH,
+    "full": pb.BATCH_MODE_FULL,
+}
+
+
+def _enum_to_proto(where: str, table: Mapping[E, P], value: object) -> P:
+    for python_value, proto_value in table.items():
+        if type(value) in (str, type(python_value)) and value == python_value:
+            return proto_value
+    _fail(where, f"unknown value {_show(value)}, expected one of {_names(table)}")
+
+
+def _enum_from_proto(where: str, table: Mapping[E, P], value: int) -> E:
+    for python_value, proto_value in table.items():
+        if proto_value == value:
+            return python_value
+    _fail(where, f"unknown or unset enum value {value}")
+
+
+def _names(table: Mapping[E, P]) -> str:
+    return "/".join(str(getattr(key, "value", key)) for key in table)
+
+
+# -- scalar checks (each returns the checked value) --------------------------------------
+def _fail(where: str, problem: str) -> NoReturn:
+    raise WireError(f"invalid {where}: {problem}")
+
+
+def _show(value: object) -> str:
+    """A short, one-line rendering of an offending value (untrusted input may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_str(where: str, value: object) -> str:
+    if not isinstance(value, str):
+        _fail(where, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _check_id(where: str, value: object) -> str:
+    text = _check_str(where, value)
+    if not 1 <= len(text) <= MAX_ID_LENGTH:
+        _fail(where, f"{len(text)} chars, expected 1..{MAX_ID_LENGTH} chars of [A-Za-z0-9._:-]")
+    if not ID_PATTERN.fullmatch(text):
+        _fail(where, f"{_show(text)} has a character outside [A-Za-z0-9._:-]")
+    return text
+
+
+def _check_session(where: str, value: object) -> str:
+    text = _check_str(where, value)
+    if not SESSION_PATTERN.fullmatch(text):
+        _fail(where, "is not a session token (16..64 chars of [A-Za-z0-9_-])")
+    return text
+
+
+def _check_hash(where: str, value: object) -> str:
+    text = _check_str(where, value)
+    if not HASH_PATTERN.fullmatch(text):
+        _fail(where, f"{_show(text)} is not 64 lowercase hex chars")
+    return text
+
+
+def _check_fingerprint(where: str, value: object) -> str:
+    text = _check_str(where, value)
+    if not FINGERPRINT_PATTERN.fullmatch(text):
+        _fail(where, f"{_show(text)} is not 'sha256:' + 64 lowercase hex chars")
+    return text
+
+
+def _check_text(
+    where: str, value: object, *, max_len: int, min_len: int = 0, one_line: bool = True
+) -> str:
+    text = _check_str(where, value)
+    if not min_len <= len(text) <= max_len:
+        _fail(where, f"{len(text)} chars, expected {min_len}..{max_len}")
+    forbidden = _CONTROL if one_line else _CONTROL_EXCEPT_NEWLINE_TAB
+    if forbidden.search(text):
+        kind = "a control character" if not one_line else "a line break or control character"
+        _fail(where, f"contains {kind}")
+    return text
+
+
+def _check_int(where: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        _fail(where, f"expected an integer, got {type(value).__name__}")
+    number = int(value)
+    if not low <= number <= high:
+        _fail(where, f"{number} is outside {low}..{high}")
+    return number
+
+
+def _check_real(where: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        _fail(where, f"expected a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        _fail(where, f"{number} is not finite")
+    if not low <= number <= high:
+        _fail(where, f"{number} is outside {low:g}..{high:g}")
+    return number
+
+
+def _check_float32(where: str, value: object) -> float:
+    """A finite float32 with |x| <= MAX_ABS_SCALE: what a proto ``float`` carries exactly."""
+    number = _check_real(where, value, -MAX_ABS_SCALE, MAX_ABS_SCALE)
+    if float(np.float32(number)) != number:
+        _fail(where, f"{number!r} is not exactly a float32 (round it with as_float32)")
+    return number
+
+
+def _check_length(where: str, items: Sized, low: int, high: int) -> None:
+    if not low <= len(items) <= high:
+        _fail(where, f"{len(items)} items, expected {low}..{high}")
+
+
+def _required(where: str, message: Message, name: str) -> None:
+    if not message.HasField(name):
+        _fail(f"{where}.{name}", "is missing")
+
+
+# -- ParametrizationSpec -----------------------------------------------------------------
+def _check_parametrization(where: str, spec: ParametrizationSpec) -> None:
+    _enum_to_proto(f"{where}.kind", _PARAMETRIZATION_KINDS, spec.kind)
+    _check_length(f"{where}.patterns", spec.patterns, 0, MAX_PATTERNS)
+    for i, pattern in enumerate(spec.patterns):
+        _check_text(f"{where}.patterns[{i}]", pattern, min_len=1, max_len=MAX_TEXT_LENGTH)
+    if spec.last_k_blocks is not None:
+        _check_int(f"{where}.last_k_blocks", spec.last_k_blocks, 0, MAX_LAST_K_BLOCKS)
+    _check_int(f"{where}.dimension", spec.dimension, 0, MAX_COUNT)
+    _check_int(f"{where}.projection_seed", spec.projection_seed, 0, UINT64_MAX)
+    _enum_to_proto(f"{where}.granularity", _GRANULARITIES, spec.granularity)
+
+
+def parametrization_to_proto(
+    spec: ParametrizationSpec, where: str = "ParametrizationSpec"
+) -> pb.ParametrizationSpec:
+    _check_parametrization(where, spec)
+    message = pb.ParametrizationSpec(
+        kind=_PARAMETRIZATION_KINDS[spec.kind],
+        patterns=list(spec.patterns),
+        dimension=int(spec.dimension),
+        projection_seed=int(spec.projection_seed),
+        granularity=_GRANULARITIES[spec.granularity],
+    )
+    if spec.last_k_blocks is not None:
+        message.last_k_blocks = int(spec.last_k_blocks)
+    return message
+
+
+def parametrization_from_proto(
+    message: pb.ParametrizationSpec, where: str = "ParametrizationSpec"
+) -> ParametrizationSpec:
+    spec = ParametrizationSpec(
+        kind=_enum_from_proto(f"{where}.kind", _PARAMETRIZATION_KINDS, message.kind),
+        patterns=tuple(message.patterns),
+        last_k_blocks=message.last_k_blocks if message.HasField("last_k_blocks") else None,
+        dimension=message.dimension,
+        projection_seed=message.projection_seed,
+        granularity=_enum_from_proto(f"{where}.granularity", _GRANULARITIES, message.granularity),
+    )
+    _check_parametrization(where, spec)
+    return spec
+
+
+# -- FitnessSpec -------------------------------------------------------------------------
+def _check_fitness(where: str, spec: FitnessSpec) -> None:
+    _enum_to_proto(f"{where}.kind", _FITNESS_KINDS, spec.kind)
+    _check_text(
+        f"{where}.prompt_template", spec.prompt_template, max_len=MAX_TEXT_LENGTH, one_line=False
+    )
+    _check_length(f"{where}.label_words", spec.label_words, 0, MAX_LABEL_WORDS)
+    for i, word in enumerate(spec.label_words):
+        _check_text(f"{where}.label_words[{i}]", word, min_len=1, max_len=MAX_LABEL_WORD_LENGTH)
+    for name in ("text_field", "label_field", "target_field"):
+        _check_text(f"{where}.{name}", getattr(spec, name), min_len=1, max_len=MAX_NAME_LENGTH)
+
+
+def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.FitnessSpec:
+    _check_fitness(where, spec)
+    return pb.FitnessSpec(
+        kind=_FITNESS_KINDS[spec.kind],
+        prompt_template=spec.prompt_template,
+        label_words=list(spec.label_words),
+        text_field=spec.text_field,
+        label_field=spec.label_field,
+        target_field=spec.target_field,
+    )
+
+
+def fitness_from_proto(message: pb.FitnessSpec, where: str = "FitnessSpec") -> FitnessSpec:
+    spec = FitnessSpec(
+        kind=_enum_from_proto(f"{where}.kind", _FITNESS_KINDS, message.kind),
+        prompt_template=message.prompt_template,
+        label_words=tuple(message.label_words),
+        text_field=message.text_field,
+        label_field=message.label_field,
+        target_field=message.target_field,
+    )
+    _check_fitness(where, spec)
+    return spec
+
+
+# -- BatchSpec ---------------------------------------------------------------------------
+def _check_batch(where: str, spec: BatchSpec) -> None:
+    _enum_to_proto(f"{where}.mode", _BATCH_MODES, spec.mode)
+    _check_int(f"{where}.batch_size", spec.batch_size, 1, MAX_BATCH_SIZE)
+
+
+def batch_to_proto(spec: BatchSpec, where: str = "BatchSpec") -> pb.BatchSpec:
+    _check_batch(where, spec)
+    return pb.BatchSpec(mode=_BATCH_MODES[spec.mode], batch_size=int(spec.batch_size))
+
+
+def batch_from_proto(message: pb.BatchSpec, where: str = "BatchSpec") -> BatchSpec:
+    spec = BatchSpec(
+        mode=_enum_from_proto(f"{where}.mode", _BATCH_MODES, message.mode),
+        batch_size=message.batch_size,
+    )
+    _check_batch(where, spec)
+    return spec
+
+
+# -- RunSpec -----------------------------------------------------------------------------
+def _check_run_spec_scalars(where: str, spec: RunSpec) -> None:
+    _check_id(f"{where}.run_id", spec.run_id)
+    _check_text(f"{where}.algorithm", spec.algorithm, min_len=1, max_len=MAX_NAME_LENGTH)
+    _check_fingerprint(f"{where}.model_fingerprint", spec.model_fingerprint)
+    _enum_to_proto(f"{where}.answer_kind", _ANSWER_KINDS, spec.answer_kind)
+    _check_real(f"{where}.bit_budget", spec.bit_budget, 0.0, MAX_BITS)
+    _check_int(f"{where}.max_rounds", spec.max_rounds, 0, MAX_COUNT)
+    _check_hash(f"{where}.log_genesis", spec.log_genesis)
+
+
+def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
+    _check_run_spec_scalars(where, spec)
+    return pb.RunSpec(
+        run_id=spec.run_id,
+        algorithm=spec.algorithm,
+        model_fingerprint=spec.model_fingerprint,
+        parametrization=parametrization_to_proto(spec.parametrization, f"{where}.parametrization"),
+        fitness=fitness_to_proto(spec.fitness, f"{where}.fitness"),
+        batch=batch_to_proto(spec.batch, f"{where}.batch"),
+        answer_kind=_ANSWER_KINDS[spec.answer_kind],
+        bit_budget=float(spec.bit_budget),
+        max_rounds=int(spec.max_rounds),
+        log_genesis=spec.log_genesis,
+    )
+
+
+def run_spec_from_proto(message: pb.RunSpec, where: str = "RunSpec") -> RunSpec:
+    for name in ("parametrization", "fitness", "batch"):
+        _required(where, message, name)
+    spec = RunSpec(
+        run_id=message.run_id,
+        algorithm=message.algorithm,
+        model_fingerprint=message.model_fingerprint,
+        parametrization=parametrization_from_proto(
+            message.parametrization, f"{where}.parametrization"
+        ),
+        fitness=fitness_from_proto(message.fitness, f"{where}.fitness"),
+        batch=batch_from_proto(message.batch, f"{where}.batch"),
+        answer_kind=_enum_from_proto(f"{where}.answer_kind", _ANSWER_KINDS, message.answer_kind),
+        bit_budget=message.bit_budget,
+        max_rounds=message.max_rounds,
+        log_genesis=message.log_genesis,
+    )
+    _check_run_spec_scalars(where, spec)
+    return spec
+
+
+# -- Step and Candidate ------------------------------------------------------------------
+def _check_seeded(where: str, seed: object, factor: object, factor_name: str) -> None:
+    _check_int(f"{where}.seed", seed, 0, UINT64_MAX)
+    _check_float32(f"{where}.{factor_name}", factor)
+
+
+def step_to_proto(step: Step, where: str = "Step") -> pb.Step:
+    _check_seeded(where, step.seed, step.coefficient, "coefficient")
+    return pb.Step(seed=int(step.seed), coefficient=float(step.coefficient))
+
+
+def step_from_proto(message: pb.Step, where: str = "Step") -> Step:
+    # Checked before construction: Step's own check would raise a LogIntegrityError.
+    _check_seeded(where, message.seed, message.coefficient, "coefficient")
+    return Step(seed=message.seed, coefficient=message.coefficient)
+
+
+def candidate_to_proto(candidate: Candidate, where: str = "Candidate") -> pb.Candidate:
+    _check_seeded(where, candidate.seed, candidate.scale, "scale")
+    return pb.Candidate(seed=int(candidate.seed), scale=float(candidate.scale))
+
+
+def candidate_from_proto(message: pb.Candidate, where: str = "Candidate") -> Candidate:
+    _check_seeded(where, message.seed, message.scale, "scale")
+    return Candidate(seed=message.seed, scale=message.scale)
+
+
+# -- Task --------------------------------------------------------------------------------
+def _check_task_scalars(where: str, task: Task, n_steps: int, n_candidates: int) -> None:
+    _check_id(f"{where}.task_id", task.task_id)
+    _check_id(f"{where}.run_id", task.run_id)
+    _check_int(f"{where}.round_index", task.round_index, 0, MAX_COUNT)
+    _check_int(f"{where}.base_version", task.base_version, 0, MAX_COUNT - n_steps)
+    _check_hash(f"{where}.log_head", task.log_head)
+    kind = task.answer_kind
+    _enum_to_proto(f"{where}.answer_kind", _ANSWER_KINDS, kind)
+    if kind is AnswerKind.COMPARE and n_candidates != 1:
+        _fail(f"{where}.candidates", f"a compare task has exactly 1 candidate, not {n_candidates}")
+    _check_real(f"{where}.deadline_unix", task.deadline_unix, 0.0, MAX_DEADLINE_UNIX)
+
+
+def _check_task_lengths(where: str, steps: Sized, candidates: Sized) -> None:
+    """Checked first, so an oversized message is rejected before any per-item work."""
+    _check_length(f"{where}.new_steps", steps, 0, MAX_NEW_STEPS)
+    _check_length(f"{where}.candidates", candidates, 1, MAX_LAMBDA)
+
+
+def task_to_proto(task: Task, where: str = "Task") -> pb.Task:
+    _check_task_lengths(where, task.new_steps, task.candidates)
+    _check_task_scalars(where, task, len(task.new_steps), len(task.candidates))
+    return pb.Task(
+        task_id=task.task_id,
+        run_id=task.run_id,
+        round_index=int(task.round_index),
+        base_version=int(task.base_version),
+        new_steps=[
+            step_to_proto(s, f"{where}.new_steps[{i}]") for i, s in enumerate(task.new_steps)
+        ],
+        log_head=task.log_head,
+        candidates=[
+            candidate_to_proto(c, f"{where}.candidates[{i}]") for i, c in enumerate(task.candidates)
+        ],
+        answer_kind=_ANSWER_KINDS[task.answer_kind],
+        batch=batch_to_proto(task.batch, f"{where}.batch"),
+        deadline_unix=float(task.deadline_unix),
+    )
+
+
+def task_from_proto(message: pb.Task, where: str = "Task") -> Task:
+    _check_task_lengths(where, message.new_steps, message.candidates)
+    _required(where, message, "batch")
+    task = Task(
+        task_id=message.task_id,
+        run_id=message.run_id,
+        round_index=message.round_index,
+        base_version=message.base_version,
+        new_steps=tuple(
+            step_from_proto(s, f"{where}.new_steps[{i}]") for i, s in enumerate(message.new_steps)
+        ),
+        log_head=message.log_head,
+        candidates=tuple(
+            candidate_from_proto(c, f"{where}.candidates[{i}]")
+            for i, c in enumerate(message.candidates)
+        ),
+        answer_kind=_enum_from_proto(f"{where}.answer_kind", _ANSWER_KINDS, message.answer_kind),
+        batch=batch_from_proto(message.batch, f"{where}.batch"),
+        deadline_unix=message.deadline_unix,
+    )
+    _check_task_scalars(where, task, len(task.new_steps), len(task.candidates))
+    return task
+
+
+# -- Answer ------------------------------------------------------------------------------
+def _check_answer(where: str, answer: Answer) -> None:
+    _check_id(f"{where}.task_id", answer.task_id)
+    if (answer.choice is None) == (answer.refusal is None):
+        _fail(where, "exactly one of choice and refusal must be set")
+    if answer.choice is not None:
+        _check_int(f"{where}.choice", answer.choice, 0, MAX_LAMBDA)
+    else:
+        _check_text(f"{where}.refusal", answer.refusal, min_len=1, max_len=MAX_REFUSAL_LENGTH)
+
+
+def answer_to_proto(answer: Answer, where: str = "Answer") -> pb.Answer:
+    _check_answer(where, answer)
+    if answer.choice is not None:
+        return pb.Answer(task_id=answer.task_id, choice=int(answer.choice))
+    return pb.Answer(task_id=answer.task_id, refusal=answer.refusal)
+
+
+def answer_from_proto(message: pb.Answer, where: str = "Answer") -> Answer:
+    outcome = message.WhichOneof("outcome")
+    if outcome is None:
+        _fail(where, "neither choice nor refusal is set")
+    if outcome == "choice":
+        answer = Answer(task_id=message.task_id, choice=message.choice)
+    else:
+        answer = Answer(task_id=message.task_id, choice=None, refusal=message.refusal)
+    _check_answer(where, answer)
+    return answer
+
+
+# -- RunFinished -------------------------------------------------------------------------
+def _check_run_finished(where: str, finished: RunFinished) -> None:
+    _check_id(f"{where}.run_id", finished.run_id)
+    _check_text(f"{where}.reason", finished.reason, max_len=MAX_REASON_LENGTH)
+    _check_int(f"{where}.final_version", finished.final_version, 0, MAX_COUNT)
+    _check_hash(f"{where}.log_head", finished.log_head)
+    _check_real(f"{where}.bits_spent_total", finished.bits_spent_total, 0.0, MAX_BITS)
+
+
+def run_finished_to_proto(finished: RunFinished, where: str = "RunFinished") -> pb.RunFinished:
+    _check_run_finished(where, finished)
+    return pb.RunFinished(
+        run_id=finished.run_id,
+        reason=finished.reason,
+        final_version=int(finished.final_version),
+        log_head=finished.log_head,
+        bits_spent_total=float(finished.bits_spent_total),
+    )
+
+
+def run_finished_from_proto(message: pb.RunFinished, where: str = "RunFinished") -> RunFinished:
+    finished = RunFinished(
+        run_id=message.run_id,
+        reason=message.reason,
+        final_version=message.final_version,
+        log_head=message.log_head,
+        bits_spent_total=message.bits_spent_total,
+    )
+    _check_run_finished(where, finished)
+    return finished
+
+
+# -- JoinRequest -------------------------------------------------------------------------
+def _check_join_request(where: str, request: JoinRequest) -> None:
+    _check_id(f"{where}.holder_id", request.holder_id)
+    _check_fingerprint(f"{where}.model_fingerprint", request.model_fingerprint)
+    summary = request.policy_summary
+    if not isinstance(summary, Mapping):
+        _fail(f"{where}.policy_summary", f"expected a mapping, got {type(summary).__name__}")
+    if len(summary) > MAX_POLICY_ENTRIES:
+        _fail(
+            f"{where}.policy_summary", f"{len(summary)} entries, expected <= {MAX_POLICY_ENTRIES}"
+        )
+    for key, value in summary.items():
+        key_where = f"{where}.policy_summary key"
+        _check_text(key_where, key, min_len=1, max_len=MAX_NAME_LENGTH)
+        _check_text(f"{where}.policy_summary[{key!r}]", value, max_len=MAX_TEXT_LENGTH)
+
+
+def join_request_to_proto(request: JoinRequest, where: str = "JoinRequest") -> pb.JoinRequest:
+    _check_join_request(where, request)
+    return pb.JoinRequest(
+        holder_id=request.holder_id,
+        model_fingerprint=request.model_fingerprint,
+        policy_summary=dict(request.policy_summary),
+    )
+
+
+def join_request_from_proto(message: pb.JoinRequest, where: str = "JoinRequest") -> JoinRequest:
+    if len(message.policy_summary) > MAX_POLICY_ENTRIES:
+        _fail(f"{where}.policy_summary", f"more than {MAX_POLICY_ENTRIES} entries")
+    request = JoinRequest(
+        holder_id=message.holder_id,
+        model_fingerprint=message.model_fingerprint,
+        policy_summary=dict(message.policy_summary),
+    )
+    _check_join_request(where, request)
+    return request
+
+
+# -- call envelopes ----------------------------------------------------------------------
+def _check_credentials(where: str, credentials: Credentials) -> None:
+    _check_id(f"{where}.holder_id", credentials.holder_id)
+    _check_session(f"{where}.session", credentials.session)
+
+
+def join_reply_to_proto(spec: RunSpec, session: str) -> pb.JoinReply:
+    _check_session("JoinReply.session", session)
+    return pb.JoinReply(spec=run_spec_to_proto(spec, "JoinReply.spec"), session=session)
+
+
+def join_reply_from_proto(message: pb.JoinReply) -> tuple[RunSpec, str]:
+    """The run the holder is asked to join and the session token for its later calls."""
+    _required("JoinReply", message, "spec")
+    spec = run_spec_from_proto(message.spec, "JoinReply.spec")
+    return spec, _check_session("JoinReply.session", message.session)
+
+
+def pull_task_request_to_proto(call: PullTaskCall) -> pb.PullTaskRequest:
+    where = "PullTaskRequest"
+    _check_credentials(where, call.credentials)
+    _check_int(f"{where}.have_version", call.have_version, 0, MAX_COUNT)
+    _check_hash(f"{where}.have_head", call.have_head)
+    wait_ms = round(_check_real(f"{where}.wait_s", call.wait_s, 0.0, MAX_WAIT_MS / 1000) * 1000)
+    return pb.PullTaskRequest(
+        holder_id=call.credentials.holder_id,
+        session=call.credentials.session,
+        have_version=int(call.have_version),
+        have_head=call.have_head,
+        wait_ms=wait_ms,
+    )
+
+
+def pull_task_request_from_proto(message: pb.PullTaskRequest) -> PullTaskCall:
+    where = "PullTaskRequest"
+    credentials = Credentials(holder_id=message.holder_id, session=message.session)
+    _check_credentials(where, credentials)
+    return PullTaskCall(
+        credentials=credentials,
+        have_version=_check_int(f"{where}.have_version", message.have_version, 0, MAX_COUNT),
+        have_head=_check_hash(f"{where}.have_head", message.have_head),
+        wait_s=_check_int(f"{where}.wait_ms", message.wait_ms, 0, MAX_WAIT_MS) / 1000,
+    )
+
+
+def pull_task_reply_to_proto(result: Task | RunFinished | None) -> pb.PullTaskReply:
+    """The coordinator's answer to a PullTask: a task, the end of the run, or nothing yet."""
+    if result is None:
+        return pb.PullTaskReply(nothing=pb.NoTask())
+    if isinstance(result, Task):
+        return pb.PullTaskReply(task=task_to_proto(result, "PullTaskReply.task"))
+    if isinstance(result, RunFinished):
+        return pb.PullTaskReply(finished=run_finished_to_proto(result, "PullTaskReply.finished"))
+    _fail("PullTaskReply", f"cannot carry a {type(result).__name__}")
+
+
+def pull_task_reply_from_proto(message: pb.PullTaskReply) -> Task | RunFinished | None:
+    which = message.WhichOneof("reply")
+    if which == "task":
+        return task_from_proto(message.task, "PullTaskReply.task")
+    if which == "finished":
+        return run_finished_from_proto(message.finished, "PullTaskReply.finished")
+    if which == "nothing":
+        return None
+    _fail("PullTaskReply.reply", "none of task, finished, nothing is set")
+
+
+def push_answer_request_to_proto(call: PushAnswerCall) -> pb.PushAnswerRequest:
+    _check_credentials("PushAnswerRequest", call.credentials)
+    return pb.PushAnswerRequest(
+        holder_id=call.credentials.holder_id,
+        session=call.credentials.session,
+        answer=answer_to_proto(call.answer, "PushAnswerRequest.answer"),
+    )
+
+
+def push_answer_request_from_proto(message: pb.PushAnswerRequest) -> PushAnswerCall:
+    credentials = Credentials(holder_id=message.holder_id, session=message.session)
+    _check_credentials("PushAnswerRequest", credentials)
+    _required("PushAnswerRequest", message, "answer")
+    answer = answer_from_proto(message.answer, "PushAnswerRequest.answer")
+    return PushAnswerCall(credentials=credentials, answer=answer)
+
+
+def leave_request_to_proto(credentials: Credentials) -> pb.LeaveRequest:
+    _check_credentials("LeaveRequest", credentials)
+    return pb.LeaveRequest(holder_id=credentials.holder_id, session=credentials.session)
+
+
+def leave_request_from_proto(message: pb.LeaveRequest) -> Credentials:
+    credentials = Credentials(holder_id=message.holder_id, session=message.session)
+    _check_credentials("LeaveRequest", credentials)
+    return credentials
+
+
+# -- transport settings both ends share --------------------------------------------------
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a task with MAX_NEW_STEPS steps is about 1.6 MB
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS material: this end's certificate and key, and the CA that signs the peers.
+
+    The coordinator requires a client certificate and takes the holder's identity from its
+    common name; a holder checks the coordinator's certificate against ``ca_path``.
+    ``server_name`` (client side only) overrides the name the coordinator's certificate is
+    checked against, for addresses such as ``127.0.0.1`` that are not in the certificate.
+    """
+
+    cert_path: Path
+    key_path: Path
+    ca_path: Path
+    server_name: str | None = None
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(certificate chain, private key, CA certificates) as PEM bytes."""
+        return _read_pem(self.cert_path), _read_pem(self.key_path), _read_pem(self.ca_path)
+
+
+def _read_pem(path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read TLS file: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{path}: not a PEM file")
+    return data

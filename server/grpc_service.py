@@ -1,0 +1,285 @@
+"""The coordinator's gRPC server: the ``sottovoce.v1.Coordinator`` service over an endpoint.
+
+The servicer is a thin, careful shell around a :class:`CoordinatorEndpoint`: it decodes and
+bounds-checks every request (:mod:`sottovoce.common.wire`) and authenticates the holder
+*before* the endpoint is called, so a malformed or unauthenticated request changes no
+state. Errors become gRPC statuses whose detail is the one-line message:
+
+=====================================  ======================
+bad message (WireError)                INVALID_ARGUMENT
+holder never joined / coordinator      NOT_FOUND (the holder
+restarted                              joins again)
+wrong session token or certificate     UNAUTHENTICATED /
+                                       PERMISSION_DENIED
+PolicyViolation, LogIntegrityError,    FAILED_PRECONDITION
+other SottovoceError from the endpoint
+=====================================  ======================
+
+Identity: without TLS (loopback, tests) the holder id is the one claimed in Join; with
+mutual TLS it must equal the client certificate's common name (:func:`peer_identity`).
+Every call after Join also carries the random session token that Join returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NoReturn, ParamSpec, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sottovoce.common import wire
+from sottovoce.common.endpoints import CoordinatorEndpoint
+from sottovoce.common.errors import SottovoceError, TransportError
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.wire import Credentials, TlsConfig, WireError
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # sottovoce.v1.Coordinator
+MAX_POLL_S = 30.0  # the longest a PullTask is held, whatever the holder asks
+DEADLINE_MARGIN_S = 0.5  # reply this long before the caller's deadline
+DEFAULT_MAX_WORKERS = 64  # each waiting long-poll holds one worker thread
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M")
+Context = grpc.ServicerContext
+
+
+def peer_identity(context: Context, claimed_id: str, *, require_certificate: bool = False) -> str:
+    """Who the peer is: its certificate's common name under mutual TLS, else ``claimed_id``.
+
+    Over an insecure channel nothing better than the claim exists, which is why insecure
+    transport is meant for loopback and tests only.
+    """
+    # At run time the value is a list of bytes (grpc-stubs says bytes).
+    names: object = context.auth_context().get("x509_common_name")
+    if isinstance(names, list) and names and isinstance(names[0], bytes):
+        return names[0].decode("utf-8", errors="replace")
+    if require_certificate:
+        raise SottovoceError("the peer presented no client certificate with a common name")
+    return claimed_id
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Implements the Coordinator service by calling a :class:`CoordinatorEndpoint`."""
+
+    def __init__(
+        self,
+        endpoint: CoordinatorEndpoint,
+        *,
+        require_certificate: bool = False,
+        max_poll_s: float = MAX_POLL_S,
+    ):
+        self._endpoint = endpoint
+        self._require_certificate = require_certificate
+        self._max_poll_s = max_poll_s
+        self._sessions: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- the four calls ------------------------------------------------------------------
+    def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:  # noqa: N802
+        join = _decode(context, wire.join_request_from_proto, request)
+        self._check_identity(context, join.holder_id)
+        spec = _invoke(context, self._endpoint.join, join)
+        session = secrets.token_urlsafe(24)
+        reply = _encode(context, wire.join_reply_to_proto, spec, session)
+        with self._lock:
+            self._sessions[join.holder_id] = session  # a new Join replaces an older session
+        logger.info("holder %s joined run %s", join.holder_id, spec.run_id)
+        return reply
+
+    def PullTask(self, request: pb.PullTaskRequest, context: Context) -> pb.PullTaskReply:  # noqa: N802
+        call = _decode(context, wire.pull_task_request_from_proto, request)
+        holder_id = self._authenticate(context, call.credentials)
+        timeout_s = self._poll_timeout(call.wait_s, context)
+        result = _invoke(
+            context,
+            self._endpoint.pull_task,
+            holder_id,
+            call.have_version,
+            call.have_head,
+            timeout_s,
+        )
+        return _encode(context, wire.pull_task_reply_to_proto, result)
+
+    def PushAnswer(self, request: pb.PushAnswerRequest, context: Context) -> pb.PushAnswerReply:  # noqa: N802
+        call = _decode(context, wire.push_answer_request_from_proto, request)
+        holder_id = self._authenticate(context, call.credentials)
+        accepted = _invoke(context, self._endpoint.push_answer, holder_id, call.answer)
+        return pb.PushAnswerReply(accepted=bool(accepted))
+
+    def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveReply:  # noqa: N802
+        credentials = _decode(context, wire.leave_request_from_proto, request)
+        holder_id = self._authenticate(context, credentials)
+        _invoke(context, self._endpoint.leave, holder_id)
+        with self._lock:
+            self._sessions.pop(holder_id, None)
+        logger.info("holder %s left", holder_id)
+        return pb.LeaveReply()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _check_identity(self, context: Context, claimed_id: str) -> None:
+        try:
+            identity = peer_identity(
+                context, claimed_id, require_certificate=self._require_certificate
+            )
+        except SottovoceError as exc:
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if identity != claimed_id:
+            _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"holder_id {claimed_id!r} is not the certificate's common name {identity!r}",
+            )
+
+    def _authenticate(self, context: Context, credentials: Credentials) -> str:
+        """The caller's holder id, once its identity and session token check out."""
+        holder_id = credentials.holder_id
+        self._check_identity(context, holder_id)
+        with self._lock:
+            expected = self._sessions.get(holder_id)
+        if expected is None:
+            _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"holder {holder_id!r} has no session (never joined, or the coordinator "
+                "restarted): call Join",
+            )
+        if not secrets.compare_digest(expected, credentials.session):
+            _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"session token of holder {holder_id!r} is not the one its Join returned",
+            )
+        return holder_id
+
+    def _poll_timeout(self, wanted_s: float, context: Context) -> float:
+        """How long the endpoint may block: what the holder asked, within its deadline and cap."""
+        limit = self._max_poll_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            limit = min(limit, remaining - DEADLINE_MARGIN_S)
+        return max(0.0, min(wanted_s, limit))
+
+
+def _abort(context: Context, code: grpc.StatusCode, detail: str) -> NoReturn:
+    logger.info("rejected %s: %s", code.name, detail)
+    context.abort(code, detail)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def _decode(context: Context, decode: Callable[[M], R], message: M) -> R:
+    """Decode a request; a bound violated is the caller's fault (INVALID_ARGUMENT)."""
+    try:
+        return decode(message)
+    except WireError as exc:
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _invoke(context: Context, method: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Call the endpoint, turning the errors it may raise into statuses."""
+    try:
+        return method(*args, **kwargs)
+    except WireError as exc:
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except SottovoceError as exc:
+        _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+def _encode(context: Context, encode: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Encode a reply; a bound violated here is a coordinator bug, never sent on."""
+    try:
+        return encode(*args, **kwargs)
+    except WireError as exc:
+        logger.error("coordinator produced an invalid reply: %s", exc)
+        _abort(context, grpc.StatusCode.INTERNAL, f"coordinator produced an invalid reply: {exc}")
+
+
+# -- running a server --------------------------------------------------------------------
+@dataclass
+class RunningServer:
+    """A started coordinator server; ``port`` is the one actually bound."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    host: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Report NOT_SERVING, then stop; in-flight calls get ``grace_s`` to finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        """Block until the server stops; True if it did within ``timeout_s``."""
+        return bool(self.server.wait_for_termination(timeout_s))
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve(
+    endpoint: CoordinatorEndpoint,
+    address: str,
+    *,
+    tls: TlsConfig | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_poll_s: float = MAX_POLL_S,
+) -> RunningServer:
+    """Start the Coordinator service (and health checking) on ``address``.
+
+    ``"127.0.0.1:0"`` picks a free port (see ``RunningServer.port``). With ``tls`` the
+    server requires and verifies client certificates (mutual TLS); without it the
+    transport is insecure, which is for loopback and tests only.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sottovoce-rpc"),
+        # No SO_REUSEPORT: a second coordinator on a busy port must fail, not share its traffic.
+        options=[*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=4 * max_workers,
+    )
+    servicer = CoordinatorServicer(
+        endpoint, require_certificate=tls is not None, max_poll_s=max_poll_s
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = _bind(server, address, tls)
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    host = address.rsplit(":", 1)[0]
+    logger.info("coordinator listening on %s:%d (%s)", host, port, "mTLS" if tls else "insecure")
+    return RunningServer(server=server, health=health_servicer, port=port, host=host)
+
+
+def _bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            cert, key, ca = tls.read()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=True
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise TransportError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise TransportError(f"cannot listen on {address}: the address cannot be bound")
+    return port
