@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from sottovoce.common.parametrizations.base import ParametrizationSpec
@@ -20,7 +20,7 @@ MAX_HOLDER_ID_LENGTH = 64
 MAX_LAMBDA = 64
 
 
-class AnswerKind(str, Enum):
+class AnswerKind(StrEnum):
     """What a task asks for; each kind has a fixed information cost (see ``bits``)."""
 
     COMPARE = "compare"  # one candidate vs the incumbent: better or not (1 bit)

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def chain_hash(previous: str, index: int, step: Step) -> str:
 
 
 def extend_chain(head: str, start_index: int, steps: Iterable[Step]) -> str:
-    """The head hash after appending ``steps`` at ``start_index`` to a log whose head is ``head``."""
+    """Head hash after appending ``steps`` at ``start_index`` to a log with head ``head``."""
     for offset, step in enumerate(steps):
         head = chain_hash(head, start_index + offset, step)
     return head
@@ -171,7 +172,7 @@ def append_json_line(path: Path, record: dict[str, object]) -> None:
         os.fsync(handle.fileno())
 
 
-def read_json_lines(path: Path) -> list[dict[str, object]]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """Read an append-only JSON-lines file, rejecting a torn or corrupt line by name.
 
     A last line without its newline is what a crash mid-write leaves; it is reported as a
@@ -182,7 +183,7 @@ def read_json_lines(path: Path) -> list[dict[str, object]]:
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raise LogIntegrityError(f"{path}: last line is torn (a crash during a write?)")
-    records: list[dict[str, object]] = []
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(raw.splitlines()):
         try:
             record = json.loads(line)

@@ -219,8 +219,10 @@ class Coordinator:
             self._maybe_open_locked()
 
     def _maybe_open_locked(self) -> None:
-        needed = self.config.server.min_holders if self.state.next_round == 0 else (
-            self.config.server.quorum
+        needed = (
+            self.config.server.min_holders
+            if self.state.next_round == 0
+            else (self.config.server.quorum)
         )
         if len(self._active) < needed:
             return
@@ -257,9 +259,7 @@ class Coordinator:
         current = self._round
         if current is None:
             return
-        waiting = [
-            h for h in current.task_ids if h in self._active and not current.answered(h)
-        ]
+        waiting = [h for h in current.task_ids if h in self._active and not current.answered(h)]
         if not waiting:
             self._close_locked("all answered")
 
@@ -275,8 +275,7 @@ class Coordinator:
             winner = winner_index(choice)
             step = self.optimizer.tell(current.candidates, winner)
         bits = sum(
-            answer_bits(self.spec.answer_kind, len(current.candidates))
-            for _ in current.choices
+            answer_bits(self.spec.answer_kind, len(current.candidates)) for _ in current.choices
         )
         record = RoundRecord(
             round_index=current.index,

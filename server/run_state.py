@@ -170,9 +170,7 @@ class RunState:
 
     @classmethod
     def _resume(cls, run_dir: Path, run_id: str, genesis: str) -> RunState:
-        repaired = [
-            name for name in (JOURNAL, LOG) if repair_torn_tail(run_dir / name)
-        ]
+        repaired = [name for name in (JOURNAL, LOG) if repair_torn_tail(run_dir / name)]
         log = StepLog.open(run_dir / LOG, genesis)
         state = cls(run_dir=run_dir, run_id=run_id, genesis=genesis, log=log, repaired=repaired)
         state._replay_journal(read_json_lines(run_dir / JOURNAL))
@@ -209,7 +207,7 @@ class RunState:
             raise LogIntegrityError(
                 f"{self.run_dir}: log.jsonl disagrees with the steps in journal.jsonl"
             )
-        for step in accepted[len(logged):]:
+        for step in accepted[len(logged) :]:
             self.log.append(step)
             self.repaired.append(f"log step {self.log.version - 1} restored from journal")
 
@@ -274,7 +272,9 @@ def _round_from_json(record: dict[str, Any]) -> RoundRecord:
         step = record["step"]
         return RoundRecord(
             round_index=int(record["round"]),
-            candidates=tuple(Candidate(seed=int(s), scale=float(c)) for s, c in record["candidates"]),
+            candidates=tuple(
+                Candidate(seed=int(s), scale=float(c)) for s, c in record["candidates"]
+            ),
             choices={str(k): int(v) for k, v in record["choices"].items()},
             refusals={str(k): str(v) for k, v in record.get("refusals", {}).items()},
             winner=None if record["winner"] is None else int(record["winner"]),

@@ -76,7 +76,7 @@ def test_majority_accepts_and_journals(tmp_path: Path) -> None:
     join_two(coordinator)
     tasks = play_round(coordinator, {"a": 1, "b": 1})
     assert coordinator.state.log.version == 1
-    step = list(coordinator.state.log)[0]
+    step = next(iter(coordinator.state.log))
     assert step.seed == tasks[0].candidates[0].seed
     assert coordinator.state.bits_total == 2.0
     assert coordinator.state.bits_per_holder == {"a": 1.0, "b": 1.0}
@@ -85,7 +85,14 @@ def test_majority_accepts_and_journals(tmp_path: Path) -> None:
     task = pull(coordinator, "a")
     assert task.base_version == 1 and task.new_steps == ()
     journal = read_json_lines(tmp_path / "run" / "journal.jsonl")
-    assert [r["type"] for r in journal] == ["answer", "answer", "round", "answer", "answer", "round"]
+    assert [r["type"] for r in journal] == [
+        "answer",
+        "answer",
+        "round",
+        "answer",
+        "answer",
+        "round",
+    ]
 
 
 def test_bad_answers_change_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Which parametrization learns best on the demo task? Measured on the dev split.
+
+Runs the demo's setting in one process (3 data holders over the same training shards as
+`sottovoce simulate`, the coordinator's (1+1)-ES, no transport: `sottovoce.local`) for
+each parametrization in a list, and prints dev accuracy before/after, the paired McNemar
+p-value against the base model, bits, accepted steps and seconds, all from one run.
+Nothing here looks at the test split.
+
+    python bench/sweep_parametrizations.py --rounds 150 --train-size 1500
+    python bench/sweep_parametrizations.py --only norm-scale --batch full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.client.holder import DataHolder
+from sottovoce.client.ledger import Ledger
+from sottovoce.client.policy import load_policy
+from sottovoce.common.config import parse_config
+from sottovoce.common.data import sentiment_records, shard, split_sentiment
+from sottovoce.common.fitness import build_fitness
+from sottovoce.common.models import load_model
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
+from sottovoce.local import drive_locally
+from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.run_state import RunState
+from sottovoce.simulate import holder_policy_toml
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    parametrization: dict[str, Any]
+    initial_step: float
+    max_step: float
+
+
+CANDIDATES = [
+    Candidate("norm-scale", {"kind": "scale", "patterns": ["model.norm.weight"]}, 0.05, 0.2),
+    Candidate("norm-select", {"kind": "select", "patterns": ["model.norm.weight"]}, 0.05, 0.2),
+    Candidate(
+        "norm-subspace-64",
+        {"kind": "subspace", "patterns": ["model.norm.weight"], "dimension": 64},
+        0.05,
+        0.2,
+    ),
+    Candidate(
+        "last-block-scale",
+        {"kind": "scale", "patterns": ["model.norm.weight", "model.layers.29.*"]},
+        0.05,
+        0.2,
+    ),
+    Candidate(
+        "norm-scale-tensor",
+        {"kind": "scale", "patterns": ["model.norm.weight"], "granularity": "tensor"},
+        0.05,
+        0.2,
+    ),
+]
+
+
+def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict[str, Any]:
+    config = parse_config(
+        {
+            "run": {
+                "name": "sweep",
+                "max_rounds": args.rounds,
+                "bit_budget": 3 * args.rounds,
+                "seed": args.seed,
+            },
+            "parametrization": candidate.parametrization,
+            "optimizer": {
+                "initial_step": candidate.initial_step,
+                "max_step": candidate.max_step,
+                "min_step": 0.001,
+            },
+            "evaluation": {"mode": args.batch, "batch_size": args.batch_size},
+            "server": {"min_holders": 3, "quorum": 2},
+        },
+        "sweep",
+    )
+    train = list(splits.train[: args.train_size])
+    dev = list(splits.dev)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = load_model(config.model.name)
+        holders = []
+        for index, records in enumerate(shard(train, 3)):
+            policy_path = root / f"policy{index}.toml"
+            policy_path.write_text(holder_policy_toml(config, base.fingerprint, root / "ledgers"))
+            policy = load_policy(policy_path)
+            ledger = Ledger.open(policy.ledger_dir, f"sweep-{index}", policy.max_bits)
+            holders.append(
+                DataHolder(
+                    f"h{index}", records, policy, ledger, lambda: load_model(config.model.name)
+                )
+            )
+        state = RunState.open(root / "run", config, "sweep", base.fingerprint)
+        coordinator = Coordinator(config, state, base.fingerprint)
+        parametrization = build_parametrization(config.parametrization.to_spec())
+        parametrization.attach(base.model)
+        fitness = build_fitness(config.fitness.to_spec(), base.tokenizer)
+        scorer = CandidateEvaluator(base.model, parametrization, fitness)
+        cache = PrefixCache()
+        _, before = scorer.score_incumbent(dev, cache)
+        drive_locally(coordinator, holders)
+        scorer.apply_steps(list(state.log))
+        _, after = scorer.score_incumbent(dev, cache)
+        for holder in holders:
+            holder.ledger.close()
+    acc_before = accuracy_interval(before.tolist())
+    acc_after = accuracy_interval(after.tolist())
+    test = mcnemar_pvalue(before.tolist(), after.tolist())
+    return {
+        "name": candidate.name,
+        "dimension": parametrization.dimension,
+        "dev_before": round(acc_before[0], 4),
+        "dev_after": round(acc_after[0], 4),
+        "dev_after_ci95": [round(acc_after[1], 4), round(acc_after[2], 4)],
+        "mcnemar_p": test.p_value,
+        "fixed": test.improved,
+        "broken": test.worsened,
+        "bits": state.bits_total,
+        "accepted": state.log.version,
+        "final_step": coordinator.optimizer.step,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--train-size", type=int, default=1500)
+    parser.add_argument("--batch", choices=["minibatch", "full"], default="minibatch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    splits = split_sentiment(sentiment_records())
+    print(
+        f"setting: SmolLM2-135M-Instruct float32, 3 holders x {args.train_size // 3} train "
+        f"examples, {args.batch} batch {args.batch_size}, {args.rounds} rounds, dev 500"
+    )
+    for candidate in CANDIDATES:
+        if args.only and candidate.name not in args.only:
+            continue
+        print(json.dumps(run_one(candidate, args, splits)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Scoring candidates in place on a holder's examples: perturb, forward, restore.
+
+All candidates of a task are scored on the same examples as the incumbent (paired
+evaluation), so a comparison sees the difference the candidate makes, not the noise of
+two different minibatches.
+
+Two savings apply when the parametrization only touches the end of a decoder (the last
+k blocks, the final norm), both exact in what they reuse:
+
+* **Prefix reuse within a batch.** The activations entering the first touched block are
+  the same for the incumbent and every candidate: computed once per batch, then only the
+  suffix runs per candidate (the same modules on the same inputs).
+* **Head-input cache across tasks.** When only the final norm is touched and the fitness
+  reads only the last position (classification), the hidden state entering the final
+  norm at the last position never changes during a run: the steps only move what comes
+  after it. It is computed once per example and kept, so later tasks cost a norm and a
+  few rows of the output head per example. The cache stays on the holder, like the data.
+
+When the output head is not touched, the logits are computed only for the tokens the
+fitness reads (the label words); the other logits are set to -inf, which the fitness
+never looks at. These label logits equal a full forward's up to float rounding (a
+smaller matrix product may sum in another order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sottovoce.common.fitness import Fitness, PreparedBatch
+from sottovoce.common.messages import AnswerKind, Candidate
+from sottovoce.common.parametrizations.base import Parametrization
+from sottovoce.common.steplog import Step
+
+Record = dict[str, object]
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)(\.|$)")
+_SUFFIX_MODULES = ("model.norm", "lm_head")
+
+
+class _PrefixDone(Exception):
+    """Raised from a forward pre-hook to stop the forward pass once the prefix is computed."""
+
+
+@dataclass
+class _Prefix:
+    """Inputs captured at the first touched block, reused by every candidate."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        value = self.args[0] if self.args else self.kwargs["hidden_states"]
+        assert isinstance(value, torch.Tensor)
+        return value
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The decoder layout prefix reuse needs: ``model.layers``, ``model.norm``, ``lm_head``."""
+
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Linear
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts | None:
+    """The model's decoder parts, or None if it is not laid out like Llama/Mistral/Qwen."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    norm = getattr(inner, "norm", None)
+    head = getattr(model, "lm_head", None)
+    if not (
+        isinstance(layers, nn.ModuleList)
+        and isinstance(norm, nn.Module)
+        and isinstance(head, nn.Linear)
+    ):
+        return None
+    return DecoderParts(layers=layers, norm=norm, head=head)
+
+
+def suffix_start(model: nn.Module, touched: Sequence[str]) -> int | None:
+    """Index of the first decoder layer whose computation can change, or None if unknown.
+
+    Returns the number of layers when only the final norm / output head are touched, and
+    None (no prefix reuse) when something before the layers (embeddings) is touched or
+    the model does not have the decoder layout (see :class:`DecoderParts`).
+    """
+    parts = decoder_parts(model)
+    if parts is None:
+        return None
+    first = len(parts.layers)
+    for name in touched:
+        match = _LAYER_NAME.match(name)
+        if match:
+            first = min(first, int(match.group(1)))
+        elif not any(name == s or name.startswith(s + ".") for s in _SUFFIX_MODULES):
+            return None
+    return first if first > 0 else None
+
+
+def record_key(record: Record) -> str:
+    """A stable key for an example (its canonical JSON), for the head-input cache."""
+    blob = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class PrefixCache:
+    """Prefix activations of a fixed example list, kept to score several models on it.
+
+    Used for held-out reports: the base model and the trained model differ only in the
+    suffix, so the (expensive) prefix of every test batch is computed once for both.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, _Prefix] = {}
+
+
+class CandidateEvaluator:
+    """Scores the incumbent and candidates on the same examples; counts forward passes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parametrization: Parametrization,
+        fitness: Fitness,
+        *,
+        max_batch: int = 32,
+        reuse_prefix: bool = True,
+        cache_head_inputs: bool = True,
+    ):
+        self.model = model
+        self.parametrization = parametrization
+        self.fitness = fitness
+        self.max_batch = max_batch
+        touched = parametrization.touched_modules()
+        self.parts = decoder_parts(model)
+        self.split = suffix_start(model, touched) if reuse_prefix else None
+        self._label_rows = _label_rows(model, fitness, touched)
+        head_only = self.parts is not None and self.split == len(self.parts.layers)
+        self._head_cache: dict[str, torch.Tensor] | None = (
+            {} if cache_head_inputs and head_only and _last_position_only(fitness) else None
+        )
+        self.forward_passes = 0
+
+    # -- the log ---------------------------------------------------------------------------
+    def apply_steps(self, steps: Sequence[Step]) -> None:
+        """Move the incumbent by the given log steps, in order (the canonical replay)."""
+        for step in steps:
+            self.parametrization.apply_step(step)
+
+    # -- scoring ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(
+        self, examples: Sequence[Record], candidates: Sequence[Candidate]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Per-example scores of the incumbent and of each candidate (higher is better)."""
+        n = len(examples)
+        incumbent = np.empty(n, dtype=np.float64)
+        per_candidate = [np.empty(n, dtype=np.float64) for _ in candidates]
+        for batch in self.fitness.prepare(examples, max_batch=self.max_batch):
+            prefix = self._batch_prefix(batch, examples)
+            rows = batch.example_index.numpy()
+            incumbent[rows] = self._scores(batch, prefix)
+            for out, candidate in zip(per_candidate, candidates, strict=True):
+                with self.parametrization.perturbed(candidate.seed, candidate.scale):
+                    out[rows] = self._scores(batch, prefix)
+        return incumbent, per_candidate
+
+    def choose(
+        self, examples: Sequence[Record], candidates: Sequence[Candidate], kind: AnswerKind
+    ) -> tuple[int, dict[str, float]]:
+        """The answer choice (0 = keep the incumbent, k = candidate k-1) and local stats.
+
+        The stats (mean scores) stay on the holder: they are for its own report only.
+        """
+        incumbent, per_candidate = self.score(examples, candidates)
+        means = [float(s.mean()) for s in per_candidate]
+        best = int(np.argmax(means))
+        better = means[best] > float(incumbent.mean())
+        if kind is AnswerKind.COMPARE:
+            choice = 1 if better else 0
+        else:
+            choice = best + 1 if better else 0
+        stats = {
+            "incumbent_mean_score": float(incumbent.mean()),
+            "best_candidate_mean": means[best],
+        }
+        return choice, stats
+
+    def score_incumbent(
+        self, examples: Sequence[Record], cache: PrefixCache | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example scores and correctness of the current incumbent (for reports)."""
+        n = len(examples)
+        scores = np.empty(n, dtype=np.float64)
+        correct = np.empty(n, dtype=bool)
+        with torch.inference_mode():
+            batches = self.fitness.prepare(examples, max_batch=self.max_batch)
+            for number, batch in enumerate(batches):
+                prefix = cache.entries.get(number) if cache is not None else None
+                if prefix is None:
+                    prefix = self._batch_prefix(batch, examples)
+                    if cache is not None and prefix is not None:
+                        cache.entries[number] = prefix
+                result = self.fitness.score(self._logits(batch, prefix), batch)
+                scores[result.example_index] = result.score
+                correct[result.example_index] = result.correct
+        return scores, correct
+
+    # -- forward passes --------------------------------------------------------------------
+    def _scores(self, batch: PreparedBatch, prefix: _Prefix | None) -> np.ndarray:
+        return self.fitness.score(self._logits(batch, prefix), batch).score
+
+    def _logits(self, batch: PreparedBatch, prefix: _Prefix | None) -> torch.Tensor:
+        if prefix is None:
+            self.forward_passes += 1
+            return self.model(**batch.model_inputs()).logits  # type: ignore[no-any-return]
+        return self._suffix_logits(batch, prefix)
+
+    def _batch_prefix(self, batch: PreparedBatch, examples: Sequence[Record]) -> _Prefix | None:
+        """The prefix for this batch: from the head-input cache, or computed now."""
+        if self.split is None:
+            return None
+        if self._head_cache is None:
+            return self._prefix(batch)
+        keys = [record_key(examples[int(i)]) for i in batch.example_index]
+        if any(key not in self._head_cache for key in keys):
+            last = self._prefix(batch).hidden[:, -1:, :]
+            for row, key in enumerate(keys):
+                self._head_cache[key] = last[row].clone()
+        return _Prefix(args=(torch.stack([self._head_cache[key] for key in keys]),), kwargs={})
+
+    def _prefix(self, batch: PreparedBatch) -> _Prefix:
+        """Run the model up to the first touched block and capture that block's inputs."""
+        captured: list[_Prefix] = []
+
+        def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append(_Prefix(args=args, kwargs=kwargs))
+            raise _PrefixDone
+
+        handle = self._suffix_entry().register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.forward_passes += 1
+            self.model(**batch.model_inputs())
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def _suffix_entry(self) -> nn.Module:
+        assert self.split is not None and self.parts is not None
+        layers = self.parts.layers
+        return layers[self.split] if self.split < len(layers) else self.parts.norm
+
+    def _suffix_logits(self, batch: PreparedBatch, prefix: _Prefix) -> torch.Tensor:
+        """Layers ``split..`` + final norm + head on the captured inputs (as the model does)."""
+        assert self.split is not None and self.parts is not None
+        hidden = prefix.hidden
+        if self.split < len(self.parts.layers):
+            kwargs = {k: v for k, v in prefix.kwargs.items() if k != "hidden_states"}
+            for layer in self.parts.layers[self.split :]:
+                out = layer(hidden, *prefix.args[1:], **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+        keep = batch.logits_to_keep
+        if keep > 0:
+            hidden = hidden[:, -keep:, :]
+        return self._head(self.parts.norm(hidden))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.parts is not None
+        head = self.parts.head
+        if self._label_rows is None:
+            return head(hidden)  # type: ignore[no-any-return]
+        rows = self._label_rows.to(hidden.device)
+        small = torch.nn.functional.linear(hidden, head.weight.index_select(0, rows))
+        logits = hidden.new_full((*hidden.shape[:-1], head.out_features), float("-inf"))
+        logits[..., rows] = small
+        return logits
+
+
+def _label_rows(model: nn.Module, fitness: Fitness, touched: Sequence[str]) -> torch.Tensor | None:
+    """Output rows the fitness reads, if only those need computing (head untouched, no bias)."""
+    ids = getattr(fitness, "label_token_ids", None)
+    head = getattr(model, "lm_head", None)
+    if ids is None or not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    if any(name == "lm_head" or name.startswith("lm_head.") for name in touched):
+        return None
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def _last_position_only(fitness: Fitness) -> bool:
+    """True for a fitness that reads only the logits of the last position (classification)."""
+    return getattr(fitness, "label_token_ids", None) is not None

@@ -1,0 +1,126 @@
+"""Export: replay a run's log on the base weights and write a normal Hugging Face checkpoint.
+
+The exported folder is complete (safetensors weights, config, tokenizer, generation
+config) and loads with ``AutoModelForCausalLM.from_pretrained``. Next to the weights it
+carries the log itself (a few bytes per step) and a model card naming the base model's
+fingerprint, the log's hash, the bits spent and the parametrization, so anyone can check
+the weights against base + log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sottovoce.common.config import RunConfig, load_config
+from sottovoce.common.errors import ConfigError, LogIntegrityError
+from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.steplog import StepLog, genesis_hash, read_json_lines
+from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META
+
+LOG_FILE = "sottovoce_log.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    steps: int
+    log_head: str
+    bits_spent: float
+
+
+def replay(loaded: LoadedModel, config: RunConfig, log: StepLog) -> dict[str, Any]:
+    """Base weights + the log, folded into a plain state dict (the canonical replay)."""
+    parametrization = build_parametrization(config.parametrization.to_spec())
+    parametrization.attach(loaded.model)
+    for step in log:
+        parametrization.apply_step(step)
+    state = parametrization.export_state_dict()
+    parametrization.detach()
+    return state
+
+
+def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -> ExportResult:
+    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing."""
+    meta_path = run_dir / RUN_META
+    if not meta_path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_META})")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    config = load_config(run_dir / CONFIG_COPY)
+    loaded = load_model(config.model.name, dtype="float32", cache_dir=cache_dir)
+    if loaded.fingerprint != meta["model_fingerprint"]:
+        raise ConfigError(
+            f"model {config.model.name} loads as {loaded.fingerprint}, the run was made on "
+            f"{meta['model_fingerprint']}"
+        )
+    spec = config.parametrization.to_spec()
+    genesis = genesis_hash(loaded.fingerprint, spec.canonical_id())
+    if genesis != meta["genesis"]:
+        raise LogIntegrityError(f"{run_dir}: log genesis does not match model + parametrization")
+    log = StepLog.open(run_dir / LOG, genesis)
+    bits = sum(
+        float(r.get("bits", 0.0))
+        for r in read_json_lines(run_dir / JOURNAL)
+        if r.get("type") == "answer"
+    )
+    loaded.model.load_state_dict(replay(loaded, config, log))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+    try:
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        if getattr(loaded.model, "generation_config", None) is not None:
+            loaded.model.generation_config.save_pretrained(staging)
+        card = {
+            "base_model": config.model.name,
+            "base_fingerprint": loaded.fingerprint,
+            "parametrization": json.loads(spec.canonical_id()),
+            "log_genesis": genesis,
+            "log_head": log.head,
+            "steps": log.version,
+            "bits_spent": bits,
+            "run_id": meta["run_id"],
+            "log": log.to_records(),
+        }
+        (staging / LOG_FILE).write_text(json.dumps(card, indent=2), encoding="utf-8")
+        (staging / "README.md").write_text(_model_card(card), encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out_dir=out_dir, steps=log.version, log_head=log.head, bits_spent=bits)
+
+
+def _model_card(card: dict[str, Any]) -> str:
+    parametrization = json.dumps(card["parametrization"], sort_keys=True)
+    return f"""---
+base_model: {card["base_model"]}
+tags: [sottovoce, bboxer, zeroth-order, privacy]
+---
+# {card["base_model"]} post-trained with sottovoce
+
+This checkpoint is the base model plus a log of {card["steps"]} accepted steps, found by a
+coordinator that heard only comparison answers from the data holders.
+
+| | |
+|---|---|
+| base model fingerprint | `{card["base_fingerprint"]}` |
+| parametrization | `{parametrization}` |
+| log genesis | `{card["log_genesis"]}` |
+| log head (sha256 chain) | `{card["log_head"]}` |
+| steps | {card["steps"]} |
+| bits heard by the coordinator | {card["bits_spent"]:.2f} |
+| run | `{card["run_id"]}` |
+
+The log itself is in `{LOG_FILE}`; replaying it on the base weights (`sottovoce export`)
+reproduces these weights.
+"""

@@ -1,0 +1,113 @@
+"""The small public API the CLI is built on: open a coordinator, open a data holder.
+
+    from sottovoce.api import open_coordinator, open_holder
+    from sottovoce.server.grpc_service import serve
+    from sottovoce.client.grpc_loop import run_holder
+
+    coordinator = open_coordinator(Path("run.toml"), Path("runs/demo"))
+    server = serve(coordinator, "127.0.0.1:50051")
+    ...                                    # on each data holder:
+    holder = open_holder(Path("holder.jsonl"), Path("policy.toml"), holder_id="hospital-a")
+    run_holder(holder, "coordinator.example:50051")
+
+Both objects are transport-agnostic (see ``common/endpoints.py``): tests and the Flower
+app drive the same ``Coordinator`` and ``DataHolder`` without gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from pathlib import Path
+
+import torch
+
+from sottovoce.client.holder import DataHolder
+from sottovoce.client.ledger import Ledger
+from sottovoce.client.policy import load_policy
+from sottovoce.common.config import RunConfig, parse_config, read_toml
+from sottovoce.common.data import load_records
+from sottovoce.common.errors import ConfigError
+from sottovoce.common.messages import FitnessSpec
+from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.run_state import RunState
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_config(path: Path) -> tuple[RunConfig, str]:
+    """The validated config and its verbatim text (kept in the run directory)."""
+    data = read_toml(path)
+    return parse_config(data, str(path)), path.read_text(encoding="utf-8")
+
+
+def open_coordinator(
+    config_path: Path,
+    run_dir: Path,
+    *,
+    model_fingerprint: str | None = None,
+    cache_dir: Path | None = None,
+) -> Coordinator:
+    """Start a new run in ``run_dir``, or resume the run that is there.
+
+    The coordinator needs the base model's fingerprint, not its weights: pass it (or put
+    it in the config's ``[model] fingerprint``) to avoid loading the model here.
+    """
+    config, text = read_config(config_path)
+    fingerprint = (
+        model_fingerprint
+        or config.model.fingerprint
+        or load_model(config.model.name, dtype="float32", cache_dir=cache_dir).fingerprint
+    )
+    state = RunState.open(run_dir, config, text, fingerprint)
+    return Coordinator(config, state, fingerprint)
+
+
+def fitness_fields(spec: FitnessSpec) -> list[str]:
+    """Record fields the fitness reads: the template's placeholders and the label/target."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(spec.prompt_template) if name]
+    fields.append(spec.label_field if spec.kind == "classification" else spec.target_field)
+    return list(dict.fromkeys(fields))
+
+
+def dataset_id(path: Path) -> str:
+    """The data set's identity for its lifetime budget: sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_holder(
+    data_path: Path,
+    policy_path: Path,
+    *,
+    holder_id: str,
+    model_name: str = "smollm2-135m-instruct",
+    dtype: str = "float32",
+    status_path: Path | None = None,
+    cache_dir: Path | None = None,
+    max_batch: int = 32,
+) -> DataHolder:
+    """A data holder over one data file, bound to its policy and its lifetime ledger."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: must be one of {sorted(DTYPES)} (got {dtype!r})")
+    policy = load_policy(policy_path)
+    records = load_records(data_path, required_fields=fitness_fields(policy.fitness))
+
+    def load() -> LoadedModel:
+        return load_model(model_name, dtype="float32", cache_dir=cache_dir)
+
+    ledger = Ledger.open(policy.ledger_dir, dataset_id(data_path), policy.max_bits)
+    return DataHolder(
+        holder_id,
+        records,
+        policy,
+        ledger,
+        load,
+        compute_dtype=DTYPES[dtype],
+        max_batch=max_batch,
+        status_path=status_path,
+    )

@@ -1,0 +1,232 @@
+"""The ``sottovoce`` command: server, client, export, simulate, fingerprint, ledger.
+
+Every user error ends as one line on stderr (``error: <file/field/message>: <problem>``)
+and a non-zero exit; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from sottovoce.common.errors import SottovoceError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors(func: F) -> F:
+    """Turn our own exceptions into one line and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SottovoceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _insecure_warning() -> None:
+    click.secho(
+        "WARNING: --insecure: no TLS. Only for loopback; anyone on the path can read and "
+        "forge messages.",
+        fg="yellow",
+        err=True,
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """sottovoce: private post-training of language models across data holders."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory (created, or resumed if it holds this run).",
+)
+@click.option("--address", default=None, help="Listen address; default from the config.")
+@click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
+@user_errors
+def server(config_path: Path, run_dir: Path | None, address: str | None, insecure: bool) -> None:
+    """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
+    from sottovoce.api import open_coordinator, read_config
+    from sottovoce.server.grpc_service import serve
+
+    config, _ = read_config(config_path)
+    run_dir = run_dir or Path("runs") / config.run.name
+    if insecure:
+        _insecure_warning()
+    coordinator = open_coordinator(config_path, run_dir)
+    listen = address or config.server.address
+    running = serve(coordinator, listen)
+    click.echo(
+        f"coordinator {coordinator.state.run_id} listening on port {running.port}; "
+        f"run dir {run_dir}",
+        err=True,
+    )
+    coordinator.add_listener(
+        lambda record, state: click.echo(
+            f"round {record.round_index}: choices {record.choices} "
+            f"{'accepted' if record.step else 'kept'}; bits {state.bits_total:.1f}",
+            err=True,
+        )
+    )
+    try:
+        coordinator.wait_finished()
+        click.echo(f"run finished: {coordinator.state.finished_reason}", err=True)
+    finally:
+        running.stop(grace_s=5.0)
+
+
+@main.command()
+@click.option("--server", "address", required=True, help="Coordinator HOST:PORT.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True)
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--holder-id", required=True, help="This holder's name (from its certificate under TLS)."
+)
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype (the fingerprint is always of float32).",
+)
+@click.option("--threads", type=int, default=None, help="torch threads for this process.")
+@click.option(
+    "--status",
+    "status_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write this holder's local status (JSON) here.",
+)
+@click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
+@user_errors
+def client(
+    address: str,
+    data_path: Path,
+    policy_path: Path,
+    holder_id: str,
+    model_name: str,
+    dtype: str,
+    threads: int | None,
+    status_path: Path | None,
+    insecure: bool,
+) -> None:
+    """Run a data holder: dial out to the coordinator and answer within the policy."""
+    import torch
+
+    from sottovoce.api import open_holder
+    from sottovoce.client.grpc_loop import run_holder
+
+    if threads:
+        torch.set_num_threads(threads)
+    if insecure:
+        _insecure_warning()
+    holder = open_holder(
+        data_path,
+        policy_path,
+        holder_id=holder_id,
+        model_name=model_name,
+        dtype=dtype,
+        status_path=status_path,
+    )
+    finished = run_holder(holder, address)
+    click.echo(
+        f"{holder_id}: run {finished.run_id} finished ({finished.reason}); answered "
+        f"{holder.status.answered}, refused {holder.status.refused}; lifetime bits "
+        f"{holder.ledger.spent_bits:.1f} of {holder.policy.max_bits:g}",
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@user_errors
+def export(run_dir: Path, out_dir: Path) -> None:
+    """Replay a run's log on the base model and write a Hugging Face checkpoint."""
+    from sottovoce.server.export import export_run
+
+    result = export_run(run_dir, out_dir)
+    click.echo(
+        f"wrote {result.out_dir}: {result.steps} steps, log head {result.log_head[:16]}, "
+        f"{result.bits_spent:.1f} bits"
+    )
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the final report (JSON) here.",
+)
+@user_errors
+def simulate(config_path: Path, run_dir: Path | None, report_path: Path | None) -> None:
+    """One coordinator and N holder processes on loopback; report before/after."""
+    from sottovoce.reporting import print_report
+    from sottovoce.simulate import simulate as run_simulation
+
+    report = run_simulation(config_path, run_dir=run_dir, report_path=report_path)
+    print_report(report)
+
+
+@main.command()
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True)
+@user_errors
+def fingerprint(model_name: str) -> None:
+    """Print a model's fingerprint (for a policy's expected_model_fingerprint)."""
+    from sottovoce.common.models import load_model
+
+    click.echo(load_model(model_name, dtype="float32").fingerprint)
+
+
+@main.command()
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True)
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True)
+@user_errors
+def ledger(policy_path: Path, data_path: Path) -> None:
+    """Show a data set's lifetime ledger: every release, its cost, what remains."""
+    from sottovoce.api import dataset_id
+    from sottovoce.client.ledger import Ledger
+    from sottovoce.client.policy import load_policy
+
+    policy = load_policy(policy_path)
+    with Ledger.open(
+        policy.ledger_dir, dataset_id(data_path), policy.max_bits, read_only=True
+    ) as book:
+        for line in book.audit_lines():
+            click.echo(line)
+        click.echo(json.dumps(book.summary(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

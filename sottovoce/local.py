@@ -1,0 +1,51 @@
+"""Driving a coordinator and holders in one process, without any transport.
+
+The same objects the gRPC transport connects, called directly and in turn: what tests,
+benchmarks and parameter sweeps use when separate processes would only add noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sottovoce.common.endpoints import CoordinatorEndpoint, HolderEndpoint
+from sottovoce.common.messages import RunFinished, Task
+
+
+def join_all(coordinator: CoordinatorEndpoint, holders: Sequence[HolderEndpoint]) -> None:
+    """Join every holder (each checks the run against its policy)."""
+    for holder in holders:
+        holder.accept_run(coordinator.join(holder.join_request()))
+
+
+def drive_locally(
+    coordinator: CoordinatorEndpoint,
+    holders: Sequence[HolderEndpoint],
+    *,
+    max_rounds: int | None = None,
+) -> RunFinished | None:
+    """Serve tasks to the holders in turn until the run finishes (or ``max_rounds`` pass).
+
+    Returns the RunFinished message, or None if stopped by ``max_rounds``.
+    """
+    join_all(coordinator, holders)
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        answered = False
+        for holder in holders:
+            message = coordinator.pull_task(
+                holder.holder_id, holder.log_version, holder.log_head, timeout_s=0.0
+            )
+            if isinstance(message, RunFinished):
+                for each in holders:
+                    each.finish(message)
+                return message
+            if isinstance(message, Task):
+                coordinator.push_answer(holder.holder_id, holder.answer(message))
+                answered = True
+        if answered:
+            rounds += 1
+        else:
+            # Nothing to do for anyone: only possible if too few holders joined.
+            raise RuntimeError("no holder got a task; fewer holders than min_holders?")
+    return None

@@ -1,0 +1,42 @@
+"""Rendering a run report for people (the JSON is for machines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """A short table: held-out metric before/after, significance, bits, bound, time."""
+    console = console or Console()
+    table = Table(title=f"sottovoce report: {report['algorithm']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    before, after = report["heldout_metric_before"], report["heldout_metric_after"]
+    lo_b, hi_b = report["heldout_metric_before_ci95"]
+    lo_a, hi_a = report["heldout_metric_after_ci95"]
+    split = f"{report['heldout_split']} ({report['heldout_examples']} examples)"
+    table.add_row(
+        f"{report['heldout_metric']} before, {split}", f"{before:.4f}  [{lo_b:.4f}, {hi_b:.4f}]"
+    )
+    table.add_row(f"{report['heldout_metric']} after", f"{after:.4f}  [{lo_a:.4f}, {hi_a:.4f}]")
+    mc = report["mcnemar"]
+    table.add_row(
+        "paired McNemar",
+        f"p = {mc['p_value']:.3g} ({mc['improved']} fixed, {mc['worsened']} broken)",
+    )
+    table.add_row("rounds / accepted steps", f"{report['rounds']} / {report['accepted_steps']}")
+    table.add_row("bits spent", f"{report['bits_spent_total']:.1f} of {report['bit_budget']:g}")
+    for holder, bits in report["bits_spent_per_holder"].items():
+        table.add_row(f"  {holder}", f"{bits:.1f}")
+    bound = report["generalization_bound"]
+    table.add_row(
+        f"test risk bound (delta={bound['delta']})",
+        f"{bound['train_risk']:.4f} train + {bound['slack']:.4f} slack = "
+        f"{bound['test_risk_bound']:.4f} "
+        f"(measured {bound['measured_test_risk']:.4f}, n={bound['n']})",
+    )
+    table.add_row("wall time", f"{report['wall_seconds']:.0f} s")
+    console.print(table)

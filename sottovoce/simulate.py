@@ -1,0 +1,345 @@
+"""A whole federation on one machine: one coordinator and N data holders as OS processes.
+
+``sottovoce simulate --config run.toml`` splits the bundled data set into a fixed test
+split, a dev split and training shards (one per holder), writes each holder a data file
+and a policy, serves the coordinator over real gRPC on loopback, starts every holder as
+its own process (``sottovoce client ...``, exactly what a real deployment runs), and
+finally reports held-out accuracy before and after with confidence intervals, a paired
+McNemar test, the bits spent and the generalization bound.
+
+The simulation plays the operator of every party, so it may read the holders' data for
+the report (the held-out test split is never seen by any holder, and nothing here is
+tuned on it). In a real deployment each holder computes its own numbers locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sottovoce.api import DTYPES, read_config
+from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.common.config import RunConfig
+from sottovoce.common.data import (
+    records_hash,
+    sentiment_records,
+    shard,
+    split_sentiment,
+    write_jsonl,
+)
+from sottovoce.common.errors import ConfigError, SottovoceError
+from sottovoce.common.fitness import build_fitness
+from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.export import export_run
+from sottovoce.server.grpc_service import serve
+from sottovoce.server.run_state import RoundRecord, RunState
+
+Record = dict[str, object]
+
+
+@dataclass
+class Federation:
+    """The files a simulated federation runs on."""
+
+    run_dir: Path
+    holder_dirs: list[Path]
+    test: list[Record]
+    train: list[Record]
+    test_hash: str
+
+
+def default_state_dir() -> Path:
+    """Where simulated holders keep their lifetime ledgers (they outlive any one run)."""
+    root = os.environ.get("SOTTOVOCE_HOME") or str(Path.home() / ".sottovoce")
+    return Path(root) / "ledgers"
+
+
+def prepare_federation(
+    config: RunConfig, run_dir: Path, fingerprint: str, state_dir: Path
+) -> Federation:
+    """Split the data, write each holder's data file and policy."""
+    sim = config.simulate
+    splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
+    train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
+    if len(train) < sim.holders:
+        raise ConfigError(f"simulate.train_size: {len(train)} examples for {sim.holders} holders")
+    holder_dirs = []
+    for index, records in enumerate(shard(train, sim.holders)):
+        holder_dir = run_dir / "holders" / f"holder-{index}"
+        holder_dir.mkdir(parents=True)
+        write_jsonl(holder_dir / "data.jsonl", records)
+        (holder_dir / "policy.toml").write_text(
+            holder_policy_toml(config, fingerprint, state_dir), encoding="utf-8"
+        )
+        holder_dirs.append(holder_dir)
+    test = list(splits.test if sim.eval_split == "test" else splits.dev)
+    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
+
+
+def holder_policy_toml(config: RunConfig, fingerprint: str, state_dir: Path) -> str:
+    """A policy that allows exactly this run's setting (what a cautious holder would write)."""
+    fit = config.fitness
+    q = json.dumps  # TOML basic strings accept JSON string escapes
+    words = ", ".join(q(w) for w in fit.label_words)
+    return f"""# Written by `sottovoce simulate` for one simulated data holder.
+max_bits = {config.simulate.max_holder_policy_bits}
+expected_model_fingerprint = {q(fingerprint)}
+allowed_algorithms = [{q(config.run.algorithm)}]
+allowed_parametrizations = [{q(config.parametrization.kind)}]
+max_lambda = {config.optimizer.candidates}
+max_perturbation_scale = {config.optimizer.max_step}
+min_batch_size = {min(16, config.evaluation.batch_size)}
+allowed_batch_modes = [{q(config.evaluation.mode)}]
+ledger_dir = {q(str(state_dir))}
+
+[fitness]
+kind = {q(fit.kind)}
+prompt_template = {q(fit.prompt_template)}
+label_words = [{words}]
+text_field = {q(fit.text_field)}
+label_field = {q(fit.label_field)}
+target_field = {q(fit.target_field)}
+"""
+
+
+def start_holders(
+    config: RunConfig, federation: Federation, address: str
+) -> list[subprocess.Popen[bytes]]:
+    """One OS process per holder, each with its own model copy and pinned torch threads."""
+    threads = str(config.simulate.threads_per_holder)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    processes = []
+    for index, holder_dir in enumerate(federation.holder_dirs):
+        command = [
+            sys.executable, "-m", "sottovoce.cli", "client",
+            "--server", address,
+            "--data", str(holder_dir / "data.jsonl"),
+            "--policy", str(holder_dir / "policy.toml"),
+            "--holder-id", f"holder-{index}",
+            "--model", config.model.name,
+            "--dtype", config.model.dtype,
+            "--threads", threads,
+            "--status", str(holder_dir / "status.json"),
+            "--insecure",
+        ]  # fmt: skip
+        log_file = open(holder_dir / "holder.log", "wb")  # noqa: SIM115 (lives with the process)
+        processes.append(
+            subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        )
+    return processes
+
+
+class HeldOut:
+    """Held-out scoring of base and trained model, sharing the prefix computation."""
+
+    def __init__(self, config: RunConfig, loaded: LoadedModel):
+        model = loaded.model
+        if DTYPES[config.model.dtype] != torch.float32:
+            model.to(DTYPES[config.model.dtype])
+        self.parametrization = build_parametrization(config.parametrization.to_spec())
+        self.parametrization.attach(model)
+        fitness = build_fitness(config.fitness.to_spec(), loaded.tokenizer)
+        self.evaluator = CandidateEvaluator(model, self.parametrization, fitness)
+        self.cache = PrefixCache()
+
+    def correct(self, examples: list[Record], *, reuse: bool = True) -> np.ndarray:
+        _, correct = self.evaluator.score_incumbent(examples, self.cache if reuse else None)
+        return correct
+
+
+def mean_holder_score(federation: Federation) -> float | None:
+    """Mean of the holders' latest incumbent minibatch score (from their local status files)."""
+    scores = []
+    for holder_dir in federation.holder_dirs:
+        try:
+            status = json.loads((holder_dir / "status.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if status.get("last_incumbent_score") is not None:
+            scores.append(float(status["last_incumbent_score"]))
+    return float(np.mean(scores)) if scores else None
+
+
+def run_rounds(
+    coordinator: Coordinator,
+    federation: Federation,
+    processes: list[subprocess.Popen[bytes]],
+    console: Console,
+) -> None:
+    """Wait for the run to finish, showing progress; fail fast if a holder process dies."""
+    config = coordinator.config
+    accepted = [0]
+    progress = Progress(
+        TextColumn("[bold]round {task.completed:>4.0f}/{task.total:.0f}"),
+        BarColumn(),
+        TextColumn("{task.fields[bits]}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    bar = progress.add_task("rounds", total=config.run.max_rounds, bits="", info="")
+
+    def on_round(record: RoundRecord, state: RunState) -> None:
+        accepted[0] += record.step is not None
+        score = mean_holder_score(federation)
+        progress.update(
+            bar,
+            completed=record.round_index + 1,
+            bits=f"bits {state.bits_total:.0f}/{config.run.bit_budget:g}",
+            info=f"accepted {accepted[0]}  step {record.step_size_after:.4f}"
+            + (f"  incumbent {score:.3f}" if score is not None else ""),
+        )
+
+    coordinator.add_listener(on_round)
+    with progress:
+        while not coordinator.wait_finished(timeout_s=2.0):
+            for index, process in enumerate(processes):
+                if process.poll() not in (None, 0):
+                    tail = _tail(federation.holder_dirs[index] / "holder.log")
+                    coordinator.stop(f"holder-{index} exited")
+                    raise SottovoceError(
+                        f"holder-{index} exited with code {process.returncode}: {tail}"
+                    )
+    console.print(f"run finished: {coordinator.state.finished_reason}")
+
+
+def simulate(
+    config_path: Path,
+    *,
+    run_dir: Path | None = None,
+    report_path: Path | None = None,
+    state_dir: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run a local federation end to end and return (and write) the report."""
+    started = time.time()
+    console = console or Console(stderr=True)
+    config, config_text = read_config(config_path)
+    run_dir = run_dir or Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: exists and is not empty; choose a new --run-dir")
+    torch.set_num_threads(config.simulate.eval_threads)
+    console.print(f"loading {config.model.name} ...")
+    loaded = load_model(config.model.name, dtype="float32")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    federation = prepare_federation(
+        config, run_dir, loaded.fingerprint, state_dir or default_state_dir()
+    )
+    held_out = HeldOut(config, loaded)
+    console.print(
+        f"held-out split: {len(federation.test)} examples, sha256 {federation.test_hash[:16]}"
+    )
+    before = held_out.correct(federation.test)
+    console.print(f"accuracy before: {before.mean():.4f}")
+
+    state = RunState.open(run_dir / "coordinator", config, config_text, loaded.fingerprint)
+    coordinator = Coordinator(config, state, loaded.fingerprint)
+    server = serve(coordinator, "127.0.0.1:0")
+    processes = start_holders(config, federation, f"127.0.0.1:{server.port}")
+    try:
+        run_rounds(coordinator, federation, processes, console)
+        _wait_processes(processes, timeout_s=60.0)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        server.stop()
+
+    held_out.evaluator.apply_steps(list(state.log))
+    after = held_out.correct(federation.test)
+    train_correct = held_out.correct(federation.train, reuse=False)
+    export = export_run(run_dir / "coordinator", run_dir / "model")
+    report = build_report(config, state, federation, before, after, train_correct)
+    report["exported_model"] = str(export.out_dir)
+    report["wall_seconds"] = round(time.time() - started, 1)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    (run_dir / "report.json").write_text(text, encoding="utf-8")
+    if report_path is not None:
+        report_path.write_text(text, encoding="utf-8")
+    return report
+
+
+def build_report(
+    config: RunConfig,
+    state: RunState,
+    federation: Federation,
+    before: np.ndarray,
+    after: np.ndarray,
+    train_correct: np.ndarray,
+) -> dict[str, Any]:
+    """The final report (the fields the README documents)."""
+    acc_before, lo_before, hi_before = accuracy_interval(before.tolist())
+    acc_after, lo_after, hi_after = accuracy_interval(after.tolist())
+    mcnemar = mcnemar_pvalue(before.tolist(), after.tolist())
+    n_train = len(federation.train)
+    delta = config.run.bound_delta
+    slack = generalization_slack(state.bits_total, n_train, delta)
+    train_risk = 1.0 - float(train_correct.mean())
+    return {
+        "algorithm": config.run.algorithm,
+        "parametrization": json.loads(config.parametrization.to_spec().canonical_id()),
+        "model": config.model.name,
+        "compute_dtype": config.model.dtype,
+        "rounds": len(state.rounds),
+        "accepted_steps": state.log.version,
+        "finished_reason": state.finished_reason,
+        "bit_budget": config.run.bit_budget,
+        "bits_spent_total": state.bits_total,
+        "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
+        "heldout_split": config.simulate.eval_split,
+        "heldout_examples": len(federation.test),
+        "heldout_sha256": federation.test_hash,
+        "heldout_metric": "accuracy",
+        "heldout_metric_before": acc_before,
+        "heldout_metric_before_ci95": [lo_before, hi_before],
+        "heldout_metric_after": acc_after,
+        "heldout_metric_after_ci95": [lo_after, hi_after],
+        "mcnemar": {
+            "improved": mcnemar.improved,
+            "worsened": mcnemar.worsened,
+            "p_value": mcnemar.p_value,
+        },
+        "generalization_bound": {
+            "train_risk": train_risk,
+            "n": n_train,
+            "n_is": "all training examples of all holders (the answers were computed from "
+            "minibatches of them; the 2^bits possible outputs are fixed by the coordinator's "
+            "seeds before any data is seen, so Hoeffding + a union bound over them holds)",
+            "delta": delta,
+            "slack": slack,
+            "test_risk_bound": train_risk + slack,
+            "measured_test_risk": 1.0 - acc_after,
+        },
+        "run_id": state.run_id,
+        "log_head": state.log.head,
+    }
+
+
+def _wait_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    end = time.time() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, end - time.time()))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
