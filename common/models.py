@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from sottovoce.common.errors import ConfigError, ModelLoadError
 
@@ -254,6 +255,8 @@ def _hub_offline() -> Iterator[None]:
     names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved = {key: os.environ.get(key) for key in names}
     os.environ.update({key: "1" for key in names})
+    # transformers' per-tensor loading bars would bury our own progress display.
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:

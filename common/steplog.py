@@ -32,6 +32,18 @@ def as_float32(value: float) -> float:
     return float(np.float32(value))
 
 
+def float32_toward_zero(value: float) -> float:
+    """The float32 nearest ``value`` whose magnitude does not exceed it.
+
+    A step size clipped to a holder's cap must stay within the cap after rounding to
+    float32 (0.2 rounds *up* to 0.2000000030), or every task would be refused.
+    """
+    rounded = np.float32(value)
+    if abs(float(rounded)) > abs(value):
+        rounded = np.nextafter(rounded, np.float32(0.0))
+    return float(rounded)
+
+
 @dataclass(frozen=True)
 class Step:
     """One accepted update: ``x <- x + coefficient * z(seed)``."""

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from sottovoce.common.messages import Candidate
-from sottovoce.common.steplog import Step, as_float32
+from sottovoce.common.steplog import Step, float32_toward_zero
 
 # One-fifth success rule: multiply the step by SUCCESS_FACTOR on success and by
 # FAILURE_FACTOR on failure; at a success rate of 1/5 the step size is stationary.
@@ -72,7 +72,7 @@ class ComparisonES:
         return self.step_rule.step
 
     def ask(self, round_index: int) -> tuple[Candidate, ...]:
-        scale = as_float32(self.step_rule.step)
+        scale = float32_toward_zero(self.step_rule.step)
         if not self.mirrored:
             return tuple(
                 Candidate(seed=candidate_seed(self.run_seed, round_index, i), scale=scale)

@@ -41,6 +41,13 @@ def test_ask_is_deterministic_per_round_and_distinct() -> None:
     assert 0 <= first[0].seed < 2**64
 
 
+def test_scales_never_exceed_the_max_step_after_float32_rounding() -> None:
+    rule = StepSizeRule(step=0.2, min_step=0.001, max_step=0.2)
+    es = ComparisonES(run_seed=1, candidates=1, step_rule=rule)
+    (candidate,) = es.ask(0)
+    assert candidate.scale <= 0.2 and 0.2 - candidate.scale < 1e-7
+
+
 def test_mirrored_pairs_share_a_seed_with_opposite_scales() -> None:
     es = make(candidates=2, mirrored=True)
     plus, minus = es.ask(0)
