@@ -7,13 +7,14 @@ p-value against the base model, bits, accepted steps and seconds, all from one r
 Nothing here looks at the test split.
 
     python bench/sweep_parametrizations.py --rounds 150 --train-size 1500
-    python bench/sweep_parametrizations.py --only norm-scale --batch full
+    python bench/sweep_parametrizations.py --only "norm-scale (1+7)"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,43 +41,45 @@ from sottovoce.simulate import holder_policy_toml
 
 @dataclass(frozen=True)
 class Candidate:
+    """One setting of the sweep: a parametrization and how the ES explores it."""
+
     name: str
     parametrization: dict[str, Any]
-    initial_step: float
-    max_step: float
+    lam: int = 7
+    mode: str = "full"
+    rounds: int | None = None  # None: the --rounds default
+    initial_step: float = 0.05
+    max_step: float = 0.5
 
 
+NORM = ["model.norm.weight"]
 CANDIDATES = [
-    Candidate("norm-scale", {"kind": "scale", "patterns": ["model.norm.weight"]}, 0.05, 0.2),
-    Candidate("norm-select", {"kind": "select", "patterns": ["model.norm.weight"]}, 0.05, 0.2),
+    Candidate("norm-scale (1+7)", {"kind": "scale", "patterns": NORM}),
+    Candidate("norm-scale (1+1)", {"kind": "scale", "patterns": NORM}, lam=1),
+    Candidate("norm-select (1+7)", {"kind": "select", "patterns": NORM}),
+    Candidate("norm-subspace-16 (1+7)", {"kind": "subspace", "patterns": NORM, "dimension": 16}),
     Candidate(
-        "norm-subspace-64",
-        {"kind": "subspace", "patterns": ["model.norm.weight"], "dimension": 64},
-        0.05,
-        0.2,
+        "norm-scale-tensor (1+7)", {"kind": "scale", "patterns": NORM, "granularity": "tensor"}
     ),
     Candidate(
-        "last-block-scale",
-        {"kind": "scale", "patterns": ["model.norm.weight", "model.layers.29.*"]},
-        0.05,
-        0.2,
-    ),
-    Candidate(
-        "norm-scale-tensor",
-        {"kind": "scale", "patterns": ["model.norm.weight"], "granularity": "tensor"},
-        0.05,
-        0.2,
+        "last-block+norm-scale (1+7), minibatch 32",
+        {"kind": "scale", "patterns": [*NORM, "model.layers.29.*"]},
+        mode="minibatch",
+        rounds=40,
     ),
 ]
 
 
 def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict[str, Any]:
+    rounds = candidate.rounds or args.rounds
+    algorithm = "bboxer-1+1" if candidate.lam == 1 else "bboxer-1+lambda"
     config = parse_config(
         {
             "run": {
                 "name": "sweep",
-                "max_rounds": args.rounds,
-                "bit_budget": 3 * args.rounds,
+                "algorithm": algorithm,
+                "max_rounds": rounds,
+                "bit_budget": 3 * rounds * math.log2(candidate.lam + 1),
                 "seed": args.seed,
             },
             "parametrization": candidate.parametrization,
@@ -84,8 +87,9 @@ def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict
                 "initial_step": candidate.initial_step,
                 "max_step": candidate.max_step,
                 "min_step": 0.001,
+                "candidates": candidate.lam,
             },
-            "evaluation": {"mode": args.batch, "batch_size": args.batch_size},
+            "evaluation": {"mode": candidate.mode, "batch_size": args.batch_size},
             "server": {"min_holders": 3, "quorum": 2},
         },
         "sweep",
@@ -125,6 +129,8 @@ def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict
     test = mcnemar_pvalue(before.tolist(), after.tolist())
     return {
         "name": candidate.name,
+        "mode": candidate.mode,
+        "rounds": rounds,
         "dimension": parametrization.dimension,
         "dev_before": round(acc_before[0], 4),
         "dev_after": round(acc_after[0], 4),
@@ -143,7 +149,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--train-size", type=int, default=1500)
-    parser.add_argument("--batch", choices=["minibatch", "full"], default="minibatch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--threads", type=int, default=2)
@@ -152,8 +157,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     splits = split_sentiment(sentiment_records())
     print(
-        f"setting: SmolLM2-135M-Instruct float32, 3 holders x {args.train_size // 3} train "
-        f"examples, {args.batch} batch {args.batch_size}, {args.rounds} rounds, dev 500"
+        f"setting: SmolLM2-135M-Instruct float32, {args.threads} threads, 3 holders x "
+        f"{args.train_size // 3} train examples, {args.rounds} rounds unless stated, "
+        f"minibatch {args.batch_size} where used, dev 500 (no test data)"
     )
     for candidate in CANDIDATES:
         if args.only and candidate.name not in args.only:

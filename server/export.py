@@ -21,7 +21,7 @@ from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.steplog import StepLog, genesis_hash, read_json_lines
-from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META
+from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META, read_meta
 
 LOG_FILE = "sottovoce_log.json"
 
@@ -52,7 +52,7 @@ def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -
         raise ConfigError(f"{run_dir}: not a run directory (no {RUN_META})")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_meta(meta_path)
     config = load_config(run_dir / CONFIG_COPY)
     loaded = load_model(config.model.name, dtype="float32", cache_dir=cache_dir)
     if loaded.fingerprint != meta["model_fingerprint"]:

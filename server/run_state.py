@@ -131,7 +131,7 @@ class RunState:
         genesis = genesis_hash(model_fingerprint, config.parametrization.to_spec().canonical_id())
         meta_path = run_dir / RUN_META
         if meta_path.exists():
-            meta = _read_meta(meta_path)
+            meta = read_meta(meta_path)
             if meta.get("config_fingerprint") != config.fingerprint():
                 raise ConfigError(
                     f"{run_dir}: holds a run with a different config; use a new --run-dir"
@@ -242,7 +242,7 @@ class RunState:
         self.bits_per_holder[holder_id] = self.bits_per_holder.get(holder_id, 0.0) + bits
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

@@ -269,6 +269,7 @@ def simulate(
     text = json.dumps(report, indent=2, sort_keys=True)
     (run_dir / "report.json").write_text(text, encoding="utf-8")
     if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(text, encoding="utf-8")
     return report
 

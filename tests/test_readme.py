@@ -1,0 +1,33 @@
+"""The README's config and policy examples are the files the demo uses, verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sottovoce.client.policy import load_policy
+from sottovoce.common.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_blocks(text: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```toml\n(.*?)```", text, flags=re.S)]
+
+
+@pytest.mark.parametrize("example", ["examples/run.toml", "examples/policy.toml"])
+def test_readme_shows_the_example_files(example: str) -> None:
+    blocks = toml_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert (ROOT / example).read_text(encoding="utf-8").strip() in blocks
+
+
+def test_examples_are_valid_and_agree() -> None:
+    config = load_config(ROOT / "examples/run.toml")
+    policy = load_policy(ROOT / "examples/policy.toml")
+    assert config.fitness.to_spec() == policy.fitness
+    assert config.run.algorithm in policy.allowed_algorithms
+    assert config.parametrization.kind in policy.allowed_parametrizations
+    assert config.optimizer.candidates <= policy.max_lambda
+    assert config.optimizer.max_step <= policy.max_perturbation_scale
