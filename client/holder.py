@@ -41,6 +41,7 @@ from sottovoce.common.messages import (
 )
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import StepLog, extend_chain, genesis_hash
 
 log = logging.getLogger("sottovoce.holder")
@@ -183,8 +184,62 @@ class DataHolder:
         return Answer(task_id=task.task_id, choice=choice)
 
     def finish(self, finished: RunFinished) -> None:
+        """Bring the weights to the run's final model (checked like any log steps)."""
         self.status.finished = finished.reason
+        if self.spec is not None and finished.run_id == self.spec.run_id:
+            try:
+                self._catch_up(finished)
+            except PolicyViolation as refusal:
+                log.warning("not applying the final steps: %s", refusal)
+                self.status.last_refusal = str(refusal)
         self._write_status()
+
+    def local_report(self, bits_spent_total: float, delta: float = 0.05) -> dict[str, Any]:
+        """This holder's own numbers on its own data; written locally, never sent.
+
+        The generalization bound holds for this holder's distribution too: its n examples
+        and the run's total bits (every answer of every holder shaped the output).
+        """
+        if self.evaluator is None or self.spec is None:
+            raise PolicyViolation("no run accepted yet")
+        _, correct = self.evaluator.score_incumbent(self.records)
+        train_risk = 1.0 - float(correct.mean())
+        slack = generalization_slack(bits_spent_total, len(self.records), delta)
+        return {
+            "run_id": self.spec.run_id,
+            "holder_id": self._holder_id,
+            "log_version": self.log_version,
+            "log_head": self.log_head,
+            "n": len(self.records),
+            "train_errors": int((~correct).sum()),
+            "train_risk": train_risk,
+            "run_bits_total": bits_spent_total,
+            "bits_this_run": self.status.bits_this_run,
+            "lifetime_bits_spent": self.ledger.spent_bits,
+            "lifetime_bits_max": self.policy.max_bits,
+            "delta": delta,
+            "slack": slack,
+            "test_risk_bound": train_risk + slack,
+        }
+
+    def _catch_up(self, finished: RunFinished) -> None:
+        assert self.evaluator is not None and self.log is not None
+        if finished.base_version != self.log.version:
+            raise PolicyViolation(
+                f"final steps start at version {finished.base_version}, "
+                f"this holder is at {self.log.version}"
+            )
+        cap = self.policy.max_perturbation_scale
+        if any(abs(step.coefficient) > cap for step in finished.new_steps):
+            raise PolicyViolation(
+                f"a final step's coefficient exceeds max_perturbation_scale {cap}"
+            )
+        if extend_chain(self.log.head, self.log.version, finished.new_steps) != finished.log_head:
+            raise PolicyViolation("the final steps do not hash to the announced log head")
+        self.evaluator.apply_steps(finished.new_steps)
+        for step in finished.new_steps:
+            self.log.append(step)
+        self.status.log_version = self.log.version
 
     # -- checks ----------------------------------------------------------------------------
     def _admit(self, task: Task) -> float:
@@ -226,7 +281,7 @@ class DataHolder:
         self.status.lifetime_bits_spent = self.ledger.spent_bits
         self.status.last_incumbent_score = stats.get("incumbent_mean_score")
         if self.status.last_incumbent_score is not None:
-            self.status.history.append(self.status.last_incumbent_score)
+            self.status.history = [*self.status.history[-999:], self.status.last_incumbent_score]
         self._write_status()
 
     def _write_status(self) -> None:

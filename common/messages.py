@@ -146,10 +146,17 @@ class JoinRequest:
 
 @dataclass(frozen=True)
 class RunFinished:
-    """Returned instead of a task once the run is over (budget spent or rounds done)."""
+    """Returned instead of a task once the run is over (budget spent or rounds done).
+
+    Carries the steps the holder still lacks (from ``base_version``, the version it said
+    it has), so it can bring its weights to the final model and compute its own local
+    report (e.g. its train risk for the generalization bound) without telling anyone.
+    """
 
     run_id: str
     reason: str
     final_version: int
     log_head: str
     bits_spent_total: float
+    base_version: int = 0
+    new_steps: tuple[Step, ...] = ()

@@ -526,9 +526,17 @@ def _check_run_finished(where: str, finished: RunFinished) -> None:
     _check_int(f"{where}.final_version", finished.final_version, 0, MAX_COUNT)
     _check_hash(f"{where}.log_head", finished.log_head)
     _check_real(f"{where}.bits_spent_total", finished.bits_spent_total, 0.0, MAX_BITS)
+    _check_int(f"{where}.base_version", finished.base_version, 0, MAX_COUNT)
+    if finished.base_version + len(finished.new_steps) != finished.final_version:
+        _fail(
+            f"{where}.new_steps",
+            f"{len(finished.new_steps)} steps from version {finished.base_version} "
+            f"do not reach final_version {finished.final_version}",
+        )
 
 
 def run_finished_to_proto(finished: RunFinished, where: str = "RunFinished") -> pb.RunFinished:
+    _check_length(f"{where}.new_steps", finished.new_steps, 0, MAX_NEW_STEPS)
     _check_run_finished(where, finished)
     return pb.RunFinished(
         run_id=finished.run_id,
@@ -536,16 +544,25 @@ def run_finished_to_proto(finished: RunFinished, where: str = "RunFinished") -> 
         final_version=int(finished.final_version),
         log_head=finished.log_head,
         bits_spent_total=float(finished.bits_spent_total),
+        base_version=int(finished.base_version),
+        new_steps=[
+            step_to_proto(s, f"{where}.new_steps[{i}]") for i, s in enumerate(finished.new_steps)
+        ],
     )
 
 
 def run_finished_from_proto(message: pb.RunFinished, where: str = "RunFinished") -> RunFinished:
+    _check_length(f"{where}.new_steps", message.new_steps, 0, MAX_NEW_STEPS)
     finished = RunFinished(
         run_id=message.run_id,
         reason=message.reason,
         final_version=message.final_version,
         log_head=message.log_head,
         bits_spent_total=message.bits_spent_total,
+        base_version=message.base_version,
+        new_steps=tuple(
+            step_from_proto(s, f"{where}.new_steps[{i}]") for i, s in enumerate(message.new_steps)
+        ),
     )
     _check_run_finished(where, finished)
     return finished

@@ -158,7 +158,7 @@ class Coordinator:
             while True:
                 self._tick_locked()
                 if self.finished:
-                    return self._finished_message()
+                    return self._finished_message(have_version)
                 current = self._round
                 if current and holder_id in current.task_ids and not current.answered(holder_id):
                     return self._task_for(current, holder_id, have_version)
@@ -317,13 +317,15 @@ class Coordinator:
             deadline_unix=current.deadline,
         )
 
-    def _finished_message(self) -> RunFinished:
+    def _finished_message(self, have_version: int) -> RunFinished:
         return RunFinished(
             run_id=self.state.run_id,
             reason=self.state.finished_reason or "",
             final_version=self.state.log.version,
             log_head=self.state.log.head,
             bits_spent_total=self.state.bits_total,
+            base_version=have_version,
+            new_steps=tuple(self.state.log.steps_since(have_version)),
         )
 
     def _candidates_of(self, round_index: int) -> int:

@@ -124,6 +124,13 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
     default=None,
     help="Write this holder's local status (JSON) here.",
 )
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="At the end, write this holder's local report (JSON; it stays here).",
+)
 @click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
 @user_errors
 def client(
@@ -135,6 +142,7 @@ def client(
     dtype: str,
     threads: int | None,
     status_path: Path | None,
+    report_path: Path | None,
     insecure: bool,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
@@ -156,6 +164,9 @@ def client(
         status_path=status_path,
     )
     finished = run_holder(holder, address)
+    if report_path is not None and holder.spec is not None:
+        report = holder.local_report(finished.bits_spent_total)
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
     click.echo(
         f"{holder_id}: run {finished.run_id} finished ({finished.reason}); answered "
         f"{holder.status.answered}, refused {holder.status.refused}; lifetime bits "

@@ -124,7 +124,8 @@ class FakeCoordinator:
             return None
         if not open_tasks:
             last = self.tasks[-1]
-            return RunFinished("run-1", "rounds done", last.target_version, last.log_head, 3.0)
+            version = last.target_version  # the fake holder applied every step it was sent
+            return RunFinished("run-1", "rounds done", version, last.log_head, 3.0, version)
         return open_tasks[0]
 
     def push_answer(self, holder_id: str, answer: Answer) -> bool:
@@ -221,7 +222,8 @@ def test_join_pull_push_finish_cycle(server: RunningServer, coordinator: FakeCoo
     holder = FakeHolder()
     finished = run_holder(holder, server.address, poll_timeout_s=1.0, connect_timeout_s=5.0)
 
-    assert finished == RunFinished("run-1", "rounds done", 2, coordinator.tasks[-1].log_head, 3.0)
+    head = coordinator.tasks[-1].log_head
+    assert finished == RunFinished("run-1", "rounds done", 2, head, 3.0, base_version=2)
     assert holder.finished == finished
     assert [t.task_id for t in holder.answered] == ["run-1:r0", "run-1:r1", "run-1:r2"]
     assert holder.log_version == 2 and holder.log_head == coordinator.tasks[-1].log_head

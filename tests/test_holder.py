@@ -21,10 +21,10 @@ from helpers import (
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.common.errors import PolicyViolation
-from sottovoce.common.messages import Candidate, RunSpec, Task
+from sottovoce.common.messages import Candidate, RunFinished, RunSpec, Task
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.steplog import Step, as_float32
+from sottovoce.common.steplog import Step, as_float32, extend_chain
 
 DATASET = "tinyset"
 STEP = Step(seed=9, coefficient=as_float32(0.05))
@@ -286,3 +286,40 @@ def test_minibatch_rng_is_system_entropy_never_seeded_by_the_task(tmp_path: Path
     # Same question, two holders (and the same holder twice): independent draws.
     assert a.draws[0] != b.draws[0] and a.draws[0] != a.draws[1]
     assert a.seeds == [] and b.seeds == []
+
+
+def finished_message(
+    spec: RunSpec, steps: Sequence[Step], base: int, head: str | None = None
+) -> RunFinished:
+    return RunFinished(
+        run_id=spec.run_id,
+        reason="max_rounds reached",
+        final_version=base + len(steps),
+        log_head=head or extend_chain(spec.log_genesis, 0, steps),
+        bits_spent_total=12.0,
+        base_version=base,
+        new_steps=tuple(steps),
+    )
+
+
+def test_finish_applies_the_final_steps_and_reports_locally(tmp_path: Path) -> None:
+    holder = make_holder(tmp_path)
+    spec = run_spec()
+    holder.accept_run(spec)
+    before = holder.local_report(bits_spent_total=12.0)
+    holder.finish(finished_message(spec, [STEP], base=0))
+    assert holder.log_version == 1
+    report = holder.local_report(bits_spent_total=12.0)
+    assert report["log_head"] == holder.log_head and report["n"] == 64
+    assert report["train_risk"] == report["train_errors"] / 64
+    assert math.isclose(report["slack"], math.sqrt((12 * math.log(2) + math.log(20)) / 128))
+    assert before["log_version"] == 0
+
+
+def test_finish_with_a_forged_head_applies_nothing(tmp_path: Path) -> None:
+    holder = make_holder(tmp_path)
+    spec = run_spec()
+    holder.accept_run(spec)
+    holder.finish(finished_message(spec, [STEP], base=0, head="f" * 64))
+    assert holder.log_version == 0
+    assert holder.status.last_refusal is not None and "hash" in holder.status.last_refusal

@@ -78,6 +78,8 @@ FINISHED = RunFinished(
     final_version=9,
     log_head=HEAD,
     bits_spent_total=300,
+    base_version=7,
+    new_steps=(Step(seed=3, coefficient=0.25), Step(seed=2**64 - 1, coefficient=-0.5)),
 )
 JOIN = JoinRequest(
     holder_id="holder-1", model_fingerprint=FINGERPRINT, policy_summary={"max_bits": "300"}
@@ -299,6 +301,7 @@ FINISHED_BAD: list[tuple[str, RunFinished]] = [
     ("final_version", replace(FINISHED, final_version=-1)),
     ("log_head", replace(FINISHED, log_head="")),
     ("bits_spent_total", replace(FINISHED, bits_spent_total=math.nan)),
+    ("new_steps", replace(FINISHED, base_version=3)),
 ]
 ENCODE_VIOLATIONS: list[tuple[Callable[[Any], Any], object, str]] = [
     *[(wire.task_to_proto, value, f"Task.{field}") for field, value in TASK_BAD],

@@ -425,11 +425,19 @@ class RunFinished(_message.Message):
     FINAL_VERSION_FIELD_NUMBER: _builtins.int
     LOG_HEAD_FIELD_NUMBER: _builtins.int
     BITS_SPENT_TOTAL_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_STEPS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     reason: _builtins.str
     final_version: _builtins.int
     log_head: _builtins.str
     bits_spent_total: _builtins.float
+    base_version: _builtins.int
+    """the version the holder said it has"""
+    @_builtins.property
+    def new_steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]:
+        """steps from base_version to final_version"""
+
     def __init__(
         self,
         *,
@@ -438,10 +446,12 @@ class RunFinished(_message.Message):
         final_version: _builtins.int = ...,
         log_head: _builtins.str = ...,
         bits_spent_total: _builtins.float = ...,
+        base_version: _builtins.int = ...,
+        new_steps: _abc.Iterable[Global___Step] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits_spent_total", b"bits_spent_total", "final_version", b"final_version", "log_head", b"log_head", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "bits_spent_total", b"bits_spent_total", "final_version", b"final_version", "log_head", b"log_head", "new_steps", b"new_steps", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
