@@ -164,17 +164,24 @@ class CandidateEvaluator:
         self, examples: Sequence[Record], candidates: Sequence[Candidate]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Per-example scores of the incumbent and of each candidate (higher is better)."""
-        n = len(examples)
-        incumbent = np.empty(n, dtype=np.float64)
-        per_candidate = [np.empty(n, dtype=np.float64) for _ in candidates]
-        for batch in self.fitness.prepare(examples, max_batch=self.max_batch):
-            prefix = self._batch_prefix(batch, examples)
-            rows = batch.example_index.numpy()
-            incumbent[rows] = self._scores(batch, prefix)
-            for out, candidate in zip(per_candidate, candidates, strict=True):
-                with self.parametrization.perturbed(candidate.seed, candidate.scale):
-                    out[rows] = self._scores(batch, prefix)
+        batches = self.fitness.prepare(examples, max_batch=self.max_batch)
+        # Prefixes first, then one perturbation per candidate around all batches: entering
+        # and leaving a perturbation costs a little, so it happens once per candidate.
+        prefixes = [self._batch_prefix(batch, examples) for batch in batches]
+        incumbent = self._score_batches(batches, prefixes, len(examples))
+        per_candidate = []
+        for candidate in candidates:
+            with self.parametrization.perturbed(candidate.seed, candidate.scale):
+                per_candidate.append(self._score_batches(batches, prefixes, len(examples)))
         return incumbent, per_candidate
+
+    def _score_batches(
+        self, batches: Sequence[PreparedBatch], prefixes: Sequence[_Prefix | None], n: int
+    ) -> np.ndarray:
+        scores = np.empty(n, dtype=np.float64)
+        for batch, prefix in zip(batches, prefixes, strict=True):
+            scores[batch.example_index.numpy()] = self._scores(batch, prefix)
+        return scores
 
     def choose(
         self, examples: Sequence[Record], candidates: Sequence[Candidate], kind: AnswerKind
