@@ -52,7 +52,7 @@ from sottovoce.common.errors import (
     PolicyViolation,
 )
 from sottovoce.common.messages import AnswerKind
-from sottovoce.common.steplog import read_json_lines, repair_torn_tail
+from sottovoce.common.steplog import parse_json_lines, read_json_lines, repair_torn_tail
 
 FORMAT_VERSION = 1
 BUDGET_TOLERANCE = 1e-9  # float sums of log2(lambda+1) may land a hair above an exact limit
@@ -128,7 +128,7 @@ class Ledger:
         if read_only:
             ledger = cls(path, dataset_id, float(max_bits), None)
             raw = path.read_bytes() if path.exists() else b""
-            ledger._load(_parse_lines(path, raw[: raw.rfind(b"\n") + 1]))
+            ledger._load(parse_json_lines(path, raw[: raw.rfind(b"\n") + 1]))
             return ledger
         try:
             ledger_dir.mkdir(parents=True, exist_ok=True)
@@ -420,20 +420,6 @@ def _check_bits(bits: float) -> None:
         raise ValueError(f"bits must be a finite number (got {bits!r})")
     if bits < 0:
         raise ValueError(f"bits must be >= 0 (got {bits!r}); a charge can never refund")
-
-
-def _parse_lines(path: Path, raw: bytes) -> list[dict[str, object]]:
-    """Records of complete lines (what ``read_json_lines`` does, from bytes already read)."""
-    records: list[dict[str, object]] = []
-    for number, line in enumerate(raw.splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LogIntegrityError(f"{path}: line {number + 1} is not JSON: {exc.msg}") from exc
-        if not isinstance(record, dict):
-            raise LogIntegrityError(f"{path}: line {number + 1} is not a JSON object")
-        records.append(record)
-    return records
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -195,6 +195,11 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raise LogIntegrityError(f"{path}: last line is torn (a crash during a write?)")
+    return parse_json_lines(path, raw)
+
+
+def parse_json_lines(path: Path, raw: bytes) -> list[dict[str, Any]]:
+    """One JSON object per line of ``raw`` (read from ``path``, named in errors)."""
     records: list[dict[str, Any]] = []
     for number, line in enumerate(raw.splitlines()):
         try:
