@@ -112,6 +112,17 @@ class Coordinator:
     def finished(self) -> bool:
         return self.state.finished_reason is not None
 
+    def wait_holders_left(self, timeout_s: float) -> bool:
+        """After the run, give holders time to collect RunFinished and leave."""
+        end = self._clock() + timeout_s
+        with self._cond:
+            while self._active:
+                remaining = end - self._clock()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.5))
+            return True
+
     def wait_finished(self, timeout_s: float | None = None) -> bool:
         """Block until the run is over; return whether it is."""
         end = None if timeout_s is None else self._clock() + timeout_s

@@ -97,6 +97,8 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
     try:
         coordinator.wait_finished()
         click.echo(f"run finished: {coordinator.state.finished_reason}", err=True)
+        # Keep serving until every holder has collected the final steps and left.
+        coordinator.wait_holders_left(timeout_s=60.0)
     finally:
         running.stop(grace_s=5.0)
 
@@ -200,13 +202,22 @@ def export(run_dir: Path, out_dir: Path) -> None:
     default=None,
     help="Also write the final report (JSON) here.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["native", "flower"]),
+    default="native",
+    show_default=True,
+    help="native: gRPC, one process per holder; flower: Flower ServerApp/ClientApps.",
+)
 @user_errors
-def simulate(config_path: Path, run_dir: Path | None, report_path: Path | None) -> None:
+def simulate(
+    config_path: Path, run_dir: Path | None, report_path: Path | None, engine: str
+) -> None:
     """One coordinator and N holder processes on loopback; report before/after."""
     from sottovoce.reporting import print_report
     from sottovoce.simulate import simulate as run_simulation
 
-    report = run_simulation(config_path, run_dir=run_dir, report_path=report_path)
+    report = run_simulation(config_path, run_dir=run_dir, report_path=report_path, engine=engine)
     print_report(report)
 
 

@@ -186,6 +186,15 @@ def test_crash_between_journal_and_log_is_completed(tmp_path: Path) -> None:
     assert resumed.state.repaired
 
 
+def test_wait_holders_left_returns_when_all_have_left(tmp_path: Path) -> None:
+    coordinator = open_coordinator(tmp_path / "run", config())
+    join_two(coordinator)
+    assert not coordinator.wait_holders_left(timeout_s=0.0)
+    coordinator.leave("a")
+    coordinator.leave("b")
+    assert coordinator.wait_holders_left(timeout_s=0.0)
+
+
 def test_other_config_cannot_reuse_run_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     open_coordinator(run_dir, config())
