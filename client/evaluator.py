@@ -17,8 +17,8 @@ k blocks, the final norm), both exact in what they reuse:
   few rows of the output head per example. The cache stays on the holder, like the data.
 
 When the output head is not touched, the logits are computed only for the tokens the
-fitness reads (the label words); the other logits are set to -inf, which the fitness
-never looks at. These label logits equal a full forward's up to float rounding (a
+fitness reads (the label words); the logits tensor stops at the largest label id and the
+other entries are -inf, which the fitness never looks at. These label logits equal a full forward's up to float rounding (a
 smaller matrix product may sum in another order).
 """
 
@@ -291,7 +291,9 @@ class CandidateEvaluator:
             return head(hidden)  # type: ignore[no-any-return]
         rows = self._label_rows.to(hidden.device)
         small = torch.nn.functional.linear(hidden, head.weight.index_select(0, rows))
-        logits = hidden.new_full((*hidden.shape[:-1], head.out_features), float("-inf"))
+        # Only as wide as the largest label id: the fitness reads those columns alone.
+        width = int(self._label_rows.max()) + 1
+        logits = hidden.new_full((*hidden.shape[:-1], width), float("-inf"))
         logits[..., rows] = small
         return logits
 
