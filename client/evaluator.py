@@ -18,8 +18,8 @@ k blocks, the final norm), both exact in what they reuse:
 
 When the output head is not touched, the logits are computed only for the tokens the
 fitness reads (the label words); the logits tensor stops at the largest label id and the
-other entries are -inf, which the fitness never looks at. These label logits equal a full forward's up to float rounding (a
-smaller matrix product may sum in another order).
+other entries are -inf, which the fitness never looks at. These label logits equal a
+full forward's up to float rounding (a smaller matrix product may sum in another order).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_state import RoundRecord, RunState
 
 Record = dict[str, object]
+ENGINES = ("native", "flower")
 
 
 @dataclass
@@ -218,6 +220,51 @@ def run_rounds(
     console.print(f"run finished: {coordinator.state.finished_reason}")
 
 
+def run_rounds_flower(coordinator: Coordinator, federation: Federation, console: Console) -> None:
+    """The same run through Flower: ServerApp and ClientApps on Flower's runtime, in threads.
+
+    Each holder is built from its folder as a SuperNode's ClientApp would build it
+    (``holder_from_node_config``), so its policy, ledger, status and report are the same.
+    """
+    try:
+        from sottovoce.client.flower_app import holder_from_node_config, make_client_app
+        from sottovoce.server.flower_app import DriverSettings, make_server_app, run_in_process
+    except ImportError as exc:
+        raise ConfigError(
+            f"--engine flower needs flwr: pip install 'sottovoce[flower]' ({exc})"
+        ) from None
+
+    config = coordinator.config
+    idle_s = 2 * config.server.round_timeout_s + 60.0
+    server_app = make_server_app(lambda _: coordinator, DriverSettings(idle_timeout_s=idle_s))
+    client_app, nodes = make_client_app(holder_from_node_config)
+    run_config = {
+        "holders-dir": str(federation.run_dir / "holders"),
+        "model": config.model.name,
+        "dtype": config.model.dtype,
+    }
+    failure: list[BaseException] = []
+
+    def engine() -> None:
+        try:
+            run_in_process(
+                server_app, client_app, len(federation.holder_dirs),
+                run_config=run_config, workers=len(federation.holder_dirs),
+            )  # fmt: skip
+        except BaseException as exc:  # raised again below, once the progress display is done
+            failure.append(exc)
+            coordinator.stop(f"the Flower runtime failed: {exc}")
+        finally:
+            nodes.forget()  # release the holders' ledgers, as their processes would at exit
+
+    thread = threading.Thread(target=engine, name="flower-runtime", daemon=True)
+    thread.start()
+    run_rounds(coordinator, federation, [], console)
+    thread.join()
+    if failure:
+        raise SottovoceError(f"the Flower runtime failed: {failure[0]}") from failure[0]
+
+
 def simulate(
     config_path: Path,
     *,
@@ -225,8 +272,15 @@ def simulate(
     report_path: Path | None = None,
     state_dir: Path | None = None,
     console: Console | None = None,
+    engine: str = "native",
 ) -> dict[str, Any]:
-    """Run a local federation end to end and return (and write) the report."""
+    """Run a local federation end to end and return (and write) the report.
+
+    ``engine``: "native" (our gRPC, one OS process per holder) or "flower" (a Flower
+    ServerApp and one ClientApp node per holder, in Flower's runtime in this process).
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: must be one of {', '.join(ENGINES)} (got {engine!r})")
     started = time.time()
     console = console or Console(stderr=True)
     config, config_text = read_config(config_path)
@@ -249,16 +303,19 @@ def simulate(
 
     state = RunState.open(run_dir / "coordinator", config, config_text, loaded.fingerprint)
     coordinator = Coordinator(config, state, loaded.fingerprint)
-    server = serve(coordinator, "127.0.0.1:0")
-    processes = start_holders(config, federation, f"127.0.0.1:{server.port}")
-    try:
-        run_rounds(coordinator, federation, processes, console)
-        _wait_processes(processes, timeout_s=60.0)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        server.stop()
+    if engine == "flower":
+        run_rounds_flower(coordinator, federation, console)
+    else:
+        server = serve(coordinator, "127.0.0.1:0")
+        processes = start_holders(config, federation, f"127.0.0.1:{server.port}")
+        try:
+            run_rounds(coordinator, federation, processes, console)
+            _wait_processes(processes, timeout_s=60.0)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+            server.stop()
 
     held_out.evaluator.apply_steps(list(state.log))
     after = held_out.correct(federation.test)

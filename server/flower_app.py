@@ -1,0 +1,506 @@
+"""The coordinator as a Flower ``ServerApp``: the same Coordinator, driven over a Grid.
+
+The rounds, the optimizer, the votes, the journal and the run's bit budget all stay in
+the transport-agnostic :class:`~sottovoce.server.coordinator.Coordinator`; this file only
+turns its tasks into Flower messages and the holders' replies back into answers, exactly
+as the gRPC service does with RPCs:
+
+* a new node is invited (``query.join`` with the run spec); its reply is the holder's
+  join request, which goes to ``Coordinator.join``, or the holder's refusal. The node id
+  is bound to the holder id it declared, and no other node may take that holder id;
+* every node with nothing in flight gets ``Coordinator.pull_task`` for the log version its
+  holder last said it has, as a ``query.task`` message; its reply goes to
+  ``Coordinator.push_answer``. Rounds open and close in the coordinator (quorum, deadline),
+  never here; a message outlives its round's deadline, so that a late answer is journaled
+  as late (its bits counted) as a native holder's is, not lost in transit;
+* at the end each holder gets its ``RunFinished`` (``query.finish``) with the steps it
+  lacks, so it can reach the final model and write its local report.
+
+A node whose ClientApp fails is treated as a holder that left (``Coordinator.leave``),
+and invited again a little later, as a native holder that restarts would join again.
+
+``run_in_process`` runs a ServerApp against ClientApps with Flower's own simulation
+runtime (its in-memory link state, grid and node workers) but threads instead of Ray:
+Flower 1.41's simulation engine hard-codes its Ray backend, and Ray is a 74 MB wheel
+(186 MB installed) that starts a cluster; here a run of the tiny model starts in
+milliseconds. ``flwr run`` against a real SuperLink (or with ``flwr[simulation]``) uses
+``app``, which builds its coordinator from the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty, Queue
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.user_config import UserConfig
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.fleet.vce.backend import Backend
+from flwr.serverapp import Grid, ServerApp
+
+from sottovoce.common.errors import ConfigError, LogIntegrityError, PolicyViolation
+from sottovoce.common.flower_records import (
+    FINISH,
+    JOIN,
+    TASK,
+    HolderState,
+    finish_content,
+    join_content,
+    read_answer,
+    read_holder_state,
+    read_join_reply,
+    task_content,
+)
+from sottovoce.common.messages import RunFinished, Task
+from sottovoce.common.wire import WireError
+from sottovoce.server.coordinator import Coordinator
+
+log = logging.getLogger("sottovoce.flower.server")
+
+CoordinatorFactory = Callable[[Context], Coordinator]
+_EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """How the ServerApp polls and waits; none of it changes what the run computes."""
+
+    poll_interval_s: float = 0.02  # between pulls of replies when nothing happened
+    discover_every_s: float = 1.0  # between looks for newly connected nodes
+    join_ttl_s: float = 600.0  # a ClientApp may load its model before it replies
+    finish_timeout_s: float = 60.0  # wait for answers in flight, then for the final replies
+    rejoin_after_s: float = 10.0  # a node whose ClientApp failed is invited again after this
+    late_answer_s: float = 3600.0  # a task outlives its round by this: a late answer still
+    # reaches the coordinator's journal (and counts its bits), as a native holder's does
+    idle_timeout_s: float | None = None  # stop the run if no holder replies for this long
+
+
+@dataclass
+class FlowerRunSummary:
+    """How a run went on the Flower side: which node was which holder, who refused."""
+
+    finished_reason: str | None
+    holders: dict[int, str]  # node id -> holder id
+    refused: dict[int, str]  # node id -> reason
+    final_states: dict[str, HolderState]  # holder id -> state after its final message
+
+
+@dataclass
+class _Node:
+    node_id: int
+    holder_id: str | None = None  # bound at the first successful join
+    joined: bool = False
+    state: HolderState | None = None
+    refused: str | None = None
+    invite_after: float = 0.0
+    failed_task: str | None = None
+
+
+@dataclass
+class _InFlight:
+    node_id: int
+    kind: str
+    expires_at: float
+    task_id: str | None = None
+
+
+@dataclass
+class FlowerDriver:
+    """Moves one run's tasks and answers between a Coordinator and Flower nodes."""
+
+    coordinator: Coordinator
+    grid: Grid
+    settings: DriverSettings = field(default_factory=DriverSettings)
+    _nodes: dict[int, _Node] = field(default_factory=dict)
+    _in_flight: dict[str, _InFlight] = field(default_factory=dict)
+    _final_states: dict[str, HolderState] = field(default_factory=dict)
+    _discover_at: float = 0.0
+
+    def run(self) -> FlowerRunSummary:
+        """Drive rounds until the coordinator's run is over; then send the final messages."""
+        last_reply = time.monotonic()
+        while not self.coordinator.finished:
+            self.coordinator.tick()
+            sent = self._invite_new_nodes() + self._send_tasks()
+            received = self._collect()
+            now = time.monotonic()
+            if received:
+                last_reply = now
+            elif self._idle_too_long(now - last_reply):
+                break
+            if not sent and not received:
+                time.sleep(self.settings.poll_interval_s)
+        self._finish()
+        return FlowerRunSummary(
+            finished_reason=self.coordinator.state.finished_reason,
+            holders={n.node_id: n.holder_id for n in self._nodes.values() if n.holder_id},
+            refused={n.node_id: n.refused for n in self._nodes.values() if n.refused},
+            final_states=dict(self._final_states),
+        )
+
+    # -- joining -------------------------------------------------------------------------
+    def _invite_new_nodes(self) -> int:
+        now = time.monotonic()
+        if now >= self._discover_at:  # a SuperLink call: not on every poll
+            for node_id in self.grid.get_node_ids():
+                self._nodes.setdefault(node_id, _Node(node_id))
+            self._discover_at = now + self.settings.discover_every_s
+        sent = 0
+        for node_id, node in sorted(self._nodes.items()):
+            if node.joined or node.refused or self._busy(node_id) or now < node.invite_after:
+                continue
+            content = join_content(self.coordinator.spec)
+            sent += self._push(node_id, JOIN, content, "join", self.settings.join_ttl_s)
+        return sent
+
+    def _on_join_reply(self, node: _Node, reply: Message) -> None:
+        if reply.has_error():
+            self._node_failed(node, f"its ClientApp failed to join: {reply.error.reason}")
+            return
+        try:
+            joined = read_join_reply(reply.content)
+        except WireError as exc:
+            self._node_failed(node, f"bad join reply: {exc}")
+            return
+        if joined.refusal is not None or joined.request is None:
+            node.refused = f"the holder refused the run: {joined.refusal}"
+            log.warning("node %d: %s", node.node_id, node.refused)
+            return
+        holder_id = joined.request.holder_id
+        owner = self._node_of(holder_id)
+        if owner is not None and owner.node_id != node.node_id:
+            node.refused = f"holder id {holder_id!r} is already node {owner.node_id}'s"
+            log.warning("node %d: %s", node.node_id, node.refused)
+            return
+        try:
+            self.coordinator.join(joined.request)
+        except PolicyViolation as refusal:
+            node.refused = str(refusal)
+            log.warning("node %d not admitted: %s", node.node_id, refusal)
+            return
+        node.holder_id, node.joined, node.state = holder_id, True, joined.state
+        log.info("node %d joined as holder %s", node.node_id, holder_id)
+
+    # -- tasks ---------------------------------------------------------------------------
+    def _send_tasks(self) -> int:
+        sent = 0
+        for node in self._nodes.values():
+            if not node.joined or self._busy(node.node_id):
+                continue
+            message = self._pull(node)
+            if not isinstance(message, Task) or message.task_id == node.failed_task:
+                continue
+            ttl = max(1.0, message.deadline_unix - time.time()) + self.settings.late_answer_s
+            content = task_content(self.coordinator.spec, message)
+            group = f"round-{message.round_index}"
+            sent += self._push(node.node_id, TASK, content, group, ttl, message.task_id)
+        return sent
+
+    def _pull(self, node: _Node) -> Task | RunFinished | None:
+        assert node.holder_id is not None and node.state is not None
+        try:
+            return self.coordinator.pull_task(
+                node.holder_id, node.state.log_version, node.state.log_head, timeout_s=0.0
+            )
+        except (LogIntegrityError, PolicyViolation) as exc:
+            self.coordinator.leave(node.holder_id)
+            node.joined, node.refused = False, str(exc)
+            log.warning("node %d dropped: %s", node.node_id, exc)
+            return None
+
+    def _on_task_reply(self, node: _Node, sent: _InFlight, reply: Message) -> None:
+        holder_id = node.holder_id
+        assert holder_id is not None
+        if reply.has_error() and reply.error.code in _EXPIRED:
+            log.warning("node %d: task %s expired unanswered", node.node_id, sent.task_id)
+            return
+        if reply.has_error():
+            node.failed_task = sent.task_id
+            self._node_failed(node, f"its ClientApp failed on a task: {reply.error.reason}")
+            return
+        try:
+            answer, state = read_answer(reply.content)
+        except WireError as exc:
+            node.failed_task = sent.task_id
+            self._node_failed(node, f"bad answer: {exc}")
+            return
+        node.state = state
+        try:
+            self.coordinator.push_answer(holder_id, answer)
+        except PolicyViolation as exc:
+            log.warning("node %d: answer not taken: %s", node.node_id, exc)
+
+    def _node_failed(self, node: _Node, why: str) -> None:
+        """Like a native holder whose process died: it leaves, and may join again later."""
+        log.warning("node %d: %s", node.node_id, why)
+        if node.joined and node.holder_id is not None:
+            self.coordinator.leave(node.holder_id)
+        node.joined = False
+        node.invite_after = time.monotonic() + self.settings.rejoin_after_s
+
+    # -- the end -------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """Take the answers still in flight, then tell every holder the run is over."""
+        self._wait_in_flight(self.settings.finish_timeout_s)
+        for node in self._nodes.values():
+            if not node.joined:
+                continue
+            message = self._pull(node)
+            if isinstance(message, RunFinished):
+                content = finish_content(self.coordinator.spec, message)
+                ttl = self.settings.finish_timeout_s
+                self._push(node.node_id, FINISH, content, "finish", ttl)
+        self._wait_in_flight(self.settings.finish_timeout_s)
+        for node in self._nodes.values():  # as native holders leave once they have the end
+            if node.joined and node.holder_id is not None:
+                self.coordinator.leave(node.holder_id)
+                node.joined = False
+
+    def _on_finish_reply(self, node: _Node, reply: Message) -> None:
+        if reply.has_error() or node.holder_id is None:
+            log.warning("node %d did not take the end of the run", node.node_id)
+            return
+        try:
+            self._final_states[node.holder_id] = read_holder_state(reply.content)
+        except WireError as exc:
+            log.warning("node %d: bad final reply: %s", node.node_id, exc)
+
+    def _wait_in_flight(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < end:
+            if not self._collect():
+                time.sleep(self.settings.poll_interval_s)
+
+    def _idle_too_long(self, idle_s: float) -> bool:
+        limit = self.settings.idle_timeout_s
+        if limit is None or idle_s < limit:
+            return False
+        self.coordinator.stop(f"no holder replied for {limit:g} s")
+        return True
+
+    # -- messages ------------------------------------------------------------------------
+    def _push(
+        self,
+        node_id: int,
+        kind: str,
+        content: RecordDict,
+        group: str,
+        ttl_s: float,
+        task_id: str | None = None,
+    ) -> int:
+        message = Message(content, node_id, kind, ttl=ttl_s, group_id=group)
+        ids = list(self.grid.push_messages([message]))
+        if not ids:
+            log.warning("node %d: could not queue a %s message", node_id, kind)
+            return 0
+        expires = time.monotonic() + ttl_s + 5.0
+        self._in_flight[ids[0]] = _InFlight(node_id, kind, expires, task_id)
+        return 1
+
+    def _collect(self) -> int:
+        """Handle every reply that has arrived; forget messages whose time is up."""
+        if not self._in_flight:
+            return 0
+        replies = list(self.grid.pull_messages(list(self._in_flight)))
+        for reply in replies:
+            sent = self._in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if sent is None:
+                continue
+            node = self._nodes[sent.node_id]
+            if sent.kind == JOIN:
+                self._on_join_reply(node, reply)
+            elif sent.kind == TASK:
+                self._on_task_reply(node, sent, reply)
+            else:
+                self._on_finish_reply(node, reply)
+        now = time.monotonic()
+        for message_id, sent in list(self._in_flight.items()):
+            if now > sent.expires_at:
+                del self._in_flight[message_id]
+                log.warning("node %d: no reply to a %s message", sent.node_id, sent.kind)
+        return len(replies)
+
+    def _busy(self, node_id: int) -> bool:
+        return any(sent.node_id == node_id for sent in self._in_flight.values())
+
+    def _node_of(self, holder_id: str) -> _Node | None:
+        return next((n for n in self._nodes.values() if n.holder_id == holder_id), None)
+
+
+# -- the ServerApp ------------------------------------------------------------------------
+def make_server_app(
+    coordinator_for: CoordinatorFactory,
+    settings: DriverSettings | None = None,
+    on_finished: Callable[[Coordinator, FlowerRunSummary], None] | None = None,
+) -> ServerApp:
+    """A ServerApp that runs the coordinator ``coordinator_for(context)`` returns."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        coordinator = coordinator_for(context)
+        summary = FlowerDriver(coordinator, grid, settings or DriverSettings()).run()
+        log.info("run %s over: %s", coordinator.state.run_id, summary.finished_reason)
+        if on_finished is not None:
+            on_finished(coordinator, summary)
+
+    return server_app
+
+
+def coordinator_from_run_config(context: Context) -> Coordinator:
+    """The coordinator named by the run config (``[tool.flwr.app.config]`` or ``--run-config``).
+
+    ``config``: the run's ``run.toml``; ``run-dir``: its run directory (created, or resumed);
+    ``model-fingerprint``: the base model's fingerprint (optional; else the model is loaded
+    once to compute it). Use absolute paths: a ServerApp process may run in another folder.
+    """
+    from sottovoce.api import open_coordinator  # the app layer; imported when a run starts
+
+    config = dict(context.run_config)
+    fingerprint = config.get("model-fingerprint") or None
+    return open_coordinator(
+        Path(_run_config_str(config, "config")),
+        Path(_run_config_str(config, "run-dir")),
+        model_fingerprint=str(fingerprint) if fingerprint else None,
+    )
+
+
+def _run_config_str(config: Mapping[str, object], key: str) -> str:
+    value = config.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"Flower run config: {key!r} must be a non-empty path (got {value!r})")
+    return value
+
+
+# Deployment: a SuperLink over the network, where each poll is an HTTP request.
+app = make_server_app(coordinator_from_run_config, DriverSettings(poll_interval_s=0.2))
+
+
+# -- Flower's simulation runtime, in threads instead of Ray --------------------------------
+def run_in_process(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_nodes: int,
+    *,
+    run_config: UserConfig | None = None,
+    workers: int = 1,
+) -> Context:
+    """Run ``server_app`` against ``num_nodes`` virtual SuperNodes running ``client_app``.
+
+    The same pieces as ``flwr.simulation.run_simulation``: Flower's in-memory link state
+    holds the messages, ``InMemoryGrid`` is the ServerApp's grid, the simulation runtime's
+    node workers call the ClientApp with each node's own ``Context`` (its ``node_config``
+    has ``partition-id``). Only the backend differs: ``workers`` threads here, Ray actors
+    there. One such run at a time per process (Flower keeps the run id in a global).
+    Returns the ServerApp's context; re-raises what the ServerApp raised.
+    """
+    # Flower internals, pinned by flwr==1.41.0; imported here so `app` loads without them.
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task as FlowerTask
+    from flwr.server.run_serverapp import run as run_serverapp
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+    from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    if num_nodes < 1 or workers < 1:
+        raise ConfigError(f"run_in_process: need >= 1 node and worker ({num_nodes}, {workers})")
+    run = Run.create_empty(run_id=secrets.randbits(63))
+    run.primary_task_id = secrets.randbits(63)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config or {})
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    state_factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = state_factory.state()
+    assert isinstance(state, InMemoryLinkState)
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = FlowerTask(
+        task_id=run.primary_task_id, run_id=run.run_id
+    )
+    grid = InMemoryGrid(state_factory=state_factory, pull_interval=0.01)
+    grid.set_run(run)
+    nodes = vce_api._register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    node_stores = vce_api._register_node_info_stores(nodes, run)
+    for store in node_stores.values():  # the run config, as a SuperNode gets it from the run
+        for info in store.run_infos.values():
+            info.initial_run_config = dict(run.override_config)
+            info.context.run_config = dict(run.override_config)
+
+    server_context = Context(
+        run_id=run.run_id,
+        node_id=SUPERLINK_NODE_ID,
+        node_config=UserConfig(),
+        state=RecordDict(),
+        run_config=dict(run.override_config),
+    )
+    stop = threading.Event()
+    errors: Queue[BaseException] = Queue()
+
+    def serve() -> None:
+        try:
+            run_serverapp(grid=grid, context=server_context, server_app_dir="",
+                          loaded_server_app=server_app)  # fmt: skip
+        except BaseException as exc:  # handed to the caller below
+            errors.put(exc)
+        finally:
+            stop.set()
+
+    server_thread = threading.Thread(target=serve, name="flower-serverapp", daemon=True)
+    server_thread.start()
+    vce_api.run_api(
+        lambda: client_app,
+        lambda: _ThreadBackend(workers),
+        nodes,
+        state_factory,
+        node_stores,
+        stop,
+        VceMetrics(),
+    )
+    server_thread.join()
+    try:
+        raise errors.get_nowait()
+    except Empty:
+        return server_context
+
+
+class _ThreadBackend(Backend):
+    """A simulation backend that calls the ClientApp in the runtime's worker threads."""
+
+    def __init__(self, workers: int):
+        self._workers = workers
+        self._app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self._app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return self._workers
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        self._app_fn = None
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        assert self._app_fn is not None, "build() first"
+        return self._app_fn()(message=message, context=context), context
