@@ -23,20 +23,14 @@ from typing import Any
 
 import torch
 
-from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
-from sottovoce.client.holder import DataHolder
-from sottovoce.client.ledger import Ledger
-from sottovoce.client.policy import load_policy
 from sottovoce.common.config import parse_config
 from sottovoce.common.data import sentiment_records, shard, split_sentiment
-from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
-from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
-from sottovoce.local import drive_locally
+from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
-from sottovoce.simulate import holder_policy_toml
+from sottovoce.simulate import HeldOut
 
 
 @dataclass(frozen=True)
@@ -100,28 +94,14 @@ def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = load_model(config.model.name)
-        holders = []
-        for index, records in enumerate(shard(train, 3)):
-            policy_path = root / f"policy{index}.toml"
-            policy_path.write_text(holder_policy_toml(config, base.fingerprint, root / "ledgers"))
-            policy = load_policy(policy_path)
-            ledger = Ledger.open(policy.ledger_dir, f"sweep-{index}", policy.max_bits)
-            holders.append(
-                DataHolder(
-                    f"h{index}", records, policy, ledger, lambda: load_model(config.model.name)
-                )
-            )
+        holders = open_local_holders(config, base.fingerprint, shard(train, 3), root)
         state = RunState.open(root / "run", config, "sweep", base.fingerprint)
         coordinator = Coordinator(config, state, base.fingerprint)
-        parametrization = build_parametrization(config.parametrization.to_spec())
-        parametrization.attach(base.model)
-        fitness = build_fitness(config.fitness.to_spec(), base.tokenizer)
-        scorer = CandidateEvaluator(base.model, parametrization, fitness)
-        cache = PrefixCache()
-        _, before = scorer.score_incumbent(dev, cache)
+        held_out = HeldOut(config, base)
+        before = held_out.correct(dev)
         drive_locally(coordinator, holders)
-        scorer.apply_steps(list(state.log))
-        _, after = scorer.score_incumbent(dev, cache)
+        held_out.evaluator.apply_steps(list(state.log))
+        after = held_out.correct(dev)
         for holder in holders:
             holder.ledger.close()
     acc_before = accuracy_interval(before.tolist())
@@ -131,7 +111,7 @@ def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict
         "name": candidate.name,
         "mode": candidate.mode,
         "rounds": rounds,
-        "dimension": parametrization.dimension,
+        "dimension": held_out.parametrization.dimension,
         "dev_before": round(acc_before[0], 4),
         "dev_after": round(acc_after[0], 4),
         "dev_after_ci95": [round(acc_after[1], 4), round(acc_after[2], 4)],

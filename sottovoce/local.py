@@ -7,9 +7,18 @@ benchmarks and parameter sweeps use when separate processes would only add noise
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+from sottovoce.client.holder import DataHolder
+from sottovoce.client.ledger import Ledger
+from sottovoce.client.policy import load_policy
+from sottovoce.common.config import RunConfig
 from sottovoce.common.endpoints import CoordinatorEndpoint, HolderEndpoint
 from sottovoce.common.messages import RunFinished, Task
+from sottovoce.common.models import load_model
+from sottovoce.simulate import holder_policy_toml
+
+Record = dict[str, object]
 
 
 def join_all(coordinator: CoordinatorEndpoint, holders: Sequence[HolderEndpoint]) -> None:
@@ -49,3 +58,26 @@ def drive_locally(
             # Nothing to do for anyone: only possible if too few holders joined.
             raise RuntimeError("no holder got a task; fewer holders than min_holders?")
     return None
+
+
+def open_local_holders(
+    config: RunConfig,
+    fingerprint: str,
+    shards: Sequence[Sequence[Record]],
+    root: Path,
+) -> list[DataHolder]:
+    """One in-process holder per shard, each with the policy `simulate` would write.
+
+    For tests and benchmarks that want the demo's holders without processes; ledgers go
+    under ``root`` (a scratch folder), one per shard.
+    """
+    holders = []
+    for index, records in enumerate(shards):
+        policy_path = root / f"policy{index}.toml"
+        policy_path.write_text(holder_policy_toml(config, fingerprint, root / "ledgers"))
+        policy = load_policy(policy_path)
+        ledger = Ledger.open(policy.ledger_dir, f"{config.run.name}-{index}", policy.max_bits)
+        holders.append(
+            DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))
+        )
+    return holders

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sottovoce.client.holder import DataHolder
-from sottovoce.client.ledger import Ledger
-from sottovoce.client.policy import load_policy
 from sottovoce.common.config import parse_config
 from sottovoce.common.data import sentiment_records, shard, split_sentiment
 from sottovoce.common.models import load_model
-from sottovoce.local import drive_locally
+from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
-from sottovoce.simulate import holder_policy_toml
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,15 +40,7 @@ def test_three_rounds_on_smollm2(tmp_path: Path) -> None:
     )
     base = load_model(config.model.name)
     train = list(split_sentiment(sentiment_records()).train[:64])
-    holders = []
-    for index, records in enumerate(shard(train, 2)):
-        policy_path = tmp_path / f"policy{index}.toml"
-        policy_path.write_text(holder_policy_toml(config, base.fingerprint, tmp_path / "ledgers"))
-        policy = load_policy(policy_path)
-        ledger = Ledger.open(policy.ledger_dir, f"slow-{index}", policy.max_bits)
-        holders.append(
-            DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))
-        )
+    holders = open_local_holders(config, base.fingerprint, shard(train, 2), tmp_path)
     state = RunState.open(tmp_path / "run", config, "slow", base.fingerprint)
     coordinator = Coordinator(config, state, base.fingerprint)
     finished = drive_locally(coordinator, holders)
