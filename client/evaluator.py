@@ -161,14 +161,26 @@ class CandidateEvaluator:
     # -- scoring ---------------------------------------------------------------------------
     @torch.inference_mode()
     def score(
-        self, examples: Sequence[Record], candidates: Sequence[Candidate]
+        self,
+        examples: Sequence[Record],
+        candidates: Sequence[Candidate],
+        *,
+        with_incumbent: bool = True,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Per-example scores of the incumbent and of each candidate (higher is better)."""
+        """Per-example scores of the incumbent and of each candidate (higher is better).
+
+        With ``with_incumbent=False`` the incumbent is not scored (an empty array stands
+        for it): DPZero needs only the two perturbed models.
+        """
+        if not examples:
+            return np.empty(0), [np.empty(0) for _ in candidates]
         batches = self.fitness.prepare(examples, max_batch=self.max_batch)
         # Prefixes first, then one perturbation per candidate around all batches: entering
         # and leaving a perturbation costs a little, so it happens once per candidate.
         prefixes = [self._batch_prefix(batch, examples) for batch in batches]
-        incumbent = self._score_batches(batches, prefixes, len(examples))
+        incumbent = (
+            self._score_batches(batches, prefixes, len(examples)) if with_incumbent else np.empty(0)
+        )
         per_candidate = []
         for candidate in candidates:
             with self.parametrization.perturbed(candidate.seed, candidate.scale):
@@ -203,6 +215,23 @@ class CandidateEvaluator:
             "best_candidate_mean": means[best],
         }
         return choice, stats
+
+    def finite_differences(
+        self, examples: Sequence[Record], candidate: Candidate
+    ) -> tuple[np.ndarray, float | None]:
+        """Per-example two-point estimates of the loss's slope along z (DPZero, MeZO).
+
+        ``(loss(x + s z) - loss(x - s z)) / (2 s)`` with ``s = candidate.scale`` and
+        loss = -score, so a positive value means "moving along +z makes this example worse".
+        Both models are scored on the same examples; the incumbent is not scored. Also
+        returns the mean of the two models' scores (the incumbent's up to O(s^2)), a
+        local training-fitness reading that stays on the holder; None for an empty batch.
+        """
+        scale = candidate.scale
+        mirrored = (candidate, Candidate(seed=candidate.seed, scale=-scale))
+        _, (plus, minus) = self.score(examples, mirrored, with_incumbent=False)
+        mean_score = float((plus.mean() + minus.mean()) / 2) if len(plus) else None
+        return (minus - plus) / (2.0 * scale), mean_score
 
     def score_incumbent(
         self, examples: Sequence[Record], cache: PrefixCache | None = None

@@ -7,8 +7,14 @@ Order of operations for every task, and why:
 2. Policy, log-chain and budget checks, before any data is touched or any forward pass
    runs, so a refused task costs nothing and reveals nothing.
 3. Apply the new log steps, draw the minibatch with a secret RNG (os entropy; the
-   coordinator never learns which examples), score the candidates.
-4. Charge the ledger (fsync'd), and only then let the answer leave.
+   coordinator never learns which examples), score the candidates; for a DP answer add
+   the noise (or randomized response) from the same secure source.
+4. Charge the ledger (fsync'd), bits and the DP event, and only then let the answer leave.
+
+For a DP run the holder also decides at join whether its remaining lifetime ε can afford
+the whole run: it calibrates the noise its own budget needs for the run's steps at its
+own sampling rate and refuses a run that offers less. The coordinator's ε is never taken
+on trust; each answer is checked against the ledger again before it is computed.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,25 +33,41 @@ import torch
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.policy import HolderPolicy, check_run, check_task, policy_summary
-from sottovoce.common.errors import PolicyViolation
+from sottovoce.client.private_answers import (
+    SecureRandomness,
+    noisy_mean,
+    quantize,
+    randomized_response,
+)
+from sottovoce.common.accounting import (
+    ACCOUNTANT_NAME,
+    AccountingError,
+    DpEvent,
+    PoissonGaussian,
+    PrivacyAccountant,
+    RandomizedResponse,
+    calibrate_noise_multiplier,
+)
+from sottovoce.common.errors import ConfigError, PolicyViolation
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.messages import (
     Answer,
+    AnswerKind,
     BatchSpec,
     JoinRequest,
     RunFinished,
     RunSpec,
     Task,
-    answer_bits,
 )
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.stats import generalization_slack
-from sottovoce.common.steplog import StepLog, extend_chain, genesis_hash
+from sottovoce.common.steplog import StepLog, as_float32, extend_chain, genesis_hash
 
 log = logging.getLogger("sottovoce.holder")
 
 Record = dict[str, object]
+MAX_ABS_VALUE = 1e3  # what the wire carries; a dp-scalar beyond it is clamped (post-processing)
 
 
 @dataclass
@@ -60,6 +81,8 @@ class HolderStatus:
     bits_this_run: float = 0.0
     lifetime_bits_spent: float = 0.0
     lifetime_bits_max: float = 0.0
+    lifetime_epsilon_spent: float | None = None
+    lifetime_epsilon_max: float | None = None
     last_incumbent_score: float | None = None
     last_refusal: str | None = None
     finished: str | None = None
@@ -83,6 +106,11 @@ class DataHolder:
     ):
         if not records:
             raise PolicyViolation(f"holder {holder_id!r} has no examples")
+        if policy.delta is not None and policy.delta >= 1.0 / len(records):
+            raise ConfigError(
+                f"policy delta {policy.delta:g} must be < 1/n = {1.0 / len(records):.3g} for "
+                f"this data set of {len(records)} examples"
+            )
         self._holder_id = holder_id
         self.records = list(records)
         self.policy = policy
@@ -91,7 +119,7 @@ class DataHolder:
         self._compute_dtype = compute_dtype
         self._max_batch = max_batch
         self._status_path = status_path
-        self._rng = secrets.SystemRandom()
+        self._rng = SecureRandomness()
         self.loaded = self._fresh_model()
         self.spec: RunSpec | None = None
         self.evaluator: CandidateEvaluator | None = None
@@ -132,6 +160,7 @@ class DataHolder:
     def accept_run(self, spec: RunSpec) -> None:
         """Check the run against the policy and prepare to answer it (rejoin keeps state)."""
         check_run(self.policy, spec, self.fingerprint)
+        self._check_run_privacy(spec)
         expected = genesis_hash(self.fingerprint, spec.parametrization.canonical_id())
         if spec.log_genesis != expected:
             raise PolicyViolation(
@@ -156,15 +185,17 @@ class DataHolder:
             run_id=spec.run_id,
             lifetime_bits_spent=self.ledger.spent_bits,
             lifetime_bits_max=self.policy.max_bits,
+            lifetime_epsilon_max=self.policy.max_epsilon,
         )
+        self._note_epsilon()
         self._write_status()
 
     def answer(self, task: Task) -> Answer:
         try:
             cached = self.ledger.cached_answer(task.task_id, task.run_id)
             if cached is not None:  # a re-sent question: same answer, never charged twice
-                return Answer(task_id=task.task_id, choice=cached)
-            bits = self._admit(task)
+                return Answer(task_id=task.task_id, choice=cached.choice, value=cached.value)
+            bits, event = self._admit(task)
         except PolicyViolation as refusal:
             log.warning("refused task %s: %s", task.task_id, refusal)
             self.status.refused += 1
@@ -176,12 +207,45 @@ class DataHolder:
         for step in task.new_steps:
             self.log.append(step)
         examples = self._draw(task.batch)
-        choice, stats = self.evaluator.choose(examples, task.candidates, task.answer_kind)
+        value: float | None = None
+        if task.answer_kind is AnswerKind.DP_SCALAR:
+            choice, value, stats = self._dp_scalar(examples, task)
+        else:
+            choice, stats = self.evaluator.choose(examples, task.candidates, task.answer_kind)
+            if isinstance(event, RandomizedResponse):
+                choice = randomized_response(choice, event, self._rng)
         self.ledger.charge(
-            task.task_id, task.run_id, bits, choice, answer_kind=task.answer_kind.value
+            task.task_id,
+            task.run_id,
+            bits,
+            choice,
+            answer_kind=task.answer_kind.value,
+            value=value,
+            dp=event,
         )
         self._note_answer(bits, stats)
-        return Answer(task_id=task.task_id, choice=choice)
+        return Answer(task_id=task.task_id, choice=choice, value=value)
+
+    def _dp_scalar(
+        self, examples: Sequence[Record], task: Task
+    ) -> tuple[int | None, float | None, dict[str, float]]:
+        """DPZero's answer: (level, None) when quantized, else (None, float32 value)."""
+        assert self.evaluator is not None and self.spec is not None
+        dp = self.spec.dp
+        differences, mean_score = self.evaluator.finite_differences(examples, task.candidates[0])
+        value = noisy_mean(
+            differences,
+            clip=dp.clip,
+            expected_batch=task.batch.batch_size,
+            noise_multiplier=dp.noise_multiplier,
+            rng=self._rng,
+        )
+        stats = {} if mean_score is None else {"incumbent_mean_score": mean_score}
+        if dp.quantization_bits:
+            level = quantize(value, dp.quantization_bits, dp.quantization_range, self._rng)
+            return level, None, stats
+        clamped = max(-MAX_ABS_VALUE, min(MAX_ABS_VALUE, value))
+        return None, as_float32(clamped), stats
 
     def finish(self, finished: RunFinished) -> None:
         """Bring the weights to the run's final model (checked like any log steps)."""
@@ -217,9 +281,29 @@ class DataHolder:
             "bits_this_run": self.status.bits_this_run,
             "lifetime_bits_spent": self.ledger.spent_bits,
             "lifetime_bits_max": self.policy.max_bits,
+            **self._privacy_report(),
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
+        }
+
+    def _privacy_report(self) -> dict[str, Any]:
+        """ε of this run's and of all DP answers, at the policy's delta (or the run's)."""
+        assert self.spec is not None
+        delta = self.policy.delta or self.spec.dp.delta
+        events = [r.dp for r in self.ledger.records if r.dp is not None]
+        this_run = [
+            r.dp for r in self.ledger.records if r.dp is not None and r.run_id == self.spec.run_id
+        ]
+        if not events or not delta:
+            return {"dp_answers_this_run": len(this_run)}
+        return {
+            "dp_answers_this_run": len(this_run),
+            "epsilon_this_run": PrivacyAccountant(this_run).epsilon(delta),
+            "lifetime_epsilon_spent": PrivacyAccountant(events).epsilon(delta),
+            "lifetime_epsilon_max": self.policy.max_epsilon,
+            "epsilon_delta": delta,
+            "accountant": ACCOUNTANT_NAME,
         }
 
     def _catch_up(self, finished: RunFinished) -> None:
@@ -242,8 +326,8 @@ class DataHolder:
         self.status.log_version = self.log.version
 
     # -- checks ----------------------------------------------------------------------------
-    def _admit(self, task: Task) -> float:
-        """Every check that must pass before data is touched; returns the answer's bit cost."""
+    def _admit(self, task: Task) -> tuple[float, DpEvent | None]:
+        """Every check that must pass before data is touched; returns the answer's costs."""
         if self.spec is None or self.log is None:
             raise PolicyViolation("no run accepted yet")
         check_task(self.policy, self.spec, task, len(self.records))
@@ -256,16 +340,85 @@ class DataHolder:
             raise PolicyViolation(
                 f"task {task.task_id}: the steps sent do not hash to the announced log head"
             )
-        bits = answer_bits(task.answer_kind, len(task.candidates))
-        self.ledger.check_affordable(bits)
-        return bits
+        bits = self.spec.answer_bits(len(task.candidates))
+        event = self._dp_event(self.spec, len(task.candidates))
+        self.ledger.check_affordable(bits, event)
+        return bits, event
+
+    def _dp_event(self, spec: RunSpec, n_candidates: int) -> DpEvent | None:
+        """What one answer of this run is, in DP terms (None: not DP at all)."""
+        dp = spec.dp
+        if spec.answer_kind is AnswerKind.DP_SCALAR:
+            if dp.noise_multiplier <= 0:
+                return None
+            return PoissonGaussian(dp.noise_multiplier, self._sampling_rate(spec.batch))
+        if dp.randomized_response_epsilon > 0:
+            outcomes = 2 if spec.answer_kind is AnswerKind.COMPARE else n_candidates + 1
+            return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
+        return None
+
+    def _sampling_rate(self, batch: BatchSpec) -> float:
+        """This holder's own Poisson rate: expected batch / its own number of examples."""
+        return min(1.0, batch.batch_size / len(self.records))
+
+    def _check_run_privacy(self, spec: RunSpec) -> None:
+        """Refuse a DP run whose noise this data set's remaining ε cannot afford in full.
+
+        The holder calibrates, with its own accountant, its own δ, its own sampling rate
+        and everything its ledger already spent, the noise the run's ``max_rounds`` steps
+        would need, and refuses an offer below it: the coordinator cannot lower the noise.
+        """
+        limit = self.ledger.privacy
+        event = self._dp_event(spec, 1)
+        if limit is None:
+            return
+        if event is None:
+            if limit.require_dp:
+                raise PolicyViolation("policy requires DP answers; this run's answers are not DP")
+            return
+        prior = self.ledger.dp_events()
+        if isinstance(event, PoissonGaussian):
+            try:
+                needed = calibrate_noise_multiplier(
+                    limit.max_epsilon, limit.delta, spec.max_rounds, event.sampling_rate, prior
+                )
+            except AccountingError as exc:
+                raise PolicyViolation(
+                    f"run {spec.run_id}: this data set cannot afford {spec.max_rounds} DP "
+                    f"answers at any noise: {exc}"
+                ) from None
+            if event.noise_multiplier < needed * (1 - 1e-6):
+                spent = self.ledger.spent_epsilon()
+                raise PolicyViolation(
+                    f"run {spec.run_id}: noise_multiplier {event.noise_multiplier:.4g} is below "
+                    f"the {needed:.4g} this data set needs for {spec.max_rounds} steps at its "
+                    f"sampling rate {event.sampling_rate:.4g} (max_epsilon {limit.max_epsilon:g}"
+                    f" at delta {limit.delta:g}, {spent:.3g} already spent)"
+                )
+            return
+        if spec.answer_kind is AnswerKind.BEST_OF:
+            return  # the number of candidates is per task; each answer is checked then
+        total = PrivacyAccountant(prior).epsilon_with(event, limit.delta, spec.max_rounds)
+        if total > limit.max_epsilon:
+            raise PolicyViolation(
+                f"run {spec.run_id}: {spec.max_rounds} randomized-response answers at epsilon "
+                f"{event.epsilon:g} would bring this data set to epsilon {total:.3g} > "
+                f"max_epsilon {limit.max_epsilon:g}"
+            )
 
     def _draw(self, batch: BatchSpec) -> list[Record]:
-        """The examples to score: a secret uniform minibatch, or the whole split."""
+        """The examples to score, drawn with the holder's secure randomness.
+
+        ``minibatch``: a uniform fixed-size sample; ``poisson``: every example
+        independently at this holder's rate (the sample size is random and never leaves);
+        ``full``: the whole split.
+        """
         if batch.mode == "full":
             return self.records
-        indices = self._rng.sample(range(len(self.records)), batch.batch_size)
-        return [self.records[i] for i in indices]
+        if batch.mode == "poisson":
+            rate = self._sampling_rate(batch)
+            return [self.records[i] for i in self._rng.poisson_subsample(len(self.records), rate)]
+        return [self.records[i] for i in self._rng.sample(len(self.records), batch.batch_size)]
 
     # -- local state -----------------------------------------------------------------------
     def _fresh_model(self) -> LoadedModel:
@@ -279,10 +432,15 @@ class DataHolder:
         self.status.log_version = self.log_version
         self.status.bits_this_run += bits
         self.status.lifetime_bits_spent = self.ledger.spent_bits
+        self._note_epsilon()
         self.status.last_incumbent_score = stats.get("incumbent_mean_score")
         if self.status.last_incumbent_score is not None:
             self.status.history = [*self.status.history[-999:], self.status.last_incumbent_score]
         self._write_status()
+
+    def _note_epsilon(self) -> None:
+        if self.ledger.privacy is not None:
+            self.status.lifetime_epsilon_spent = self.ledger.spent_epsilon()
 
     def _write_status(self) -> None:
         if self._status_path is None:

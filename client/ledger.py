@@ -22,9 +22,14 @@ for the ledger's lifetime stops two holder processes from spending one budget tw
 
 Record fields (one JSON object a line, keys sorted): ``v`` (format version), ``seq``,
 ``time`` (unix seconds), ``run_id``, ``task_id``, ``kind`` (answer kind), ``bits``,
-``choice``, ``prev_hash``, ``hash`` (sha256 of the record's canonical JSON without
-``hash``) and an optional ``detail`` object. (epsilon, delta) accounting
-(DPZero) is meant to add optional fields to these same records, not a second ledger.
+``choice`` (an integer, or null for an unquantized dp-scalar), ``prev_hash``, ``hash``
+(sha256 of the record's canonical JSON without ``hash``), and optionally ``value`` (the
+released dp-scalar), ``dp`` (the DP event the answer was, see
+:mod:`sottovoce.common.accounting`) and ``detail``.
+
+The same records carry both budgets. Bits add up; (ε, δ) is recomputed by composing
+every record's ``dp`` event with the RDP accountant, at the policy's δ. A DP answer is
+charged against both: it is refused if either would be passed.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ from typing import Any
 
 import filelock
 
+from sottovoce.common.accounting import (
+    ACCOUNTANT_NAME,
+    AccountingError,
+    DpEvent,
+    PoissonGaussian,
+    PrivacyAccountant,
+    event_from_json,
+)
 from sottovoce.common.errors import (
     BudgetExhausted,
     ConfigError,
@@ -62,8 +75,21 @@ _REQUIRED_FIELDS = frozenset(
 # Optional fields a reader understands. A field not listed here is refused on open rather
 # than ignored: a ledger written by a newer version may account for something (such as
 # epsilon) that this version would silently leave out of the budget.
-_OPTIONAL_FIELDS = frozenset({"detail"})
+_OPTIONAL_FIELDS = frozenset({"detail", "value", "dp"})
 _DATASET_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class PrivacyLimit:
+    """The lifetime (ε, δ) limit of a data set, from its holder's policy.
+
+    ``require_dp``: refuse every answer that is not differentially private (plain BBoxER
+    choices, non-private DPZero), so the data set's whole release is covered by ε.
+    """
+
+    max_epsilon: float
+    delta: float
+    require_dp: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,9 +102,11 @@ class LedgerRecord:
     task_id: str
     kind: str
     bits: float
-    choice: int
+    choice: int | None
     prev_hash: str
     hash: str
+    value: float | None = None
+    dp: DpEvent | None = None
     detail: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -90,12 +118,19 @@ class Ledger:
     """
 
     def __init__(
-        self, path: Path, dataset_id: str, max_bits: float, lock: filelock.BaseFileLock | None
+        self,
+        path: Path,
+        dataset_id: str,
+        max_bits: float,
+        lock: filelock.BaseFileLock | None,
+        privacy: PrivacyLimit | None = None,
     ):
         """Internal: use :meth:`Ledger.open`, which takes the lock and verifies the file."""
         self.path = path
         self.dataset_id = dataset_id
         self.max_bits = max_bits
+        self.privacy = privacy
+        self.accountant = PrivacyAccountant()
         self.repaired = False
         self._lock = lock
         self._mutex = threading.Lock()
@@ -110,11 +145,19 @@ class Ledger:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, ledger_dir: Path, dataset_id: str, max_bits: float, *, read_only: bool = False
+        cls,
+        ledger_dir: Path,
+        dataset_id: str,
+        max_bits: float,
+        *,
+        privacy: PrivacyLimit | None = None,
+        read_only: bool = False,
     ) -> Ledger:
         """Lock, repair a torn tail, and verify the ledger of ``dataset_id`` (created if new).
 
         ``dataset_id`` is the data file's sha256 (hex), computed by the caller.
+        ``privacy`` is the lifetime (ε, δ) limit; without it, DP answers are still
+        recorded and accounted but only their bits are limited.
         ``read_only=True`` is for the operator's audit while a holder is running: no lock,
         nothing created or repaired, a torn tail (a write in progress) left out, and every
         charge refused.
@@ -126,7 +169,7 @@ class Ledger:
         ledger_dir = Path(ledger_dir)
         path = ledger_dir / f"{dataset_id}.ledger.jsonl"
         if read_only:
-            ledger = cls(path, dataset_id, float(max_bits), None)
+            ledger = cls(path, dataset_id, float(max_bits), None, privacy)
             raw = path.read_bytes() if path.exists() else b""
             ledger._load(parse_json_lines(path, raw[: raw.rfind(b"\n") + 1]))
             return ledger
@@ -142,7 +185,7 @@ class Ledger:
                 f"ledger {path} is in use by another process (lock {path}.lock); "
                 "one data set may be served by one holder at a time"
             ) from None
-        ledger = cls(path, dataset_id, float(max_bits), lock)
+        ledger = cls(path, dataset_id, float(max_bits), lock, privacy)
         try:
             if not path.exists():
                 path.touch()
@@ -156,7 +199,9 @@ class Ledger:
 
     def _load(self, raws: list[dict[str, object]]) -> None:
         for number, raw in enumerate(raws):
-            self._remember(self._verify(raw, number))
+            self._remember(self._verify(raw, number), account=False)
+        # Composed once per distinct event (RDP adds up), not once per record.
+        self.accountant = PrivacyAccountant(self.dp_events())
 
     def _verify(self, raw: dict[str, object], number: int) -> LedgerRecord:
         where = f"{self.path}: line {number + 1}"
@@ -189,11 +234,13 @@ class Ledger:
             raise LogIntegrityError(f"{where}: task id {record.task_id!r} is charged twice")
         return record
 
-    def _remember(self, record: LedgerRecord) -> None:
+    def _remember(self, record: LedgerRecord, *, account: bool = True) -> None:
         self._records.append(record)
         self._by_task[record.task_id] = record
         self._head = record.hash
         self._spent += record.bits
+        if account and record.dp is not None:
+            self.accountant.compose(record.dp)
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -209,8 +256,24 @@ class Ledger:
     def records(self) -> tuple[LedgerRecord, ...]:
         return tuple(self._records)
 
-    def cached_answer(self, task_id: str, run_id: str | None = None) -> int | None:
-        """The choice already released for ``task_id``, or None if it was never answered.
+    def spent_epsilon(self, delta: float | None = None) -> float:
+        """Lifetime ε of every DP answer at ``delta`` (default: the limit's δ); 0 if none.
+
+        Answers without a DP event (plain BBoxER, non-private DPZero) are not in it: their
+        cost is in bits only, and no ε can describe them.
+        """
+        if delta is None:
+            if self.privacy is None:
+                raise ConfigError("spent_epsilon needs a delta: this ledger has no (ε, δ) limit")
+            delta = self.privacy.delta
+        return self.accountant.epsilon(delta)
+
+    def dp_events(self) -> list[DpEvent]:
+        """Every DP event charged so far (for calibrating what a new run may spend)."""
+        return [record.dp for record in self._records if record.dp is not None]
+
+    def cached_answer(self, task_id: str, run_id: str | None = None) -> LedgerRecord | None:
+        """The record of what was already released for ``task_id``, or None.
 
         With ``run_id``, a task id recorded under another run is refused: task ids are
         unique for the data set's lifetime, and answering a new run's task with an old
@@ -224,16 +287,39 @@ class Ledger:
                 f"task id {task_id!r} was already answered for run {record.run_id!r}, "
                 f"not {run_id!r}; task ids must be unique for the data set's lifetime"
             )
-        return record.choice
+        return record
 
     # -- spending --------------------------------------------------------------------------
-    def check_affordable(self, bits: float) -> None:
-        """Raise ``BudgetExhausted`` if answering at ``bits`` would pass the lifetime budget."""
+    def check_affordable(self, bits: float, dp: DpEvent | None = None) -> None:
+        """Raise ``BudgetExhausted`` if one more answer would pass a lifetime budget.
+
+        Bits always; with a privacy limit, also ε: the answer is refused when composing
+        ``dp`` with every earlier DP answer would pass ``max_epsilon`` at the limit's δ,
+        and an answer with no DP event (``dp=None``) is refused outright when the limit
+        says ``require_dp``.
+        """
         _check_bits(bits)
         if self._spent + bits > self.max_bits + BUDGET_TOLERANCE:
             raise BudgetExhausted(
                 f"data set {self.dataset_id}: answering costs {bits:.2f} bits, "
                 f"{self.remaining_bits:.2f} of {self.max_bits:g} remain"
+            )
+        if self.privacy is None:
+            return
+        if dp is None:
+            if self.privacy.require_dp:
+                raise BudgetExhausted(
+                    f"data set {self.dataset_id}: the policy requires differentially private "
+                    "answers and this answer is not one"
+                )
+            return
+        after = self.accountant.epsilon_with(dp, self.privacy.delta)
+        if after > self.privacy.max_epsilon + BUDGET_TOLERANCE:
+            spent = self.accountant.epsilon(self.privacy.delta)
+            raise BudgetExhausted(
+                f"data set {self.dataset_id}: this answer would bring epsilon from "
+                f"{spent:.4f} to {after:.4f} at delta {self.privacy.delta:g}, past max_epsilon "
+                f"{self.privacy.max_epsilon:g}"
             )
 
     def charge(
@@ -241,9 +327,11 @@ class Ledger:
         task_id: str,
         run_id: str,
         bits: float,
-        choice: int,
+        choice: int | None,
         *,
         answer_kind: AnswerKind | str,
+        value: float | None = None,
+        dp: DpEvent | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Record a release durably; returns only once the record is fsync'd.
@@ -252,8 +340,12 @@ class Ledger:
         (file untouched) if it is not affordable, ``ValueError`` if ``task_id`` was already
         charged (ask :meth:`cached_answer` first) or an argument is malformed.
         """
-        if isinstance(choice, bool) or not isinstance(choice, int):
+        if choice is None and value is None:
+            raise ValueError("an answer needs a choice or a value")
+        if choice is not None and (isinstance(choice, bool) or not isinstance(choice, int)):
             raise ValueError(f"choice must be an int (got {choice!r})")
+        if value is not None and not (isinstance(value, float) and math.isfinite(value)):
+            raise ValueError(f"value must be a finite float (got {value!r})")
         if not (isinstance(task_id, str) and task_id and isinstance(run_id, str) and run_id):
             raise ValueError("task_id and run_id must be non-empty strings")
         kind = answer_kind.value if isinstance(answer_kind, AnswerKind) else str(answer_kind)
@@ -261,7 +353,7 @@ class Ledger:
             self._check_open()
             if task_id in self._by_task:
                 raise ValueError(f"task id {task_id!r} is already charged; use cached_answer")
-            self.check_affordable(bits)
+            self.check_affordable(bits, dp)
             raw: dict[str, object] = {
                 "v": FORMAT_VERSION,
                 "seq": len(self._records),
@@ -273,6 +365,10 @@ class Ledger:
                 "choice": choice,
                 "prev_hash": self._head,
             }
+            if value is not None:
+                raw["value"] = value
+            if dp is not None:
+                raw["dp"] = dp.to_json()
             if detail:
                 raw["detail"] = dict(detail)
             # Raises on a non-JSON detail, before anything is written.
@@ -315,10 +411,12 @@ class Ledger:
         total = 0.0
         for record in self._records:
             total += record.bits
+            released = record.choice if record.value is None else f"{record.value:.6g}"
+            dp = "" if record.dp is None else f"  dp {_describe_event(record.dp)}"
             lines.append(
                 f"{_iso(record.time)}  run {_safe(record.run_id)}  task {_safe(record.task_id)}  "
-                f"{_safe(record.kind)} -> {record.choice}  {record.bits:.3f} bits  "
-                f"total {total:.3f} of {self.max_bits:g}"
+                f"{_safe(record.kind)} -> {released}  {record.bits:.3f} bits  "
+                f"total {total:.3f} of {self.max_bits:g}{dp}"
             )
         return lines
 
@@ -332,10 +430,22 @@ class Ledger:
             "spent_bits": self._spent,
             "remaining_bits": self.remaining_bits,
             "answers": len(self._records),
+            "dp_answers": self.accountant.answers,
+            "accountant": ACCOUNTANT_NAME,
+            **self._privacy_summary(),
             "runs": runs,
             "first_release": _iso(self._records[0].time) if self._records else None,
             "last_release": _iso(self._records[-1].time) if self._records else None,
             "repaired_torn_tail": self.repaired,
+        }
+
+    def _privacy_summary(self) -> dict[str, object]:
+        if self.privacy is None:
+            return {}
+        return {
+            "max_epsilon": self.privacy.max_epsilon,
+            "delta": self.privacy.delta,
+            "spent_epsilon": self.spent_epsilon(),
         }
 
     # -- closing ---------------------------------------------------------------------------
@@ -384,8 +494,19 @@ def _record_from_json(raw: Mapping[str, object]) -> LedgerRecord:
     seq, choice = raw["seq"], raw["choice"]
     if isinstance(seq, bool) or not isinstance(seq, int):
         raise TypeError(f"seq {seq!r} is not an int")
-    if isinstance(choice, bool) or not isinstance(choice, int):
+    if choice is not None and (isinstance(choice, bool) or not isinstance(choice, int)):
         raise TypeError(f"choice {choice!r} is not an int")
+    raw_value = raw.get("value")
+    released = None if raw_value is None else _number("value", raw_value)
+    if choice is None and released is None:
+        raise ValueError("a record needs a choice or a value")
+    dp_raw = raw.get("dp")
+    if dp_raw is not None and not isinstance(dp_raw, dict):
+        raise TypeError(f"dp {dp_raw!r} is not an object")
+    try:
+        dp = None if dp_raw is None else event_from_json(dp_raw)
+    except AccountingError as exc:
+        raise ValueError(f"dp: {exc}") from None
     bits, when = _number("bits", raw["bits"]), _number("time", raw["time"])
     _check_bits(bits)
     strings = {name: raw[name] for name in ("run_id", "task_id", "kind", "prev_hash", "hash")}
@@ -405,8 +526,16 @@ def _record_from_json(raw: Mapping[str, object]) -> LedgerRecord:
         choice=choice,
         prev_hash=str(raw["prev_hash"]),
         hash=str(raw["hash"]),
+        value=released,
+        dp=dp,
         detail=MappingProxyType(dict(detail)),
     )
+
+
+def _describe_event(event: DpEvent) -> str:
+    if isinstance(event, PoissonGaussian):
+        return f"gaussian sigma={event.noise_multiplier:.4g} q={event.sampling_rate:.4g}"
+    return f"randomized-response eps={event.epsilon:.4g} k={event.outcomes}"
 
 
 def _number(name: str, value: object) -> float:

@@ -9,8 +9,8 @@ a coordinator cannot craft a question such as "is record X present?".
 
 ``check_run`` runs once when the holder joins, ``check_task`` on every task; both raise
 :class:`PolicyViolation` with one line naming what is refused and why. The lifetime bit
-budget is not here: it is the ledger's job (``client/ledger.py``), and the log chain check
-is the holder core's.
+and (ε, δ) budgets are not here: they are the ledger's job (``client/ledger.py``), and the
+log chain check and "can my remaining ε afford this run's noise?" are the holder core's.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
+from sottovoce.client.ledger import PrivacyLimit
 from sottovoce.common.errors import ConfigError, PolicyViolation
 from sottovoce.common.messages import (
     MAX_TASK_ID_LENGTH,
@@ -48,9 +49,10 @@ from sottovoce.common.steplog import UINT64_MAX
 ALGORITHM_ANSWER_KINDS: dict[str, frozenset[AnswerKind]] = {
     "bboxer-1+1": frozenset({AnswerKind.COMPARE}),
     "bboxer-1+lambda": frozenset({AnswerKind.BEST_OF}),
+    "dpzero": frozenset({AnswerKind.DP_SCALAR}),
 }
 PARAMETRIZATION_KINDS: tuple[str, ...] = get_args(ParametrizationKind)
-BatchMode = Literal["minibatch", "full"]
+BatchMode = Literal["minibatch", "full", "poisson"]
 
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 # Ids end up in the ledger and in the operator's audit lines: printable ASCII, no spaces.
@@ -77,7 +79,25 @@ class HolderPolicy:
     fitness: FitnessSpec
     ledger_dir: Path
     min_batch_size: Annotated[_StrictInt, Field(ge=1)] = 16
-    allowed_batch_modes: tuple[BatchMode, ...] = ("minibatch", "full")
+    allowed_batch_modes: tuple[BatchMode, ...] = ("minibatch", "full", "poisson")
+    max_epsilon: Annotated[_StrictFloat, Field(gt=0)] | None = None
+    delta: Annotated[_StrictFloat, Field(gt=0, lt=1)] | None = None
+    require_dp: bool = False
+
+    def privacy_limit(self) -> PrivacyLimit | None:
+        """The ledger's (ε, δ) limit, or None when the policy sets no max_epsilon."""
+        if self.max_epsilon is None or self.delta is None:
+            return None
+        return PrivacyLimit(self.max_epsilon, self.delta, self.require_dp)
+
+    def __post_init__(self) -> None:
+        if (self.max_epsilon is None) != (self.delta is None):
+            raise ValueError(
+                "max_epsilon: set it together with delta (an epsilon means nothing without "
+                "its delta), or neither"
+            )
+        if self.require_dp and self.max_epsilon is None:
+            raise ValueError("require_dp: needs max_epsilon and delta")
 
     @field_validator("expected_model_fingerprint")
     @classmethod
@@ -199,7 +219,7 @@ def _describe(error: ErrorDetails) -> str:
     if kind == "value_error" and ": " in message and message.split(": ")[0].isidentifier():
         # A validator that names a sub-field (e.g. fitness's label_words) names it first.
         sub, message = message.split(": ", 1)
-        return f"{field}.{sub}: {message}"
+        return f"{sub if field == '(top level)' else f'{field}.{sub}'}: {message}"
     got = "" if "(" in message else f" (got {_clip(value)})"  # some name the bad entry already
     return f"{field}: {message}{got}"
 
@@ -247,6 +267,31 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
         )
     _check_fitness(policy.fitness, spec.fitness)
     _check_batch_policy(policy, spec.batch, "run")
+    _check_dp_shape(policy, spec)
+
+
+def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
+    """The DP fields must fit the algorithm; the ε budget itself is checked by the holder."""
+    dp = spec.dp
+    if spec.answer_kind is AnswerKind.DP_SCALAR:
+        if spec.batch.mode != "poisson":
+            raise PolicyViolation(
+                f"run wants dp-scalar answers on {spec.batch.mode!r} batches; DP accounting "
+                "here assumes Poisson subsampling (batch mode 'poisson')"
+            )
+        if dp.randomized_response_epsilon:
+            raise PolicyViolation("run mixes randomized response into dp-scalar answers")
+        if policy.require_dp and dp.noise_multiplier <= 0:
+            raise PolicyViolation("policy requires DP answers; this DPZero run adds no noise")
+        return
+    if dp.noise_multiplier or dp.quantization_bits:
+        raise PolicyViolation(
+            f"run sets DPZero noise or quantization on {_kind(spec.answer_kind)!r}"
+        )
+    if policy.require_dp and dp.randomized_response_epsilon <= 0:
+        raise PolicyViolation(
+            "policy requires DP answers; this run's choices have no randomized response"
+        )
 
 
 def _check_batch_policy(policy: HolderPolicy, batch: BatchSpec, who: str) -> None:
@@ -388,6 +433,9 @@ def policy_summary(policy: HolderPolicy) -> dict[str, str]:
         "min_batch_size": str(policy.min_batch_size),
         "allowed_batch_modes": ",".join(policy.allowed_batch_modes),
         "fitness_sha256": fitness_digest(policy.fitness),
+        "max_epsilon": repr(policy.max_epsilon),
+        "delta": repr(policy.delta),
+        "require_dp": str(policy.require_dp).lower(),
     }
 
 

@@ -15,11 +15,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sottovoce.common.accounting import AccountingError, calibrate_noise_multiplier
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.messages import AnswerKind, BatchSpec, FitnessSpec
+from sottovoce.common.messages import (
+    MAX_QUANTIZATION_BITS,
+    AnswerKind,
+    BatchSpec,
+    DpSpec,
+    FitnessSpec,
+)
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 
-ALGORITHMS = ("bboxer-1+1", "bboxer-1+lambda")
+ALGORITHMS = ("bboxer-1+1", "bboxer-1+lambda", "dpzero")
 
 
 class _Section(BaseModel):
@@ -30,7 +37,7 @@ class RunSection(_Section):
     """Identity and limits of the run."""
 
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]{1,24}$")
-    algorithm: Literal["bboxer-1+1", "bboxer-1+lambda"] = "bboxer-1+1"
+    algorithm: Literal["bboxer-1+1", "bboxer-1+lambda", "dpzero"] = "bboxer-1+1"
     seed: int = Field(default=0, ge=0, lt=2**63)
     max_rounds: int = Field(default=100, ge=1, le=1_000_000)
     bit_budget: float = Field(default=300.0, gt=0)
@@ -76,7 +83,10 @@ class OptimizerSection(_Section):
 
 
 class EvaluationSection(_Section):
-    mode: Literal["minibatch", "full"] = "minibatch"
+    """Which examples an answer is computed on; ``batch_size`` is the expected size for
+    ``poisson`` (which DPZero needs: it is the sampling its accountant assumes)."""
+
+    mode: Literal["minibatch", "full", "poisson"] = "minibatch"
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
 
     def to_spec(self) -> BatchSpec:
@@ -93,6 +103,35 @@ class FitnessSection(_Section):
 
     def to_spec(self) -> FitnessSpec:
         return FitnessSpec(**self.model_dump())
+
+
+class DPZeroSection(_Section):
+    """DPZero's step (Zhang et al., 2024): x <- x - learning_rate * g * z(seed), where g is
+    the aggregate of the holders' clipped, noised finite differences along ±smoothing*z."""
+
+    learning_rate: float = Field(default=1e-3, gt=0)
+    smoothing: float = Field(default=1e-3, gt=0)
+    clip: float = Field(default=1.0, gt=0)
+    aggregate: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    quantization_bits: int = Field(default=0, ge=0, le=MAX_QUANTIZATION_BITS)
+    quantization_range: float | None = Field(default=None, gt=0)
+    max_coefficient: float = Field(default=0.5, gt=0)
+
+
+class PrivacySection(_Section):
+    """Differential privacy of the answers (DESIGN.md §4).
+
+    DPZero: ``epsilon`` is the target over ``run.max_rounds`` steps at ``delta``; the noise
+    multiplier is calibrated for the sampling rate ``evaluation.batch_size /
+    examples_per_holder``. Leave ``epsilon`` out for non-private DPZero. BBoxER:
+    ``randomized_response_epsilon`` makes each choice ε-DP.
+    """
+
+    epsilon: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    examples_per_holder: int | None = Field(default=None, ge=1)
+    randomized_response_epsilon: float | None = Field(default=None, gt=0)
 
 
 class ServerSection(_Section):
@@ -125,6 +164,8 @@ class SimulateSection(_Section):
     eval_threads: int = Field(default=2, ge=1)
     eval_split: Literal["test", "dev"] = "test"
     max_holder_policy_bits: float = Field(default=100_000.0, gt=0)
+    # The simulated holders' lifetime epsilon; default: exactly what this run needs.
+    max_holder_policy_epsilon: float | None = Field(default=None, gt=0)
 
 
 class RunConfig(_Section):
@@ -133,6 +174,8 @@ class RunConfig(_Section):
     parametrization: ParametrizationSection = ParametrizationSection()
     optimizer: OptimizerSection = OptimizerSection()
     evaluation: EvaluationSection = EvaluationSection()
+    dpzero: DPZeroSection = DPZeroSection()
+    privacy: PrivacySection = PrivacySection()
     fitness: FitnessSection = FitnessSection()
     server: ServerSection = ServerSection()
     simulate: SimulateSection = SimulateSection()
@@ -143,11 +186,82 @@ class RunConfig(_Section):
             raise ValueError("optimizer.candidates must be 1 for bboxer-1+1")
         if self.server.quorum > self.server.min_holders:
             raise ValueError("server.quorum cannot exceed server.min_holders")
+        if self.run.algorithm == "dpzero":
+            self._check_dpzero()
+        elif self.privacy.epsilon is not None:
+            raise ValueError(
+                "privacy.epsilon calibrates DPZero's noise; for BBoxER use "
+                "privacy.randomized_response_epsilon"
+            )
+        n = self.privacy.examples_per_holder
+        if self.evaluation.mode == "poisson" and n is not None and self.evaluation.batch_size > n:
+            raise ValueError(
+                f"evaluation.batch_size {self.evaluation.batch_size} is larger than "
+                f"privacy.examples_per_holder {n}: the expected batch must fit in the data"
+            )
         return self
+
+    def _check_dpzero(self) -> None:
+        if self.evaluation.mode != "poisson":
+            raise ValueError(
+                f"evaluation.mode must be 'poisson' for dpzero (got {self.evaluation.mode!r}): "
+                "the accountant assumes Poisson subsampling"
+            )
+        if self.privacy.randomized_response_epsilon is not None:
+            raise ValueError("privacy.randomized_response_epsilon is for BBoxER, not dpzero")
+        if self.privacy.epsilon is None:
+            return
+        n = self.privacy.examples_per_holder
+        if n is None:
+            raise ValueError(
+                "privacy.examples_per_holder is needed to calibrate the noise (sampling "
+                "rate = evaluation.batch_size / examples_per_holder); set it to the smallest "
+                "holder's number of training examples"
+            )
+        if self.privacy.delta >= 1.0 / n:
+            raise ValueError(
+                f"privacy.delta {self.privacy.delta:g} must be < 1/examples_per_holder = "
+                f"{1.0 / n:.3g} (a delta of 1/n allows releasing one example outright)"
+            )
 
     @property
     def answer_kind(self) -> AnswerKind:
+        if self.run.algorithm == "dpzero":
+            return AnswerKind.DP_SCALAR
         return AnswerKind.COMPARE if self.run.algorithm == "bboxer-1+1" else AnswerKind.BEST_OF
+
+    @property
+    def sampling_rate(self) -> float | None:
+        """The Poisson rate the run is calibrated for (None without examples_per_holder)."""
+        n = self.privacy.examples_per_holder
+        return None if n is None else self.evaluation.batch_size / n
+
+    def dp_spec(self) -> DpSpec:
+        """What the run asks of holders' answers; calibrates DPZero's noise (once)."""
+        privacy, dpzero = self.privacy, self.dpzero
+        if self.run.algorithm != "dpzero":
+            return DpSpec(
+                delta=privacy.delta if privacy.randomized_response_epsilon else 0.0,
+                randomized_response_epsilon=privacy.randomized_response_epsilon or 0.0,
+            )
+        noise = 0.0
+        if privacy.epsilon is not None:
+            rate = self.sampling_rate
+            assert rate is not None  # checked by _check_dpzero
+            try:
+                noise = calibrate_noise_multiplier(
+                    privacy.epsilon, privacy.delta, self.run.max_rounds, rate
+                )
+            except AccountingError as exc:
+                raise ConfigError(f"privacy.epsilon: {exc}") from None
+        return DpSpec(
+            epsilon=privacy.epsilon or 0.0,
+            delta=privacy.delta if privacy.epsilon is not None else 0.0,
+            noise_multiplier=noise,
+            clip=dpzero.clip,
+            quantization_bits=dpzero.quantization_bits,
+            quantization_range=dpzero.quantization_range or dpzero.clip,
+        )
 
     def fingerprint(self) -> str:
         """Hash of the parts that define the run (a resumed run must have the same)."""

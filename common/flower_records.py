@@ -4,8 +4,8 @@ The Flower transport moves the same values as the gRPC transport, so it validate
 the same way: a run spec, a task, the end of a run and a join request travel as their
 ``sottovoce.v1`` protobuf bytes in a ``ConfigRecord`` and are decoded by
 :mod:`sottovoce.common.wire`, which checks every field against its bounds. The answer
-travels as the Flower idiom has it: its choice (the only number a holder releases) in a
-``MetricRecord``, its task id or refusal in a ``ConfigRecord``.
+travels as the Flower idiom has it: its choice or dp-scalar value (the only number a
+holder releases) in a ``MetricRecord``, its task id or refusal in a ``ConfigRecord``.
 
 Everything read here is untrusted (a holder reads the coordinator's messages, the
 coordinator the holders' replies): the record names, the record types, the keys and the
@@ -68,7 +68,7 @@ TASK_RECORD = "sottovoce.task"  # ConfigRecord {"proto": bytes}
 RUN_FINISHED = "sottovoce.run_finished"  # ConfigRecord {"proto": bytes}
 JOIN_REQUEST = "sottovoce.join_request"  # ConfigRecord {"proto": bytes}
 REFUSAL = "sottovoce.refusal"  # ConfigRecord {"reason": str}
-ANSWER = "sottovoce.answer"  # MetricRecord {"choice": int}; absent for a refusal
+ANSWER = "sottovoce.answer"  # MetricRecord {"choice": int} or {"value": float}; not for a refusal
 ANSWER_META = "sottovoce.answer_meta"  # ConfigRecord {"task_id": str[, "refusal": str]}
 HOLDER_STATE = "sottovoce.holder_state"  # ConfigRecord {"log_version": int, "log_head": str}
 
@@ -161,6 +161,8 @@ def answer_content(answer: Answer, state: HolderState) -> RecordDict:
     content = RecordDict({ANSWER_META: meta, HOLDER_STATE: _state_record(state)})
     if answer.refusal is not None:
         meta["refusal"] = answer.refusal
+    elif answer.value is not None:
+        content[ANSWER] = MetricRecord({"value": float(answer.value)})
     else:
         assert answer.choice is not None
         content[ANSWER] = MetricRecord({"choice": int(answer.choice)})
@@ -201,13 +203,27 @@ def read_answer(content: RecordDict) -> tuple[Answer, HolderState]:
         metrics = content[ANSWER]
         if not isinstance(metrics, MetricRecord):
             raise WireError(f"invalid {ANSWER}: expected a MetricRecord")
-        _check_keys(ANSWER, metrics.keys(), {"choice"}, set())
-        choice = metrics["choice"]
-        if not isinstance(choice, int) or isinstance(choice, bool):
-            raise WireError(f"invalid {ANSWER}.choice: expected an integer")
-        answer = Answer(task_id=task_id, choice=choice)
+        answer = _answer_metrics(task_id, metrics)
     answer_to_proto(answer, "Answer")  # the wire's checks: ids, choice range, refusal text
     return answer, read_holder_state(content)
+
+
+def _answer_metrics(task_id: str, metrics: MetricRecord) -> Answer:
+    """A choice (compare, best-of, quantized dp-scalar) or a dp-scalar value, not both."""
+    keys = set(metrics.keys())
+    if keys not in ({"choice"}, {"value"}):
+        raise WireError(
+            f"invalid {ANSWER}: needs exactly one of 'choice', 'value' (got {sorted(keys)})"
+        )
+    if "value" in keys:
+        value = metrics["value"]
+        if not isinstance(value, float):
+            raise WireError(f"invalid {ANSWER}.value: expected a float")
+        return Answer(task_id=task_id, choice=None, value=value)
+    choice = metrics["choice"]
+    if not isinstance(choice, int) or isinstance(choice, bool):
+        raise WireError(f"invalid {ANSWER}.choice: expected an integer")
+    return Answer(task_id=task_id, choice=choice)
 
 
 def read_holder_state(content: RecordDict) -> HolderState:

@@ -25,16 +25,30 @@ class AnswerKind(StrEnum):
 
     COMPARE = "compare"  # one candidate vs the incumbent: better or not (1 bit)
     BEST_OF = "best-of"  # index of the best of lambda candidates, or none: log2(lambda+1) bits
+    DP_SCALAR = "dp-scalar"  # DPZero: clipped, averaged, noised finite difference (32 or k bits)
 
 
-def answer_bits(kind: AnswerKind, n_candidates: int) -> float:
-    """Information cost of one answer: log2 of the number of possible answers."""
+FLOAT32_BITS = 32
+MAX_QUANTIZATION_BITS = 16
+
+
+def answer_bits(kind: AnswerKind, n_candidates: int, quantization_bits: int = 0) -> float:
+    """Information cost of one answer: log2 of the number of possible answers.
+
+    A dp-scalar travels as a float32 (at most 32 bits of information), or as one of
+    ``2**quantization_bits`` levels when quantized; either way it has a bit cost, so the
+    bits-based generalization bound covers DPZero runs too.
+    """
     if kind is AnswerKind.COMPARE:
         if n_candidates != 1:
             raise ValueError("a compare task has exactly one candidate")
         return 1.0
     if kind is AnswerKind.BEST_OF:
         return math.log2(n_candidates + 1)
+    if kind is AnswerKind.DP_SCALAR:
+        if n_candidates != 1:
+            raise ValueError("a dp-scalar task has exactly one direction")
+        return float(quantization_bits or FLOAT32_BITS)
     raise ValueError(f"unknown answer kind {kind}")
 
 
@@ -63,10 +77,47 @@ class BatchSpec:
     ``minibatch``: the holder draws ``batch_size`` examples with its own secret RNG (the
     coordinator never learns which); all candidates are scored on the same ones.
     ``full``: the holder's whole training split, as in the BBoxER paper.
+    ``poisson``: every example joins independently with probability
+    ``batch_size / n`` (the holder's secret RNG), so the batch has ``batch_size`` examples
+    on average; the sampling DP accounting assumes (DPZero).
     """
 
-    mode: Literal["minibatch", "full"] = "minibatch"
+    mode: Literal["minibatch", "full", "poisson"] = "minibatch"
     batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class DpSpec:
+    """The differential privacy a run asks of every holder's answers.
+
+    DPZero (answer kind dp-scalar): each per-example finite difference is clipped to
+    ``[-clip, clip]``, the clipped values of a Poisson batch are summed and divided by the
+    expected batch size, and Gaussian noise of standard deviation
+    ``noise_multiplier * clip / expected batch`` is added by the holder from its own secure
+    entropy. ``noise_multiplier = 0`` is non-private DPZero (MeZO with clipping). With
+    ``quantization_bits = k > 0`` the noisy value is clamped to
+    ``[-quantization_range, quantization_range]`` and stochastically rounded to one of
+    ``2**k`` levels, so an answer costs k bits.
+
+    BBoxER: ``randomized_response_epsilon > 0`` makes every compare / best-of choice
+    ε-DP by k-ary randomized response.
+
+    ``epsilon`` and ``delta`` are the run's target (what the coordinator calibrated
+    ``noise_multiplier`` for); every holder accounts at its own policy's delta and refuses
+    a run whose noise its remaining budget cannot afford.
+    """
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    clip: float = 1.0
+    quantization_bits: int = 0
+    quantization_range: float = 1.0
+    randomized_response_epsilon: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0 or self.randomized_response_epsilon > 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +134,11 @@ class RunSpec:
     bit_budget: float
     max_rounds: int
     log_genesis: str
+    dp: DpSpec = DpSpec()
+
+    def answer_bits(self, n_candidates: int) -> float:
+        """Bit cost of one answer in this run."""
+        return answer_bits(self.answer_kind, n_candidates, self.dp.quantization_bits)
 
 
 @dataclass(frozen=True)
@@ -123,12 +179,15 @@ class Answer:
 
     For ``compare``: ``choice`` is 1 if the candidate is better, else 0. For ``best-of``:
     ``choice`` is 1 + the index of the best candidate, or 0 if none beats the incumbent.
-    A refusal carries ``refusal`` (a one-line reason) and no choice; it costs nothing.
+    For ``dp-scalar``: ``value`` is the noised estimate, or, when quantized, ``choice`` is
+    its level (see :func:`sottovoce.common.dp.dequantize`).
+    A refusal carries ``refusal`` (a one-line reason) and nothing else; it costs nothing.
     """
 
     task_id: str
     choice: int | None
     refusal: str | None = None
+    value: float | None = None
 
     @property
     def refused(self) -> bool:

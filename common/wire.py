@@ -27,11 +27,13 @@ from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.messages import (
     MAX_HOLDER_ID_LENGTH,
     MAX_LAMBDA,
+    MAX_QUANTIZATION_BITS,
     MAX_TASK_ID_LENGTH,
     Answer,
     AnswerKind,
     BatchSpec,
     Candidate,
+    DpSpec,
     FitnessSpec,
     JoinRequest,
     RunFinished,
@@ -60,6 +62,9 @@ MAX_COUNT = 2**40  # log versions, round indexes, max_rounds, subspace dimension
 MAX_BITS = 1e12  # bit budgets and totals
 MAX_DEADLINE_UNIX = 1e11  # year ~5138: any larger "time" is garbage
 MAX_WAIT_MS = 600_000
+MAX_CHOICE = 2**MAX_QUANTIZATION_BITS - 1  # best-of indexes (<= 64) and quantized levels
+MAX_NOISE_MULTIPLIER = 1e6
+MAX_EPSILON = 1e6
 
 ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_LENGTH}}}")
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -105,11 +110,12 @@ E = TypeVar("E")
 P = TypeVar("P", bound=int)
 Granularity = Literal["tensor", "channel"]
 FitnessKind = Literal["classification", "completion"]
-BatchMode = Literal["minibatch", "full"]
+BatchMode = Literal["minibatch", "full", "poisson"]
 
 _ANSWER_KINDS: dict[AnswerKind, pb.AnswerKind.ValueType] = {
     AnswerKind.COMPARE: pb.ANSWER_KIND_COMPARE,
     AnswerKind.BEST_OF: pb.ANSWER_KIND_BEST_OF,
+    AnswerKind.DP_SCALAR: pb.ANSWER_KIND_DP_SCALAR,
 }
 _PARAMETRIZATION_KINDS: dict[ParametrizationKind, pb.ParametrizationKind.ValueType] = {
     "full": pb.PARAMETRIZATION_KIND_FULL,
@@ -128,6 +134,7 @@ _FITNESS_KINDS: dict[FitnessKind, pb.FitnessKind.ValueType] = {
 _BATCH_MODES: dict[BatchMode, pb.BatchMode.ValueType] = {
     "minibatch": pb.BATCH_MODE_MINIBATCH,
     "full": pb.BATCH_MODE_FULL,
+    "poisson": pb.BATCH_MODE_POISSON,
 }
 
 
@@ -349,6 +356,52 @@ def batch_from_proto(message: pb.BatchSpec, where: str = "BatchSpec") -> BatchSp
     return spec
 
 
+# -- DpSpec ------------------------------------------------------------------------------
+def _check_dp(where: str, spec: DpSpec) -> None:
+    _check_real(f"{where}.epsilon", spec.epsilon, 0.0, MAX_EPSILON)
+    _check_real(f"{where}.delta", spec.delta, 0.0, 1.0)
+    if spec.delta >= 1.0:
+        _fail(f"{where}.delta", f"must be < 1 (got {_show(spec.delta)})")
+    _check_real(f"{where}.noise_multiplier", spec.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+    _check_real(f"{where}.clip", spec.clip, 0.0, MAX_ABS_SCALE)
+    if spec.clip <= 0:
+        _fail(f"{where}.clip", f"must be > 0 (got {_show(spec.clip)})")
+    _check_int(f"{where}.quantization_bits", spec.quantization_bits, 0, MAX_QUANTIZATION_BITS)
+    _check_real(f"{where}.quantization_range", spec.quantization_range, 0.0, MAX_ABS_SCALE)
+    if spec.quantization_range <= 0:
+        _fail(f"{where}.quantization_range", f"must be > 0 (got {_show(spec.quantization_range)})")
+    _check_real(
+        f"{where}.randomized_response_epsilon", spec.randomized_response_epsilon, 0.0, MAX_EPSILON
+    )
+
+
+def dp_to_proto(spec: DpSpec, where: str = "DpSpec") -> pb.DpSpec:
+    _check_dp(where, spec)
+    return pb.DpSpec(
+        epsilon=float(spec.epsilon),
+        delta=float(spec.delta),
+        noise_multiplier=float(spec.noise_multiplier),
+        clip=float(spec.clip),
+        quantization_bits=int(spec.quantization_bits),
+        quantization_range=float(spec.quantization_range),
+        randomized_response_epsilon=float(spec.randomized_response_epsilon),
+    )
+
+
+def dp_from_proto(message: pb.DpSpec, where: str = "DpSpec") -> DpSpec:
+    spec = DpSpec(
+        epsilon=message.epsilon,
+        delta=message.delta,
+        noise_multiplier=message.noise_multiplier,
+        clip=message.clip,
+        quantization_bits=message.quantization_bits,
+        quantization_range=message.quantization_range,
+        randomized_response_epsilon=message.randomized_response_epsilon,
+    )
+    _check_dp(where, spec)
+    return spec
+
+
 # -- RunSpec -----------------------------------------------------------------------------
 def _check_run_spec_scalars(where: str, spec: RunSpec) -> None:
     _check_id(f"{where}.run_id", spec.run_id)
@@ -373,11 +426,12 @@ def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
         bit_budget=float(spec.bit_budget),
         max_rounds=int(spec.max_rounds),
         log_genesis=spec.log_genesis,
+        dp=dp_to_proto(spec.dp, f"{where}.dp"),
     )
 
 
 def run_spec_from_proto(message: pb.RunSpec, where: str = "RunSpec") -> RunSpec:
-    for name in ("parametrization", "fitness", "batch"):
+    for name in ("parametrization", "fitness", "batch", "dp"):
         _required(where, message, name)
     spec = RunSpec(
         run_id=message.run_id,
@@ -392,6 +446,7 @@ def run_spec_from_proto(message: pb.RunSpec, where: str = "RunSpec") -> RunSpec:
         bit_budget=message.bit_budget,
         max_rounds=message.max_rounds,
         log_genesis=message.log_genesis,
+        dp=dp_from_proto(message.dp, f"{where}.dp"),
     )
     _check_run_spec_scalars(where, spec)
     return spec
@@ -492,10 +547,13 @@ def task_from_proto(message: pb.Task, where: str = "Task") -> Task:
 # -- Answer ------------------------------------------------------------------------------
 def _check_answer(where: str, answer: Answer) -> None:
     _check_id(f"{where}.task_id", answer.task_id)
-    if (answer.choice is None) == (answer.refusal is None):
-        _fail(where, "exactly one of choice and refusal must be set")
+    outcomes = [x is not None for x in (answer.choice, answer.value, answer.refusal)]
+    if sum(outcomes) != 1:
+        _fail(where, "exactly one of choice, value and refusal must be set")
     if answer.choice is not None:
-        _check_int(f"{where}.choice", answer.choice, 0, MAX_LAMBDA)
+        _check_int(f"{where}.choice", answer.choice, 0, MAX_CHOICE)
+    elif answer.value is not None:
+        _check_float32(f"{where}.value", answer.value)
     else:
         _check_text(f"{where}.refusal", answer.refusal, min_len=1, max_len=MAX_REFUSAL_LENGTH)
 
@@ -504,15 +562,19 @@ def answer_to_proto(answer: Answer, where: str = "Answer") -> pb.Answer:
     _check_answer(where, answer)
     if answer.choice is not None:
         return pb.Answer(task_id=answer.task_id, choice=int(answer.choice))
+    if answer.value is not None:
+        return pb.Answer(task_id=answer.task_id, value=float(answer.value))
     return pb.Answer(task_id=answer.task_id, refusal=answer.refusal)
 
 
 def answer_from_proto(message: pb.Answer, where: str = "Answer") -> Answer:
     outcome = message.WhichOneof("outcome")
     if outcome is None:
-        _fail(where, "neither choice nor refusal is set")
+        _fail(where, "none of choice, value and refusal is set")
     if outcome == "choice":
         answer = Answer(task_id=message.task_id, choice=message.choice)
+    elif outcome == "value":
+        answer = Answer(task_id=message.task_id, choice=None, value=message.value)
     else:
         answer = Answer(task_id=message.task_id, choice=None, refusal=message.refusal)
     _check_answer(where, answer)

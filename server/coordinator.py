@@ -2,10 +2,12 @@
 
 A round asks every active holder the same question (the optimizer's candidates around
 the incumbent) and closes when all of them answered, or at its deadline if a quorum did.
-The weighted plurality of their choices goes to the optimizer; an accepted candidate
-becomes a step in the log. Every answer and every round is journaled before it has any
-effect (see :mod:`sottovoce.server.run_state`), and the run stops before a round whose
-answers could push the bits heard past the run's budget.
+BBoxER: the weighted plurality of their choices goes to the optimizer, and an accepted
+candidate becomes a step in the log. DPZero: their scalars are aggregated (mean or a
+robust rule) and the optimizer turns the estimate into a step. Every answer and every
+round is journaled before it has any effect (see :mod:`sottovoce.server.run_state`), and
+the run stops before a round whose answers could push the bits heard past the run's
+budget.
 
 The coordinator is the budget's second line of defence: each holder enforces its own
 lifetime budget whatever the coordinator does.
@@ -14,6 +16,7 @@ lifetime budget whatever the coordinator does.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +32,10 @@ from sottovoce.common.messages import (
     RunFinished,
     RunSpec,
     Task,
-    answer_bits,
 )
-from sottovoce.server.optimizers import ComparisonES, StepSizeRule
+from sottovoce.common.quantization import dequantize
+from sottovoce.server.aggregation import aggregate_scalars
+from sottovoce.server.optimizers import ComparisonES, DPZero, StepSizeRule
 from sottovoce.server.run_state import AnswerRecord, RoundRecord, RunState
 from sottovoce.server.votes import weighted_plurality, winner_index
 
@@ -53,10 +57,24 @@ class OpenRound:
     task_ids: dict[str, str]
     deadline: float
     choices: dict[str, int] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
 
     def answered(self, holder_id: str) -> bool:
-        return holder_id in self.choices or holder_id in self.refusals
+        return holder_id in self.choices or holder_id in self.values or holder_id in self.refusals
+
+    @property
+    def heard(self) -> int:
+        """Answers that count towards the quorum (refusals do not)."""
+        return len(self.choices) + len(self.values)
+
+    def record(self, answer: AnswerRecord) -> None:
+        if answer.refusal is not None:
+            self.refusals[answer.holder_id] = answer.refusal
+        elif answer.value is not None:
+            self.values[answer.holder_id] = answer.value
+        elif answer.choice is not None:
+            self.choices[answer.holder_id] = answer.choice
 
 
 class Coordinator:
@@ -79,17 +97,7 @@ class Coordinator:
         self._issued: dict[str, tuple[int, str]] = {}  # task id -> (round, holder)
         self._round: OpenRound | None = None
         self._listeners: list[RoundListener] = []
-        opt = config.optimizer
-        self.optimizer = ComparisonES(
-            run_seed=config.run.seed,
-            candidates=opt.candidates,
-            mirrored=opt.mirrored,
-            step_rule=StepSizeRule(
-                step=state.step_size if state.step_size is not None else opt.initial_step,
-                min_step=opt.min_step,
-                max_step=opt.max_step,
-            ),
-        )
+        self.optimizer = _build_optimizer(config, state)
         self.spec = RunSpec(
             run_id=state.run_id,
             algorithm=config.run.algorithm,
@@ -101,6 +109,7 @@ class Coordinator:
             bit_budget=config.run.bit_budget,
             max_rounds=config.run.max_rounds,
             log_genesis=state.genesis,
+            dp=config.dp_spec(),
         )
 
     # -- observers -------------------------------------------------------------------------
@@ -191,26 +200,22 @@ class Coordinator:
             if answer.task_id in self.state.answered_task_ids:
                 return False  # a re-sent answer changes nothing and costs nothing twice
             n_candidates = self._candidates_of(round_index)
-            self._check_choice(answer, n_candidates)
-            bits = 0.0 if answer.refused else answer_bits(self.spec.answer_kind, n_candidates)
-            self.state.record_answer(
-                AnswerRecord(
-                    round_index=round_index,
-                    holder_id=holder_id,
-                    task_id=answer.task_id,
-                    choice=answer.choice,
-                    refusal=answer.refusal,
-                    bits=bits,
-                    late=late,
-                )
+            value = self._check_answer(answer, n_candidates)
+            bits = 0.0 if answer.refused else self.spec.answer_bits(n_candidates)
+            record = AnswerRecord(
+                round_index=round_index,
+                holder_id=holder_id,
+                task_id=answer.task_id,
+                choice=answer.choice,
+                refusal=answer.refusal,
+                bits=bits,
+                late=late,
+                value=value,
             )
+            self.state.record_answer(record)
             if late or current is None:
                 return False
-            if answer.refused:
-                current.refusals[holder_id] = answer.refusal or ""
-            else:
-                assert answer.choice is not None
-                current.choices[holder_id] = answer.choice
+            current.record(record)
             self._maybe_close_locked()
             self._cond.notify_all()
             return True
@@ -240,27 +245,25 @@ class Coordinator:
         if self.state.next_round >= self.config.run.max_rounds:
             self._finish_locked(f"max_rounds ({self.config.run.max_rounds}) reached")
             return
-        round_cost = self.optimizer.bits_per_answer() * len(self._active)
+        index = self.state.next_round
+        candidates = self.optimizer.ask(index)
+        round_cost = self.spec.answer_bits(len(candidates)) * len(self._active)
         if self.state.bits_total + round_cost > self.config.run.bit_budget + 1e-9:
             self._finish_locked(
                 f"bit budget spent ({self.state.bits_total:.1f} of {self.config.run.bit_budget:g}"
                 f" bits; a round costs {round_cost:.2f})"
             )
             return
-        index = self.state.next_round
         holders = sorted(self._active)
         opened = OpenRound(
             index=index,
-            candidates=self.optimizer.ask(index),
+            candidates=candidates,
             task_ids={h: task_id_for(self.state.run_id, index, h) for h in holders},
             deadline=self._clock() + self.config.server.round_timeout_s,
         )
         for answer in self.state.open_round_answers:  # answers journaled before a restart
             if answer.round_index == index and answer.holder_id in opened.task_ids:
-                if answer.refusal is not None:
-                    opened.refusals[answer.holder_id] = answer.refusal
-                elif answer.choice is not None:
-                    opened.choices[answer.holder_id] = answer.choice
+                opened.record(answer)
         for holder, task_id in opened.task_ids.items():
             self._issued[task_id] = (index, holder)
         self._round = opened
@@ -278,16 +281,23 @@ class Coordinator:
         current = self._round
         assert current is not None
         self._round = None
-        quorum_met = len(current.choices) >= self.config.server.quorum
+        quorum_met = current.heard >= self.config.server.quorum
         winner: int | None = None
+        estimate: float | None = None
         step = None
-        if quorum_met:
-            choice = weighted_plurality(current.choices, self.config.server.holder_weights)
-            winner = winner_index(choice)
+        weights = self.config.server.holder_weights
+        if quorum_met and isinstance(self.optimizer, DPZero):
+            estimate = aggregate_scalars(
+                current.values,
+                self.config.dpzero.aggregate,
+                weights=weights,
+                trim_fraction=self.config.dpzero.trim_fraction,
+            )
+            step = self.optimizer.tell(current.candidates[0], estimate)
+        elif quorum_met:
+            assert isinstance(self.optimizer, ComparisonES)
+            winner = winner_index(weighted_plurality(current.choices, weights))
             step = self.optimizer.tell(current.candidates, winner)
-        bits = sum(
-            answer_bits(self.spec.answer_kind, len(current.candidates)) for _ in current.choices
-        )
         record = RoundRecord(
             round_index=current.index,
             candidates=current.candidates,
@@ -296,8 +306,10 @@ class Coordinator:
             winner=winner,
             step=step,
             step_size_after=self.optimizer.step,
-            bits=bits,
+            bits=self.spec.answer_bits(len(current.candidates)) * current.heard,
             closed_by=reason if quorum_met else f"{reason}; no quorum",
+            values=dict(current.values),
+            estimate=estimate,
         )
         self.state.record_round(record)
         for listener in self._listeners:
@@ -345,13 +357,47 @@ class Coordinator:
         for closed in reversed(self.state.rounds):
             if closed.round_index == round_index:
                 return len(closed.candidates)
-        return self.config.optimizer.candidates
+        return len(self.optimizer.ask(round_index))
 
-    def _check_choice(self, answer: Answer, n_candidates: int) -> None:
+    def _check_answer(self, answer: Answer, n_candidates: int) -> float | None:
+        """Reject an answer of the wrong shape or out of range; return a dp-scalar's value."""
         if answer.refused:
-            return
-        limit = 1 if self.spec.answer_kind is AnswerKind.COMPARE else n_candidates
+            return None
+        kind, dp = self.spec.answer_kind, self.spec.dp
+        where = f"answer to {answer.task_id!r}"
+        if kind is AnswerKind.DP_SCALAR and dp.quantization_bits == 0:
+            if answer.value is None or not math.isfinite(answer.value):
+                raise PolicyViolation(f"{where}: a dp-scalar answer needs a finite value")
+            return answer.value
+        if answer.value is not None:
+            raise PolicyViolation(f"{where}: this run's answers are choices, not values")
+        if kind is AnswerKind.DP_SCALAR:
+            limit = 2**dp.quantization_bits - 1
+        else:
+            limit = 1 if kind is AnswerKind.COMPARE else n_candidates
         if answer.choice is None or not 0 <= answer.choice <= limit:
-            raise PolicyViolation(
-                f"answer to {answer.task_id!r}: choice {answer.choice} is out of range 0..{limit}"
-            )
+            raise PolicyViolation(f"{where}: choice {answer.choice} is out of range 0..{limit}")
+        if kind is AnswerKind.DP_SCALAR:
+            return dequantize(answer.choice, dp.quantization_bits, dp.quantization_range)
+        return None
+
+
+def _build_optimizer(config: RunConfig, state: RunState) -> ComparisonES | DPZero:
+    if config.run.algorithm == "dpzero":
+        return DPZero(
+            run_seed=config.run.seed,
+            smoothing=config.dpzero.smoothing,
+            learning_rate=config.dpzero.learning_rate,
+            max_coefficient=config.dpzero.max_coefficient,
+        )
+    opt = config.optimizer
+    return ComparisonES(
+        run_seed=config.run.seed,
+        candidates=opt.candidates,
+        mirrored=opt.mirrored,
+        step_rule=StepSizeRule(
+            step=state.step_size if state.step_size is not None else opt.initial_step,
+            min_step=opt.min_step,
+            max_step=opt.max_step,
+        ),
+    )

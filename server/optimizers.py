@@ -94,3 +94,49 @@ class ComparisonES:
     def bits_per_answer(self) -> float:
         """log2 of the number of possible answers: λ candidates or none (1 bit for λ = 1)."""
         return 1.0 if self.candidates == 1 else math.log2(self.candidates + 1)
+
+
+class DPZero:
+    """DPZero's zeroth-order step as an ask/tell object (Zhang et al., ICML 2024).
+
+    ``ask`` gives one direction per round, z(seed) scaled by the smoothing λ: each holder
+    evaluates the incumbent at ±λz and answers its clipped, noised finite difference.
+    ``tell`` takes the aggregate g of those scalars and returns the step
+    ``x <- x - learning_rate * g * z(seed)``: a ``(seed, coefficient)`` in the log like any
+    other. The coefficient is clamped to ``max_coefficient`` (post-processing of the
+    answers, so free in privacy terms) so that one very noisy round cannot produce a step
+    that holders' policies refuse to apply.
+    """
+
+    def __init__(
+        self, *, run_seed: int, smoothing: float, learning_rate: float, max_coefficient: float
+    ):
+        if not (smoothing > 0 and learning_rate > 0 and max_coefficient > 0):
+            raise ValueError("smoothing, learning_rate and max_coefficient must be > 0")
+        self.run_seed = run_seed
+        self.smoothing = float32_toward_zero(smoothing)
+        self.learning_rate = learning_rate
+        self.max_coefficient = max_coefficient
+
+    @property
+    def step(self) -> float:
+        """The learning rate (journaled where the ES journals its step size)."""
+        return self.learning_rate
+
+    def ask(self, round_index: int) -> tuple[Candidate, ...]:
+        return (
+            Candidate(seed=candidate_seed(self.run_seed, round_index, 0), scale=self.smoothing),
+        )
+
+    def tell(self, candidate: Candidate, estimate: float) -> Step | None:
+        """The step for the aggregated estimate; None when it rounds to a zero coefficient."""
+        if not math.isfinite(estimate):
+            return None
+        raw = -self.learning_rate * estimate
+        # Toward zero, so a clamped coefficient stays within the cap after float32 rounding.
+        coefficient = float32_toward_zero(
+            max(-self.max_coefficient, min(self.max_coefficient, raw))
+        )
+        if coefficient == 0.0:
+            return None
+        return Step(seed=candidate.seed, coefficient=coefficient)

@@ -57,9 +57,15 @@ class RoundRecord:
     step_size_after: float
     bits: float
     closed_by: str
+    values: dict[str, float] = field(default_factory=dict)
+    estimate: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.values or self.estimate is not None:
+            extra = {"values": self.values, "estimate": self.estimate}
         return {
+            **extra,
             "type": "round",
             "round": self.round_index,
             "candidates": [[c.seed, c.scale] for c in self.candidates],
@@ -85,9 +91,12 @@ class AnswerRecord:
     refusal: str | None
     bits: float
     late: bool
+    value: float | None = None  # a dp-scalar (dequantized when the answer was a level)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {} if self.value is None else {"value": self.value}
         return {
+            **extra,
             "type": "answer",
             "round": self.round_index,
             "holder": self.holder_id,
@@ -262,6 +271,7 @@ def _answer_from_json(record: dict[str, Any]) -> AnswerRecord:
             refusal=record.get("refusal"),
             bits=float(record["bits"]),
             late=bool(record["late"]),
+            value=None if record.get("value") is None else float(record["value"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LogIntegrityError(f"journal: bad answer record {record}: {exc}") from None
@@ -282,6 +292,8 @@ def _round_from_json(record: dict[str, Any]) -> RoundRecord:
             step_size_after=float(record["step_size_after"]),
             bits=float(record["bits"]),
             closed_by=str(record.get("closed_by", "")),
+            values={str(k): float(v) for k, v in record.get("values", {}).items()},
+            estimate=None if record.get("estimate") is None else float(record["estimate"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LogIntegrityError(f"journal: bad round record: {exc}") from None

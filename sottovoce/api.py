@@ -100,7 +100,9 @@ def open_holder(
     def load() -> LoadedModel:
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)
 
-    ledger = Ledger.open(policy.ledger_dir, dataset_id(data_path), policy.max_bits)
+    ledger = Ledger.open(
+        policy.ledger_dir, dataset_id(data_path), policy.max_bits, privacy=policy.privacy_limit()
+    )
     return DataHolder(
         holder_id,
         records,

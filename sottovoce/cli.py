@@ -12,11 +12,14 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from sottovoce.common.errors import SottovoceError
+
+if TYPE_CHECKING:
+    from sottovoce.client.holder import DataHolder
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -172,8 +175,18 @@ def client(
     click.echo(
         f"{holder_id}: run {finished.run_id} finished ({finished.reason}); answered "
         f"{holder.status.answered}, refused {holder.status.refused}; lifetime bits "
-        f"{holder.ledger.spent_bits:.1f} of {holder.policy.max_bits:g}",
+        f"{holder.ledger.spent_bits:.1f} of {holder.policy.max_bits:g}" + _epsilon_line(holder),
         err=True,
+    )
+
+
+def _epsilon_line(holder: DataHolder) -> str:
+    limit = holder.ledger.privacy
+    if limit is None:
+        return ""
+    return (
+        f"; lifetime epsilon {holder.ledger.spent_epsilon():.3f} of {limit.max_epsilon:g} "
+        f"at delta {limit.delta:g}"
     )
 
 
@@ -243,7 +256,11 @@ def ledger(policy_path: Path, data_path: Path) -> None:
 
     policy = load_policy(policy_path)
     with Ledger.open(
-        policy.ledger_dir, dataset_id(data_path), policy.max_bits, read_only=True
+        policy.ledger_dir,
+        dataset_id(data_path),
+        policy.max_bits,
+        privacy=policy.privacy_limit(),
+        read_only=True,
     ) as book:
         for line in book.audit_lines():
             click.echo(line)

@@ -76,7 +76,12 @@ def open_local_holders(
         policy_path = root / f"policy{index}.toml"
         policy_path.write_text(holder_policy_toml(config, fingerprint, root / "ledgers"))
         policy = load_policy(policy_path)
-        ledger = Ledger.open(policy.ledger_dir, f"{config.run.name}-{index}", policy.max_bits)
+        ledger = Ledger.open(
+            policy.ledger_dir,
+            f"{config.run.name}-{index}",
+            policy.max_bits,
+            privacy=policy.privacy_limit(),
+        )
         holders.append(
             DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))
         )

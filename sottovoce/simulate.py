@@ -31,6 +31,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sottovoce.api import DTYPES, read_config
 from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.common.accounting import (
+    ACCOUNTANT_NAME,
+    NEIGHBOURING_RELATION,
+    PrivacyAccountant,
+    RandomizedResponse,
+)
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import (
     records_hash,
@@ -41,6 +47,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.fitness import build_fitness
+from sottovoce.common.messages import AnswerKind
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
@@ -79,8 +86,16 @@ def prepare_federation(
     train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
     if len(train) < sim.holders:
         raise ConfigError(f"simulate.train_size: {len(train)} examples for {sim.holders} holders")
+    shards = shard(train, sim.holders)
+    smallest = min(len(records) for records in shards)
+    wanted = config.privacy.examples_per_holder
+    if wanted is not None and wanted > smallest:
+        raise ConfigError(
+            f"privacy.examples_per_holder: {wanted}, but the smallest simulated holder has "
+            f"{smallest} examples (set it to at most {smallest})"
+        )
     holder_dirs = []
-    for index, records in enumerate(shard(train, sim.holders)):
+    for index, records in enumerate(shards):
         holder_dir = run_dir / "holders" / f"holder-{index}"
         holder_dir.mkdir(parents=True)
         write_jsonl(holder_dir / "data.jsonl", records)
@@ -97,17 +112,22 @@ def holder_policy_toml(config: RunConfig, fingerprint: str, state_dir: Path) -> 
     fit = config.fitness
     q = json.dumps  # TOML basic strings accept JSON string escapes
     words = ", ".join(q(w) for w in fit.label_words)
+    if config.run.algorithm == "dpzero":
+        max_lambda = 1
+        max_scale = max(config.dpzero.smoothing, config.dpzero.max_coefficient)
+    else:
+        max_lambda, max_scale = config.optimizer.candidates, config.optimizer.max_step
     return f"""# Written by `sottovoce simulate` for one simulated data holder.
 max_bits = {config.simulate.max_holder_policy_bits}
 expected_model_fingerprint = {q(fingerprint)}
 allowed_algorithms = [{q(config.run.algorithm)}]
 allowed_parametrizations = [{q(config.parametrization.kind)}]
-max_lambda = {config.optimizer.candidates}
-max_perturbation_scale = {config.optimizer.max_step}
+max_lambda = {max_lambda}
+max_perturbation_scale = {max_scale!r}
 min_batch_size = {min(16, config.evaluation.batch_size)}
 allowed_batch_modes = [{q(config.evaluation.mode)}]
 ledger_dir = {q(str(state_dir))}
-
+{_privacy_policy(config)}
 [fitness]
 kind = {q(fit.kind)}
 prompt_template = {q(fit.prompt_template)}
@@ -116,6 +136,24 @@ text_field = {q(fit.text_field)}
 label_field = {q(fit.label_field)}
 target_field = {q(fit.target_field)}
 """
+
+
+def _privacy_policy(config: RunConfig) -> str:
+    """The policy's (ε, δ) lines: by default exactly the ε this run needs, no more."""
+    dp = config.privacy
+    if config.simulate.max_holder_policy_epsilon is not None:
+        epsilon = config.simulate.max_holder_policy_epsilon
+    elif config.run.algorithm == "dpzero" and dp.epsilon is not None:
+        epsilon = dp.epsilon * (1 + 1e-4)  # calibration's tolerance
+    elif dp.randomized_response_epsilon is not None:
+        outcomes = (
+            2 if config.answer_kind is AnswerKind.COMPARE else config.optimizer.candidates + 1
+        )
+        event = RandomizedResponse(dp.randomized_response_epsilon, outcomes)
+        epsilon = PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
+    else:
+        return ""
+    return f"max_epsilon = {epsilon!r}\ndelta = {dp.delta!r}\nrequire_dp = true\n"
 
 
 def start_holders(
@@ -393,7 +431,63 @@ def build_report(
         },
         "run_id": state.run_id,
         "log_head": state.log.head,
+        **_dp_report(config, state, federation),
     }
+
+
+def _dp_report(config: RunConfig, state: RunState, federation: Federation) -> dict[str, Any]:
+    """ε per holder from the holders' own ledgers (read as their operator), and the curve
+    of the holders' local training fitness, for DP runs."""
+    if config.run.algorithm != "dpzero" and config.privacy.randomized_response_epsilon is None:
+        return {}
+    spec = config.dp_spec()
+    holders: dict[str, Any] = {}
+    curves = []
+    for index, holder_dir in enumerate(federation.holder_dirs):
+        report = _read_json(holder_dir / "report.json")
+        status = _read_json(holder_dir / "status.json")
+        holders[f"holder-{index}"] = {
+            key: report.get(key)
+            for key in (
+                "dp_answers_this_run",
+                "epsilon_this_run",
+                "lifetime_epsilon_spent",
+                "lifetime_epsilon_max",
+                "epsilon_delta",
+            )
+        }
+        curves.append(status.get("history") or [])
+    length = min((len(c) for c in curves), default=0)
+    curve = [float(np.mean([c[i] for c in curves])) for i in range(length)]
+    return {
+        "privacy": {
+            "accountant": ACCOUNTANT_NAME,
+            "neighbouring_relation": NEIGHBOURING_RELATION,
+            "target_epsilon": spec.epsilon or None,
+            "delta": config.privacy.delta,
+            "noise_multiplier": spec.noise_multiplier,
+            "randomized_response_epsilon": spec.randomized_response_epsilon or None,
+            "sampling_rate": config.sampling_rate,
+            "clip": spec.clip if config.run.algorithm == "dpzero" else None,
+            "quantization_bits": spec.quantization_bits,
+            "steps": len(state.rounds),
+            "per_holder": holders,
+        },
+        "training_fitness_curve": {
+            "what": "mean over holders of each holder's local score on its own answer batch "
+            "(mean log-probability of the right label), one point per answered task; "
+            "read from the holders' status files, never sent to the coordinator",
+            "points": curve,
+        },
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def pooled_train_errors(federation: Federation, log_head: str) -> int | None:

@@ -155,9 +155,9 @@ MALFORMED: dict[str, tuple[Callable[[], RecordDict], Callable[[RecordDict], obje
         "invalid sottovoce.answer.choice: expected an integer",
     ),
     "choice out of range": (
-        lambda: _with(_answer(), fr.ANSWER, MetricRecord({"choice": 65})),
+        lambda: _with(_answer(), fr.ANSWER, MetricRecord({"choice": 65536})),
         fr.read_answer,
-        "invalid Answer.choice: 65 is outside 0..64",
+        "invalid Answer.choice: 65536 is outside 0..65535",
     ),
     "choice and refusal": (
         lambda: _answer(refusal="no"),

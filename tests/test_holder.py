@@ -20,6 +20,7 @@ from helpers import (
 
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
+from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.common.errors import PolicyViolation
 from sottovoce.common.messages import Candidate, RunFinished, RunSpec, Task
 from sottovoce.common.models import LoadedModel, load_model
@@ -271,9 +272,10 @@ def test_minibatch_rng_is_system_entropy_never_seeded_by_the_task(tmp_path: Path
     holders = [joined(tmp_path / name) for name in ("a", "b")]
     spies = []
     for holder in holders:
-        assert type(holder._rng) is secrets.SystemRandom
+        assert type(holder._rng) is SecureRandomness
+        assert type(holder._rng._rng) is secrets.SystemRandom
         spy = SpyRandom()
-        holder._rng = spy
+        holder._rng._rng = spy
         spies.append(spy)
     task = make_task(run_spec(), "same-task")
     twin = make_task(run_spec(), "same-task-again")

@@ -176,7 +176,7 @@ def test_defaults_for_optional_fields(tmp_path: Path) -> None:
     del table["min_batch_size"], table["allowed_batch_modes"]
     policy = load_policy(write_policy(tmp_path, table))
     assert policy.min_batch_size == 16
-    assert policy.allowed_batch_modes == ("minibatch", "full")
+    assert policy.allowed_batch_modes == ("minibatch", "full", "poisson")
 
 
 def test_error_message_has_the_documented_shape(tmp_path: Path) -> None:
@@ -616,8 +616,11 @@ def test_policy_summary_declares_caps_only() -> None:
         "max_lambda": "8",
         "max_perturbation_scale": "0.5",
         "min_batch_size": "16",
-        "allowed_batch_modes": "minibatch,full",
+        "allowed_batch_modes": "minibatch,full,poisson",
         "fitness_sha256": fitness_digest(FitnessSpec()),
+        "max_epsilon": "None",
+        "delta": "None",
+        "require_dp": "false",
     }
     assert all(isinstance(value, str) for value in summary.values())
     other = make_policy(fitness=FitnessSpec(label_words=(" bad", " good")))

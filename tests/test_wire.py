@@ -17,6 +17,7 @@ from sottovoce.common.messages import (
     AnswerKind,
     BatchSpec,
     Candidate,
+    DpSpec,
     FitnessSpec,
     JoinRequest,
     RunFinished,
@@ -129,6 +130,24 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
     "task-best-of": (BEST_OF_TASK, TASK_CODEC),
     "answer": (ANSWER, ANSWER_CODEC),
     "answer-zero": (Answer(task_id="t", choice=0), ANSWER_CODEC),
+    "answer-dp-scalar": (Answer(task_id="t", choice=None, value=-0.375), ANSWER_CODEC),
+    "answer-quantized-level": (Answer(task_id="t", choice=wire.MAX_CHOICE), ANSWER_CODEC),
+    "run-spec-dp": (
+        replace(
+            SPEC,
+            algorithm="dpzero",
+            answer_kind=AnswerKind.DP_SCALAR,
+            batch=BatchSpec(mode="poisson", batch_size=16),
+            dp=DpSpec(
+                epsilon=2.0, delta=1e-5, noise_multiplier=3.25, clip=2.0, quantization_bits=4
+            ),
+        ),
+        RUN_SPEC,
+    ),
+    "run-spec-randomized-response": (
+        replace(SPEC, dp=DpSpec(delta=1e-6, randomized_response_epsilon=0.5)),
+        RUN_SPEC,
+    ),
     "refusal": (REFUSAL, ANSWER_CODEC),
     "run-finished": (FINISHED, FINISHED_CODEC),
     "join-request": (JOIN, JOIN_CODEC),
@@ -175,7 +194,7 @@ def push_bytes(holder_id: str, task_id: str, choice: int) -> int:
 
 def test_push_answer_request_is_at_most_200_bytes_even_with_longest_ids() -> None:
     typical = push_bytes("holder-1", "run-1:r123:holder-1", 1)
-    worst = push_bytes("h" * 64, "t" * 64, MAX_LAMBDA)
+    worst = push_bytes("h" * 64, "t" * 64, wire.MAX_CHOICE)
     print(f"PushAnswerRequest: typical {typical} B, longest ids {worst} B")
     assert typical <= 80
     assert worst <= 200
@@ -273,12 +292,15 @@ SPEC_BAD: list[tuple[str, RunSpec]] = [
 PUSH_BAD: list[tuple[str, PushAnswerCall]] = [
     ("answer.task_id", _push(task_id="t" * 200)),
     ("answer.choice", _push(choice=-1)),
-    ("answer.choice", _push(choice=MAX_LAMBDA + 1)),
+    ("answer.choice", _push(choice=wire.MAX_CHOICE + 1)),
     ("answer", _push(choice=None)),  # neither choice nor refusal
     ("answer", _push(refusal="no")),  # both
     ("answer.refusal", _push(choice=None, refusal="x" * 513)),
     ("answer.refusal", _push(choice=None, refusal="a\nb")),
     ("answer.refusal", _push(choice=None, refusal="")),
+    ("answer.value", _push(choice=None, value=float("nan"))),
+    ("answer.value", _push(choice=None, value=0.1)),  # not exactly a float32
+    ("answer", _push(choice=1, value=0.5)),  # two outcomes at once
     ("holder_id", PushAnswerCall(Credentials("a b", SESSION), ANSWER)),
     ("session", PushAnswerCall(Credentials("h", "short"), ANSWER)),
 ]
@@ -397,7 +419,7 @@ SPEC_MUTATIONS: list[Mutation] = [
 ]
 PUSH_MUTATIONS: list[Mutation] = [
     ("answer.task_id", lambda m: setattr(m.answer, "task_id", "t" * 200)),
-    ("answer.choice", lambda m: setattr(m.answer, "choice", 65)),
+    ("answer.choice", lambda m: setattr(m.answer, "choice", wire.MAX_CHOICE + 1)),
     ("answer", lambda m: m.answer.ClearField("choice")),
     ("answer.refusal", lambda m: setattr(m.answer, "refusal", "r" * 513)),
     ("answer", lambda m: m.ClearField("answer")),

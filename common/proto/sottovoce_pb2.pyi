@@ -42,6 +42,8 @@ class _AnswerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnswerKind
     """one candidate vs the incumbent: 1 bit"""
     ANSWER_KIND_BEST_OF: _AnswerKind.ValueType  # 2
     """best of lambda candidates, or none: log2(lambda + 1) bits"""
+    ANSWER_KIND_DP_SCALAR: _AnswerKind.ValueType  # 3
+    """DPZero: clipped, noised finite difference: 32 or k bits"""
 
 class AnswerKind(_AnswerKind, metaclass=_AnswerKindEnumTypeWrapper): ...
 
@@ -50,6 +52,8 @@ ANSWER_KIND_COMPARE: AnswerKind.ValueType  # 1
 """one candidate vs the incumbent: 1 bit"""
 ANSWER_KIND_BEST_OF: AnswerKind.ValueType  # 2
 """best of lambda candidates, or none: log2(lambda + 1) bits"""
+ANSWER_KIND_DP_SCALAR: AnswerKind.ValueType  # 3
+"""DPZero: clipped, noised finite difference: 32 or k bits"""
 Global___AnswerKind: _TypeAlias = AnswerKind  # noqa: Y015
 
 class _ParametrizationKind:
@@ -116,12 +120,16 @@ class _BatchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchMode.V
     BATCH_MODE_UNSPECIFIED: _BatchMode.ValueType  # 0
     BATCH_MODE_MINIBATCH: _BatchMode.ValueType  # 1
     BATCH_MODE_FULL: _BatchMode.ValueType  # 2
+    BATCH_MODE_POISSON: _BatchMode.ValueType  # 3
+    """each example independently, rate batch_size / n (DPZero)"""
 
 class BatchMode(_BatchMode, metaclass=_BatchModeEnumTypeWrapper): ...
 
 BATCH_MODE_UNSPECIFIED: BatchMode.ValueType  # 0
 BATCH_MODE_MINIBATCH: BatchMode.ValueType  # 1
 BATCH_MODE_FULL: BatchMode.ValueType  # 2
+BATCH_MODE_POISSON: BatchMode.ValueType  # 3
+"""each example independently, rate batch_size / n (DPZero)"""
 Global___BatchMode: _TypeAlias = BatchMode  # noqa: Y015
 
 @_typing.final
@@ -230,6 +238,54 @@ class BatchSpec(_message.Message):
 Global___BatchSpec: _TypeAlias = BatchSpec  # noqa: Y015
 
 @_typing.final
+class DpSpec(_message.Message):
+    """The differential privacy a run asks of every answer (all zero: none). The holder
+    computes its own accounting from these and its policy; it never takes epsilon on trust.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_BITS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_RANGE_FIELD_NUMBER: _builtins.int
+    RANDOMIZED_RESPONSE_EPSILON_FIELD_NUMBER: _builtins.int
+    epsilon: _builtins.float
+    """the run's target; >= 0"""
+    delta: _builtins.float
+    """in [0, 1)"""
+    noise_multiplier: _builtins.float
+    """DPZero: noise std / sensitivity; 0 = non-private"""
+    clip: _builtins.float
+    """DPZero: per-example clip bound, > 0"""
+    quantization_bits: _builtins.int
+    """DPZero: 0 = float32 answer, else 1..16"""
+    quantization_range: _builtins.float
+    """DPZero: the quantized answer's range [-r, r], > 0"""
+    randomized_response_epsilon: _builtins.float
+    """BBoxER: 0 = exact choices"""
+    def __init__(
+        self,
+        *,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        clip: _builtins.float = ...,
+        quantization_bits: _builtins.int = ...,
+        quantization_range: _builtins.float = ...,
+        randomized_response_epsilon: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "delta", b"delta", "epsilon", b"epsilon", "noise_multiplier", b"noise_multiplier", "quantization_bits", b"quantization_bits", "quantization_range", b"quantization_range", "randomized_response_epsilon", b"randomized_response_epsilon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DpSpec: _TypeAlias = DpSpec  # noqa: Y015
+
+@_typing.final
 class RunSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -243,6 +299,7 @@ class RunSpec(_message.Message):
     BIT_BUDGET_FIELD_NUMBER: _builtins.int
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
     LOG_GENESIS_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """1..64 chars of [A-Za-z0-9._:-]"""
     algorithm: _builtins.str
@@ -259,6 +316,8 @@ class RunSpec(_message.Message):
     def fitness(self) -> Global___FitnessSpec: ...
     @_builtins.property
     def batch(self) -> Global___BatchSpec: ...
+    @_builtins.property
+    def dp(self) -> Global___DpSpec: ...
     def __init__(
         self,
         *,
@@ -272,10 +331,11 @@ class RunSpec(_message.Message):
         bit_budget: _builtins.float = ...,
         max_rounds: _builtins.int = ...,
         log_genesis: _builtins.str = ...,
+        dp: Global___DpSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "fitness", b"fitness", "parametrization", b"parametrization"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "dp", b"dp", "fitness", b"fitness", "parametrization", b"parametrization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "dp", b"dp", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,23 +454,29 @@ class Answer(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     CHOICE_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     choice: _builtins.int
-    """compare: 0/1; best-of: 0 = none, else 1 + candidate index"""
+    """compare: 0/1; best-of: 0 = none, else 1 + candidate index;"""
     refusal: _builtins.str
-    """one line, <= 512 chars; costs nothing"""
+    """quantized dp-scalar: the level
+    one line, <= 512 chars; costs nothing
+    """
+    value: _builtins.float
+    """unquantized dp-scalar; finite"""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         choice: _builtins.int = ...,
         refusal: _builtins.str = ...,
+        value: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal", "task_id", b"task_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["choice", "refusal"]  # noqa: Y015
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["choice", "refusal", "value"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 

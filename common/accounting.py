@@ -1,0 +1,299 @@
+"""Differential-privacy accounting: what one DP answer costs, and what a lifetime of them does.
+
+Two kinds of DP answer exist (DESIGN.md §4), each described by a small event record that
+the holder's ledger stores next to the answer:
+
+* :class:`PoissonGaussian`: a DPZero scalar. The holder Poisson-samples its examples at
+  rate ``q`` with a secret RNG, sums the clipped per-example finite differences, divides
+  by the *expected* batch size and adds Gaussian noise of ``noise_multiplier`` times the
+  sensitivity. Neighbouring data sets differ by adding or removing one example
+  (``ADD_OR_REMOVE_ONE``), which is the relation Poisson subsampling amplification is
+  proved for; the sensitivity of the normalized sum is then ``clip / expected_batch``.
+* :class:`RandomizedResponse`: a BBoxER choice among ``outcomes`` answers kept with
+  probability ``e^ε / (e^ε + outcomes - 1)``, else replaced by one of the others
+  uniformly. Its ε holds for *any* two data sets, so for either neighbouring relation and
+  whatever examples the choice was computed on (no amplification is claimed).
+
+The accounting itself is Google's ``dp-accounting`` RDP accountant (a maintained library:
+no privacy formula is written here); tests cross-check it against Opacus's. RDP composes
+additively over its orders, so a lifetime of events costs one vector of numbers, and
+"would one more answer cross the budget?" is a copy and one more composition.
+
+dp-accounting computes randomized response's RDP only under replace-one neighbours and
+Poisson-subsampled Gaussians only under add/remove-one. They are composed by adding the
+two RDP curves (RDP composes additively across mechanisms): randomized response's curve
+bounds the divergence between its outputs on *any* two inputs, so it holds for add/remove
+neighbours too, and the sum is a valid add/remove-one RDP curve of the whole ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+_ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+_REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+ACCOUNTANT_NAME = "dp-accounting 0.6.0 RDP (add/remove-one neighbours)"
+NEIGHBOURING_RELATION = "add-or-remove-one"
+# dp-accounting's default RDP orders, plus larger ones: a long-lived ledger at a small
+# sampling rate reaches its best epsilon at high orders.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(11, 64),
+    128.0,
+    256.0,
+    512.0,
+    1024.0,
+)
+MAX_NOISE_MULTIPLIER = 1e4
+
+
+class AccountingError(ValueError):
+    """An event or a target the accountant cannot work with (named in the message)."""
+
+
+@dataclass(frozen=True)
+class PoissonGaussian:
+    """One Gaussian answer on a Poisson subsample at rate ``sampling_rate``."""
+
+    noise_multiplier: float
+    sampling_rate: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise AccountingError(
+                f"noise_multiplier must be a finite number > 0 (got {self.noise_multiplier!r})"
+            )
+        if not (math.isfinite(self.sampling_rate) and 0 < self.sampling_rate <= 1):
+            raise AccountingError(f"sampling_rate must be in (0, 1] (got {self.sampling_rate!r})")
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.PoissonSampledDpEvent(
+            self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mechanism": "poisson-gaussian",
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.sampling_rate,
+        }
+
+
+@dataclass(frozen=True)
+class RandomizedResponse:
+    """One ε-DP choice among ``outcomes`` answers (k-ary randomized response)."""
+
+    epsilon: float
+    outcomes: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise AccountingError(f"epsilon must be a finite number > 0 (got {self.epsilon!r})")
+        if isinstance(self.outcomes, bool) or not (
+            isinstance(self.outcomes, int) and self.outcomes >= 2
+        ):
+            raise AccountingError(f"outcomes must be an integer >= 2 (got {self.outcomes!r})")
+
+    @property
+    def uniform_probability(self) -> float:
+        """Probability of answering uniformly at random instead of truthfully."""
+        return self.outcomes / (math.exp(self.epsilon) + self.outcomes - 1)
+
+    @property
+    def truth_probability(self) -> float:
+        """Probability that the released choice is the true one."""
+        return math.exp(self.epsilon) / (math.exp(self.epsilon) + self.outcomes - 1)
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.RandomizedResponseDpEvent(self.uniform_probability, self.outcomes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mechanism": "randomized-response",
+            "epsilon": self.epsilon,
+            "outcomes": self.outcomes,
+        }
+
+
+DpEvent = PoissonGaussian | RandomizedResponse
+
+
+def event_from_json(raw: Mapping[str, Any]) -> DpEvent:
+    """The event a ledger record stores; raises :class:`AccountingError` if malformed."""
+    mechanism = raw.get("mechanism")
+    try:
+        if mechanism == "poisson-gaussian" and set(raw) == {
+            "mechanism",
+            "noise_multiplier",
+            "sampling_rate",
+        }:
+            return PoissonGaussian(
+                noise_multiplier=_real(raw["noise_multiplier"]),
+                sampling_rate=_real(raw["sampling_rate"]),
+            )
+        if mechanism == "randomized-response" and set(raw) == {
+            "mechanism",
+            "epsilon",
+            "outcomes",
+        }:
+            outcomes = raw["outcomes"]
+            if isinstance(outcomes, bool) or not isinstance(outcomes, int):
+                raise AccountingError(f"outcomes {outcomes!r} is not an integer")
+            return RandomizedResponse(epsilon=_real(raw["epsilon"]), outcomes=outcomes)
+    except TypeError as exc:
+        raise AccountingError(str(exc)) from None
+    raise AccountingError(f"unknown DP event {dict(raw)!r}")
+
+
+def _real(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AccountingError(f"{value!r} is not a number")
+    return float(value)
+
+
+class PrivacyAccountant:
+    """The (ε, δ) spent by a multiset of DP events, composed with dp-accounting's RDP."""
+
+    def __init__(self, events: Iterable[DpEvent] = ()) -> None:
+        self._counts: Counter[DpEvent] = Counter()
+        self._gaussian = RdpAccountant(list(RDP_ORDERS), _ADD_OR_REMOVE)
+        self._randomized_response = RdpAccountant(list(RDP_ORDERS), _REPLACE_ONE)
+        for event, count in Counter(events).items():
+            self.compose(event, count)
+
+    @property
+    def answers(self) -> int:
+        return sum(self._counts.values())
+
+    def compose(self, event: DpEvent, count: int = 1) -> None:
+        if count < 1:
+            raise AccountingError(f"count must be >= 1 (got {count})")
+        target = self._gaussian if isinstance(event, PoissonGaussian) else self._randomized_response
+        with _quiet_absl():
+            target.compose(event.to_dp_event(), count)
+        self._counts[event] += count
+
+    def epsilon(self, delta: float) -> float:
+        """ε at ``delta`` for everything composed so far (0 when nothing was)."""
+        _check_delta(delta)
+        if not self._counts:
+            return 0.0
+        rdp = [
+            a + b for a, b in zip(self._gaussian.rdp, self._randomized_response.rdp, strict=True)
+        ]
+        epsilon, _ = compute_epsilon(RDP_ORDERS, rdp, delta)
+        return float(epsilon)
+
+    def epsilon_with(self, event: DpEvent, delta: float, count: int = 1) -> float:
+        """ε if ``count`` more of ``event`` were composed (this accountant is not changed)."""
+        trial = copy.deepcopy(self)
+        trial.compose(event, count)
+        return trial.epsilon(delta)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    sampling_rate: float,
+    prior: Iterable[DpEvent] = (),
+) -> float:
+    """Smallest noise multiplier with which ``steps`` answers (after ``prior``) fit the target.
+
+    Uses dp-accounting's ``calibrate_dp_mechanism`` (bisection on the accountant itself),
+    so the result is what the same accountant will later charge. Raises
+    :class:`AccountingError` if even ``MAX_NOISE_MULTIPLIER`` does not fit, e.g. because
+    ``prior`` events already spent the target.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise AccountingError(f"epsilon must be a finite number > 0 (got {target_epsilon!r})")
+    _check_delta(delta)
+    if steps < 1:
+        raise AccountingError(f"steps must be >= 1 (got {steps})")
+    prior = tuple(prior)
+    base = PrivacyAccountant(prior)
+    if base.epsilon(delta) >= target_epsilon:
+        raise AccountingError(
+            f"epsilon {base.epsilon(delta):.3f} is already spent, target is {target_epsilon:g}"
+        )
+
+    if base.epsilon_with(PoissonGaussian(MAX_NOISE_MULTIPLIER, sampling_rate), delta, steps) > (
+        target_epsilon
+    ):
+        raise AccountingError(
+            f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps {steps} steps at "
+            f"sampling rate {sampling_rate:g} within epsilon {target_epsilon:g}"
+        )
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: _Trial(base),
+        lambda sigma: _Batch(PoissonGaussian(sigma, sampling_rate), steps),
+        target_epsilon,
+        delta,
+        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+        tol=1e-4,
+    )
+    return float(sigma)
+
+
+@dataclass(frozen=True)
+class _Batch(dp_accounting.DpEvent):  # type: ignore[misc]
+    """``count`` copies of one of our events, as a dp-accounting event for calibration."""
+
+    event: DpEvent
+    count: int
+
+
+class _Trial(dp_accounting.PrivacyAccountant):  # type: ignore[misc]
+    """A throw-away copy of a :class:`PrivacyAccountant` in dp-accounting's interface, so
+    ``calibrate_dp_mechanism`` bisects on exactly the accountant that will later charge."""
+
+    def __init__(self, base: PrivacyAccountant) -> None:
+        super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self._inner = copy.deepcopy(base)
+
+    def supports(self, event: dp_accounting.DpEvent) -> bool:
+        return isinstance(event, _Batch)
+
+    def _maybe_compose(self, event: dp_accounting.DpEvent, count: int, do_compose: bool) -> None:
+        if not isinstance(event, _Batch):
+            return dp_accounting.privacy_accountant.CompositionErrorDetails(
+                invalid_event=event, error_message="not a calibration batch"
+            )
+        if do_compose:
+            self._inner.compose(event.event, event.count * count)
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        return self._inner.epsilon(target_delta)
+
+    def get_delta(self, target_epsilon: float) -> float:
+        raise NotImplementedError("calibration only asks for epsilon")
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting logs a warning per RDP order it cannot compute at small noise and drops
+    it; dropping an order can only make ε larger, and calibration probes such noise often."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_delta(delta: float) -> None:
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise AccountingError(f"delta must be in (0, 1) (got {delta!r})")
