@@ -300,11 +300,17 @@ def _check_batch_policy(policy: HolderPolicy, batch: BatchSpec, who: str) -> Non
             f"{who} wants batch mode {batch.mode!r}; "
             f"policy allows {list(policy.allowed_batch_modes)}"
         )
-    if batch.mode == "minibatch" and batch.batch_size < policy.min_batch_size:
+    if batch.mode != "full" and batch.batch_size < policy.min_batch_size:
         raise PolicyViolation(
-            f"{who} wants minibatches of {batch.batch_size} examples; "
+            f"{who} wants {_batches(batch)}; "
             f"policy needs at least min_batch_size {policy.min_batch_size}"
         )
+
+
+def _batches(batch: BatchSpec) -> str:
+    if batch.mode == "poisson":
+        return f"Poisson batches of {batch.batch_size} examples on average"
+    return f"minibatches of {batch.batch_size} examples"
 
 
 def _check_fitness(pinned: FitnessSpec, asked: FitnessSpec) -> None:
@@ -371,8 +377,10 @@ def _check_candidates(policy: HolderPolicy, task: Task, name: str) -> None:
         raise PolicyViolation(
             f"{name} has {count} candidates; policy allows at most max_lambda {policy.max_lambda}"
         )
-    if task.answer_kind is AnswerKind.COMPARE and count != 1:
-        raise PolicyViolation(f"{name} is a compare task with {count} candidates (needs exactly 1)")
+    if task.answer_kind in (AnswerKind.COMPARE, AnswerKind.DP_SCALAR) and count != 1:
+        raise PolicyViolation(
+            f"{name} is a {_kind(task.answer_kind)} task with {count} candidates (needs exactly 1)"
+        )
     for index, candidate in enumerate(task.candidates):
         if not (isinstance(candidate.seed, int) and 0 <= candidate.seed <= UINT64_MAX):
             raise PolicyViolation(
@@ -390,11 +398,8 @@ def _check_candidates(policy: HolderPolicy, task: Task, name: str) -> None:
 
 
 def _check_batch_size(policy: HolderPolicy, task: Task, data_size: int, name: str) -> None:
-    if task.batch.mode == "minibatch" and task.batch.batch_size > data_size:
-        raise PolicyViolation(
-            f"{name} wants minibatches of {task.batch.batch_size} examples; "
-            f"this data set has {data_size}"
-        )
+    if task.batch.mode != "full" and task.batch.batch_size > data_size:
+        raise PolicyViolation(f"{name} wants {_batches(task.batch)}; this data set has {data_size}")
     if task.batch.mode == "full" and data_size < policy.min_batch_size:
         # A "full" batch of a tiny data set singles out records just like a tiny minibatch.
         raise PolicyViolation(

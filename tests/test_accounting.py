@@ -63,9 +63,7 @@ def test_randomized_response_within_pure_dp_composition_bounds() -> None:
     one = PrivacyAccountant([RandomizedResponse(eps, 2)]).epsilon(delta)
     assert eps * 0.9 <= one <= eps * 1.1
     many = PrivacyAccountant([RandomizedResponse(eps, 2)] * steps).epsilon(delta)
-    advanced = math.sqrt(2 * steps * math.log(1 / delta)) * eps + steps * eps * (
-        math.exp(eps) - 1
-    )
+    advanced = math.sqrt(2 * steps * math.log(1 / delta)) * eps + steps * eps * (math.exp(eps) - 1)
     assert many < min(steps * eps, advanced)
     assert many > math.sqrt(steps) * eps  # and composition is not free
 
