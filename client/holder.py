@@ -365,8 +365,9 @@ class DataHolder:
         """Refuse a DP run whose noise this data set's remaining ε cannot afford in full.
 
         The holder calibrates, with its own accountant, its own δ, its own sampling rate
-        and everything its ledger already spent, the noise the run's ``max_rounds`` steps
-        would need, and refuses an offer below it: the coordinator cannot lower the noise.
+        and everything its ledger spent on other runs, the noise the run's ``max_rounds``
+        steps would need, and refuses an offer below it: the coordinator cannot lower the
+        noise. Each answer is checked against the whole ledger again before it is computed.
         """
         limit = self.ledger.privacy
         event = self._dp_event(spec, 1)
@@ -376,7 +377,9 @@ class DataHolder:
             if limit.require_dp:
                 raise PolicyViolation("policy requires DP answers; this run's answers are not DP")
             return
-        prior = self.ledger.dp_events()
+        # This run's own earlier answers (a restart, a rejoin) are part of its max_rounds
+        # steps, not spending before it: count every other run's answers as prior.
+        prior = [r.dp for r in self.ledger.records if r.dp is not None and r.run_id != spec.run_id]
         if isinstance(event, PoissonGaussian):
             try:
                 needed = calibrate_noise_multiplier(
@@ -388,12 +391,12 @@ class DataHolder:
                     f"answers at any noise: {exc}"
                 ) from None
             if event.noise_multiplier < needed * (1 - 1e-6):
-                spent = self.ledger.spent_epsilon()
+                spent = PrivacyAccountant(prior).epsilon(limit.delta)
                 raise PolicyViolation(
                     f"run {spec.run_id}: noise_multiplier {event.noise_multiplier:.4g} is below "
                     f"the {needed:.4g} this data set needs for {spec.max_rounds} steps at its "
                     f"sampling rate {event.sampling_rate:.4g} (max_epsilon {limit.max_epsilon:g}"
-                    f" at delta {limit.delta:g}, {spent:.3g} already spent)"
+                    f" at delta {limit.delta:g}, {spent:.3g} spent by earlier runs)"
                 )
             return
         if spec.answer_kind is AnswerKind.BEST_OF:

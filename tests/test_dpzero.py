@@ -273,6 +273,22 @@ def test_epsilon_survives_a_restart_and_a_new_run_cannot_reset_it(tmp_path: Path
         reopened.accept_run(new_run)
 
 
+def test_a_holder_restarted_mid_run_rejoins_and_answers_the_rest(tmp_path: Path) -> None:
+    sigma = calibrate_noise_multiplier(2.0, DELTA, 10, RATE)
+    spec = dp_spec(noise=sigma, max_rounds=10)
+    holder = dp_holder(tmp_path)
+    holder.accept_run(spec)
+    for index in range(5):
+        assert not holder.answer(dp_task(spec, f"t{index}")).refused
+    holder.ledger.close()
+    restarted = dp_holder(tmp_path)
+    restarted.accept_run(spec)  # its own 5 answers are part of the run, not prior spending
+    for index in range(5, 10):
+        assert not restarted.answer(dp_task(spec, f"t{index}")).refused
+    assert restarted.ledger.spent_epsilon() <= 2.0
+    assert restarted.answer(dp_task(spec, "t10")).refused  # the 11th would pass 2.0
+
+
 def test_a_run_with_too_little_noise_is_refused_at_join(tmp_path: Path) -> None:
     needed = calibrate_noise_multiplier(2.0, DELTA, 100, RATE)
     holder = dp_holder(tmp_path)

@@ -541,3 +541,33 @@ def test_a_clientapp_started_afresh_for_every_message_gives_the_same_run(tmp_pat
         }
         logs[mode] = (list(state.log), journal_rounds(state.run_dir))
     assert logs["fresh"] == logs["kept"]
+
+
+def test_dpzero_through_flower_with_epsilon_in_the_report(tmp_path: Path) -> None:
+    config = write_run_config(
+        tmp_path / "run.toml",
+        run={"name": "flower-dp", "algorithm": "dpzero", "max_rounds": 4, "bit_budget": 1e4},
+        evaluation={"mode": "poisson", "batch_size": 8},
+        dpzero={"learning_rate": 0.05, "smoothing": 0.01, "quantization_bits": 8},
+        privacy={"epsilon": 6.0, "delta": 1e-5, "examples_per_holder": 20},
+        simulate={"holders": 2, "test_size": 40, "dev_size": 10, "train_size": 40},
+        server={"min_holders": 2, "quorum": 2},
+    )
+    run_dir, state_dir = tmp_path / "sim", tmp_path / "ledgers"
+    report = simulate(config, run_dir=run_dir, state_dir=state_dir, engine="flower")
+
+    assert report["rounds"] == 4 and report["bits_spent_per_holder"] == {
+        "holder-0": 32.0,
+        "holder-1": 32.0,
+    }
+    privacy = report["privacy"]
+    assert privacy["sampling_rate"] == 0.4 and privacy["noise_multiplier"] > 0
+    for holder in ("holder-0", "holder-1"):
+        spent = privacy["per_holder"][holder]
+        assert spent["dp_answers_this_run"] == 4
+        assert 5.0 < spent["epsilon_this_run"] <= 6.0 * (1 + 1e-4)  # the policy allows 6 only
+    for ledger in sorted(state_dir.glob("*.ledger.jsonl")):
+        records = read_json_lines(ledger)
+        assert [r["dp"]["mechanism"] for r in records] == ["poisson-gaussian"] * 4
+        assert all(0 <= r["choice"] < 256 and r["bits"] == 8.0 for r in records)
+    assert len(report["training_fitness_curve"]["points"]) == 4
