@@ -270,10 +270,19 @@ class CandidateEvaluator:
         if self._head_cache is None:
             return self._prefix(batch)
         keys = [record_key(examples[int(i)]) for i in batch.example_index]
-        if any(key not in self._head_cache for key in keys):
-            last = self._prefix(batch).hidden[:, -1:, :]
-            for row, key in enumerate(keys):
-                self._head_cache[key] = last[row].clone()
+        missing = {
+            key: int(i)
+            for key, i in zip(keys, batch.example_index, strict=True)
+            if key not in self._head_cache
+        }
+        if missing:
+            # Only the examples never seen run the prefix: with random (Poisson) batches
+            # almost every batch has one new example, and the rest are cached already.
+            new = list(missing.values())
+            for sub in self.fitness.prepare([examples[i] for i in new], max_batch=self.max_batch):
+                last = self._prefix(sub).hidden[:, -1:, :]
+                for row, index in enumerate(sub.example_index):
+                    self._head_cache[record_key(examples[new[int(index)]])] = last[row].clone()
         return _Prefix(args=(torch.stack([self._head_cache[key] for key in keys]),), kwargs={})
 
     def _prefix(self, batch: PreparedBatch) -> _Prefix:

@@ -77,6 +77,7 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
     from sottovoce.api import open_coordinator, read_config
     from sottovoce.server.grpc_service import serve
+    from sottovoce.server.run_report import coordinator_report
 
     config, _ = read_config(config_path)
     run_dir = run_dir or Path("runs") / config.run.name
@@ -92,14 +93,18 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
     )
     coordinator.add_listener(
         lambda record, state: click.echo(
-            f"round {record.round_index}: choices {record.choices} "
+            f"round {record.round_index}: "
+            + (f"estimate {record.estimate:.4g} " if record.estimate is not None else "")
+            + f"choices {record.choices} "
             f"{'accepted' if record.step else 'kept'}; bits {state.bits_total:.1f}",
             err=True,
         )
     )
     try:
         coordinator.wait_finished()
-        click.echo(f"run finished: {coordinator.state.finished_reason}", err=True)
+        report = coordinator_report(config, coordinator.state, coordinator.spec)
+        path = coordinator.state.write_report(report)
+        click.echo(f"run finished: {coordinator.state.finished_reason}; report {path}", err=True)
         # Keep serving until every holder has collected the final steps and left.
         coordinator.wait_holders_left(timeout_s=60.0)
     finally:

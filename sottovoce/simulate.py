@@ -54,6 +54,7 @@ from sottovoce.common.stats import accuracy_interval, generalization_slack, mcne
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
+from sottovoce.server.run_report import coordinator_report
 from sottovoce.server.run_state import RoundRecord, RunState
 
 Record = dict[str, object]
@@ -362,6 +363,12 @@ def simulate(
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
     export = export_run(run_dir / "coordinator", run_dir / "model")
     report = build_report(config, state, federation, before, after, train_errors)
+    coordinator_view = coordinator_report(config, state, coordinator.spec)
+    state.write_report(coordinator_view)  # what `sottovoce server` writes, too
+    if "privacy" in report:
+        report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
+            "privacy_as_computed_by_the_coordinator"
+        )
     report["exported_model"] = str(export.out_dir)
     report["wall_seconds"] = round(time.time() - started, 1)
     text = json.dumps(report, indent=2, sort_keys=True)

@@ -63,6 +63,24 @@ def test_head_cache_skips_the_body_on_repeat() -> None:
     assert first > 0 and fast.forward_passes == first
 
 
+def test_head_cache_runs_the_body_only_for_examples_it_has_not_seen() -> None:
+    fast = evaluator(SPECS["norm-scale"])
+    fast.max_batch = len(RECORDS)  # one batch holding both cached and new examples
+    plain = evaluator(SPECS["norm-scale"], reuse_prefix=False, cache_head_inputs=False)
+    candidate = [Candidate(seed=5, scale=0.3)]
+    fast.score(RECORDS[:2], candidate)  # two examples cached
+    body_rows: list[int] = []
+    handle = fast.model.register_forward_pre_hook(
+        lambda _, args, kwargs: body_rows.append(int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True,
+    )
+    _, (mixed,) = fast.score(RECORDS, candidate)  # one batch: two cached, the rest new
+    handle.remove()
+    assert body_rows == [len(RECORDS) - 2]  # one body pass, on the new examples only
+    _, (reference,) = plain.score(RECORDS, candidate)
+    np.testing.assert_allclose(mixed, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_restore_is_exact_after_many_choices() -> None:
     ev = evaluator(SPECS["select-norms"])
     before = {k: v.clone() for k, v in ev.model.state_dict().items()}

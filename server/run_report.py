@@ -1,0 +1,74 @@
+"""What the coordinator can say about a run from its own state alone (no holder data).
+
+Written to ``report.json`` in the run directory when a served run finishes. For DP runs
+it states the ε each holder spent *as the coordinator computes it*: that holder's number
+of answers, each a Poisson-subsampled Gaussian at the sampling rate the run was
+calibrated for. A holder whose data set is larger spent less, one whose data set is
+smaller more; the authoritative figure is in each holder's own ledger and local report.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sottovoce.common.accounting import (
+    ACCOUNTANT_NAME,
+    NEIGHBOURING_RELATION,
+    DpEvent,
+    PoissonGaussian,
+    PrivacyAccountant,
+    RandomizedResponse,
+)
+from sottovoce.common.config import RunConfig
+from sottovoce.common.messages import AnswerKind, RunSpec
+from sottovoce.server.run_state import RunState
+
+
+def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dict[str, Any]:
+    """Rounds, steps, bits per holder, and (for DP runs) ε per holder and the estimates."""
+    report: dict[str, Any] = {
+        "run_id": state.run_id,
+        "algorithm": config.run.algorithm,
+        "rounds": len(state.rounds),
+        "accepted_steps": state.log.version,
+        "log_head": state.log.head,
+        "finished_reason": state.finished_reason,
+        "bits_spent_total": state.bits_total,
+        "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
+    }
+    event = _answer_event(config, spec)
+    if event is None:
+        return report
+    answers: Counter[str] = Counter()
+    for closed in state.rounds:
+        answers.update(closed.values or closed.choices)
+    delta = spec.dp.delta
+    report["privacy_as_computed_by_the_coordinator"] = {
+        "accountant": ACCOUNTANT_NAME,
+        "neighbouring_relation": NEIGHBOURING_RELATION,
+        "event": event.to_json(),
+        "delta": delta,
+        "target_epsilon": spec.dp.epsilon or None,
+        "epsilon_per_holder": {
+            holder: PrivacyAccountant([event] * count).epsilon(delta)
+            for holder, count in sorted(answers.items())
+        },
+        "answers_per_holder": dict(sorted(answers.items())),
+        "note": "assumes each holder has privacy.examples_per_holder examples; each "
+        "holder's own ledger has the authoritative figure",
+    }
+    if config.run.algorithm == "dpzero":
+        report["estimates"] = [closed.estimate for closed in state.rounds]
+    return report
+
+
+def _answer_event(config: RunConfig, spec: RunSpec) -> DpEvent | None:
+    dp = spec.dp
+    if spec.answer_kind is AnswerKind.DP_SCALAR and dp.noise_multiplier > 0:
+        rate = config.sampling_rate
+        return None if rate is None else PoissonGaussian(dp.noise_multiplier, rate)
+    if dp.randomized_response_epsilon > 0:
+        outcomes = 2 if spec.answer_kind is AnswerKind.COMPARE else config.optimizer.candidates + 1
+        return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
+    return None
