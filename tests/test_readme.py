@@ -31,3 +31,10 @@ def test_examples_are_valid_and_agree() -> None:
     assert config.parametrization.kind in policy.allowed_parametrizations
     assert config.optimizer.candidates <= policy.max_lambda
     assert config.optimizer.max_step <= policy.max_perturbation_scale
+
+
+def test_the_dpzero_example_is_valid_and_calibrates() -> None:
+    config = load_config(ROOT / "examples/dpzero.toml")
+    spec = config.dp_spec()
+    assert config.run.algorithm == "dpzero" and spec.noise_multiplier > 0
+    assert config.sampling_rate == config.evaluation.batch_size / 500
