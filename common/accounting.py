@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 from collections import Counter
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dp_accounting
+import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
@@ -163,12 +165,17 @@ def _real(value: object) -> float:
 
 
 class PrivacyAccountant:
-    """The (ε, δ) spent by a multiset of DP events, composed with dp-accounting's RDP."""
+    """The (ε, δ) spent by a multiset of DP events, composed with dp-accounting's RDP.
+
+    Each distinct event's RDP curve is computed once by dp-accounting (and cached: a
+    ledger holds thousands of copies of a few events); composing is adding curves, and ε
+    is dp-accounting's ``compute_epsilon`` on the sum. So "what if one more answer?" is
+    one vector addition, not a recomputation.
+    """
 
     def __init__(self, events: Iterable[DpEvent] = ()) -> None:
         self._counts: Counter[DpEvent] = Counter()
-        self._gaussian = RdpAccountant(list(RDP_ORDERS), _ADD_OR_REMOVE)
-        self._randomized_response = RdpAccountant(list(RDP_ORDERS), _REPLACE_ONE)
+        self._rdp = np.zeros(len(RDP_ORDERS))
         for event, count in Counter(events).items():
             self.compose(event, count)
 
@@ -179,9 +186,7 @@ class PrivacyAccountant:
     def compose(self, event: DpEvent, count: int = 1) -> None:
         if count < 1:
             raise AccountingError(f"count must be >= 1 (got {count})")
-        target = self._gaussian if isinstance(event, PoissonGaussian) else self._randomized_response
-        with _quiet_absl():
-            target.compose(event.to_dp_event(), count)
+        self._rdp = self._rdp + count * _event_rdp(event)
         self._counts[event] += count
 
     def epsilon(self, delta: float) -> float:
@@ -189,17 +194,29 @@ class PrivacyAccountant:
         _check_delta(delta)
         if not self._counts:
             return 0.0
-        rdp = [
-            a + b for a, b in zip(self._gaussian.rdp, self._randomized_response.rdp, strict=True)
-        ]
-        epsilon, _ = compute_epsilon(RDP_ORDERS, rdp, delta)
-        return float(epsilon)
+        return _epsilon(self._rdp, delta)
 
     def epsilon_with(self, event: DpEvent, delta: float, count: int = 1) -> float:
         """ε if ``count`` more of ``event`` were composed (this accountant is not changed)."""
-        trial = copy.deepcopy(self)
-        trial.compose(event, count)
-        return trial.epsilon(delta)
+        _check_delta(delta)
+        return _epsilon(self._rdp + count * _event_rdp(event), delta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _event_rdp(event: DpEvent) -> np.ndarray:
+    """One event's RDP curve over ``RDP_ORDERS``, by dp-accounting (see the module doc)."""
+    relation = _ADD_OR_REMOVE if isinstance(event, PoissonGaussian) else _REPLACE_ONE
+    accountant = RdpAccountant(list(RDP_ORDERS), relation)
+    with _quiet_absl():
+        accountant.compose(event.to_dp_event())
+    curve = np.array(accountant.rdp, dtype=np.float64)
+    curve.setflags(write=False)
+    return curve
+
+
+def _epsilon(rdp: np.ndarray, delta: float) -> float:
+    epsilon, _ = compute_epsilon(RDP_ORDERS, rdp.tolist(), delta)
+    return float(epsilon)
 
 
 def calibrate_noise_multiplier(
