@@ -142,6 +142,9 @@ class ServerSection(_Section):
     quorum: int = Field(default=1, ge=1)
     round_timeout_s: float = Field(default=300.0, gt=0)
     holder_weights: dict[str, float] = Field(default_factory=dict)
+    # Holder ids (certificate common names under mutual TLS) allowed to join; empty: any
+    # holder with a certificate from the federation's CA.
+    allowed_holders: tuple[str, ...] = ()
 
     @field_validator("holder_weights")
     @classmethod

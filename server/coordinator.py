@@ -146,6 +146,11 @@ class Coordinator:
 
     # -- CoordinatorEndpoint ---------------------------------------------------------------
     def join(self, request: JoinRequest) -> RunSpec:
+        allowed = self.config.server.allowed_holders
+        if allowed and request.holder_id not in allowed:
+            raise PolicyViolation(
+                f"holder {request.holder_id!r} is not in this run's server.allowed_holders"
+            )
         if request.model_fingerprint != self.model_fingerprint:
             raise PolicyViolation(
                 f"holder {request.holder_id!r} has model {request.model_fingerprint}, "

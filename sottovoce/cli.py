@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sottovoce.common.errors import SottovoceError
+from sottovoce.common.errors import ConfigError, SottovoceError
 
 if TYPE_CHECKING:
     from sottovoce.client.holder import DataHolder
+    from sottovoce.common.wire import TlsConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +53,28 @@ def _insecure_warning() -> None:
     )
 
 
+def _transport_security(
+    address: str, certs: Path | None, name: str, insecure: bool, server_name: str | None = None
+) -> TlsConfig | None:
+    """Mutual TLS from a certificate folder, or (loopback only, loudly) none at all."""
+    from sottovoce.common.certs import tls_config
+
+    if certs is not None and insecure:
+        raise ConfigError("--certs and --insecure: choose one")
+    if certs is not None:
+        return tls_config(certs, name, server_name=server_name)
+    if not insecure:
+        raise ConfigError(
+            "--certs DIR is required (mutual TLS; make one with `sottovoce certs init` and "
+            "`sottovoce certs issue`), or --insecure on a loopback address for local tests"
+        )
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"--insecure: only on loopback (got {address!r}); use --certs")
+    _insecure_warning()
+    return None
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def main(verbose: bool) -> None:
@@ -71,9 +94,23 @@ def main(verbose: bool) -> None:
     help="Run directory (created, or resumed if it holds this run).",
 )
 @click.option("--address", default=None, help="Listen address; default from the config.")
+@click.option(
+    "--certs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Certificate folder (ca.pem, coordinator.pem, coordinator.key): mutual TLS.",
+)
+@click.option("--cert-name", default="coordinator", show_default=True)
 @click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
 @user_errors
-def server(config_path: Path, run_dir: Path | None, address: str | None, insecure: bool) -> None:
+def server(
+    config_path: Path,
+    run_dir: Path | None,
+    address: str | None,
+    certs: Path | None,
+    cert_name: str,
+    insecure: bool,
+) -> None:
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
     from sottovoce.api import open_coordinator, read_config
     from sottovoce.server.grpc_service import serve
@@ -81,11 +118,10 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
 
     config, _ = read_config(config_path)
     run_dir = run_dir or Path("runs") / config.run.name
-    if insecure:
-        _insecure_warning()
-    coordinator = open_coordinator(config_path, run_dir)
     listen = address or config.server.address
-    running = serve(coordinator, listen)
+    tls = _transport_security(listen, certs, cert_name, insecure)
+    coordinator = open_coordinator(config_path, run_dir)
+    running = serve(coordinator, listen, tls=tls)
     click.echo(
         f"coordinator {coordinator.state.run_id} listening on port {running.port}; "
         f"run dir {run_dir}",
@@ -141,6 +177,17 @@ def server(config_path: Path, run_dir: Path | None, address: str | None, insecur
     default=None,
     help="At the end, write this holder's local report (JSON; it stays here).",
 )
+@click.option(
+    "--certs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Certificate folder (ca.pem, HOLDER-ID.pem, HOLDER-ID.key): mutual TLS.",
+)
+@click.option(
+    "--server-name",
+    default=None,
+    help="Name to check the coordinator's certificate against (default: the --server host).",
+)
 @click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
 @user_errors
 def client(
@@ -153,6 +200,8 @@ def client(
     threads: int | None,
     status_path: Path | None,
     report_path: Path | None,
+    certs: Path | None,
+    server_name: str | None,
     insecure: bool,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
@@ -163,8 +212,7 @@ def client(
 
     if threads:
         torch.set_num_threads(threads)
-    if insecure:
-        _insecure_warning()
+    tls = _transport_security(address, certs, holder_id, insecure, server_name)
     holder = open_holder(
         data_path,
         policy_path,
@@ -173,7 +221,7 @@ def client(
         dtype=dtype,
         status_path=status_path,
     )
-    finished = run_holder(holder, address)
+    finished = run_holder(holder, address, tls=tls)
     if report_path is not None and holder.spec is not None:
         report = holder.local_report(finished.bits_spent_total)
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
@@ -270,6 +318,42 @@ def ledger(policy_path: Path, data_path: Path) -> None:
         for line in book.audit_lines():
             click.echo(line)
         click.echo(json.dumps(book.summary(), indent=2))
+
+
+@main.group()
+def certs() -> None:
+    """Make the certificates of a federation's mutual TLS (a private CA)."""
+
+
+@certs.command("init")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), required=True)
+@user_errors
+def certs_init(folder: Path) -> None:
+    """Create the federation's CA (ca.pem, ca.key) in a new folder."""
+    from sottovoce.common.certs import init_ca
+
+    issued = init_ca(folder)
+    click.echo(f"wrote {issued.cert_path} and {issued.key_path} (keep the key offline)")
+
+
+@certs.command("issue")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), required=True)
+@click.option("--name", required=True, help="Holder id, or the coordinator's name.")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Coordinator only: a DNS name or IP address holders dial (repeatable).",
+)
+@click.option("--days", type=int, default=365, show_default=True)
+@user_errors
+def certs_issue(folder: Path, name: str, hosts: tuple[str, ...], days: int) -> None:
+    """Sign a coordinator certificate (with --host) or a holder certificate (without)."""
+    from sottovoce.common.certs import issue
+
+    issued = issue(folder, name, server_hosts=hosts, days=days)
+    kind = f"coordinator certificate for {', '.join(hosts)}" if hosts else "holder certificate"
+    click.echo(f"wrote {kind}: {issued.cert_path}, {issued.key_path}")
 
 
 if __name__ == "__main__":

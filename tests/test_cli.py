@@ -49,7 +49,7 @@ def holder_inputs(folder: Path) -> tuple[Path, Path]:
 def client_argv(data: Path, policy: Path) -> list[str]:
     return [
         "client", "--server", UNREACHABLE, "--data", str(data), "--policy", str(policy),
-        "--holder-id", "h", "--model", TINY,
+        "--holder-id", "h", "--model", TINY, "--insecure",
     ]  # fmt: skip
 
 
@@ -105,6 +105,21 @@ def unknown_model(folder: Path) -> list[str]:
     return argv
 
 
+def no_transport_security(folder: Path) -> list[str]:
+    argv = client_argv(*holder_inputs(folder))
+    argv.remove("--insecure")
+    return argv
+
+
+def insecure_off_loopback(folder: Path) -> list[str]:
+    config = write_run_config(folder / "run.toml")
+    return [*server_argv(folder, config), "--address", "10.1.2.3:50051", "--insecure"]
+
+
+def certs_without_a_ca(folder: Path) -> list[str]:
+    return ["certs", "issue", "--dir", str(folder / "nocerts"), "--name", "h"]
+
+
 def export_of_non_run(folder: Path) -> list[str]:
     (folder / "notarun").mkdir()
     (folder / "notarun" / "notes.txt").write_text("hello", encoding="utf-8")
@@ -134,6 +149,13 @@ BAD_INPUTS: dict[str, BadInput] = {
         unreachable_server, (f"cannot reach coordinator at {UNREACHABLE}",), opens_ledger=True
     ),
     "unknown model": BadInput(unknown_model, ("unknown model 'no-such-model'",), opens_ledger=True),
+    "no transport security": BadInput(
+        no_transport_security, ("--certs DIR is required (mutual TLS",)
+    ),
+    "insecure off loopback": BadInput(
+        insecure_off_loopback, ("--insecure: only on loopback (got '10.1.2.3:50051')",)
+    ),
+    "certs without a CA": BadInput(certs_without_a_ca, ("nocerts: no CA here",)),
     "export of a non-run": BadInput(
         export_of_non_run, ("notarun: not a run directory (no run.json)",)
     ),
@@ -222,7 +244,8 @@ def test_bad_input_is_one_error_line_and_exit_2(
 ) -> None:
     run = bad_input_runs[name]
     code, _, stderr = run.wait()
-    lines = stderr.splitlines()
+    # --insecure says so loudly before anything else; the error itself is one line.
+    lines = [line for line in stderr.splitlines() if not line.startswith("WARNING: --insecure")]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: "), stderr
     for fragment in BAD_INPUTS[name].expected:

@@ -65,6 +65,17 @@ def test_join_checks_model_fingerprint(tmp_path: Path) -> None:
         coordinator.join(JoinRequest(holder_id="a", model_fingerprint="sha256:" + "00" * 32))
 
 
+def test_join_checks_the_allow_list(tmp_path: Path) -> None:
+    data = {
+        "run": {"name": "t", "max_rounds": 10, "bit_budget": 100},
+        "server": {"min_holders": 1, "quorum": 1, "allowed_holders": ["hospital-a"]},
+    }
+    coordinator = open_coordinator(tmp_path / "run", parse_config(data, "test"))
+    with pytest.raises(PolicyViolation, match="'bank-b' is not in this run's server.allowed"):
+        coordinator.join(JoinRequest(holder_id="bank-b", model_fingerprint=FINGERPRINT))
+    coordinator.join(JoinRequest(holder_id="hospital-a", model_fingerprint=FINGERPRINT))
+
+
 def test_no_round_before_min_holders(tmp_path: Path) -> None:
     coordinator = open_coordinator(tmp_path / "run", config())
     coordinator.join(JoinRequest(holder_id="a", model_fingerprint=FINGERPRINT))

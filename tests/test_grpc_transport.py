@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import math
 import secrets
 import socket
@@ -17,14 +15,11 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sottovoce.client.grpc_loop import STOPPED_REASON, RetryPolicy, run_holder
 from sottovoce.common import wire
+from sottovoce.common.certs import init_ca, issue, tls_config
 from sottovoce.common.errors import LogIntegrityError, PolicyViolation, TransportError
 from sottovoce.common.messages import (
     Answer,
@@ -509,56 +504,20 @@ def test_refusal_is_pushed_as_is(server: RunningServer, coordinator: FakeCoordin
 
 
 # -- mutual TLS: the identity comes from the certificate ---------------------------------
-KeyAndCert = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-
-
-def _issue(name: str, issuer: KeyAndCert | None, *, server: bool = False) -> KeyAndCert:
-    """A P-256 key and certificate for common name ``name``, signed by ``issuer`` (or self)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_key, issuer_name = (issuer[0], issuer[1].subject) if issuer else (key, subject)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write_tls(
-    directory: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, ca: Path
-) -> wire.TlsConfig:
-    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return wire.TlsConfig(
-        cert_path=cert_path, key_path=key_path, ca_path=ca, server_name="localhost"
-    )
+def _federation_certs(folder: Path, *holders: str) -> Path:
+    """A CA, a coordinator certificate for localhost/127.0.0.1 and holder certificates,
+    made by the production code behind `sottovoce certs`."""
+    init_ca(folder)
+    issue(folder, "coordinator", server_hosts=("localhost", "127.0.0.1"))
+    for holder in holders:
+        issue(folder, holder)
+    return folder
 
 
 def test_mutual_tls_takes_the_holder_id_from_the_certificate(tmp_path: Path) -> None:
-    ca = _issue("sottovoce test CA", None)
-    ca_path = tmp_path / "ca.pem"
-    ca_path.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
-    server_tls = _write_tls(
-        tmp_path, "coordinator", *_issue("coordinator", ca, server=True), ca_path
-    )
-    holder_tls = _write_tls(tmp_path, "holder-a", *_issue("holder-a", ca), ca_path)
+    certs = _federation_certs(tmp_path / "certs", "holder-a")
+    server_tls = tls_config(certs, "coordinator")
+    holder_tls = tls_config(certs, "holder-a")
 
     coordinator = FakeCoordinator()
     running = serve(coordinator, "127.0.0.1:0", tls=server_tls, max_workers=4)
@@ -569,6 +528,14 @@ def test_mutual_tls_takes_the_holder_id_from_the_certificate(tmp_path: Path) -> 
             run_holder(impostor, running.address, tls=holder_tls, poll_timeout_s=1.0)
         with pytest.raises(TransportError, match="cannot reach coordinator"):
             run_holder(FakeHolder(), running.address, connect_timeout_s=0.5)  # no TLS
+        stranger = _federation_certs(tmp_path / "other", "holder-a")  # another CA
+        with pytest.raises(TransportError, match="cannot reach coordinator"):
+            run_holder(
+                FakeHolder(),
+                running.address,
+                tls=tls_config(stranger, "holder-a"),
+                connect_timeout_s=0.5,
+            )
     finally:
         running.stop(grace_s=0)
     assert finished.reason == "rounds done"
