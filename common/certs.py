@@ -42,7 +42,9 @@ class Issued:
     key_path: Path
 
 
-def init_ca(folder: Path, *, common_name: str = "sottovoce federation CA", days: int = 3650) -> Issued:
+def init_ca(
+    folder: Path, *, common_name: str = "sottovoce federation CA", days: int = 3650
+) -> Issued:
     """Create the federation's CA in ``folder``; refuses to overwrite an existing one."""
     folder = Path(folder)
     if (folder / f"{CA_NAME}.pem").exists() or (folder / f"{CA_NAME}.key").exists():

@@ -71,7 +71,7 @@ def test_join_checks_the_allow_list(tmp_path: Path) -> None:
         "server": {"min_holders": 1, "quorum": 1, "allowed_holders": ["hospital-a"]},
     }
     coordinator = open_coordinator(tmp_path / "run", parse_config(data, "test"))
-    with pytest.raises(PolicyViolation, match="'bank-b' is not in this run's server.allowed"):
+    with pytest.raises(PolicyViolation, match=r"'bank-b' is not in this run's server\.allowed"):
         coordinator.join(JoinRequest(holder_id="bank-b", model_fingerprint=FINGERPRINT))
     coordinator.join(JoinRequest(holder_id="hospital-a", model_fingerprint=FINGERPRINT))
 
