@@ -40,9 +40,9 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
     event = _answer_event(config, spec)
     if event is None:
         return report
-    answers: Counter[str] = Counter()
+    answers: Counter[str] = Counter()  # refusals cost nothing and are not counted
     for closed in state.rounds:
-        answers.update(closed.values or closed.choices)
+        answers.update([*closed.values, *closed.choices])
     delta = spec.dp.delta
     report["privacy_as_computed_by_the_coordinator"] = {
         "accountant": ACCOUNTANT_NAME,

@@ -571,3 +571,9 @@ def test_dpzero_through_flower_with_epsilon_in_the_report(tmp_path: Path) -> Non
         assert [r["dp"]["mechanism"] for r in records] == ["poisson-gaussian"] * 4
         assert all(0 <= r["choice"] < 256 and r["bits"] == 8.0 for r in records)
     assert len(report["training_fitness_curve"]["points"]) == 4
+    view = privacy["as_computed_by_the_coordinator"]
+    assert view["answers_per_holder"] == {"holder-0": 4, "holder-1": 4}
+    for holder in ("holder-0", "holder-1"):  # same rate as the holders': same epsilon
+        assert view["epsilon_per_holder"][holder] == pytest.approx(
+            privacy["per_holder"][holder]["epsilon_this_run"]
+        )
