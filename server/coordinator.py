@@ -194,14 +194,18 @@ class Coordinator:
 
     def push_answer(self, holder_id: str, answer: Answer) -> bool:
         with self._cond:
-            issued = self._issued.get(answer.task_id)
+            issued = self._issued.get(answer.task_id) or self._asked_before_restart(
+                holder_id, answer.task_id
+            )
             if issued is None or issued[1] != holder_id:
                 raise PolicyViolation(
                     f"task {answer.task_id!r} was not given to holder {holder_id!r}"
                 )
             round_index = issued[0]
             current = self._round
-            late = current is None or current.index != round_index
+            # An answer to the round a restart is about to re-open: keep it for that round.
+            early = current is None and round_index == self.state.next_round
+            late = not early and (current is None or current.index != round_index)
             if answer.task_id in self.state.answered_task_ids:
                 return False  # a re-sent answer changes nothing and costs nothing twice
             n_candidates = self._candidates_of(round_index)
@@ -218,12 +222,24 @@ class Coordinator:
                 value=value,
             )
             self.state.record_answer(record)
+            if early:
+                self.state.open_round_answers.append(record)
+                return True
             if late or current is None:
                 return False
             current.record(record)
             self._maybe_close_locked()
             self._cond.notify_all()
             return True
+
+    def _asked_before_restart(self, holder_id: str, task_id: str) -> tuple[int, str] | None:
+        """The round of a task a crashed predecessor gave this holder, if it is the one
+        this coordinator will re-open (task ids are deterministic, so it is recognisable):
+        its answer arrives before enough holders have rejoined to open the round."""
+        index = self.state.next_round
+        if self._round is None and task_id == task_id_for(self.state.run_id, index, holder_id):
+            return index, holder_id
+        return None
 
     # -- rounds ----------------------------------------------------------------------------
     def tick(self) -> None:

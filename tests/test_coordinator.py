@@ -185,6 +185,26 @@ def test_restart_resumes_round_and_log(tmp_path: Path) -> None:
     assert resumed.state.log.version == 2
 
 
+def test_answer_to_a_task_of_the_crashed_coordinator_counts_after_restart(tmp_path: Path) -> None:
+    cfg = config()
+    first = open_coordinator(tmp_path / "run", cfg)
+    join_two(first)
+    play_round(first, {"a": 1, "b": 1})
+    task_b = pull(first, "b")  # round 1 asked; then the coordinator dies before b answers
+    again = open_coordinator(tmp_path / "run", cfg)
+    again.join(JoinRequest(holder_id="b", model_fingerprint=FINGERPRINT))  # b is back first
+    assert again.push_answer("b", Answer(task_id=task_b.task_id, choice=1))  # kept, not lost
+    again.join(JoinRequest(holder_id="a", model_fingerprint=FINGERPRINT))
+    task_a = pull(again, "a")
+    assert task_a.round_index == 1
+    assert again.push_answer("a", Answer(task_id=task_a.task_id, choice=1))
+    closed = again.state.rounds[-1]
+    assert closed.round_index == 1 and closed.choices == {"a": 1, "b": 1}
+    assert closed.step is not None and closed.closed_by == "all answered"
+    with pytest.raises(PolicyViolation, match="was not given"):  # any other id stays refused
+        again.push_answer("a", Answer(task_id=task_b.task_id, choice=1))
+
+
 def test_crash_between_journal_and_log_is_completed(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = config()
