@@ -38,5 +38,16 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         f"{bound['test_risk_bound']:.4f} "
         f"(measured {bound['measured_test_risk']:.4f}, n={bound['n']})",
     )
+    privacy = report.get("privacy")
+    if privacy:
+        sigma = privacy["noise_multiplier"]
+        rr = privacy.get("randomized_response_epsilon")
+        mechanism = f"randomized response, eps {rr:g} an answer" if rr else f"sigma {sigma:.4g}"
+        table.add_row("differential privacy", f"{mechanism}; delta {privacy['delta']:g}")
+        for holder, spent in privacy["per_holder"].items():
+            epsilon = spent.get("epsilon_this_run")
+            shown = "not reported" if epsilon is None else f"{epsilon:.3f}"
+            table.add_row(f"  {holder} epsilon (its ledger)", shown)
+        table.add_row("  accountant", privacy["accountant"])
     table.add_row("wall time", f"{report['wall_seconds']:.0f} s")
     console.print(table)
