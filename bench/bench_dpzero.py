@@ -12,8 +12,8 @@ The CPU setting (stated in the output): the final norm's 576 per-channel log-sca
 hundred steps. The holder caches each example's input to the final norm once, so a
 step costs a norm and two output rows per example, for two perturbed models.
 
-    python bench/bench_dpzero.py --split dev --epsilons inf --learning-rates 0.01 0.03
-    python bench/bench_dpzero.py --split test --epsilons 2 6 inf
+    python bench/bench_dpzero.py --split dev --epsilons inf --learning-rates 0.5 0.2 --steps 1000
+    python bench/bench_dpzero.py --split test --epsilons 2 6 inf --learning-rates 0.5 --steps 1000
 """
 
 from __future__ import annotations
