@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import write_policy, write_records, write_run_config
+from helpers import tiny_fingerprint, write_policy, write_records, write_run_config
 
 from sottovoce.api import open_holder
 from sottovoce.client.grpc_loop import RetryPolicy, run_holder
 from sottovoce.client.holder import DataHolder
+from sottovoce.client.ledger import Ledger
 from sottovoce.common.messages import RunFinished
 from sottovoce.common.steplog import StepLog, read_json_lines
 
@@ -132,3 +133,68 @@ def test_kill_9_coordinator_mid_run_and_resume(tmp_path: Path) -> None:
             if r["type"] == "answer" and r["holder"] == holder.holder_id and r["refusal"] is None
         }
         assert heard <= set(task_ids)  # the coordinator heard only what was charged
+
+
+def start_holder(folder: Path, holder_id: str, port: int) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "sottovoce.cli", "client", "--server", f"127.0.0.1:{port}",
+        "--data", str(folder / "data.jsonl"), "--policy", str(folder / "policy.toml"),
+        "--holder-id", holder_id, "--model", "tiny-llama", "--insecure",
+        "--report", str(folder / "report.json"),
+    ]  # fmt: skip
+    with open(folder / "holder.log", "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_a_holder_mid_run_and_restart_it(tmp_path: Path) -> None:
+    from sottovoce.api import open_coordinator
+    from sottovoce.server.grpc_service import serve
+
+    config = write_run_config(
+        tmp_path / "run.toml",
+        run={"max_rounds": ROUNDS, "bit_budget": 1000.0},
+        server={"min_holders": 2, "quorum": 1, "round_timeout_s": 3.0},
+    )
+    coordinator = open_coordinator(config, tmp_path / "run", model_fingerprint=tiny_fingerprint())
+    running = serve(coordinator, "127.0.0.1:0")
+    folders = []
+    for index in range(2):
+        folder = tmp_path / f"holder-{index}"
+        folder.mkdir()
+        write_records(folder / "data.jsonl", 24, seed=index)
+        write_policy(folder / "policy.toml", Path("ledger"))
+        folders.append(folder)
+    processes = [start_holder(f, f"holder-{i}", running.port) for i, f in enumerate(folders)]
+    try:
+        wait_for(lambda: len(coordinator.state.rounds) >= 5, 90.0, "five rounds")
+        os.kill(processes[1].pid, signal.SIGKILL)  # mid-run, maybe mid-task
+        processes[1].wait(timeout=10)
+        wait_for(lambda: len(coordinator.state.rounds) >= 8, 60.0, "rounds on a quorum of one")
+        processes[1] = start_holder(folders[1], "holder-1", running.port)  # same ledger
+        for process in processes:
+            assert process.wait(timeout=120) == 0, (folders[1] / "holder.log").read_text()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        running.stop(grace_s=0)
+
+    state = coordinator.state
+    assert [r.round_index for r in state.rounds] == list(range(ROUNDS))
+    answered_by_1 = [r for r in state.rounds if "holder-1" in r.choices]
+    assert any(r.round_index >= 8 for r in answered_by_1)  # it came back and took part
+    (ledger_file,) = (folders[1] / "ledger").glob("*.ledger.jsonl")
+    dataset = ledger_file.name.removesuffix(".ledger.jsonl")
+    with Ledger.open(ledger_file.parent, dataset, 1000.0, read_only=True) as ledger:
+        task_ids = [record.task_id for record in ledger.records]  # the hash chain verifies
+    assert len(task_ids) == len(set(task_ids))  # its ledger survived the kill intact
+    rounds_charged = {int(task_id.split(":r")[1].split(":")[0]) for task_id in task_ids}
+    assert min(rounds_charged) < 5 and max(rounds_charged) >= 8  # before and after the kill
+    heard = {
+        r["task_id"]
+        for r in read_json_lines(state.run_dir / "journal.jsonl")
+        if r["type"] == "answer" and r["holder"] == "holder-1" and r["refusal"] is None
+    }
+    assert heard <= set(task_ids)  # the coordinator heard nothing the ledger lacks
+    report = json.loads((folders[1] / "report.json").read_text(encoding="utf-8"))
+    assert report["log_head"] == state.log.head  # caught up to the final model
