@@ -320,6 +320,18 @@ def ledger(policy_path: Path, data_path: Path) -> None:
         click.echo(json.dumps(book.summary(), indent=2))
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@user_errors
+def federation(config_path: Path, out: Path) -> None:
+    """Split the bundled data into holder folders (data.jsonl + policy.toml each)."""
+    from sottovoce.simulate import write_federation
+
+    for folder in write_federation(config_path, out):
+        click.echo(f"wrote {folder}/data.jsonl and {folder}/policy.toml")
+
+
 @main.group()
 def certs() -> None:
     """Make the certificates of a federation's mutual TLS (a private CA)."""

@@ -85,9 +85,23 @@ def prepare_federation(
     sim = config.simulate
     splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
     train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
-    if len(train) < sim.holders:
-        raise ConfigError(f"simulate.train_size: {len(train)} examples for {sim.holders} holders")
-    shards = shard(train, sim.holders)
+    holder_dirs = write_holder_folders(config, train, run_dir / "holders", fingerprint, state_dir)
+    test = list(splits.test if sim.eval_split == "test" else splits.dev)
+    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
+
+
+def write_holder_folders(
+    config: RunConfig, train: list[Record], out: Path, fingerprint: str, ledger_dir: Path
+) -> list[Path]:
+    """``out/holder-<i>/{data.jsonl, policy.toml}`` for each of ``simulate.holders`` shards.
+
+    ``ledger_dir`` goes into the policies as written: absolute, or relative to each
+    policy's own folder (how a holder in a container keeps its ledger next to its data).
+    """
+    holders = config.simulate.holders
+    if len(train) < holders:
+        raise ConfigError(f"simulate.train_size: {len(train)} examples for {holders} holders")
+    shards = shard(train, holders)
     smallest = min(len(records) for records in shards)
     wanted = config.privacy.examples_per_holder
     if wanted is not None and wanted > smallest:
@@ -97,15 +111,31 @@ def prepare_federation(
         )
     holder_dirs = []
     for index, records in enumerate(shards):
-        holder_dir = run_dir / "holders" / f"holder-{index}"
+        holder_dir = out / f"holder-{index}"
         holder_dir.mkdir(parents=True)
         write_jsonl(holder_dir / "data.jsonl", records)
         (holder_dir / "policy.toml").write_text(
-            holder_policy_toml(config, fingerprint, state_dir), encoding="utf-8"
+            holder_policy_toml(config, fingerprint, ledger_dir), encoding="utf-8"
         )
         holder_dirs.append(holder_dir)
-    test = list(splits.test if sim.eval_split == "test" else splits.dev)
-    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
+    return holder_dirs
+
+
+def write_federation(config_path: Path, out: Path) -> list[Path]:
+    """The bundled data split into holder folders, as `sottovoce federation` writes them.
+
+    For a deployment on one machine or with Docker (``docker/compose.yaml``): each folder
+    holds one holder's training shard and a policy allowing exactly this run, with its
+    ledger in the folder's own ``ledger/``. The test split is not written.
+    """
+    config, _ = read_config(config_path)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
+    fingerprint = config.model.fingerprint or load_model(config.model.name).fingerprint
+    sim = config.simulate
+    splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
+    train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
+    return write_holder_folders(config, train, out, fingerprint, Path("ledger"))
 
 
 def holder_policy_toml(config: RunConfig, fingerprint: str, state_dir: Path) -> str:
