@@ -1,7 +1,10 @@
-"""One poisoned data holder out of 5: how far does it move a DPZero run, per aggregate rule?
+"""One poisoned data holder out of 5: how far does it move a run, per aggregate rule?
 
-The poisoned holder answers every DPZero task with the largest value the wire carries
-(+1000) instead of its clipped, noised estimate: the worst a single liar can do to a mean.
+DPZero rows: the poisoned holder answers every task with the largest value the wire
+carries (+1000) instead of its clipped, noised estimate: the worst a single liar can do
+to a mean. BBoxER rows (`bboxer:0`, `bboxer:1`): the demo's (1+7)-ES with full-split
+comparisons, and the liar always votes that the first candidate is better, without
+looking at its data.
 The run is otherwise the DPZero benchmark's (`bench_dpzero.py`): SmolLM2-135M-Instruct,
 the final norm's 576 log-scales, Poisson batches of 64 expected examples, non-private so
 that only the poisoning differs, the same seeds for every row. Prints held-out accuracy
@@ -22,9 +25,9 @@ from typing import Any
 import torch
 
 from sottovoce.client.holder import DataHolder
-from sottovoce.common.config import parse_config
+from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.data import sentiment_records, shard, split_sentiment
-from sottovoce.common.messages import Answer, Task
+from sottovoce.common.messages import Answer, AnswerKind, Task
 from sottovoce.common.models import load_model
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.local import drive_locally, open_local_holders
@@ -37,14 +40,31 @@ POISON = 1000.0  # the largest |value| the wire accepts
 
 
 def poison(holder: DataHolder) -> None:
-    """Make ``holder`` lie: every answer it does not refuse becomes +POISON."""
+    """Make ``holder`` lie: +POISON to every DPZero task, "candidate 1 is better" to BBoxER."""
     honest = holder.answer
 
     def lie(task: Task) -> Answer:
+        if task.answer_kind is not AnswerKind.DP_SCALAR:
+            return Answer(task_id=task.task_id, choice=1)
         answer = honest(task)
         return answer if answer.refused else Answer(task_id=task.task_id, choice=None, value=POISON)
 
     holder.answer = lie  # type: ignore[method-assign]
+
+
+def bboxer_config(args: argparse.Namespace) -> RunConfig:
+    return parse_config(
+        {
+            "run": {"name": "poison", "algorithm": "bboxer-1+lambda", "max_rounds": 150,
+                    "bit_budget": 5 * 150 * 3, "seed": args.seed},
+            "parametrization": {"kind": "scale", "patterns": ["model.norm.weight"]},
+            "optimizer": {"initial_step": 0.05, "min_step": 0.001, "max_step": 0.5,
+                          "candidates": 7},
+            "evaluation": {"mode": "full"},
+            "server": {"min_holders": HOLDERS, "quorum": HOLDERS},
+        },
+        "bench_poisoning",
+    )  # fmt: skip
 
 
 def run_one(
@@ -55,7 +75,7 @@ def run_one(
     held: list[Any],
     zero: HeldOut,
 ) -> dict[str, Any]:
-    config = parse_config(
+    config = bboxer_config(args) if rule == "bboxer" else parse_config(
         {
             "run": {"name": "poison", "algorithm": "dpzero", "max_rounds": args.steps,
                     "bit_budget": 1e9, "seed": args.seed},
@@ -85,7 +105,7 @@ def run_one(
     accuracy, low, high = accuracy_interval(after.tolist())
     test = mcnemar_pvalue(zero.correct(held).tolist(), after.tolist())
     return {
-        "aggregate": rule,
+        "aggregate": "plurality vote (BBoxER)" if rule == "bboxer" else rule,
         "poisoned_holders": int(poisoned),
         "accuracy": round(accuracy, 4),
         "ci95": [round(low, 4), round(high, 4)],
@@ -112,7 +132,9 @@ def main() -> None:
         f"setting: SmolLM2-135M-Instruct float32, {args.threads} threads, {HOLDERS} holders x "
         f"{1500 // HOLDERS} train examples, non-private DPZero on the final norm's 576 "
         f"log-scales, {args.steps} steps, Poisson batches of 64, lr 0.5, smoothing 0.01, clip 1;"
-        f" the poisoned holder answers +{POISON:g}; held out: {args.split} ({len(held)})",
+        f" the poisoned holder answers +{POISON:g}; bboxer rows: (1+7)-ES, 150 rounds, full-split"
+        f" comparisons, the liar always votes for candidate 1; held out: {args.split} "
+        f"({len(held)})",
         flush=True,
     )
     norm_scales = {"parametrization": {"kind": "scale", "patterns": ["model.norm.weight"]}}
