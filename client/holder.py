@@ -46,6 +46,7 @@ from sottovoce.common.accounting import (
     PoissonGaussian,
     PrivacyAccountant,
     RandomizedResponse,
+    answer_event,
     calibrate_noise_multiplier,
 )
 from sottovoce.common.errors import ConfigError, PolicyViolation
@@ -63,11 +64,11 @@ from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import StepLog, as_float32, extend_chain, genesis_hash
+from sottovoce.common.wire import MAX_ABS_SCALE
 
 log = logging.getLogger("sottovoce.holder")
 
 Record = dict[str, object]
-MAX_ABS_VALUE = 1e3  # what the wire carries; a dp-scalar beyond it is clamped (post-processing)
 
 
 @dataclass
@@ -244,7 +245,8 @@ class DataHolder:
         if dp.quantization_bits:
             level = quantize(value, dp.quantization_bits, dp.quantization_range, self._rng)
             return level, None, stats
-        clamped = max(-MAX_ABS_VALUE, min(MAX_ABS_VALUE, value))
+        # What the wire carries; clamping a DP value is post-processing, free in ε.
+        clamped = max(-MAX_ABS_SCALE, min(MAX_ABS_SCALE, value))
         return None, as_float32(clamped), stats
 
     def finish(self, finished: RunFinished) -> None:
@@ -291,16 +293,13 @@ class DataHolder:
         """ε of this run's and of all DP answers, at the policy's delta (or the run's)."""
         assert self.spec is not None
         delta = self.policy.delta or self.spec.dp.delta
-        events = [r.dp for r in self.ledger.records if r.dp is not None]
-        this_run = [
-            r.dp for r in self.ledger.records if r.dp is not None and r.run_id == self.spec.run_id
-        ]
-        if not events or not delta:
+        this_run = self.ledger.dp_events(run_id=self.spec.run_id)
+        if not self.ledger.accountant.answers or not delta:
             return {"dp_answers_this_run": len(this_run)}
         return {
             "dp_answers_this_run": len(this_run),
             "epsilon_this_run": PrivacyAccountant(this_run).epsilon(delta),
-            "lifetime_epsilon_spent": PrivacyAccountant(events).epsilon(delta),
+            "lifetime_epsilon_spent": self.ledger.spent_epsilon(delta),
             "lifetime_epsilon_max": self.policy.max_epsilon,
             "epsilon_delta": delta,
             "accountant": ACCOUNTANT_NAME,
@@ -346,16 +345,9 @@ class DataHolder:
         return bits, event
 
     def _dp_event(self, spec: RunSpec, n_candidates: int) -> DpEvent | None:
-        """What one answer of this run is, in DP terms (None: not DP at all)."""
-        dp = spec.dp
-        if spec.answer_kind is AnswerKind.DP_SCALAR:
-            if dp.noise_multiplier <= 0:
-                return None
-            return PoissonGaussian(dp.noise_multiplier, self._sampling_rate(spec.batch))
-        if dp.randomized_response_epsilon > 0:
-            outcomes = 2 if spec.answer_kind is AnswerKind.COMPARE else n_candidates + 1
-            return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
-        return None
+        """What one answer of this run is, in DP terms, at this holder's own sampling rate."""
+        rate = self._sampling_rate(spec.batch)
+        return answer_event(spec.dp, spec.answer_kind, n_candidates, rate)
 
     def _sampling_rate(self, batch: BatchSpec) -> float:
         """This holder's own Poisson rate: expected batch / its own number of examples."""
@@ -371,15 +363,11 @@ class DataHolder:
         """
         limit = self.ledger.privacy
         event = self._dp_event(spec, 1)
-        if limit is None:
-            return
-        if event is None:
-            if limit.require_dp:
-                raise PolicyViolation("policy requires DP answers; this run's answers are not DP")
-            return
+        if limit is None or event is None:
+            return  # a policy's require_dp refuses non-DP runs in check_run already
         # This run's own earlier answers (a restart, a rejoin) are part of its max_rounds
         # steps, not spending before it: count every other run's answers as prior.
-        prior = [r.dp for r in self.ledger.records if r.dp is not None and r.run_id != spec.run_id]
+        prior = self.ledger.dp_events(except_run=spec.run_id)
         if isinstance(event, PoissonGaussian):
             try:
                 needed = calibrate_noise_multiplier(

@@ -268,9 +268,17 @@ class Ledger:
             delta = self.privacy.delta
         return self.accountant.epsilon(delta)
 
-    def dp_events(self) -> list[DpEvent]:
-        """Every DP event charged so far (for calibrating what a new run may spend)."""
-        return [record.dp for record in self._records if record.dp is not None]
+    def dp_events(
+        self, *, run_id: str | None = None, except_run: str | None = None
+    ) -> list[DpEvent]:
+        """The DP events charged so far: all, only ``run_id``'s, or all but ``except_run``'s."""
+        return [
+            record.dp
+            for record in self._records
+            if record.dp is not None
+            and (run_id is None or record.run_id == run_id)
+            and (except_run is None or record.run_id != except_run)
+        ]
 
     def cached_answer(self, task_id: str, run_id: str | None = None) -> LedgerRecord | None:
         """The record of what was already released for ``task_id``, or None.

@@ -43,6 +43,8 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
+from sottovoce.common.messages import AnswerKind, DpSpec
+
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 ACCOUNTANT_NAME = "dp-accounting 0.6.0 RDP (add/remove-one neighbours)"
@@ -129,6 +131,25 @@ class RandomizedResponse:
 
 
 DpEvent = PoissonGaussian | RandomizedResponse
+
+
+def answer_event(
+    dp: DpSpec, kind: AnswerKind, n_candidates: int, sampling_rate: float | None
+) -> DpEvent | None:
+    """What one answer of a run is in DP terms; None when it is not DP at all.
+
+    A dp-scalar with noise is a Poisson-subsampled Gaussian at ``sampling_rate`` (the
+    answering holder's own rate; None if unknown); a compare or best-of choice under
+    randomized response is RR over its ``2`` or ``n_candidates + 1`` possible answers.
+    """
+    if kind is AnswerKind.DP_SCALAR:
+        if dp.noise_multiplier <= 0 or sampling_rate is None:
+            return None
+        return PoissonGaussian(dp.noise_multiplier, sampling_rate)
+    if dp.randomized_response_epsilon > 0:
+        outcomes = 2 if kind is AnswerKind.COMPARE else n_candidates + 1
+        return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
+    return None
 
 
 def event_from_json(raw: Mapping[str, Any]) -> DpEvent:

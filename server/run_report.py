@@ -15,10 +15,8 @@ from typing import Any
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     NEIGHBOURING_RELATION,
-    DpEvent,
-    PoissonGaussian,
     PrivacyAccountant,
-    RandomizedResponse,
+    answer_event,
 )
 from sottovoce.common.config import RunConfig
 from sottovoce.common.messages import AnswerKind, RunSpec
@@ -37,7 +35,8 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
         "bits_spent_total": state.bits_total,
         "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
     }
-    event = _answer_event(config, spec)
+    candidates = 1 if spec.answer_kind is AnswerKind.DP_SCALAR else config.optimizer.candidates
+    event = answer_event(spec.dp, spec.answer_kind, candidates, config.sampling_rate)
     if event is None:
         return report
     answers: Counter[str] = Counter()  # refusals cost nothing and are not counted
@@ -61,14 +60,3 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
     if config.run.algorithm == "dpzero":
         report["estimates"] = [closed.estimate for closed in state.rounds]
     return report
-
-
-def _answer_event(config: RunConfig, spec: RunSpec) -> DpEvent | None:
-    dp = spec.dp
-    if spec.answer_kind is AnswerKind.DP_SCALAR and dp.noise_multiplier > 0:
-        rate = config.sampling_rate
-        return None if rate is None else PoissonGaussian(dp.noise_multiplier, rate)
-    if dp.randomized_response_epsilon > 0:
-        outcomes = 2 if spec.answer_kind is AnswerKind.COMPARE else config.optimizer.candidates + 1
-        return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
-    return None

@@ -35,7 +35,7 @@ from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     NEIGHBOURING_RELATION,
     PrivacyAccountant,
-    RandomizedResponse,
+    answer_event,
 )
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import (
@@ -47,7 +47,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import AnswerKind
+from sottovoce.common.messages import DpSpec, RunSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
@@ -177,10 +177,10 @@ def _privacy_policy(config: RunConfig) -> str:
     elif config.run.algorithm == "dpzero" and dp.epsilon is not None:
         epsilon = dp.epsilon * (1 + 1e-4)  # calibration's tolerance
     elif dp.randomized_response_epsilon is not None:
-        outcomes = (
-            2 if config.answer_kind is AnswerKind.COMPARE else config.optimizer.candidates + 1
+        event = answer_event(
+            config.dp_spec(), config.answer_kind, config.optimizer.candidates, None
         )
-        event = RandomizedResponse(dp.randomized_response_epsilon, outcomes)
+        assert event is not None  # randomized response is on
         epsilon = PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
     else:
         return ""
@@ -392,7 +392,7 @@ def simulate(
     if train_errors is None:  # a holder wrote no report: score the training data here
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
     export = export_run(run_dir / "coordinator", run_dir / "model")
-    report = build_report(config, state, federation, before, after, train_errors)
+    report = build_report(config, coordinator.spec, state, federation, before, after, train_errors)
     coordinator_view = coordinator_report(config, state, coordinator.spec)
     state.write_report(coordinator_view)  # what `sottovoce server` writes, too
     if "privacy" in report:
@@ -411,6 +411,7 @@ def simulate(
 
 def build_report(
     config: RunConfig,
+    spec: RunSpec,
     state: RunState,
     federation: Federation,
     before: np.ndarray,
@@ -468,16 +469,17 @@ def build_report(
         },
         "run_id": state.run_id,
         "log_head": state.log.head,
-        **_dp_report(config, state, federation),
+        **_dp_report(config, spec.dp, state, federation),
     }
 
 
-def _dp_report(config: RunConfig, state: RunState, federation: Federation) -> dict[str, Any]:
+def _dp_report(
+    config: RunConfig, spec: DpSpec, state: RunState, federation: Federation
+) -> dict[str, Any]:
     """ε per holder from the holders' own ledgers (read as their operator), and the curve
     of the holders' local training fitness, for DP runs."""
     if config.run.algorithm != "dpzero" and config.privacy.randomized_response_epsilon is None:
         return {}
-    spec = config.dp_spec()
     holders: dict[str, Any] = {}
     curves = []
     for index, holder_dir in enumerate(federation.holder_dirs):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers import tiny_fingerprint, write_policy, write_records, write_run_config
@@ -53,10 +54,10 @@ def journaled_rounds(run_dir: Path) -> list[int]:
     return [r["round"] for r in read_json_lines(path) if r.get("type") == "round"]
 
 
-def wait_for(condition: object, timeout_s: float, what: str) -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     end = time.time() + timeout_s
     while time.time() < end:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
