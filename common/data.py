@@ -27,6 +27,9 @@ from sottovoce.common.errors import ConfigError, DataError
 Record = dict[str, object]
 
 SENTIMENT_FILE = "movie_snippets.tsv"
+# The bundled sentiment sets, all in the same format (id, mean rating, text): the movie
+# snippets are the default task; the product reviews are an out-of-domain set.
+SENTIMENT_SOURCES = {"movies": SENTIMENT_FILE, "amazon": "amazon_snippets.tsv"}
 SENTIMENT_THRESHOLD = 0.5  # |mean rating| must exceed this (scale -4..4); the rest is neutral
 SPLIT_SEED = 20261123
 GSM8K_FIELDS = ("question", "answer")
@@ -103,25 +106,32 @@ def _parse_tsv(path: Path, lines: list[str]) -> list[tuple[int, Record]]:
     return records
 
 
-def sentiment_records() -> list[Record]:
-    """The bundled movie-review sentences as ``{"id", "text", "label"}`` records.
+def sentiment_records(source: str = "movies") -> list[Record]:
+    """A bundled sentiment set as ``{"id", "text", "label"}`` records.
 
     Label 1 if the mean human rating is above 0.5, 0 if below -0.5; the neutral middle is
-    dropped, leaving 10,043 of the 10,605 sentences. See
-    ``datasets/LICENSE-movie_snippets.txt`` for the source and license.
+    dropped. ``"movies"`` (the default task) keeps 10,043 of its 10,605 sentences;
+    ``"amazon"`` (product reviews, the out-of-domain set) keeps 2,943 of 3,707. See
+    ``datasets/LICENSE-*.txt`` for sources and licenses.
     """
-    source = resources.files("sottovoce.common") / "datasets" / SENTIMENT_FILE
+    if source not in SENTIMENT_SOURCES:
+        raise ConfigError(
+            f"unknown bundled sentiment set {source!r}; one of {', '.join(SENTIMENT_SOURCES)}"
+        )
+    name = SENTIMENT_SOURCES[source]
+    text = (resources.files("sottovoce.common") / "datasets" / name).read_text(encoding="utf-8")
     records: list[Record] = []
-    for line_number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(text.splitlines(), 1):
         fields = line.split("\t")
         if len(fields) != 3:
-            raise DataError(f"{SENTIMENT_FILE} line {line_number}: expected id, score, text")
-        ident, score_text, text = fields
+            raise DataError(f"{name} line {line_number}: expected id, score, text")
+        ident, score_text, sentence = fields
         score = float(score_text)
+        key: object = int(ident) if ident.isdigit() else ident
         if score > SENTIMENT_THRESHOLD:
-            records.append({"id": int(ident), "text": text, "label": 1})
+            records.append({"id": key, "text": sentence, "label": 1})
         elif score < -SENTIMENT_THRESHOLD:
-            records.append({"id": int(ident), "text": text, "label": 0})
+            records.append({"id": key, "text": sentence, "label": 0})
     return records
 
 
