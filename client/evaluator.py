@@ -51,7 +51,7 @@ class _PrefixDone(Exception):
 
 
 @dataclass
-class _Prefix:
+class Prefix:
     """Inputs captured at the first touched block, reused by every candidate."""
 
     args: tuple[Any, ...]
@@ -122,7 +122,7 @@ class PrefixCache:
     """
 
     def __init__(self) -> None:
-        self.entries: dict[int, _Prefix] = {}
+        self.entries: dict[int, Prefix] = {}
 
 
 class CandidateEvaluator:
@@ -188,7 +188,7 @@ class CandidateEvaluator:
         return incumbent, per_candidate
 
     def _score_batches(
-        self, batches: Sequence[PreparedBatch], prefixes: Sequence[_Prefix | None], n: int
+        self, batches: Sequence[PreparedBatch], prefixes: Sequence[Prefix | None], n: int
     ) -> np.ndarray:
         scores = np.empty(n, dtype=np.float64)
         for batch, prefix in zip(batches, prefixes, strict=True):
@@ -254,16 +254,16 @@ class CandidateEvaluator:
         return scores, correct
 
     # -- forward passes --------------------------------------------------------------------
-    def _scores(self, batch: PreparedBatch, prefix: _Prefix | None) -> np.ndarray:
+    def _scores(self, batch: PreparedBatch, prefix: Prefix | None) -> np.ndarray:
         return self.fitness.score(self._logits(batch, prefix), batch).score
 
-    def _logits(self, batch: PreparedBatch, prefix: _Prefix | None) -> torch.Tensor:
+    def _logits(self, batch: PreparedBatch, prefix: Prefix | None) -> torch.Tensor:
         if prefix is None:
             self.forward_passes += 1
             return self.model(**batch.model_inputs()).logits  # type: ignore[no-any-return]
         return self._suffix_logits(batch, prefix)
 
-    def _batch_prefix(self, batch: PreparedBatch, examples: Sequence[Record]) -> _Prefix | None:
+    def _batch_prefix(self, batch: PreparedBatch, examples: Sequence[Record]) -> Prefix | None:
         """The prefix for this batch: from the head-input cache, or computed now."""
         if self.split is None:
             return None
@@ -283,44 +283,22 @@ class CandidateEvaluator:
                 last = self._prefix(sub).hidden[:, -1:, :]
                 for row, index in enumerate(sub.example_index):
                     self._head_cache[record_key(examples[new[int(index)]])] = last[row].clone()
-        return _Prefix(args=(torch.stack([self._head_cache[key] for key in keys]),), kwargs={})
+        return Prefix(args=(torch.stack([self._head_cache[key] for key in keys]),), kwargs={})
 
-    def _prefix(self, batch: PreparedBatch) -> _Prefix:
+    def _prefix(self, batch: PreparedBatch) -> Prefix:
         """Run the model up to the first touched block and capture that block's inputs."""
-        captured: list[_Prefix] = []
-
-        def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured.append(_Prefix(args=args, kwargs=kwargs))
-            raise _PrefixDone
-
-        handle = self._suffix_entry().register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            self.forward_passes += 1
-            self.model(**batch.model_inputs())
-        except _PrefixDone:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        self.forward_passes += 1
+        return capture_prefix(self.model, self._suffix_entry(), batch)
 
     def _suffix_entry(self) -> nn.Module:
         assert self.split is not None and self.parts is not None
         layers = self.parts.layers
         return layers[self.split] if self.split < len(layers) else self.parts.norm
 
-    def _suffix_logits(self, batch: PreparedBatch, prefix: _Prefix) -> torch.Tensor:
+    def _suffix_logits(self, batch: PreparedBatch, prefix: Prefix) -> torch.Tensor:
         """Layers ``split..`` + final norm + head on the captured inputs (as the model does)."""
         assert self.split is not None and self.parts is not None
-        hidden = prefix.hidden
-        if self.split < len(self.parts.layers):
-            kwargs = {k: v for k, v in prefix.kwargs.items() if k != "hidden_states"}
-            for layer in self.parts.layers[self.split :]:
-                out = layer(hidden, *prefix.args[1:], **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-        keep = batch.logits_to_keep
-        if keep > 0:
-            hidden = hidden[:, -keep:, :]
-        return self._head(self.parts.norm(hidden))
+        return self._head(suffix_hidden(self.parts, self.split, prefix, batch.logits_to_keep))
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.parts is not None
@@ -334,6 +312,46 @@ class CandidateEvaluator:
         logits = hidden.new_full((*hidden.shape[:-1], width), float("-inf"))
         logits[..., rows] = small
         return logits
+
+
+def capture_prefix(model: nn.Module, entry: nn.Module, batch: PreparedBatch) -> Prefix:
+    """Run ``model`` on ``batch`` only until ``entry`` is called; return ``entry``'s inputs.
+
+    The prefix is what every variant of the model that differs only from ``entry`` on
+    shares: computed once, it is reused by all candidates (and by ``sottovoce evaluate``'s
+    reference models).
+    """
+    captured: list[Prefix] = []
+
+    def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append(Prefix(args=args, kwargs=kwargs))
+        raise _PrefixDone
+
+    handle = entry.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(**batch.model_inputs())
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def suffix_hidden(parts: DecoderParts, split: int, prefix: Prefix, keep: int) -> torch.Tensor:
+    """Layers ``split..`` and the final norm on a captured prefix: the head's input.
+
+    ``keep`` > 0 keeps only the last ``keep`` positions before the norm (what the scorer
+    reads). Runs under whatever grad mode the caller chose, so training can use it too.
+    """
+    hidden = prefix.hidden
+    if split < len(parts.layers):
+        kwargs = {k: v for k, v in prefix.kwargs.items() if k != "hidden_states"}
+        for layer in parts.layers[split:]:
+            out = layer(hidden, *prefix.args[1:], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+    if keep > 0:
+        hidden = hidden[:, -keep:, :]
+    return parts.norm(hidden)  # type: ignore[no-any-return]
 
 
 def _label_rows(model: nn.Module, fitness: Fitness, touched: Sequence[str]) -> torch.Tensor | None:

@@ -45,31 +45,57 @@ def replay(loaded: LoadedModel, config: RunConfig, log: StepLog) -> dict[str, An
     return state
 
 
-def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -> ExportResult:
-    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing."""
+def coordinator_dir(run_dir: Path) -> Path:
+    """The coordinator's state folder: ``run_dir`` itself, or ``run_dir/coordinator``.
+
+    ``sottovoce server --run-dir`` writes the state into the folder it is given;
+    ``sottovoce simulate`` puts it under ``coordinator/`` next to the holders' folders.
+    """
+    if not (run_dir / RUN_META).exists() and (run_dir / "coordinator" / RUN_META).exists():
+        return run_dir / "coordinator"
+    return run_dir
+
+
+def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config (the copy the coordinator kept) and its metadata."""
     meta_path = run_dir / RUN_META
     if not meta_path.exists():
         raise ConfigError(f"{run_dir}: not a run directory (no {RUN_META})")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
-    meta = read_meta(meta_path)
-    config = load_config(run_dir / CONFIG_COPY)
-    loaded = load_model(config.model.name, dtype="float32", cache_dir=cache_dir)
-    if loaded.fingerprint != meta["model_fingerprint"]:
+    return load_config(run_dir / CONFIG_COPY), read_meta(meta_path)
+
+
+def read_run_log(run_dir: Path, config: RunConfig, fingerprint: str) -> tuple[StepLog, float]:
+    """The run's verified log of accepted steps and the bits its answers cost.
+
+    Checks that ``fingerprint`` (the base model as loaded here) is the one the run was made
+    on and that the log's genesis matches it and the parametrization.
+    """
+    meta = read_meta(run_dir / RUN_META)
+    if fingerprint != meta["model_fingerprint"]:
         raise ConfigError(
-            f"model {config.model.name} loads as {loaded.fingerprint}, the run was made on "
+            f"model {config.model.name} loads as {fingerprint}, the run was made on "
             f"{meta['model_fingerprint']}"
         )
-    spec = config.parametrization.to_spec()
-    genesis = genesis_hash(loaded.fingerprint, spec.canonical_id())
+    genesis = genesis_hash(fingerprint, config.parametrization.to_spec().canonical_id())
     if genesis != meta["genesis"]:
         raise LogIntegrityError(f"{run_dir}: log genesis does not match model + parametrization")
-    log = StepLog.open(run_dir / LOG, genesis)
     bits = sum(
         float(r.get("bits", 0.0))
         for r in read_json_lines(run_dir / JOURNAL)
         if r.get("type") == "answer"
     )
+    return StepLog.open(run_dir / LOG, genesis), bits
+
+
+def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -> ExportResult:
+    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing."""
+    config, meta = read_run_config(run_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
+    loaded = load_model(config.model.name, dtype="float32", cache_dir=cache_dir)
+    log, bits = read_run_log(run_dir, config, loaded.fingerprint)
+    spec = config.parametrization.to_spec()
+    genesis = log.genesis
     loaded.model.load_state_dict(replay(loaded, config, log))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
