@@ -61,6 +61,19 @@ class RetryPolicy:
     multiplier: float = 2.0
 
 
+@dataclass
+class WireTraffic:
+    """Protocol bytes this holder sent and received (serialized messages, without TLS framing).
+
+    Filled in by :func:`run_holder` for the holder's own cost report: what a deployment
+    between organizations pays on the wire for a run.
+    """
+
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 class _StopRequestedError(Exception):
     """The caller's stop event was set; unwinds the loop to a clean Leave."""
 
@@ -75,6 +88,7 @@ def run_holder(
     stop: threading.Event | None = None,
     rpc_timeout_s: float = 10.0,
     retry: RetryPolicy | None = None,
+    traffic: WireTraffic | None = None,
 ) -> RunFinished:
     """Take part in the coordinator's run at ``address`` until it finishes; return its end.
 
@@ -83,6 +97,7 @@ def run_holder(
     WireError if it sends a malformed message. If ``stop`` is set, the holder leaves and a
     RunFinished with reason :data:`STOPPED_REASON` comes back (its ``bits_spent_total`` is
     0.0: the coordinator never said; the holder's own ledger knows what it released).
+    ``traffic``, if given, counts the bytes of every call that got a reply.
     """
     channel = _open_channel(address, tls)
     try:
@@ -94,6 +109,7 @@ def run_holder(
             poll_timeout_s=poll_timeout_s,
             rpc_timeout_s=rpc_timeout_s,
             retry=retry or RetryPolicy(),
+            traffic=traffic if traffic is not None else WireTraffic(),
         )
         return session.run()
     finally:
@@ -134,8 +150,10 @@ class _HolderSession:
         poll_timeout_s: float,
         rpc_timeout_s: float,
         retry: RetryPolicy,
+        traffic: WireTraffic,
     ):
         self._holder = holder
+        self._traffic = traffic
         self._stub = stub
         self._stop = stop
         self._poll_timeout_s = poll_timeout_s
@@ -263,8 +281,22 @@ class _HolderSession:
         future = method.future(request, timeout=timeout_s or self._rpc_timeout_s)
         while True:
             try:
-                return future.result(timeout=_STOP_CHECK_S)
+                reply = future.result(timeout=_STOP_CHECK_S)
             except grpc.FutureTimeoutError:
                 if self._stop.is_set():
                     future.cancel()
                     raise _StopRequestedError from None
+                continue
+            self._count(request, reply)
+            return reply
+
+    def _count(self, request: object, reply: object) -> None:
+        """Add one completed call's serialized sizes to the holder's traffic."""
+        self._traffic.calls += 1
+        self._traffic.bytes_sent += _size(request)
+        self._traffic.bytes_received += _size(reply)
+
+
+def _size(message: object) -> int:
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else 0

@@ -62,6 +62,7 @@ from sottovoce.common.messages import (
 )
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.resources import peak_rss_bytes
 from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import StepLog, as_float32, extend_chain, genesis_hash
 from sottovoce.common.wire import MAX_ABS_SCALE
@@ -85,6 +86,7 @@ class HolderStatus:
     lifetime_epsilon_spent: float | None = None
     lifetime_epsilon_max: float | None = None
     last_incumbent_score: float | None = None
+    compute_seconds: float = 0.0
     last_refusal: str | None = None
     finished: str | None = None
     history: list[float] = field(default_factory=list)
@@ -207,6 +209,7 @@ class DataHolder:
         self.evaluator.apply_steps(task.new_steps)
         for step in task.new_steps:
             self.log.append(step)
+        started = time.perf_counter()
         examples = self._draw(task.batch)
         value: float | None = None
         if task.answer_kind is AnswerKind.DP_SCALAR:
@@ -215,6 +218,7 @@ class DataHolder:
             choice, stats = self.evaluator.choose(examples, task.candidates, task.answer_kind)
             if isinstance(event, RandomizedResponse):
                 choice = randomized_response(choice, event, self._rng)
+        self.status.compute_seconds += time.perf_counter() - started
         self.ledger.charge(
             task.task_id,
             task.run_id,
@@ -287,6 +291,16 @@ class DataHolder:
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
+            "cost": self.cost_report(),
+        }
+
+    def cost_report(self) -> dict[str, Any]:
+        """What answering this run cost the holder: compute time, forward passes, memory."""
+        return {
+            "answers": self.status.answered,
+            "compute_seconds": round(self.status.compute_seconds, 3),
+            "forward_passes": self.forward_passes,
+            "peak_rss_bytes": peak_rss_bytes(),
         }
 
     def _privacy_report(self) -> dict[str, Any]:
