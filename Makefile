@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy common server client sottovoce
+	$(VENV)/bin/mypy common server client sottovoce evidence
 
 protos: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_protos.sh

@@ -6,6 +6,7 @@ and a non-zero exit; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -208,7 +209,7 @@ def client(
     import torch
 
     from sottovoce.api import open_holder
-    from sottovoce.client.grpc_loop import run_holder
+    from sottovoce.client.grpc_loop import WireTraffic, run_holder
 
     if threads:
         torch.set_num_threads(threads)
@@ -221,9 +222,11 @@ def client(
         dtype=dtype,
         status_path=status_path,
     )
-    finished = run_holder(holder, address, tls=tls)
+    traffic = WireTraffic()
+    finished = run_holder(holder, address, tls=tls, traffic=traffic)
     if report_path is not None and holder.spec is not None:
         report = holder.local_report(finished.bits_spent_total)
+        report["cost"].update(dataclasses.asdict(traffic))
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
     click.echo(
         f"{holder_id}: run {finished.run_id} finished ({finished.reason}); answered "
@@ -285,6 +288,134 @@ def simulate(
 
     report = run_simulation(config_path, run_dir=run_dir, report_path=report_path, engine=engine)
     print_report(report)
+
+
+@main.command()
+@click.option(
+    "--run",
+    "run_dirs",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    required=True,
+    help="A run folder (simulate's or the server's); repeat to compare runs on the same data.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="New folder for report.json, report.md, report.html and roc.png.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="Evaluate this `sottovoce export` folder of the (one) run instead of its log.",
+)
+@click.option(
+    "--members",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Training data files (default: the run's holders/*/data.jsonl).",
+)
+@click.option(
+    "--nonmembers",
+    type=click.Path(path_type=Path),
+    help="Unused examples of the same distribution (default: the bundled split's).",
+)
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path),
+    help="The in-domain test set (default: the run's test split).",
+)
+@click.option(
+    "--ood",
+    multiple=True,
+    default=("amazon",),
+    show_default=True,
+    help="Out-of-domain sets: a bundled name (amazon) or a file; repeatable.",
+)
+@click.option("--ood-cap", default=1000, show_default=True, help="At most this many per OOD set.")
+@click.option("--reference-models", default=4, show_default=True, help="LiRA's (0: no LiRA).")
+@click.option(
+    "--baseline",
+    "baseline_method",
+    type=click.Choice(["lora", "full", "none"]),
+    default="lora",
+    show_default=True,
+    help="The backprop baseline's method.",
+)
+@click.option(
+    "--baseline-blocks",
+    default=2,
+    show_default=True,
+    help="Decoder blocks the baseline trains, counted from the top (0: all).",
+)
+@click.option("--baseline-epochs", default=3, show_default=True, help="At most this many.")
+@click.option("--baseline-lr", default=1e-3, show_default=True)
+@click.option("--resamples", default=1000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, help="Carving, bootstrap, baseline order.")
+@click.option("--threads", type=int, help="torch threads (default: torch's choice).")
+@user_errors
+def evaluate(
+    run_dirs: tuple[Path, ...],
+    out_dir: Path,
+    checkpoint: Path | None,
+    members: tuple[Path, ...],
+    nonmembers: Path | None,
+    heldout: Path | None,
+    ood: tuple[str, ...],
+    ood_cap: int,
+    reference_models: int,
+    baseline_method: str,
+    baseline_blocks: int,
+    baseline_epochs: int,
+    baseline_lr: float,
+    resamples: int,
+    seed: int,
+    threads: int | None,
+) -> None:
+    """Utility, membership inference, the bound and cost of runs, next to a backprop baseline.
+
+    Needs the training data: run it where the data is (a holder, an auditor), never at the
+    coordinator.
+    """
+    import torch
+
+    from sottovoce.evidence.baseline import BaselineConfig
+    from sottovoce.evidence.evaluate import EvaluateOptions
+    from sottovoce.evidence.evaluate import evaluate as run_evaluation
+    from sottovoce.evidence.report import write_report
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out {out_dir}: exists and is not empty; choose a new folder")
+    if threads:
+        torch.set_num_threads(threads)
+    baseline = None
+    if baseline_method != "none":
+        baseline = BaselineConfig(
+            method=baseline_method,
+            last_k_blocks=baseline_blocks,
+            epochs=baseline_epochs,
+            learning_rate=baseline_lr,
+            seed=seed,
+        )
+    options = EvaluateOptions(
+        members=members,
+        checkpoint=checkpoint,
+        nonmembers=nonmembers,
+        heldout=heldout,
+        ood=ood,
+        ood_cap=ood_cap,
+        reference_models=reference_models if baseline is not None else 0,
+        baseline=baseline,
+        resamples=resamples,
+        seed=seed,
+    )
+    report = run_evaluation(
+        list(run_dirs), options, progress=lambda line: click.echo(line, err=True)
+    )
+    written = write_report(out_dir, report)
+    click.echo(f"wrote {', '.join(str(path) for path in written)}", err=True)
 
 
 @main.command()
