@@ -83,15 +83,19 @@ def train(
     selection_set: str | None = None,
     target_accuracy: float | None = None,
     epochs: int | None = None,
+    in_place: bool = False,
 ) -> TrainingResult:
     """Fine-tune a copy of ``base`` on ``scorer``'s set ``train_set``; ``base`` is untouched.
+
+    ``in_place`` trains ``base`` itself instead (a process that needs nothing else of it
+    saves a model copy's memory).
 
     With ``target_accuracy``, stops after the first epoch whose accuracy on
     ``selection_set`` reaches it. ``epochs`` overrides the config's (reference models train
     exactly as long as the baseline did).
     """
     label_ids = _label_ids(scorer.fitness)
-    model = trainable_copy(base, config)
+    model = trainable_copy(base, config, in_place=in_place)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
@@ -127,9 +131,9 @@ def train(
     return result
 
 
-def trainable_copy(base: nn.Module, config: BaselineConfig) -> nn.Module:
+def trainable_copy(base: nn.Module, config: BaselineConfig, *, in_place: bool = False) -> nn.Module:
     """A deep copy of ``base`` whose trainable parameters are the config's, and only those."""
-    model = copy.deepcopy(base)
+    model = base if in_place else copy.deepcopy(base)
     for param in model.parameters():
         param.requires_grad_(False)
     first = config.first_trained_block(model)

@@ -108,6 +108,7 @@ def _main(job: BaselineJob, out: Path) -> None:
         job.config,
         selection_set="selection",
         target_accuracy=job.target_accuracy,
+        in_place=True,  # this process needs the base model for nothing else
     )
     state = result.model.state_dict()
     torch.save({name: state[name] for name in result.trainable_names}, out / WEIGHTS)
