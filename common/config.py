@@ -27,6 +27,14 @@ from sottovoce.common.messages import (
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 
 ALGORITHMS = ("bboxer-1+1", "bboxer-1+lambda", "dpzero")
+SERVICE_LIMIT_KEYS = (  # [server] keys outside the run's fingerprint (see RunConfig.fingerprint)
+    "rate_limit_per_s",
+    "rate_limit_burst",
+    "join_rate_limit_per_s",
+    "join_rate_limit_burst",
+    "max_polls_per_holder",
+    "max_workers",
+)
 
 
 class _Section(BaseModel):
@@ -145,6 +153,18 @@ class ServerSection(_Section):
     # Holder ids (certificate common names under mutual TLS) allowed to join; empty: any
     # holder with a certificate from the federation's CA.
     allowed_holders: tuple[str, ...] = ()
+    # Service limits (server/limits.py): they bound a flooding holder, never a well-behaved
+    # one. Not in the run's fingerprint, so a restart may change them. The call limit
+    # counts only a holder's calls that bring nothing new (a task or answer sent again, an
+    # empty poll, a rejected call); a new task delivered or an answer accepted is free.
+    rate_limit_per_s: float = Field(default=5.0, gt=0, le=1e6)
+    rate_limit_burst: int = Field(default=50, ge=1, le=1_000_000)
+    join_rate_limit_per_s: float = Field(default=1.0, gt=0, le=1e6)
+    join_rate_limit_burst: int = Field(default=10, ge=1, le=1_000_000)
+    max_polls_per_holder: int = Field(default=4, ge=1, le=1024)  # PullTasks waiting at once
+    # Worker threads (one per waiting long-poll); default: 2 x max(min_holders,
+    # len(allowed_holders)) + 16, at least 64.
+    max_workers: int | None = Field(default=None, ge=4, le=100_000)
 
     @field_validator("holder_weights")
     @classmethod
@@ -267,8 +287,13 @@ class RunConfig(_Section):
         )
 
     def fingerprint(self) -> str:
-        """Hash of the parts that define the run (a resumed run must have the same)."""
-        material = self.model_dump(mode="json", exclude={"simulate"})
+        """Hash of the parts that define the run (a resumed run must have the same).
+
+        The service limits are left out: they say how the coordinator defends itself, not
+        what the run is, and a run started before they existed keeps its fingerprint.
+        """
+        exclude: dict[str, Any] = {"simulate": True, "server": set(SERVICE_LIMIT_KEYS)}
+        material = self.model_dump(mode="json", exclude=exclude)
         blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -13,20 +13,36 @@ wrong session token or certificate     UNAUTHENTICATED /
                                        PERMISSION_DENIED
 PolicyViolation, LogIntegrityError,    FAILED_PRECONDITION
 other SottovoceError from the endpoint
+over a per-holder limit (call rate,    RESOURCE_EXHAUSTED
+Join rate, PullTasks waiting)          (the holder retries)
 =====================================  ======================
 
 Identity: without TLS (loopback, tests) the holder id is the one claimed in Join; with
 mutual TLS it must equal the client certificate's common name (:func:`peer_identity`).
-Every call after Join also carries the random session token that Join returned.
+Every call after Join also carries the random session token that Join returned. No
+method of this service answers without that identity: Join needs the certificate (under
+mutual TLS), the others the session too; only the standard health service takes no
+session (and under mutual TLS it, too, needs a client certificate to connect).
+
+Limits (:mod:`sottovoce.server.limits`): once a holder is authenticated, its PullTask,
+PushAnswer and Leave calls that bring the run nothing new (a task or answer sent again, an
+empty poll, a rejected call) are rate limited; Join is limited per peer identity; and a
+holder's waiting PullTasks are capped, so one holder cannot take the coordinator's lock
+or threads from the others. A refused call reaches no endpoint. :func:`serve` reads the
+limits from the endpoint's run config (the Coordinator's ``[server]`` section) unless
+given them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn, ParamSpec, TypeVar
 
@@ -34,18 +50,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sottovoce.common import wire
+from sottovoce.common.config import RunConfig
 from sottovoce.common.endpoints import CoordinatorEndpoint
 from sottovoce.common.errors import SottovoceError, TransportError
+from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.wire import Credentials, TlsConfig, WireError
+from sottovoce.server.limits import (
+    Clock,
+    ConcurrencyCap,
+    Deliveries,
+    KeyedRateLimiter,
+    ServiceLimits,
+)
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # sottovoce.v1.Coordinator
 MAX_POLL_S = 30.0  # the longest a PullTask is held, whatever the holder asks
 DEADLINE_MARGIN_S = 0.5  # reply this long before the caller's deadline
-DEFAULT_MAX_WORKERS = 64  # each waiting long-poll holds one worker thread
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,17 +101,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         *,
         require_certificate: bool = False,
         max_poll_s: float = MAX_POLL_S,
+        limits: ServiceLimits | None = None,
+        clock: Clock = time.monotonic,
     ):
         self._endpoint = endpoint
         self._require_certificate = require_certificate
         self._max_poll_s = max_poll_s
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
+        limits = limits or ServiceLimits.defaults()
+        self._calls = KeyedRateLimiter(limits.calls, clock=clock)
+        self._joins = KeyedRateLimiter(limits.joins, clock=clock)
+        self._polls = ConcurrencyCap(limits.max_polls_per_holder)
+        self._deliveries = Deliveries()
 
     # -- the four calls ------------------------------------------------------------------
     def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:  # noqa: N802
         join = _decode(context, wire.join_request_from_proto, request)
-        self._check_identity(context, join.holder_id)
+        identity = self._peer(context, join.holder_id)
+        self._admit(context, self._joins, identity, "Join calls from")
+        self._check_claim(identity, join.holder_id, context)
         spec = _invoke(context, self._endpoint.join, join)
         session = secrets.token_urlsafe(24)
         reply = _encode(context, wire.join_reply_to_proto, spec, session)
@@ -99,46 +132,95 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def PullTask(self, request: pb.PullTaskRequest, context: Context) -> pb.PullTaskReply:  # noqa: N802
         call = _decode(context, wire.pull_task_request_from_proto, request)
         holder_id = self._authenticate(context, call.credentials)
+        self._admit(context, self._calls, holder_id, "calls of holder")
         timeout_s = self._poll_timeout(call.wait_s, context)
-        result = _invoke(
-            context,
-            self._endpoint.pull_task,
-            holder_id,
-            call.have_version,
-            call.have_head,
-            timeout_s,
-        )
-        return _encode(context, wire.pull_task_reply_to_proto, result)
+        with self._poll_slot(context, holder_id):
+            result = _invoke(
+                context,
+                self._endpoint.pull_task,
+                holder_id,
+                call.have_version,
+                call.have_head,
+                timeout_s,
+            )
+        reply = _encode(context, wire.pull_task_reply_to_proto, result)
+        self._credit_delivery(holder_id, result)
+        return reply
 
     def PushAnswer(self, request: pb.PushAnswerRequest, context: Context) -> pb.PushAnswerReply:  # noqa: N802
         call = _decode(context, wire.push_answer_request_from_proto, request)
         holder_id = self._authenticate(context, call.credentials)
+        self._admit(context, self._calls, holder_id, "calls of holder")
         accepted = _invoke(context, self._endpoint.push_answer, holder_id, call.answer)
+        if accepted:
+            self._calls.refund(holder_id)  # a new answer is progress; a re-sent one counts
         return pb.PushAnswerReply(accepted=bool(accepted))
 
     def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveReply:  # noqa: N802
         credentials = _decode(context, wire.leave_request_from_proto, request)
         holder_id = self._authenticate(context, credentials)
+        self._admit(context, self._calls, holder_id, "calls of holder")
         _invoke(context, self._endpoint.leave, holder_id)
         with self._lock:
             self._sessions.pop(holder_id, None)
+        self._deliveries.forget(holder_id)
         logger.info("holder %s left", holder_id)
         return pb.LeaveReply()
 
     # -- helpers -------------------------------------------------------------------------
-    def _check_identity(self, context: Context, claimed_id: str) -> None:
+    def _peer(self, context: Context, claimed_id: str) -> str:
+        """The peer's identity (see :func:`peer_identity`); UNAUTHENTICATED without one."""
         try:
-            identity = peer_identity(
-                context, claimed_id, require_certificate=self._require_certificate
-            )
+            return peer_identity(context, claimed_id, require_certificate=self._require_certificate)
         except SottovoceError as exc:
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+    def _check_claim(self, identity: str, claimed_id: str, context: Context) -> None:
         if identity != claimed_id:
             _abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"holder_id {claimed_id!r} is not the certificate's common name {identity!r}",
             )
+
+    def _check_identity(self, context: Context, claimed_id: str) -> None:
+        self._check_claim(self._peer(context, claimed_id), claimed_id, context)
+
+    def _admit(self, context: Context, limiter: KeyedRateLimiter, key: str, what: str) -> None:
+        """Take a token for the call, or refuse it before it reaches the endpoint."""
+        if not limiter.try_acquire(key):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit: {what} {key!r} over {limiter.limit.describe()}; retry later",
+            )
+
+    def _credit_delivery(self, holder_id: str, result: Task | RunFinished | None) -> None:
+        """A task (or the end of the run) the holder has not had yet is progress: give the
+        call's token back. A re-sent task and an empty poll keep it."""
+        if isinstance(result, Task):
+            item = result.task_id
+        elif isinstance(result, RunFinished):
+            item = f"finished:{result.run_id}"
+        else:
+            return
+        if self._deliveries.first(holder_id, item):
+            self._calls.refund(holder_id)
+
+    @contextmanager
+    def _poll_slot(self, context: Context, holder_id: str) -> Iterator[None]:
+        """One of the holder's few waiting-PullTask slots for the block, or RESOURCE_EXHAUSTED."""
+        if not self._polls.try_acquire(holder_id):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit: holder {holder_id!r} already has {self._polls.limit} PullTask "
+                "calls waiting; retry when one returns",
+            )
+        try:
+            yield
+        finally:
+            self._polls.release(holder_id)
 
     def _authenticate(self, context: Context, credentials: Credentials) -> str:
         """The caller's holder id, once its identity and session token check out."""
@@ -238,23 +320,29 @@ def serve(
     address: str,
     *,
     tls: TlsConfig | None = None,
-    max_workers: int = DEFAULT_MAX_WORKERS,
+    limits: ServiceLimits | None = None,
+    max_workers: int | None = None,
     max_poll_s: float = MAX_POLL_S,
 ) -> RunningServer:
     """Start the Coordinator service (and health checking) on ``address``.
 
     ``"127.0.0.1:0"`` picks a free port (see ``RunningServer.port``). With ``tls`` the
     server requires and verifies client certificates (mutual TLS); without it the
-    transport is insecure, which is for loopback and tests only.
+    transport is insecure, which is for loopback and tests only. ``limits`` default to
+    the endpoint's run config (:func:`limits_for`); ``max_workers`` overrides their pool
+    size. Worker threads are started as calls need them, up to that size.
     """
+    limits = limits or limits_for(endpoint)
+    if max_workers is not None:
+        limits = dataclasses.replace(limits, max_workers=max_workers)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sottovoce-rpc"),
+        ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="sottovoce-rpc"),
         # No SO_REUSEPORT: a second coordinator on a busy port must fail, not share its traffic.
         options=[*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=4 * max_workers,
+        maximum_concurrent_rpcs=4 * limits.max_workers,
     )
     servicer = CoordinatorServicer(
-        endpoint, require_certificate=tls is not None, max_poll_s=max_poll_s
+        endpoint, require_certificate=tls is not None, max_poll_s=max_poll_s, limits=limits
     )
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -266,6 +354,15 @@ def serve(
     host = address.rsplit(":", 1)[0]
     logger.info("coordinator listening on %s:%d (%s)", host, port, "mTLS" if tls else "insecure")
     return RunningServer(server=server, health=health_servicer, port=port, host=host)
+
+
+def limits_for(endpoint: CoordinatorEndpoint) -> ServiceLimits:
+    """The ``[server]`` limits of the endpoint's run config (the Coordinator has one, as
+    ``config``), so ``sottovoce server`` applies them; the defaults for any other endpoint."""
+    config = getattr(endpoint, "config", None)
+    if isinstance(config, RunConfig):
+        return ServiceLimits.from_config(config.server)
+    return ServiceLimits.defaults()
 
 
 def _bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
