@@ -1,0 +1,553 @@
+"""The coordinator under load: many simulated holders long-polling over real gRPC + mutual TLS.
+
+DESIGN §7 target: 1,000 simulated data holders on one machine without the coordinator
+being the bottleneck. This bench runs the real ``Coordinator`` (run state, journal fsync'd
+per answer, the (1+1)-ES) behind the real ``serve()`` with mutual TLS and the service
+limits a run config gives it, in its own process, so its CPU and memory are its alone.
+
+Certificates come from :mod:`sottovoce.common.certs` (what ``sottovoce certs`` runs) in a
+temporary folder: a CA, a coordinator certificate for 127.0.0.1, and one client
+certificate per simulated holder, whose common name is the holder id. Each holder has its
+own TLS channel (its own TCP connection and handshake).
+
+The holders are asyncio tasks in this process. They speak the protocol the real client
+loop (``client/grpc_loop.py``) speaks, through the generated stubs and the same
+``common/wire.py`` encoders and decoders: Join; then PullTask long-polls (wait
+``--poll-s``, deadline wait + 5 s, as the loop's); each task's new steps are checked
+against its log head; a compare answer goes back by PushAnswer; RunFinished, then Leave.
+Transient statuses are retried with the loop's backoff, NOT_FOUND rejoins. The fitness is a
+stand-in: a holder's choice is one bit of sha256(holder id, candidate seed), computed at
+once, so every round is pure coordinator and transport work. The coordinator cannot tell
+these holders from ``run_holder`` ones (same messages, same call pattern); the real loop
+was not used because 1,000 of its threads, each checking its stop event every 50 ms,
+would measure the client machine's thread scheduler on the same 2 cores.
+
+Per holder count, after ``--warmup`` rounds (round 0 waits for every holder to join):
+
+- rounds/s over the measured rounds, and round latency p50/p99: the time between one
+  round's close and the next's (open, fan-out of tasks, every answer, journal, close), on
+  the coordinator's clock; every round waits for all holders (quorum = min_holders = N);
+- coordinator CPU: its process CPU seconds (all threads) / wall seconds over the same
+  rounds (1.0 is one core busy), the share of it spent in the kernel, and its context
+  switches per answer (``getrusage``);
+- coordinator memory: RSS when serving with no holder yet, and the peak RSS (the kernel's
+  high-water mark at the end of the run); threads: the most threads it had;
+- the holder process's CPU / wall, and the transient statuses the holders retried
+  (RESOURCE_EXHAUSTED among them would be the service's per-holder limits).
+
+``--max-workers 64`` gives the server the fixed pool it had before the pool was sized
+from ``server.min_holders`` (64 threads, 256 concurrent calls).
+
+Usage::
+
+    python bench/bench_load.py [--holders 10 100 300 1000] [--rounds 30] [--warmup 2]
+                               [--max-workers N] [--poll-s 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import hashlib
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import grpc
+
+from sottovoce.client.grpc_loop import (
+    LEAVE_TIMEOUT_S,
+    POLL_DEADLINE_MARGIN_S,
+    TRANSIENT_CODES,
+    RetryPolicy,
+)
+from sottovoce.common import wire
+from sottovoce.common.certs import init_ca, issue, tls_config
+from sottovoce.common.config import RunConfig, parse_config
+from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.steplog import extend_chain
+from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
+
+FINGERPRINT = "sha256:" + "5a" * 32  # the coordinator needs a fingerprint, not a model
+RPC_TIMEOUT_S = 10.0  # Join and PushAnswer deadlines, as run_holder's default
+READY_TIMEOUT_S = 120.0  # the coordinator process imports torch before it listens
+RETRY = RetryPolicy()
+Reply = TypeVar("Reply")
+
+
+# -- the coordinator process -------------------------------------------------------------
+def bench_config(holders: int, rounds: int, max_workers: int | None) -> RunConfig:
+    """A (1+1)-ES run where every round waits for all ``holders`` answers."""
+    server: dict[str, Any] = {
+        "address": "127.0.0.1:0",
+        "min_holders": holders,
+        "quorum": holders,
+        "round_timeout_s": 300.0,
+    }
+    if max_workers is not None:
+        server["max_workers"] = max_workers
+    data = {
+        "run": {"name": "load", "max_rounds": rounds, "bit_budget": float(holders * rounds + 1)},
+        "parametrization": {"kind": "scale", "patterns": ["model.norm.weight"]},
+        "server": server,
+    }
+    return parse_config(data, "bench_load")
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc)."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Sample:
+    """The coordinator process at one instant (CPU and context switches of all threads)."""
+
+    wall: float
+    user: float
+    system: float
+    switches: int
+    rss: int
+    threads: int
+
+    @classmethod
+    def now(cls) -> Sample:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            wall=time.monotonic(),
+            user=usage.ru_utime,
+            system=usage.ru_stime,
+            switches=usage.ru_nvcsw + usage.ru_nivcsw,
+            rss=rss_bytes(),
+            threads=threading.active_count(),
+        )
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
+def coordinator_main(args: argparse.Namespace) -> None:
+    """Serve one run to ``args.holders`` holders; print READY <port>, then RESULT <json>."""
+    from sottovoce.server.coordinator import Coordinator
+    from sottovoce.server.grpc_service import serve
+    from sottovoce.server.limits import ServiceLimits
+    from sottovoce.server.run_state import RunState
+
+    config = bench_config(args.holders, args.total_rounds, args.max_workers)
+    state = RunState.open(Path(args.run_dir), config, "# bench_load\n", FINGERPRINT)
+    coordinator = Coordinator(config, state, FINGERPRINT)
+    closes: list[Sample] = []
+    coordinator.add_listener(lambda record, _state: closes.append(Sample.now()))
+    limits = ServiceLimits.from_config(config.server)
+    tls = tls_config(Path(args.certs), "coordinator")
+    with serve(coordinator, "127.0.0.1:0", tls=tls, limits=limits) as server:
+        ready = Sample.now()
+        print(f"READY {server.port}", flush=True)
+        finished = coordinator.wait_finished(args.timeout_s)
+        coordinator.wait_holders_left(timeout_s=30.0)
+    result = {
+        "finished": finished,
+        "max_workers": limits.max_workers,
+        "ready": ready.__dict__,
+        "closes": [sample.__dict__ for sample in closes],
+        "closed_by": dict(Counter(r.closed_by for r in state.rounds)),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- the simulated holders ---------------------------------------------------------------
+@dataclass
+class Tally:
+    """What the holders saw, all of them together."""
+
+    retried: Counter[str] = field(default_factory=Counter)
+    failed_leaves: Counter[str] = field(default_factory=Counter)
+    rejoins: int = 0
+    answers: int = 0
+    finished: int = 0
+
+
+class SimulatedHolder:
+    """One holder: its own TLS channel, session and log head; answers at once."""
+
+    def __init__(self, holder_id: str, channel: grpc.aio.Channel, poll_s: float, tally: Tally):
+        self.holder_id = holder_id
+        self._channel = channel
+        self._stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        self._poll_s = poll_s
+        self._tally = tally
+        self._credentials: Credentials | None = None
+        self.version = 0
+        self.head = ""
+
+    async def run(self) -> None:
+        await self._join()
+        while True:
+            result = wire.pull_task_reply_from_proto(await self._call(self._pull, rejoin=True))
+            if isinstance(result, Task):
+                self._follow(result.base_version, result.new_steps, result.log_head)
+                await self._call(functools.partial(self._push, self._answer(result)), rejoin=True)
+            elif isinstance(result, RunFinished):
+                self._follow(result.base_version, result.new_steps, result.log_head)
+                self._tally.finished += 1
+                break
+        await self._leave()
+
+    async def _join(self) -> None:
+        request = wire.join_request_to_proto(
+            JoinRequest(self.holder_id, FINGERPRINT, {"max_bits": "1000000"})
+        )
+        reply = await self._call(lambda: self._stub.Join(request, timeout=RPC_TIMEOUT_S))
+        spec, session = wire.join_reply_from_proto(reply)
+        self._credentials = Credentials(self.holder_id, session)
+        if not self.head:
+            self.head = spec.log_genesis
+
+    def _pull(self) -> Awaitable[pb.PullTaskReply]:
+        assert self._credentials is not None
+        call = PullTaskCall(self._credentials, self.version, self.head, self._poll_s)
+        request = wire.pull_task_request_to_proto(call)
+        return self._stub.PullTask(request, timeout=self._poll_s + POLL_DEADLINE_MARGIN_S)
+
+    def _push(self, answer: Answer) -> Awaitable[pb.PushAnswerReply]:
+        assert self._credentials is not None
+        request = wire.push_answer_request_to_proto(PushAnswerCall(self._credentials, answer))
+        return self._stub.PushAnswer(request, timeout=RPC_TIMEOUT_S)
+
+    async def _leave(self) -> None:
+        """Best effort, as the real loop's: a failed Leave is counted, not raised."""
+        assert self._credentials is not None
+        request = wire.leave_request_to_proto(self._credentials)
+        try:
+            await self._stub.Leave(request, timeout=LEAVE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            self._tally.failed_leaves[error.code().name] += 1
+
+    def _follow(self, base_version: int, new_steps: Sequence[Any], log_head: str) -> None:
+        """Apply the shipped steps to the log head, as a real holder checks them."""
+        if base_version != self.version:
+            return  # a re-sent task: its steps are already applied
+        if extend_chain(self.head, base_version, new_steps) != log_head:
+            raise RuntimeError(f"{self.holder_id}: task's steps do not reach its log head")
+        self.version, self.head = base_version + len(new_steps), log_head
+
+    def _answer(self, task: Task) -> Answer:
+        """The stand-in fitness: one bit of sha256(holder id, candidate seed)."""
+        digest = hashlib.sha256(f"{self.holder_id}:{task.candidates[0].seed}".encode()).digest()
+        self._tally.answers += 1
+        return Answer(task.task_id, choice=digest[0] & 1)
+
+    async def _call(
+        self, attempt: Callable[[], Awaitable[Reply]], *, rejoin: bool = False
+    ) -> Reply:
+        """The real loop's retry rules: back off on transient statuses, rejoin on NOT_FOUND."""
+        give_up_at = time.monotonic() + RETRY.total_s
+        backoff_s = RETRY.initial_backoff_s
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if rejoin and code is grpc.StatusCode.NOT_FOUND:
+                    self._tally.rejoins += 1
+                    await self._join()
+                    continue
+                if code not in TRANSIENT_CODES or time.monotonic() + backoff_s > give_up_at:
+                    raise
+                self._tally.retried[code.name] += 1
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * RETRY.multiplier, RETRY.max_backoff_s)
+
+
+def holder_channel(certs: Path, holder_id: str, address: str) -> grpc.aio.Channel:
+    """A holder's own mutual-TLS channel (its certificate, the federation's CA)."""
+    cert, key, ca = tls_config(certs, holder_id).read()
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    # One connection per holder, never a subchannel shared between holders in this process.
+    options = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+async def run_holders(
+    certs: Path, address: str, holder_ids: Sequence[str], poll_s: float
+) -> tuple[Tally, float, float]:
+    """Run every holder to the end of the run; (tally, process CPU s, wall s)."""
+    tally = Tally()
+    channels = [holder_channel(certs, h, address) for h in holder_ids]
+    started, cpu = time.monotonic(), time.process_time()
+    try:
+        holders = [
+            SimulatedHolder(h, c, poll_s, tally) for h, c in zip(holder_ids, channels, strict=True)
+        ]
+        await asyncio.gather(*(holder.run() for holder in holders))
+    finally:
+        await asyncio.gather(*(channel.close(None) for channel in channels))
+    return tally, time.process_time() - cpu, time.monotonic() - started
+
+
+# -- one point of the curve --------------------------------------------------------------
+@dataclass
+class Point:
+    """The figures for one holder count."""
+
+    holders: int
+    rounds: int
+    rounds_per_s: float
+    p50_ms: float
+    p99_ms: float
+    coordinator_cpu: float
+    system_share: float
+    switches_per_answer: float
+    ready_rss_mib: float
+    peak_rss_mib: float
+    peak_threads: int
+    max_workers: int
+    holder_cpu: float
+    answers_per_s: float
+    tally: Tally
+    closed_by: dict[str, int]
+
+
+def start_coordinator(
+    args: argparse.Namespace, holders: int, run_dir: Path
+) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--role=coordinator",
+        f"--holders={holders}",
+        f"--total-rounds={args.warmup + args.rounds}",
+        f"--certs={args.certs}",
+        f"--run-dir={run_dir}",
+        f"--timeout-s={args.timeout_s}",
+    ]
+    if args.max_workers is not None:
+        command.append(f"--max-workers={args.max_workers}")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def read_tagged(stream: IO[str], tag: str, timeout_s: float) -> str:
+    """The rest of the first line starting with ``tag`` (the child prints nothing else)."""
+    deadline = time.monotonic() + timeout_s
+    for line in stream:
+        if line.startswith(tag + " "):
+            return line[len(tag) + 1 :].strip()
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"the coordinator process never printed {tag}")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def measure(args: argparse.Namespace, holders: int) -> Point | str:
+    """Run one coordinator process against ``holders`` simulated holders.
+
+    A holder's call that fails for good (its retries spent) ends the point: the coordinator
+    process is stopped and the failure comes back as one line.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-load-run-") as run_dir:
+        process = start_coordinator(args, holders, Path(run_dir) / "run")
+        assert process.stdout is not None
+        try:
+            port = int(read_tagged(process.stdout, "READY", READY_TIMEOUT_S))
+            ids = [holder_name(i) for i in range(holders)]
+            tally, holder_cpu, holder_wall = asyncio.run(
+                run_holders(args.certs, f"127.0.0.1:{port}", ids, args.poll_s)
+            )
+            result = json.loads(read_tagged(process.stdout, "RESULT", args.timeout_s))
+        except grpc.aio.AioRpcError as error:
+            process.kill()
+            return f"a holder gave up: {error.code().name}: {error.details()}"
+        finally:
+            process.wait(timeout=60)
+    return summarize(args, holders, result, tally, holder_cpu / holder_wall)
+
+
+def summarize(
+    args: argparse.Namespace,
+    holders: int,
+    result: dict[str, Any],
+    tally: Tally,
+    holder_cpu: float,
+) -> Point:
+    closes = [Sample(**sample) for sample in result["closes"]]
+    measured = closes[args.warmup - 1 :]  # from the close of the last warm-up round
+    if len(measured) < 2 or not result["finished"]:
+        raise RuntimeError(f"{holders} holders: the run did not finish ({len(closes)} rounds)")
+    first, last = measured[0], measured[-1]
+    wall = last.wall - first.wall
+    latencies = [(b.wall - a.wall) * 1e3 for a, b in itertools.pairwise(measured)]
+    rounds = len(latencies)
+    mib = 1024.0 * 1024.0
+    return Point(
+        holders=holders,
+        rounds=rounds,
+        rounds_per_s=rounds / wall,
+        p50_ms=statistics.median(latencies),
+        p99_ms=percentile(latencies, 99),
+        coordinator_cpu=(last.cpu - first.cpu) / wall,
+        system_share=(last.system - first.system) / max(last.cpu - first.cpu, 1e-9),
+        switches_per_answer=(last.switches - first.switches) / (rounds * holders),
+        ready_rss_mib=result["ready"]["rss"] / mib,
+        peak_rss_mib=max(result["peak_rss"], *(s.rss for s in closes)) / mib,
+        peak_threads=max(s.threads for s in closes),
+        max_workers=result["max_workers"],
+        holder_cpu=holder_cpu,
+        answers_per_s=rounds * holders / wall,
+        tally=tally,
+        closed_by=result["closed_by"],
+    )
+
+
+# -- the whole bench ---------------------------------------------------------------------
+def holder_name(index: int) -> str:
+    return f"holder-{index:04d}"
+
+
+def make_certificates(folder: Path, holders: int) -> float:
+    """CA, coordinator and one certificate per holder, by the project's own code; seconds."""
+    started = time.monotonic()
+    init_ca(folder)
+    issue(folder, "coordinator", server_hosts=("127.0.0.1",))
+    for index in range(holders):
+        issue(folder, holder_name(index))
+    return time.monotonic() - started
+
+
+def print_point(point: Point) -> None:
+    retried = ", ".join(f"{k} {v}" for k, v in sorted(point.tally.retried.items())) or "none"
+    print(
+        f"  {point.holders:>7d} {point.rounds:>6d} {point.rounds_per_s:>8.2f} "
+        f"{point.answers_per_s:>9.0f} {point.p50_ms:>8.1f} {point.p99_ms:>8.1f} "
+        f"{point.coordinator_cpu:>5.2f} {point.system_share:>4.0%} "
+        f"{point.switches_per_answer:>6.0f} {point.ready_rss_mib:>6.1f} "
+        f"{point.peak_rss_mib:>6.1f} {point.peak_threads:>7d} {point.max_workers:>7d} "
+        f"{point.holder_cpu:>5.2f}  {retried}"
+    )
+    if set(point.closed_by) != {"all answered"}:
+        print(f"          rounds closed by: {point.closed_by}")
+    if point.tally.failed_leaves:
+        print(f"          Leave failed (best effort): {dict(point.tally.failed_leaves)}")
+
+
+def print_header(args: argparse.Namespace, cert_s: float, max_holders: int) -> None:
+    print(
+        f"bench_load: real Coordinator + serve() over mutual TLS on 127.0.0.1, "
+        f"{os.cpu_count()} CPUs, grpcio {grpc.__version__}, Python {sys.version.split()[0]}"
+    )
+    print(
+        f"  (1+1)-ES compare tasks, quorum = all holders, journal fsync'd per answer; "
+        f"holders: asyncio, one TLS channel and certificate each "
+        f"({max_holders} certificates made in {cert_s:.1f} s), long-poll {args.poll_s:g} s, "
+        f"instant answers; {args.rounds} measured rounds after {args.warmup} warm-up"
+    )
+    print(
+        f"  {'holders':>7} {'rounds':>6} {'rounds/s':>8} {'answers/s':>9} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'cpu':>5} {'sys':>4} {'csw/a':>6} {'rss0':>6} {'rss^':>6} "
+        f"{'threads':>7} {'workers':>7} {'h-cpu':>5}  retried"
+    )
+
+
+def main_bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-load-certs-") as certs:
+        args.certs = Path(certs)
+        cert_s = make_certificates(args.certs, max(args.holders))
+        print_header(args, cert_s, max(args.holders))
+        points: list[Point] = []
+        for holders in args.holders:
+            point = measure(args, holders)
+            if isinstance(point, str):
+                print(f"  {holders:>7d} FAILED: {point}")
+                continue
+            print_point(point)
+            points.append(point)
+    print_legend()
+    if points:
+        print_ratios(points)
+
+
+def print_legend() -> None:
+    print(
+        "  cpu: coordinator process CPU s / wall s (1.00 = one core); sys: its share spent in "
+        "the kernel;\n  csw/a: its context switches per answer; rss0: its RSS (MiB) serving, "
+        "no holder yet; rss^: its peak RSS;\n  threads: the most threads it had; workers: its "
+        "pool's size; h-cpu: the holders' process CPU s / wall s;\n  retried: transient "
+        "statuses the holders retried (RESOURCE_EXHAUSTED would be the service's limits)"
+    )
+
+
+def print_ratios(points: Sequence[Point]) -> None:
+    base = points[0]
+    for point in points[1:]:
+        cpu_per_answer = (point.coordinator_cpu / point.answers_per_s) / (
+            base.coordinator_cpu / base.answers_per_s
+        )
+        print(
+            f"  {point.holders} vs {base.holders} holders: rounds/s x"
+            f"{point.rounds_per_s / base.rounds_per_s:.3f}, answers/s x"
+            f"{point.answers_per_s / base.answers_per_s:.2f}, coordinator CPU per answer x"
+            f"{cpu_per_answer:.2f}"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--holders", type=int, nargs="+", default=[10, 100, 300, 1000])
+    parser.add_argument("--rounds", type=int, default=30, help="measured rounds per point")
+    parser.add_argument("--warmup", type=int, default=2, help="rounds before measuring (>= 1)")
+    parser.add_argument("--poll-s", type=float, default=20.0, help="holders' long-poll wait")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="server.max_workers (default: the config's, sized from min_holders)",
+    )
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="per point")
+    # The coordinator process (started by the bench itself).
+    parser.add_argument(
+        "--role", choices=["bench", "coordinator"], default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--total-rounds", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.rounds < 2:
+        parser.error("need --warmup >= 1 and --rounds >= 2")
+    if args.role == "coordinator":
+        args.holders = args.holders[0]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.role == "coordinator":
+        coordinator_main(args)
+    else:
+        main_bench(args)
+
+
+if __name__ == "__main__":
+    main()
