@@ -253,6 +253,7 @@ def _write_atomic(path: Path, content: bytes) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(content)
+        os.chmod(temp, 0o644)  # a report to share, not a secret (mkstemp makes it 0600)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
