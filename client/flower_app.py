@@ -82,6 +82,16 @@ class HolderNodes:
         self._nodes: dict[int, NodeHolder] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        """What crosses a pickle (Ray ships the ClientApp to its actor processes): the
+        factory only. Each process builds its own holders, as a new ClientApp process does."""
+        return {"_factory": self._factory}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._factory = state["_factory"]  # type: ignore[assignment]
+        self._nodes = {}
+        self._lock = threading.Lock()
+
     def node(self, context: Context) -> NodeHolder:
         with self._lock:
             node = self._nodes.get(context.node_id)

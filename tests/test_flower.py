@@ -9,6 +9,7 @@ tiny model built in code.
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import (
+    TINY,
     base_plus_steps,
     differing_tensors,
     make_task,
@@ -34,7 +36,8 @@ from helpers import (
 from safetensors.torch import load_file
 
 from sottovoce.api import open_coordinator, open_holder
-from sottovoce.client.flower_app import NodeHolder, make_client_app
+from sottovoce.client import flower_app as flower_client
+from sottovoce.client.flower_app import HolderNodes, NodeHolder, make_client_app
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.common import flower_records as fr
@@ -577,3 +580,26 @@ def test_dpzero_through_flower_with_epsilon_in_the_report(tmp_path: Path) -> Non
         assert view["epsilon_per_holder"][holder] == pytest.approx(
             privacy["per_holder"][holder]["epsilon_this_run"]
         )
+
+
+# -- `flwr run .` on Flower's Ray simulation --------------------------------------------------
+def test_the_client_app_pickles_for_rays_actor_processes(tmp_path: Path) -> None:
+    """Flower's Ray backend pickles the ClientApp to ship it to its actors (``flwr run .``
+    against a local simulation federation). Each copy starts with no holders of its own:
+    a process builds its own, as a new ClientApp process does."""
+    copy = pickle.loads(pickle.dumps(flower_client.app))
+    assert type(copy) is type(flower_client.app)
+
+    nodes = HolderNodes(flower_client.holder_from_node_config)
+    holder = open_holder(
+        write_records(tmp_path / "data.jsonl", 8),
+        write_policy(tmp_path / "policy.toml", tmp_path / "ledgers"),
+        holder_id="h0",
+        model_name=TINY,
+    )
+    nodes._nodes[7] = NodeHolder(holder=holder)
+    restored = pickle.loads(pickle.dumps(nodes))
+    assert restored._nodes == {} and restored._factory is flower_client.holder_from_node_config
+    with restored._lock:  # a lock of its own, not a pickled one
+        pass
+    nodes.forget()
