@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sottovoce.client.evaluator import suffix_start
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import Record, canonical_line, load_records
 from sottovoce.common.errors import ConfigError, DataError
@@ -49,7 +50,7 @@ from sottovoce.evidence.membership import (
     loss_threshold_scores,
     offline_lira_scores,
 )
-from sottovoce.evidence.scoring import SharedPrefixScorer, changed_tensors, shared_split
+from sottovoce.evidence.scoring import SharedPrefixScorer, changed_tensors
 from sottovoce.server.export import (
     LOG_FILE,
     coordinator_dir,
@@ -129,6 +130,8 @@ def evaluate(
     runs = [open_run(folder) for folder in folders]
     if not runs:
         raise ConfigError("give at least one --run")
+    if options.checkpoint is not None and len(runs) != 1:
+        raise ConfigError("--checkpoint: give exactly one --run (the run it was exported from)")
     config = _common_config(runs)
     fitness_spec = config.fitness.to_spec()
     members = read_members(options.members or runs[0].member_files, fitness_spec)
@@ -138,8 +141,6 @@ def evaluate(
     loaded = load_model(config.model.name, dtype="float32", cache_dir=options.cache_dir)
     fitness = build_fitness(fitness_spec, loaded.tokenizer)
     run_models, run_bits = {}, {}
-    if options.checkpoint is not None and len(runs) != 1:
-        raise ConfigError("--checkpoint: give exactly one --run (the run it was exported from)")
     for run in runs:
         run_models[run.name], run_bits[run.name] = run_model(loaded, run, options.checkpoint)
     scorer = SharedPrefixScorer(
@@ -149,10 +150,11 @@ def evaluate(
         max_batch=options.max_batch,
     )
     progress(f"running the shared prefix (first changed block: {scorer.split}) on every set ...")
-    for name, records in _named_sets(data).items():
+    sets = _named_sets(data)
+    for name, records in sets.items():
         progress(f"  {name}: {len(records)} examples")
         scorer.add(name, records)
-    names = list(_named_sets(data))
+    names = list(sets)
     scores = {BASE: _score_all(scorer, loaded.model, names)}
     for name, model in run_models.items():
         scores[name] = _score_all(scorer, model, names)
@@ -253,8 +255,6 @@ def run_model(
 
 def exported_weights(checkpoint: Path, fingerprint: str, log_head: str) -> dict[str, Any]:
     """The weights of a ``sottovoce export`` folder, after checking it is of this run."""
-    from safetensors.torch import load_file
-
     card = _json_or_none(checkpoint / LOG_FILE)
     if card is None:
         raise ConfigError(f"--checkpoint {checkpoint}: no {LOG_FILE} (not a sottovoce export)")
@@ -263,10 +263,8 @@ def exported_weights(checkpoint: Path, fingerprint: str, log_head: str) -> dict[
             f"--checkpoint {checkpoint}: exported from base {card.get('base_fingerprint')} at "
             f"log head {str(card.get('log_head'))[:12]}, not this run's ({log_head[:12]})"
         )
-    weights = load_file(checkpoint / "model.safetensors")
-    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied, stored once
-    return weights
+    # The project's loader: a Hugging Face folder, tied weights restored by transformers.
+    return load_model(str(checkpoint)).model.state_dict()
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -291,20 +289,11 @@ def _split(
     base: nn.Module, run_models: dict[str, nn.Module], options: EvaluateOptions
 ) -> int | None:
     """The first block any evaluated model changes; None if one changes the embeddings."""
-    splits: list[int | None] = []
-    for model in run_models.values():
-        touched = changed_tensors(base, model)
-        splits.append(shared_split(base, touched) if touched else len(_layers(base)))
+    splits = [suffix_start(base, changed_tensors(base, model)) for model in run_models.values()]
     if options.baseline is not None:
         splits.append(options.baseline.first_trained_block(base))
     known = [split for split in splits if split is not None]
     return None if len(known) < len(splits) else min(known)
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    from sottovoce.evidence.scoring import decoder_layout
-
-    return decoder_layout(model).layers
 
 
 def _reference_scores(

@@ -23,7 +23,6 @@ from sottovoce.client.evaluator import (
     capture_prefix,
     decoder_parts,
     suffix_hidden,
-    suffix_start,
 )
 from sottovoce.common.data import Record
 from sottovoce.common.fitness import ExampleScores, Fitness, PreparedBatch, merge_scores
@@ -37,11 +36,6 @@ def changed_tensors(base: nn.Module, model: nn.Module) -> list[str]:
         for name, tensor in model.state_dict().items()
         if name not in base_state or not torch.equal(base_state[name], tensor)
     ]
-
-
-def shared_split(base: nn.Module, touched: Sequence[str]) -> int | None:
-    """The first block any of the models changes, or None if the prefix cannot be shared."""
-    return suffix_start(base, list(touched))
 
 
 @dataclass
