@@ -31,10 +31,10 @@ from sottovoce.common.data import (
     load_records,
     records_hash,
     sentiment_records,
-    split_sentiment,
 )
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.messages import FitnessSpec
+from sottovoce.simulate import bundled_split
 
 DEFAULT_SELECTION = 500
 DEFAULT_OOD_CAP = 1000
@@ -91,8 +91,7 @@ def bundled_sentiment_data(
 ) -> EvaluationData:
     """The sets of a run on the bundled sentiment data, from the run config's own split."""
     sim = config.simulate
-    splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
-    given_out = splits.train[: sim.train_size] if sim.train_size else splits.train
+    splits, given_out = bundled_split(config)
     if {canonical_line(r) for r in members} != {canonical_line(r) for r in given_out}:
         raise DataError(
             "the members are not the bundled split's training examples (simulate.train_size = "

@@ -39,6 +39,7 @@ from sottovoce.common.accounting import (
 )
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import (
+    SentimentSplits,
     records_hash,
     sentiment_records,
     shard,
@@ -82,12 +83,21 @@ def prepare_federation(
     config: RunConfig, run_dir: Path, fingerprint: str, state_dir: Path
 ) -> Federation:
     """Split the data, write each holder's data file and policy."""
+    splits, train = bundled_split(config)
+    holder_dirs = write_holder_folders(config, train, run_dir / "holders", fingerprint, state_dir)
+    test = list(splits.test if config.simulate.eval_split == "test" else splits.dev)
+    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
+
+
+def bundled_split(config: RunConfig) -> tuple[SentimentSplits, list[Record]]:
+    """The bundled sentiment splits of ``[simulate]`` and the training examples given out.
+
+    The holders get the first ``train_size`` of the train split (all of it if 0); the rest
+    of it is never given to anyone, which is where ``sottovoce evaluate`` finds non-members.
+    """
     sim = config.simulate
     splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
-    train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
-    holder_dirs = write_holder_folders(config, train, run_dir / "holders", fingerprint, state_dir)
-    test = list(splits.test if sim.eval_split == "test" else splits.dev)
-    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
+    return splits, list(splits.train[: sim.train_size] if sim.train_size else splits.train)
 
 
 def write_holder_folders(
@@ -132,9 +142,7 @@ def write_federation(config_path: Path, out: Path) -> list[Path]:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
     fingerprint = config.model.fingerprint or load_model(config.model.name).fingerprint
-    sim = config.simulate
-    splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
-    train = list(splits.train[: sim.train_size] if sim.train_size else splits.train)
+    _, train = bundled_split(config)
     return write_holder_folders(config, train, out, fingerprint, Path("ledger"))
 
 
@@ -237,11 +245,8 @@ def mean_holder_score(federation: Federation) -> float | None:
     """Mean of the holders' latest incumbent minibatch score (from their local status files)."""
     scores = []
     for holder_dir in federation.holder_dirs:
-        try:
-            status = json.loads((holder_dir / "status.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if status.get("last_incumbent_score") is not None:
+        status = read_json_object(holder_dir / "status.json")
+        if status is not None and status.get("last_incumbent_score") is not None:
             scores.append(float(status["last_incumbent_score"]))
     return float(np.mean(scores)) if scores else None
 
@@ -483,8 +488,8 @@ def _dp_report(
     holders: dict[str, Any] = {}
     curves = []
     for index, holder_dir in enumerate(federation.holder_dirs):
-        report = _read_json(holder_dir / "report.json")
-        status = _read_json(holder_dir / "status.json")
+        report = read_json_object(holder_dir / "report.json") or {}
+        status = read_json_object(holder_dir / "status.json") or {}
         holders[f"holder-{index}"] = {
             key: report.get(key)
             for key in (
@@ -521,12 +526,14 @@ def _dp_report(
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by another process (a holder's report or status), or None if
+    it is missing, torn or not an object: such files are read, never trusted to exist."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def pooled_train_errors(federation: Federation, log_head: str) -> int | None:
@@ -538,11 +545,8 @@ def pooled_train_errors(federation: Federation, log_head: str) -> int | None:
     """
     errors = 0
     for holder_dir in federation.holder_dirs:
-        try:
-            report = json.loads((holder_dir / "report.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        if report.get("log_head") != log_head:
+        report = read_json_object(holder_dir / "report.json")
+        if report is None or report.get("log_head") != log_head:
             return None
         errors += int(report["train_errors"])
     return errors
