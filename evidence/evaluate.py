@@ -58,6 +58,7 @@ from sottovoce.server.export import (
     read_run_log,
     replay,
 )
+from sottovoce.simulate import read_json_object
 
 BASE = "base model (never saw the data)"
 BASELINE = "backprop baseline"
@@ -116,8 +117,8 @@ def open_run(folder: Path) -> RunUnderTest:
         folder=folder,
         state_dir=state_dir,
         config=config,
-        report=_json_or_none(folder / "report.json"),
-        holder_reports=[r for h in holders if (r := _json_or_none(h / "report.json"))],
+        report=read_json_object(folder / "report.json"),
+        holder_reports=[r for h in holders if (r := read_json_object(h / "report.json"))],
         member_files=[h / "data.jsonl" for h in holders if (h / "data.jsonl").exists()],
     )
 
@@ -255,7 +256,7 @@ def run_model(
 
 def exported_weights(checkpoint: Path, fingerprint: str, log_head: str) -> dict[str, Any]:
     """The weights of a ``sottovoce export`` folder, after checking it is of this run."""
-    card = _json_or_none(checkpoint / LOG_FILE)
+    card = read_json_object(checkpoint / LOG_FILE)
     if card is None:
         raise ConfigError(f"--checkpoint {checkpoint}: no {LOG_FILE} (not a sottovoce export)")
     if card.get("base_fingerprint") != fingerprint or card.get("log_head") != log_head:
@@ -510,11 +511,3 @@ def _check_same_members(
         theirs = read_members(run.member_files, run.config.fitness.to_spec())
         if sorted(canonical_line(r) for r in theirs) != expected:
             raise DataError(f"--run {run.folder}: its holders had other data than {runs[0].folder}")
-
-
-def _json_or_none(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
