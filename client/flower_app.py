@@ -29,7 +29,6 @@ A deployment names the holder's files in the SuperNode's node config::
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -55,6 +54,7 @@ from sottovoce.common.flower_records import (
     saved_log_record,
 )
 from sottovoce.common.messages import Answer, RunFinished, RunSpec
+from sottovoce.common.storage import atomic_write_json
 
 log = logging.getLogger("sottovoce.flower.client")
 
@@ -122,7 +122,7 @@ class HolderNodes:
                 self._enter_run(holder, spec, context)
             except PolicyViolation as refusal:
                 log.warning("refusing run %s: %s", spec.run_id, refusal)
-                return _reply(message, refusal_content(str(refusal), _state(holder)))
+                return _reply(message, refusal_content(refusal.code, _state(holder)))
             content = join_reply_content(holder.join_request(), _state(holder))
         return _reply(message, content)
 
@@ -135,7 +135,8 @@ class HolderNodes:
             try:
                 self._enter_run(holder, spec, context)
             except PolicyViolation as refusal:
-                answer = Answer(task_id=task.task_id, choice=None, refusal=str(refusal))
+                log.warning("refusing task %s: %s", task.task_id, refusal)
+                answer = Answer(task_id=task.task_id, choice=None, refusal=refusal.code)
             else:
                 answer = holder.answer(task)
             _save_log(holder, context)
@@ -156,10 +157,7 @@ class HolderNodes:
             holder.finish(finished)
             _save_log(holder, context)
             if node.report_path is not None and holder.log_head == finished.log_head:
-                report = holder.local_report(finished.bits_spent_total)
-                node.report_path.write_text(
-                    json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
-                )
+                atomic_write_json(node.report_path, holder.local_report(finished.bits_spent_total))
             content = holder_state_content(_state(holder))
         return _reply(message, content)
 

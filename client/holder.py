@@ -4,24 +4,37 @@ Order of operations for every task, and why:
 
 1. A task id already in the ledger gets the recorded answer again: a re-sent question
    learns nothing new and costs nothing twice (never a fresh evaluation).
-2. Policy, log-chain and budget checks, before any data is touched or any forward pass
-   runs, so a refused task costs nothing and reveals nothing.
+2. Every check that can refuse, before any data is touched or any forward pass runs: the
+   task's shape against the policy (cheapest first, so a huge task is refused for free),
+   the log chain, the steps' seeds against the run's public schedule, the model's total
+   drift after the steps, and the budget. A refusal leaves as a reason code only; its words
+   go to the holder's log and refusal file. It depends on the task, the policy and the
+   ledger's history, never on the records, so it costs nothing.
 3. Apply the new log steps, draw the minibatch with a secret RNG (os entropy; the
-   coordinator never learns which examples), score the candidates; for a DP answer add
-   the noise (or randomized response) from the same secure source.
+   coordinator never learns which examples), and let the run's answer mechanism compute
+   the answer (with its noise or randomized response, from the same secure source).
+   From here on nothing can be refused: if anything fails, the mechanism's fixed,
+   data-independent default answer goes out instead, charged like any other, so neither
+   the answer nor its failure tells the coordinator anything about the data.
 4. Charge the ledger (fsync'd), bits and the DP event, and only then let the answer leave.
 
+Tasks are answered one at a time (a lock), so concurrent calls queue rather than race.
+
 For a DP run the holder also decides at join whether its remaining lifetime ε can afford
-the whole run: it calibrates the noise its own budget needs for the run's steps at its
-own sampling rate and refuses a run that offers less. The coordinator's ε is never taken
-on trust; each answer is checked against the ledger again before it is computed.
+the whole run: it calibrates the noise its own budget needs for the run's steps at the
+sampling rate its policy declares and refuses a run that offers less. The coordinator's
+ε is never taken on trust; each answer is checked against the ledger again.
+
+Everything that can be checked without a coordinator is checked when the holder is made
+(model fingerprint, data fields and labels against the pinned fitness, each pinned
+parametrization against the model, the declared data set size), so a misconfigured holder
+fails before it dials, with a one-line error naming what is wrong.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,24 +45,30 @@ import torch
 
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.ledger import Ledger
-from sottovoce.client.policy import HolderPolicy, check_run, check_task, policy_summary
-from sottovoce.client.private_answers import (
-    SecureRandomness,
-    noisy_mean,
-    quantize,
-    randomized_response,
+from sottovoce.client.mechanisms import Mechanism, Release, build_mechanism
+from sottovoce.client.policy import (
+    HolderPolicy,
+    check_run,
+    check_steps,
+    check_task,
+    policy_summary,
 )
+from sottovoce.client.private_answers import SecureRandomness
+from sottovoce.client.refusal_log import RefusalLog, refusal_log_path
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     AccountingError,
     DpEvent,
     PoissonGaussian,
     PrivacyAccountant,
-    RandomizedResponse,
-    answer_event,
     calibrate_noise_multiplier,
 )
-from sottovoce.common.errors import ConfigError, PolicyViolation
+from sottovoce.common.errors import (
+    ConfigError,
+    PolicyViolation,
+    RefusalCode,
+    SottovoceError,
+)
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.messages import (
     Answer,
@@ -61,11 +80,13 @@ from sottovoce.common.messages import (
     Task,
 )
 from sottovoce.common.models import LoadedModel
+from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.resources import peak_rss_bytes
+from sottovoce.common.seeds import SeedSchedule
 from sottovoce.common.stats import generalization_slack
-from sottovoce.common.steplog import StepLog, as_float32, extend_chain, genesis_hash
-from sottovoce.common.wire import MAX_ABS_SCALE
+from sottovoce.common.steplog import Step, StepLog, extend_chain, genesis_hash
+from sottovoce.common.storage import atomic_write_json
 
 log = logging.getLogger("sottovoce.holder")
 
@@ -79,6 +100,7 @@ class HolderStatus:
     run_id: str = ""
     answered: int = 0
     refused: int = 0
+    defaulted: int = 0
     log_version: int = 0
     bits_this_run: float = 0.0
     lifetime_bits_spent: float = 0.0
@@ -90,6 +112,30 @@ class HolderStatus:
     last_refusal: str | None = None
     finished: str | None = None
     history: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """What the checks of a task found: its cost, and where its steps take the log."""
+
+    bits: float
+    event: DpEvent | None
+    rounds: list[int]
+    drift: PendingDrift
+
+
+@dataclass
+class _RunState:
+    """Everything the holder keeps about the run it answers."""
+
+    spec: RunSpec
+    evaluator: CandidateEvaluator
+    log: StepLog
+    schedule: SeedSchedule
+    drift: DriftTracker
+    mechanism: Mechanism
+    last_step_round: int = -1
+    broken: str | None = None  # why the weights can no longer be trusted, if they cannot
 
 
 class DataHolder:
@@ -108,7 +154,12 @@ class DataHolder:
         status_path: Path | None = None,
     ):
         if not records:
-            raise PolicyViolation(f"holder {holder_id!r} has no examples")
+            raise ConfigError(f"holder {holder_id!r} has no examples")
+        if len(records) < policy.declared_examples:
+            raise ConfigError(
+                f"the policy declares min_examples {policy.declared_examples}, but this data "
+                f"set has only {len(records)} examples"
+            )
         if policy.delta is not None and policy.delta >= 1.0 / len(records):
             raise ConfigError(
                 f"policy delta {policy.delta:g} must be < 1/n = {1.0 / len(records):.3g} for "
@@ -123,10 +174,11 @@ class DataHolder:
         self._max_batch = max_batch
         self._status_path = status_path
         self._rng = SecureRandomness()
+        self._answering = threading.Lock()
+        self._refusals = RefusalLog(None if ledger.read_only else refusal_log_path(ledger.path))
         self.loaded = self._fresh_model()
-        self.spec: RunSpec | None = None
-        self.evaluator: CandidateEvaluator | None = None
-        self.log: StepLog | None = None
+        self._check_offline()
+        self.run: _RunState | None = None
         self.status = HolderStatus(lifetime_bits_max=policy.max_bits)
 
     # -- identity --------------------------------------------------------------------------
@@ -139,18 +191,30 @@ class DataHolder:
         return self.loaded.fingerprint
 
     @property
+    def spec(self) -> RunSpec | None:
+        return None if self.run is None else self.run.spec
+
+    @property
+    def evaluator(self) -> CandidateEvaluator | None:
+        return None if self.run is None else self.run.evaluator
+
+    @property
+    def log(self) -> StepLog | None:
+        return None if self.run is None else self.run.log
+
+    @property
     def log_version(self) -> int:
-        return 0 if self.log is None else self.log.version
+        return 0 if self.run is None else self.run.log.version
 
     @property
     def log_head(self) -> str:
-        if self.log is None:
+        if self.run is None:
             return "0" * 64
-        return self.log.head
+        return self.run.log.head
 
     @property
     def forward_passes(self) -> int:
-        return 0 if self.evaluator is None else self.evaluator.forward_passes
+        return 0 if self.run is None else self.run.evaluator.forward_passes
 
     def join_request(self) -> JoinRequest:
         return JoinRequest(
@@ -159,31 +223,58 @@ class DataHolder:
             policy_summary=policy_summary(self.policy),
         )
 
+    def _check_offline(self) -> None:
+        """What needs no coordinator: the model, the data against the fitness, the pins."""
+        policy = self.policy
+        if self.fingerprint != policy.expected_model_fingerprint:
+            raise ConfigError(
+                f"the local model's fingerprint {self.fingerprint[:19]}... is not the policy's "
+                f"expected_model_fingerprint {policy.expected_model_fingerprint[:19]}..."
+            )
+        fitness = build_fitness(policy.fitness, self.loaded.tokenizer)
+        fitness.prepare(self.records, max_batch=self._max_batch)  # DataError names the record
+        for index, pinned in enumerate(policy.parametrizations):
+            try:
+                parametrization = build_parametrization(pinned)
+                parametrization.attach(self.loaded.model)
+                parametrization.detach()
+            except SottovoceError as exc:
+                raise ConfigError(f"policy parametrizations[{index}]: {exc}") from None
+
     # -- runs ------------------------------------------------------------------------------
     def accept_run(self, spec: RunSpec) -> None:
-        """Check the run against the policy and prepare to answer it (rejoin keeps state)."""
+        """Check the run against the policy and prepare to answer it (rejoin keeps state).
+
+        Raises :class:`PolicyViolation` for a run the policy refuses. Nothing here reads the
+        data, so whether a run is accepted depends on the policy and the ledger only.
+        """
         check_run(self.policy, spec, self.fingerprint)
         self._check_run_privacy(spec)
         expected = genesis_hash(self.fingerprint, spec.parametrization.canonical_id())
         if spec.log_genesis != expected:
             raise PolicyViolation(
                 f"run {spec.run_id}: log genesis {spec.log_genesis[:12]} does not match this "
-                f"holder's model and parametrization ({expected[:12]})"
+                f"holder's model and parametrization ({expected[:12]})",
+                RefusalCode.MALFORMED,
             )
-        if self.spec is not None and self.spec == spec:
+        if self.run is not None and self.run.spec == spec and self.run.broken is None:
             return  # the coordinator restarted: same run, keep the materialized weights
-        if self.evaluator is not None:  # a different run: start again from the base weights
-            self.evaluator.parametrization.detach()
+        if self.run is not None:  # a different run: start again from the base weights
+            self.run.evaluator.parametrization.detach()
             self.loaded = self._fresh_model()
         parametrization = build_parametrization(spec.parametrization)
         parametrization.attach(self.loaded.model)
         fitness = build_fitness(spec.fitness, self.loaded.tokenizer)
-        fitness.prepare(self.records[:1], max_batch=1)  # fails now, by field, if data lacks it
-        self.evaluator = CandidateEvaluator(
-            self.loaded.model, parametrization, fitness, max_batch=self._max_batch
+        self.run = _RunState(
+            spec=spec,
+            evaluator=CandidateEvaluator(
+                self.loaded.model, parametrization, fitness, max_batch=self._max_batch
+            ),
+            log=StepLog(spec.log_genesis),
+            schedule=SeedSchedule(spec.direction_seed, self.policy.max_lambda),
+            drift=DriftTracker(parametrization.direction_blocks()),
+            mechanism=build_mechanism(spec, self._rng),
         )
-        self.log = StepLog(spec.log_genesis)
-        self.spec = spec
         self.status = HolderStatus(
             run_id=spec.run_id,
             lifetime_bits_spent=self.ledger.spent_bits,
@@ -194,71 +285,70 @@ class DataHolder:
         self._write_status()
 
     def answer(self, task: Task) -> Answer:
+        """The answer to one task, or a refusal code; never raises (see the module doc)."""
+        with self._answering:
+            return self._answer(task)
+
+    def _answer(self, task: Task) -> Answer:
         try:
             cached = self.ledger.cached_answer(task.task_id, task.run_id)
             if cached is not None:  # a re-sent question: same answer, never charged twice
                 return Answer(task_id=task.task_id, choice=cached.choice, value=cached.value)
-            bits, event = self._admit(task)
+            run = self._current_run()
+            admission = self._admit(run, task)
+            self._apply(run, task.new_steps, admission)
         except PolicyViolation as refusal:
-            log.warning("refused task %s: %s", task.task_id, refusal)
-            self.status.refused += 1
-            self.status.last_refusal = str(refusal)
-            self._write_status()
-            return Answer(task_id=task.task_id, choice=None, refusal=str(refusal))
-        assert self.evaluator is not None and self.log is not None
-        self.evaluator.apply_steps(task.new_steps)
-        for step in task.new_steps:
-            self.log.append(step)
-        started = time.perf_counter()
-        examples = self._draw(task.batch)
-        value: float | None = None
-        if task.answer_kind is AnswerKind.DP_SCALAR:
-            choice, value, stats = self._dp_scalar(examples, task)
-        else:
-            choice, stats = self.evaluator.choose(examples, task.candidates, task.answer_kind)
-            if isinstance(event, RandomizedResponse):
-                choice = randomized_response(choice, event, self._rng)
-        self.status.compute_seconds += time.perf_counter() - started
-        self.ledger.charge(
-            task.task_id,
-            task.run_id,
-            bits,
-            choice,
-            answer_kind=task.answer_kind.value,
-            value=value,
-            dp=event,
-        )
-        self._note_answer(bits, stats)
-        return Answer(task_id=task.task_id, choice=choice, value=value)
+            code = refusal.code if isinstance(refusal.code, RefusalCode) else RefusalCode.POLICY
+            return self._refuse(task, code, str(refusal))
+        except Exception as exc:
+            log.exception("task %s: unexpected failure before reading data", task.task_id)
+            return self._refuse(task, RefusalCode.INTERNAL, f"unexpected failure: {exc!r}")
+        release = self._release(run, task)
+        try:
+            self.ledger.charge(
+                task.task_id,
+                task.run_id,
+                admission.bits,
+                release.choice,
+                answer_kind=task.answer_kind.value,
+                value=release.value,
+                dp=admission.event,
+            )
+        except Exception as exc:
+            log.exception("task %s: the ledger could not be charged", task.task_id)
+            return self._refuse(task, RefusalCode.INTERNAL, f"ledger not charged: {exc!r}")
+        self._note_answer(admission.bits, release.stats)
+        return Answer(task_id=task.task_id, choice=release.choice, value=release.value)
 
-    def _dp_scalar(
-        self, examples: Sequence[Record], task: Task
-    ) -> tuple[int | None, float | None, dict[str, float]]:
-        """DPZero's answer: (level, None) when quantized, else (None, float32 value)."""
-        assert self.evaluator is not None and self.spec is not None
-        dp = self.spec.dp
-        differences, mean_score = self.evaluator.finite_differences(examples, task.candidates[0])
-        value = noisy_mean(
-            differences,
-            clip=dp.clip,
-            expected_batch=task.batch.batch_size,
-            noise_multiplier=dp.noise_multiplier,
-            rng=self._rng,
-        )
-        stats = {} if mean_score is None else {"incumbent_mean_score": mean_score}
-        if dp.quantization_bits:
-            level = quantize(value, dp.quantization_bits, dp.quantization_range, self._rng)
-            return level, None, stats
-        # What the wire carries; clamping a DP value is post-processing, free in ε.
-        clamped = max(-MAX_ABS_SCALE, min(MAX_ABS_SCALE, value))
-        return None, as_float32(clamped), stats
+    def _release(self, run: _RunState, task: Task) -> Release:
+        """The mechanism's answer on the data; its default answer if anything fails."""
+        started = time.perf_counter()
+        try:
+            examples = self._draw(task.batch)
+            release = run.mechanism.release(run.evaluator, examples, task)
+        except Exception as exc:
+            log.error(
+                "task %s: answering failed (%r); sending the default answer", task.task_id, exc
+            )
+            self.status.defaulted += 1
+            release = run.mechanism.default(task)
+        self.status.compute_seconds += time.perf_counter() - started
+        return release
+
+    def _refuse(self, task: Task, code: RefusalCode, message: str) -> Answer:
+        self._refusals.note(task.run_id, task.task_id, code, message)
+        self.status.refused += 1
+        self.status.last_refusal = f"{code.value}: {message}"
+        self._write_status()
+        return Answer(task_id=task.task_id, choice=None, refusal=code)
 
     def finish(self, finished: RunFinished) -> None:
         """Bring the weights to the run's final model (checked like any log steps)."""
         self.status.finished = finished.reason
-        if self.spec is not None and finished.run_id == self.spec.run_id:
+        run = self.run
+        if run is not None and finished.run_id == run.spec.run_id:
             try:
-                self._catch_up(finished)
+                self._catch_up(run, finished)
             except PolicyViolation as refusal:
                 log.warning("not applying the final steps: %s", refusal)
                 self.status.last_refusal = str(refusal)
@@ -270,13 +360,12 @@ class DataHolder:
         The generalization bound holds for this holder's distribution too: its n examples
         and the run's total bits (every answer of every holder shaped the output).
         """
-        if self.evaluator is None or self.spec is None:
-            raise PolicyViolation("no run accepted yet")
-        _, correct = self.evaluator.score_incumbent(self.records)
+        run = self._current_run()
+        _, correct = run.evaluator.score_incumbent(self.records)
         train_risk = 1.0 - float(correct.mean())
         slack = generalization_slack(bits_spent_total, len(self.records), delta)
         return {
-            "run_id": self.spec.run_id,
+            "run_id": run.spec.run_id,
             "holder_id": self._holder_id,
             "log_version": self.log_version,
             "log_head": self.log_head,
@@ -287,7 +376,10 @@ class DataHolder:
             "bits_this_run": self.status.bits_this_run,
             "lifetime_bits_spent": self.ledger.spent_bits,
             "lifetime_bits_max": self.policy.max_bits,
-            **self._privacy_report(),
+            **self._privacy_report(run.spec),
+            "drift_linf": run.drift.drift.linf,
+            "drift_l2": run.drift.drift.l2,
+            "drift_exact": run.drift.drift.exact,
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
@@ -303,11 +395,10 @@ class DataHolder:
             "peak_rss_bytes": peak_rss_bytes(),
         }
 
-    def _privacy_report(self) -> dict[str, Any]:
+    def _privacy_report(self, spec: RunSpec) -> dict[str, Any]:
         """ε of this run's and of all DP answers, at the policy's delta (or the run's)."""
-        assert self.spec is not None
-        delta = self.policy.delta or self.spec.dp.delta
-        this_run = self.ledger.dp_events(run_id=self.spec.run_id)
+        delta = self.policy.delta or spec.dp.delta
+        this_run = self.ledger.dp_events(run_id=spec.run_id)
         if not self.ledger.accountant.answers or not delta:
             return {"dp_answers_this_run": len(this_run)}
         return {
@@ -319,109 +410,163 @@ class DataHolder:
             "accountant": ACCOUNTANT_NAME,
         }
 
-    def _catch_up(self, finished: RunFinished) -> None:
-        assert self.evaluator is not None and self.log is not None
-        if finished.base_version != self.log.version:
+    def _catch_up(self, run: _RunState, finished: RunFinished) -> None:
+        if finished.base_version != run.log.version:
             raise PolicyViolation(
                 f"final steps start at version {finished.base_version}, "
-                f"this holder is at {self.log.version}"
+                f"this holder is at {run.log.version}"
             )
-        cap = self.policy.max_perturbation_scale
-        if any(abs(step.coefficient) > cap for step in finished.new_steps):
+        if len(finished.new_steps) > self.policy.max_new_steps_per_task:
             raise PolicyViolation(
-                f"a final step's coefficient exceeds max_perturbation_scale {cap}"
+                f"the run's end carries {len(finished.new_steps)} new steps; policy allows "
+                f"max_new_steps_per_task {self.policy.max_new_steps_per_task}"
             )
-        if extend_chain(self.log.head, self.log.version, finished.new_steps) != finished.log_head:
+        if finished.final_version > self.policy.max_steps_per_run:
+            raise PolicyViolation(
+                f"the run's end has {finished.final_version} steps; policy allows "
+                f"max_steps_per_run {self.policy.max_steps_per_run}"
+            )
+        if extend_chain(run.log.head, run.log.version, finished.new_steps) != finished.log_head:
             raise PolicyViolation("the final steps do not hash to the announced log head")
-        self.evaluator.apply_steps(finished.new_steps)
-        for step in finished.new_steps:
-            self.log.append(step)
-        self.status.log_version = self.log.version
+        rounds, drift = check_steps(
+            self.policy,
+            finished.new_steps,
+            run.schedule,
+            last_round=run.last_step_round,
+            before_round=run.spec.max_rounds,
+            drift=run.drift,
+            name="the run's final steps",
+        )
+        self._apply(run, finished.new_steps, _Admission(0.0, None, rounds, drift))
+        self.status.log_version = run.log.version
 
     # -- checks ----------------------------------------------------------------------------
-    def _admit(self, task: Task) -> tuple[float, DpEvent | None]:
+    def _current_run(self) -> _RunState:
+        if self.run is None:
+            raise PolicyViolation("no run accepted yet", RefusalCode.NOT_READY)
+        return self.run
+
+    def _admit(self, run: _RunState, task: Task) -> _Admission:
         """Every check that must pass before data is touched; returns the answer's costs."""
-        if self.spec is None or self.log is None:
-            raise PolicyViolation("no run accepted yet")
-        check_task(self.policy, self.spec, task, len(self.records))
-        if task.base_version != self.log.version:
+        if run.broken is not None:
+            raise PolicyViolation(
+                f"this run's weights are unusable: {run.broken}", RefusalCode.INTERNAL
+            )
+        check_task(self.policy, run.spec, task, run.schedule)
+        if task.base_version != run.log.version:
             raise PolicyViolation(
                 f"task {task.task_id} builds on log version {task.base_version}, "
-                f"this holder is at version {self.log.version}"
+                f"this holder is at version {run.log.version}",
+                RefusalCode.STALE,
             )
-        if extend_chain(self.log.head, self.log.version, task.new_steps) != task.log_head:
+        if extend_chain(run.log.head, run.log.version, task.new_steps) != task.log_head:
             raise PolicyViolation(
-                f"task {task.task_id}: the steps sent do not hash to the announced log head"
+                f"task {task.task_id}: the steps sent do not hash to the announced log head",
+                RefusalCode.MALFORMED,
             )
-        bits = self.spec.answer_bits(len(task.candidates))
-        event = self._dp_event(self.spec, len(task.candidates))
+        rounds, drift = check_steps(
+            self.policy,
+            task.new_steps,
+            run.schedule,
+            last_round=run.last_step_round,
+            before_round=task.round_index,
+            drift=run.drift,
+            name=f"task {task.task_id}",
+        )
+        bits = run.spec.answer_bits(len(task.candidates))
+        event = run.mechanism.event(len(task.candidates), self._declared_rate(task.batch))
         self.ledger.check_affordable(bits, event)
-        return bits, event
+        return _Admission(bits, event, rounds, drift)
 
-    def _dp_event(self, spec: RunSpec, n_candidates: int) -> DpEvent | None:
-        """What one answer of this run is, in DP terms, at this holder's own sampling rate."""
-        rate = self._sampling_rate(spec.batch)
-        return answer_event(spec.dp, spec.answer_kind, n_candidates, rate)
+    def _apply(self, run: _RunState, steps: Sequence[Step], admission: _Admission) -> None:
+        """Move the weights along checked steps (no data is read); a failure halfway leaves
+        weights no log version describes, so the run refuses every task until it is rejoined."""
+        if not steps:
+            return
+        try:
+            run.evaluator.apply_steps(steps)
+        except Exception as exc:
+            run.broken = f"applying log steps failed: {exc!r}"
+            raise
+        for step in steps:
+            run.log.append(step)
+        run.drift.commit(admission.drift)
+        run.last_step_round = admission.rounds[-1]
 
-    def _sampling_rate(self, batch: BatchSpec) -> float:
-        """This holder's own Poisson rate: expected batch / its own number of examples."""
-        return min(1.0, batch.batch_size / len(self.records))
+    def _declared_rate(self, batch: BatchSpec) -> float:
+        """The Poisson rate every decision assumes: expected batch / the declared size.
+
+        The real rate (expected batch / the real n) is at most this, and a subsampled
+        Gaussian's epsilon grows with the rate, so charging at this rate is conservative.
+        """
+        return min(1.0, batch.batch_size / self.policy.declared_examples)
 
     def _check_run_privacy(self, spec: RunSpec) -> None:
         """Refuse a DP run whose noise this data set's remaining ε cannot afford in full.
 
-        The holder calibrates, with its own accountant, its own δ, its own sampling rate
-        and everything its ledger spent on other runs, the noise the run's ``max_rounds``
-        steps would need, and refuses an offer below it: the coordinator cannot lower the
-        noise. Each answer is checked against the whole ledger again before it is computed.
+        The holder calibrates, with its own accountant, its own δ, the sampling rate its
+        policy declares and everything its ledger spent on other runs, the noise the run's
+        ``max_rounds`` steps would need, and refuses an offer below it: the coordinator
+        cannot lower the noise. Each answer is checked against the whole ledger again.
         """
         limit = self.ledger.privacy
-        event = self._dp_event(spec, 1)
+        event = build_mechanism(spec, self._rng).event(1, self._declared_rate(spec.batch))
         if limit is None or event is None:
             return  # a policy's require_dp refuses non-DP runs in check_run already
         # This run's own earlier answers (a restart, a rejoin) are part of its max_rounds
         # steps, not spending before it: count every other run's answers as prior.
         prior = self.ledger.dp_events(except_run=spec.run_id)
+        base = None if self.ledger.inherited is None else self.ledger.inherited.curve
         if isinstance(event, PoissonGaussian):
             try:
                 needed = calibrate_noise_multiplier(
-                    limit.max_epsilon, limit.delta, spec.max_rounds, event.sampling_rate, prior
+                    limit.max_epsilon,
+                    limit.delta,
+                    spec.max_rounds,
+                    event.sampling_rate,
+                    prior,
+                    base_curve=base,
                 )
             except AccountingError as exc:
                 raise PolicyViolation(
                     f"run {spec.run_id}: this data set cannot afford {spec.max_rounds} DP "
-                    f"answers at any noise: {exc}"
+                    f"answers at any noise: {exc}",
+                    RefusalCode.OVER_BUDGET,
                 ) from None
             if event.noise_multiplier < needed * (1 - 1e-6):
-                spent = PrivacyAccountant(prior).epsilon(limit.delta)
+                spent = PrivacyAccountant(prior, base_curve=base).epsilon(limit.delta)
                 raise PolicyViolation(
                     f"run {spec.run_id}: noise_multiplier {event.noise_multiplier:.4g} is below "
                     f"the {needed:.4g} this data set needs for {spec.max_rounds} steps at its "
-                    f"sampling rate {event.sampling_rate:.4g} (max_epsilon {limit.max_epsilon:g}"
-                    f" at delta {limit.delta:g}, {spent:.3g} spent by earlier runs)"
+                    f"declared sampling rate {event.sampling_rate:.4g} (max_epsilon "
+                    f"{limit.max_epsilon:g} at delta {limit.delta:g}, {spent:.3g} spent by "
+                    "earlier runs)",
+                    RefusalCode.OVER_BUDGET,
                 )
             return
         if spec.answer_kind is AnswerKind.BEST_OF:
             return  # the number of candidates is per task; each answer is checked then
-        total = PrivacyAccountant(prior).epsilon_with(event, limit.delta, spec.max_rounds)
+        accountant = PrivacyAccountant(prior, base_curve=base)
+        total = accountant.epsilon_with(event, limit.delta, spec.max_rounds)
         if total > limit.max_epsilon:
             raise PolicyViolation(
                 f"run {spec.run_id}: {spec.max_rounds} randomized-response answers at epsilon "
-                f"{event.epsilon:g} would bring this data set to epsilon {total:.3g} > "
-                f"max_epsilon {limit.max_epsilon:g}"
+                f"{getattr(event, 'epsilon', 0.0):g} would bring this data set to epsilon "
+                f"{total:.3g} > max_epsilon {limit.max_epsilon:g}",
+                RefusalCode.OVER_BUDGET,
             )
 
     def _draw(self, batch: BatchSpec) -> list[Record]:
         """The examples to score, drawn with the holder's secure randomness.
 
         ``minibatch``: a uniform fixed-size sample; ``poisson``: every example
-        independently at this holder's rate (the sample size is random and never leaves);
-        ``full``: the whole split.
+        independently at this holder's own rate, expected batch / n (the sample size is
+        random and never leaves); ``full``: the whole split.
         """
         if batch.mode == "full":
             return self.records
         if batch.mode == "poisson":
-            rate = self._sampling_rate(batch)
+            rate = min(1.0, batch.batch_size / len(self.records))
             return [self.records[i] for i in self._rng.poisson_subsample(len(self.records), rate)]
         return [self.records[i] for i in self._rng.sample(len(self.records), batch.batch_size)]
 
@@ -452,6 +597,4 @@ class DataHolder:
             return
         payload: dict[str, Any] = dict(self.status.__dict__)
         payload["time"] = time.time()
-        tmp = self._status_path.with_name(self._status_path.name + ".tmp")
-        tmp.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(tmp, self._status_path)
+        atomic_write_json(self._status_path, payload)

@@ -1,8 +1,11 @@
 """The privacy ledger: the lifetime budget of one data set, kept by its holder.
 
-Budgets belong to the data set, not to a run (DESIGN.md §1): one append-only JSON-lines
-file per data set, ``<ledger_dir>/<dataset_id>.ledger.jsonl``, shared by every run, every
-restart and every run id that ever touches that data set. The protocol it enforces:
+Budgets belong to the data set, not to a run: one append-only JSON-lines file per data
+set, ``<ledger_dir>/<dataset_id>.ledger.jsonl`` (owner-only, 0600), shared by every run,
+every restart and every run id that ever touches that data set. The data set id is keyed
+on its records, not its file (:mod:`sottovoce.client.dataset_identity`), which also works
+out what its records already cost in overlapping ledgers: the ledger's :class:`Inheritance`,
+counted in every budget check but never written into this file. The protocol it enforces:
 
 1. ``cached_answer(task_id)``: a task id answered before gets exactly the recorded answer,
    never a fresh evaluation or noise draw, and is never charged twice.
@@ -49,6 +52,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 import filelock
+import numpy as np
 
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
@@ -63,9 +67,11 @@ from sottovoce.common.errors import (
     ConfigError,
     LogIntegrityError,
     PolicyViolation,
+    RefusalCode,
 )
 from sottovoce.common.messages import AnswerKind
 from sottovoce.common.steplog import parse_json_lines, read_json_lines, repair_torn_tail
+from sottovoce.common.storage import create_private
 
 FORMAT_VERSION = 1
 BUDGET_TOLERANCE = 1e-9  # float sums of log2(lambda+1) may land a hair above an exact limit
@@ -90,6 +96,26 @@ class PrivacyLimit:
     max_epsilon: float
     delta: float
     require_dp: bool = False
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """What a data set's records already cost in other ledgers (the worst record's sum).
+
+    ``curve`` is an RDP curve over the accountant's orders; ``sources`` names each
+    overlapping ledger with the records shared and its own bits.
+    """
+
+    bits: float
+    curve: np.ndarray
+    sources: tuple[tuple[str, int, float], ...]
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{ident[:12]} ({shared} records, {bits:.1f} bits)"
+            for ident, shared, bits in self.sources
+        )
+        return f"inherits {self.bits:.2f} bits and its records' epsilon from ledgers {parts}"
 
 
 @dataclass(frozen=True)
@@ -124,20 +150,22 @@ class Ledger:
         max_bits: float,
         lock: filelock.BaseFileLock | None,
         privacy: PrivacyLimit | None = None,
+        inherited: Inheritance | None = None,
     ):
         """Internal: use :meth:`Ledger.open`, which takes the lock and verifies the file."""
         self.path = path
         self.dataset_id = dataset_id
         self.max_bits = max_bits
         self.privacy = privacy
-        self.accountant = PrivacyAccountant()
+        self.inherited = inherited
+        self.accountant = self._fresh_accountant(())
         self.repaired = False
         self._lock = lock
         self._mutex = threading.Lock()
         self._records: list[LedgerRecord] = []
         self._by_task: dict[str, LedgerRecord] = {}
         self._head = _genesis_hash(dataset_id)
-        self._spent = 0.0
+        self._spent = 0.0 if inherited is None else inherited.bits
         self._closed = False
         self.read_only = lock is None
         self._broken: str | None = None
@@ -152,10 +180,12 @@ class Ledger:
         *,
         privacy: PrivacyLimit | None = None,
         read_only: bool = False,
+        inherited: Inheritance | None = None,
     ) -> Ledger:
         """Lock, repair a torn tail, and verify the ledger of ``dataset_id`` (created if new).
 
-        ``dataset_id`` is the data file's sha256 (hex), computed by the caller.
+        ``dataset_id`` names the data set (see :mod:`sottovoce.client.dataset_identity`,
+        which also computes ``inherited``, what its records cost in other ledgers).
         ``privacy`` is the lifetime (ε, δ) limit; without it, DP answers are still
         recorded and accounted but only their bits are limited.
         ``read_only=True`` is for the operator's audit while a holder is running: no lock,
@@ -164,12 +194,12 @@ class Ledger:
         """
         if not (isinstance(dataset_id, str) and _DATASET_ID.fullmatch(dataset_id)):
             raise ConfigError(f"ledger: dataset id {dataset_id!r} is not a file-name-safe id")
-        if not (isinstance(max_bits, int | float) and math.isfinite(max_bits) and max_bits > 0):
+        if not (isinstance(max_bits, int | float) and not math.isnan(max_bits) and max_bits > 0):
             raise ConfigError(f"ledger: max_bits must be a finite number > 0 (got {max_bits!r})")
         ledger_dir = Path(ledger_dir)
         path = ledger_dir / f"{dataset_id}.ledger.jsonl"
         if read_only:
-            ledger = cls(path, dataset_id, float(max_bits), None, privacy)
+            ledger = cls(path, dataset_id, float(max_bits), None, privacy, inherited)
             raw = path.read_bytes() if path.exists() else b""
             ledger._load(parse_json_lines(path, raw[: raw.rfind(b"\n") + 1]))
             return ledger
@@ -185,11 +215,13 @@ class Ledger:
                 f"ledger {path} is in use by another process (lock {path}.lock); "
                 "one data set may be served by one holder at a time"
             ) from None
-        ledger = cls(path, dataset_id, float(max_bits), lock, privacy)
+        ledger = cls(path, dataset_id, float(max_bits), lock, privacy, inherited)
         try:
             if not path.exists():
-                path.touch()
+                create_private(path)
                 _fsync_dir(path.parent)  # the new file's name must survive a crash too
+            else:
+                create_private(path)  # an older version made it world-readable
             ledger.repaired = repair_torn_tail(path)
             ledger._load(read_json_lines(path))
         except BaseException:
@@ -201,7 +233,11 @@ class Ledger:
         for number, raw in enumerate(raws):
             self._remember(self._verify(raw, number), account=False)
         # Composed once per distinct event (RDP adds up), not once per record.
-        self.accountant = PrivacyAccountant(self.dp_events())
+        self.accountant = self._fresh_accountant(self.dp_events())
+
+    def _fresh_accountant(self, events: list[DpEvent] | tuple[()]) -> PrivacyAccountant:
+        base = None if self.inherited is None else self.inherited.curve
+        return PrivacyAccountant(events, base_curve=base)
 
     def _verify(self, raw: dict[str, object], number: int) -> LedgerRecord:
         where = f"{self.path}: line {number + 1}"
@@ -245,7 +281,13 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
     @property
     def spent_bits(self) -> float:
+        """Bits this data set's records have cost: its own releases and what it inherited."""
         return self._spent
+
+    @property
+    def own_bits(self) -> float:
+        """Bits of this ledger's own releases only."""
+        return self._spent - (0.0 if self.inherited is None else self.inherited.bits)
 
     @property
     def remaining_bits(self) -> float:
@@ -293,7 +335,8 @@ class Ledger:
         if run_id is not None and record.run_id != run_id:
             raise PolicyViolation(
                 f"task id {task_id!r} was already answered for run {record.run_id!r}, "
-                f"not {run_id!r}; task ids must be unique for the data set's lifetime"
+                f"not {run_id!r}; task ids must be unique for the data set's lifetime",
+                RefusalCode.MALFORMED,
             )
         return record
 
@@ -445,6 +488,18 @@ class Ledger:
             "first_release": _iso(self._records[0].time) if self._records else None,
             "last_release": _iso(self._records[-1].time) if self._records else None,
             "repaired_torn_tail": self.repaired,
+            **self._inherited_summary(),
+        }
+
+    def _inherited_summary(self) -> dict[str, object]:
+        if self.inherited is None:
+            return {}
+        return {
+            "inherited_bits": self.inherited.bits,
+            "inherited_from": [
+                {"dataset_id": ident, "shared_records": shared, "their_bits": bits}
+                for ident, shared, bits in self.inherited.sources
+            ],
         }
 
     def _privacy_summary(self) -> dict[str, object]:

@@ -1,16 +1,31 @@
 """The data holder's policy: what it agrees to answer, checked before any data is touched.
 
-The holder is the trust anchor of its own privacy (DESIGN.md §1): it trusts nobody, so a
-coordinator, even a malicious one, may send any run spec and any task. Everything a
-question can be bent with is pinned or bounded here: the base model (by fingerprint), the
-algorithm and hence the answer kinds, the parametrization kinds, the perturbation sizes,
-the minibatch size, and the fitness itself (prompt template, label words, data fields), so
-a coordinator cannot craft a question such as "is record X present?".
+The holder is the trust anchor of its own privacy: it trusts nobody, so a coordinator,
+even a malicious one, may send any run spec and any task. The coordinator controls
+everything the policy does not pin, so the policy pins the whole question:
 
-``check_run`` runs once when the holder joins, ``check_task`` on every task; both raise
-:class:`PolicyViolation` with one line naming what is refused and why. The lifetime bit
-and (ε, δ) budgets are not here: they are the ledger's job (``client/ledger.py``), and the
-log chain check and "can my remaining ε afford this run's noise?" are the holder core's.
+* the base model (by fingerprint), the algorithms and hence the answer kinds, and the
+  answer mechanisms (plain, randomized response, DPZero): a policy can require a private one;
+* the parametrization, every field of it (kind, patterns, granularity, blocks, dimension,
+  projection seed), as one of the exact specs the policy lists;
+* the fitness itself (prompt template, label words, data fields), so a coordinator cannot
+  craft a question such as "is record X present?";
+* the seeds: every candidate and step must be on the run's public seed schedule
+  (:mod:`sottovoce.common.seeds`), so no direction is chosen by the coordinator;
+* the size of every perturbation and step, and the model's total drift from the base
+  (``||x||_inf`` and ``||x||_2`` in the parametrization's coordinates), the steps a task may
+  carry, the steps and rounds of a run, and the batch: all checked before any data is read.
+
+What pins cannot do: make a plain comparison record-private. Inside any pins, an adversary
+who knows the rest of the data set can look for a question whose answer flips with one
+record; only a DP mechanism bounds that (``answer_mechanisms``, ``require_dp``).
+
+Decisions here depend on the policy, the spec and the task only, never on the data: the
+size of the data set enters as the policy's declared ``min_examples``, so a refusal cannot
+be used to measure it. ``check_run`` runs once when the holder joins, ``check_task`` and
+``check_steps`` on every task; they raise :class:`PolicyViolation` with one line naming what
+is refused and why (for the holder's own log) and a reason code (for the coordinator).
+The lifetime bit and (ε, δ) budgets are the ledger's job (``client/ledger.py``).
 """
 
 from __future__ import annotations
@@ -22,26 +37,32 @@ import re
 import string
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
+import tomli_w
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from sottovoce.client.ledger import PrivacyLimit
-from sottovoce.common.errors import ConfigError, PolicyViolation
+from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.messages import (
+    ANSWER_MECHANISMS,
     MAX_TASK_ID_LENGTH,
     AnswerKind,
+    AnswerMechanism,
     BatchSpec,
     FitnessSpec,
     RunSpec,
     Task,
 )
-from sottovoce.common.parametrizations.base import ParametrizationKind
-from sottovoce.common.steplog import UINT64_MAX
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
+from sottovoce.common.seeds import SeedSchedule
+from sottovoce.common.steplog import UINT64_MAX, Step
 
 # The holder's own view of which answer kinds each algorithm asks for. It is deliberately
 # not imported from the coordinator's code: what an algorithm may ask is part of what the
@@ -51,13 +72,13 @@ ALGORITHM_ANSWER_KINDS: dict[str, frozenset[AnswerKind]] = {
     "bboxer-1+lambda": frozenset({AnswerKind.BEST_OF}),
     "dpzero": frozenset({AnswerKind.DP_SCALAR}),
 }
-PARAMETRIZATION_KINDS: tuple[str, ...] = get_args(ParametrizationKind)
 BatchMode = Literal["minibatch", "full", "poisson"]
 
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 # Ids end up in the ledger and in the operator's audit lines: printable ASCII, no spaces.
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]+")
 
+MAX_PINNED_DIMENSION = 2**24  # a subspace's x is allocated on the holder
 _StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _StrictInt = Annotated[int, Field(strict=True)]
 
@@ -73,16 +94,38 @@ class HolderPolicy:
     max_bits: Annotated[_StrictFloat, Field(gt=0)]
     expected_model_fingerprint: str
     allowed_algorithms: tuple[str, ...]
-    allowed_parametrizations: tuple[ParametrizationKind, ...]
+    parametrizations: tuple[ParametrizationSpec, ...]
     max_lambda: Annotated[_StrictInt, Field(ge=1)]
     max_perturbation_scale: Annotated[_StrictFloat, Field(gt=0)]
+    max_drift_linf: Annotated[_StrictFloat, Field(gt=0)]
+    min_examples: Annotated[_StrictInt, Field(ge=1)]
     fitness: FitnessSpec
     ledger_dir: Path
+    max_drift_l2: Annotated[_StrictFloat, Field(gt=0)] | None = None
+    max_new_steps_per_task: Annotated[_StrictInt, Field(ge=0)] = 1000
+    max_steps_per_run: Annotated[_StrictInt, Field(ge=0)] = 10_000
+    max_rounds_per_run: Annotated[_StrictInt, Field(ge=1, le=1_000_000)] = 10_000
+    answer_mechanisms: tuple[AnswerMechanism, ...] = ANSWER_MECHANISMS
     min_batch_size: Annotated[_StrictInt, Field(ge=1)] = 16
     allowed_batch_modes: tuple[BatchMode, ...] = ("minibatch", "full", "poisson")
     max_epsilon: Annotated[_StrictFloat, Field(gt=0)] | None = None
     delta: Annotated[_StrictFloat, Field(gt=0, lt=1)] | None = None
     require_dp: bool = False
+
+    @property
+    def declared_examples(self) -> int:
+        """The data set size every decision assumes: ``min_examples``, the declared floor.
+
+        Never the real count: a refusal or a noise level that depended on it would let a
+        coordinator binary-search it with free Joins. Accounting at this size is
+        conservative (a smaller n means a larger sampling rate, hence more epsilon).
+        """
+        return self.min_examples
+
+    def allows_mechanism(self, mechanism: AnswerMechanism) -> bool:
+        if self.require_dp and mechanism == "plain":
+            return False
+        return mechanism in self.answer_mechanisms
 
     def privacy_limit(self) -> PrivacyLimit | None:
         """The ledger's (ε, δ) limit, or None when the policy sets no max_epsilon."""
@@ -98,6 +141,13 @@ class HolderPolicy:
             )
         if self.require_dp and self.max_epsilon is None:
             raise ValueError("require_dp: needs max_epsilon and delta")
+        if self.min_examples < self.min_batch_size:
+            raise ValueError(
+                f"min_examples: {self.min_examples} is below min_batch_size "
+                f"{self.min_batch_size} (a data set smaller than a batch)"
+            )
+        if len(set(self.parametrizations)) != len(self.parametrizations):
+            raise ValueError("parametrizations: lists the same spec twice")
 
     @field_validator("expected_model_fingerprint")
     @classmethod
@@ -116,11 +166,30 @@ class HolderPolicy:
             )
         return value
 
-    @field_validator("allowed_algorithms", "allowed_parametrizations", "allowed_batch_modes")
+    @field_validator(
+        "allowed_algorithms", "parametrizations", "allowed_batch_modes", "answer_mechanisms"
+    )
     @classmethod
-    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
         if not value:
             raise ValueError("must list at least one entry (an empty list allows nothing)")
+        return value
+
+    @field_validator("parametrizations")
+    @classmethod
+    def _sound_parametrizations(
+        cls, value: tuple[ParametrizationSpec, ...]
+    ) -> tuple[ParametrizationSpec, ...]:
+        for index, spec in enumerate(value):
+            if spec.kind == "subspace" and not 1 <= spec.dimension <= MAX_PINNED_DIMENSION:
+                raise ValueError(
+                    f"parametrizations[{index}].dimension: a subspace needs 1.."
+                    f"{MAX_PINNED_DIMENSION} coordinates (got {spec.dimension})"
+                )
+            if spec.kind == "full" and (spec.patterns or spec.last_k_blocks is not None):
+                raise ValueError(
+                    f"parametrizations[{index}]: kind full takes no patterns or last_k_blocks"
+                )
         return value
 
     @field_validator("fitness")
@@ -158,10 +227,32 @@ def _check_template(template: str) -> None:
             )
 
 
+# -- writing and loading ---------------------------------------------------------------------
+def policy_toml(policy: HolderPolicy, *, header: str = "") -> str:
+    """The policy as a TOML document that :func:`load_policy` reads back to an equal policy.
+
+    ``header`` (comment lines, without ``#``) says who wrote it and why.
+    """
+    table = {key: value for key, value in asdict(policy).items() if value is not None}
+    table["ledger_dir"] = str(policy.ledger_dir)
+    for spec in table["parametrizations"]:
+        for key in [k for k, v in spec.items() if v is None]:
+            del spec[key]
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + tomli_w.dumps(table)
+
+
 # -- loading ---------------------------------------------------------------------------------
 _POLICY_ADAPTER = TypeAdapter(HolderPolicy)
 _POLICY_KEYS = tuple(f.name for f in fields(HolderPolicy))
 _FITNESS_KEYS = tuple(f.name for f in fields(FitnessSpec))
+_PARAMETRIZATION_KEYS = tuple(f.name for f in fields(ParametrizationSpec))
+_RETIRED_KEYS = {
+    "allowed_parametrizations": (
+        "replaced by [[parametrizations]] tables, each pinning one spec in full (kind, "
+        "patterns, granularity, last_k_blocks, dimension, projection_seed)"
+    ),
+}
 
 
 def load_policy(path: Path) -> HolderPolicy:
@@ -181,6 +272,9 @@ def load_policy(path: Path) -> HolderPolicy:
         table: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
+    for key, replacement in _RETIRED_KEYS.items():
+        if key in table:
+            raise ConfigError(f"{path}: {key}: {replacement}")
     ledger_dir = table.get("ledger_dir")
     if isinstance(ledger_dir, str) and ledger_dir and not Path(ledger_dir).is_absolute():
         table["ledger_dir"] = str(path.resolve().parent / ledger_dir)
@@ -199,7 +293,11 @@ def _describe(error: ErrorDetails) -> str:
     if kind in ("missing", "missing_argument"):
         return f"{field}: is required"
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        known = _FITNESS_KEYS if field.startswith("fitness.") else _POLICY_KEYS
+        known = _POLICY_KEYS
+        if field.startswith("fitness."):
+            known = _FITNESS_KEYS
+        elif field.startswith("parametrizations["):
+            known = _PARAMETRIZATION_KEYS
         return f"{field}: unknown key (known: {', '.join(known)})"
     messages = {
         "greater_than": f"must be > {_bound(ctx.get('gt'))}",
@@ -241,7 +339,8 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
     if local_fingerprint != policy.expected_model_fingerprint:
         raise PolicyViolation(
             f"local model fingerprint {_short(local_fingerprint)} is not the policy's "
-            f"expected_model_fingerprint {_short(policy.expected_model_fingerprint)}"
+            f"expected_model_fingerprint {_short(policy.expected_model_fingerprint)}",
+            RefusalCode.INTERNAL,
         )
     if spec.model_fingerprint != local_fingerprint:
         raise PolicyViolation(
@@ -260,14 +359,48 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
             f"run wants answer kind {_kind(spec.answer_kind)!r} but algorithm {spec.algorithm!r} "
             f"only asks for {sorted(k.value for k in kinds)}"
         )
-    if spec.parametrization.kind not in policy.allowed_parametrizations:
+    _check_parametrization(policy, spec.parametrization)
+    if spec.max_rounds > policy.max_rounds_per_run:
         raise PolicyViolation(
-            f"run wants parametrization {spec.parametrization.kind!r}; "
-            f"policy allows {list(policy.allowed_parametrizations)}"
+            f"run wants {spec.max_rounds} rounds; policy allows max_rounds_per_run "
+            f"{policy.max_rounds_per_run}"
         )
     _check_fitness(policy.fitness, spec.fitness)
     _check_batch_policy(policy, spec.batch, "run")
     _check_dp_shape(policy, spec)
+    if not policy.allows_mechanism(spec.mechanism):
+        allowed = [m for m in policy.answer_mechanisms if policy.allows_mechanism(m)]
+        raise PolicyViolation(
+            f"run's answers would be {spec.mechanism!r}; policy allows {allowed}"
+            + (" (require_dp)" if policy.require_dp else "")
+        )
+
+
+def _check_parametrization(policy: HolderPolicy, asked: ParametrizationSpec) -> None:
+    """The run's parametrization must equal one the policy pins, field for field.
+
+    Patterns, blocks, granularity, dimension and projection seed are as much a part of the
+    question as the kind: with them a coordinator chooses which weights it can move.
+    """
+    if asked in policy.parametrizations:
+        return
+    closest = min(policy.parametrizations, key=lambda pinned: len(_differing(pinned, asked)))
+    differing = _differing(closest, asked)
+    first = differing[0]
+    others = f" (also: {', '.join(differing[1:])})" if differing[1:] else ""
+    raise PolicyViolation(
+        f"run's parametrization is not one the policy pins: closest differs in {first}: run "
+        f"has {_clip(getattr(asked, first))}, policy pins {_clip(getattr(closest, first))}"
+        f"{others}"
+    )
+
+
+def _differing(pinned: object, asked: object) -> list[str]:
+    return [
+        f.name
+        for f in fields(pinned)  # type: ignore[arg-type]
+        if getattr(pinned, f.name) != getattr(asked, f.name)
+    ]
 
 
 def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
@@ -305,6 +438,13 @@ def _check_batch_policy(policy: HolderPolicy, batch: BatchSpec, who: str) -> Non
             f"{who} wants {_batches(batch)}; "
             f"policy needs at least min_batch_size {policy.min_batch_size}"
         )
+    if batch.mode != "full" and batch.batch_size > policy.declared_examples:
+        # Compared with the declared size, not the real one: "too large for your data" would
+        # tell the coordinator how much data there is.
+        raise PolicyViolation(
+            f"{who} wants {_batches(batch)}; the policy declares min_examples "
+            f"{policy.declared_examples}"
+        )
 
 
 def _batches(batch: BatchSpec) -> str:
@@ -314,9 +454,7 @@ def _batches(batch: BatchSpec) -> str:
 
 
 def _check_fitness(pinned: FitnessSpec, asked: FitnessSpec) -> None:
-    differing = [
-        f.name for f in fields(FitnessSpec) if getattr(pinned, f.name) != getattr(asked, f.name)
-    ]
+    differing = _differing(pinned, asked)
     if differing:
         first = differing[0]
         others = f" (also: {', '.join(differing[1:])})" if differing[1:] else ""
@@ -330,82 +468,153 @@ def check_task(
     policy: HolderPolicy,
     spec: RunSpec,
     task: Task,
-    data_size: int,
+    schedule: SeedSchedule,
     *,
     now: float | None = None,
 ) -> None:
     """Refuse a task the policy does not allow (raises ``PolicyViolation``).
 
     ``spec`` is the run spec already accepted by :func:`check_run`; the task must match it.
-    ``data_size`` is the number of training examples this holder has. ``now`` defaults to
-    the wall clock (a parameter so tests need not sleep).
+    ``schedule`` is the run's seed schedule. Only the task's shape is checked here, cheapest
+    first, so a huge task costs nothing before it is refused; its steps' seeds and drift are
+    :func:`check_steps`' (they need the holder's log). ``now`` defaults to the wall clock.
     """
     _check_id("task id", task.task_id)
     name = f"task {task.task_id}"
     if task.run_id != spec.run_id:
         raise PolicyViolation(
-            f"{name} is for run {task.run_id!r}; this holder joined {spec.run_id!r}"
+            f"{name} is for run {task.run_id!r}; this holder joined {spec.run_id!r}",
+            RefusalCode.MALFORMED,
+        )
+    if len(task.new_steps) > policy.max_new_steps_per_task:
+        raise PolicyViolation(
+            f"{name} carries {len(task.new_steps)} new steps; policy allows "
+            f"max_new_steps_per_task {policy.max_new_steps_per_task}"
+        )
+    if task.target_version > policy.max_steps_per_run:
+        raise PolicyViolation(
+            f"{name} brings the log to {task.target_version} steps; policy allows "
+            f"max_steps_per_run {policy.max_steps_per_run}"
+        )
+    if task.round_index >= spec.max_rounds:
+        raise PolicyViolation(
+            f"{name} is round {task.round_index} of a run of {spec.max_rounds} rounds",
+            RefusalCode.MALFORMED,
         )
     if task.answer_kind != spec.answer_kind:
         raise PolicyViolation(
             f"{name} asks for answer kind {_kind(task.answer_kind)!r}; "
-            f"run {spec.run_id!r} uses {_kind(spec.answer_kind)!r}"
+            f"run {spec.run_id!r} uses {_kind(spec.answer_kind)!r}",
+            RefusalCode.MALFORMED,
         )
     if task.batch != spec.batch:
         raise PolicyViolation(
-            f"{name} has batch {task.batch}; run {spec.run_id!r} uses {spec.batch}"
+            f"{name} has batch {task.batch}; run {spec.run_id!r} uses {spec.batch}",
+            RefusalCode.MALFORMED,
         )
     _check_batch_policy(policy, task.batch, name)  # again: do not rely on check_run's caller
-    _check_candidates(policy, task, name)
-    for index, step in enumerate(task.new_steps):
-        if not abs(step.coefficient) <= policy.max_perturbation_scale:
-            raise PolicyViolation(
-                f"{name} new step {index} has |coefficient| {abs(step.coefficient):g} > "
-                f"max_perturbation_scale {policy.max_perturbation_scale:g}"
-            )
-    _check_batch_size(policy, task, data_size, name)
+    _check_candidates(policy, task, schedule, name)
     clock = time.time() if now is None else now
     if clock > task.deadline_unix:
-        raise PolicyViolation(f"{name} deadline passed {clock - task.deadline_unix:.1f} s ago")
+        raise PolicyViolation(
+            f"{name} deadline passed {clock - task.deadline_unix:.1f} s ago", RefusalCode.EXPIRED
+        )
 
 
-def _check_candidates(policy: HolderPolicy, task: Task, name: str) -> None:
+def _check_candidates(policy: HolderPolicy, task: Task, schedule: SeedSchedule, name: str) -> None:
     count = len(task.candidates)
     if count == 0:
-        raise PolicyViolation(f"{name} has no candidates")
+        raise PolicyViolation(f"{name} has no candidates", RefusalCode.MALFORMED)
     if count > policy.max_lambda:
         raise PolicyViolation(
             f"{name} has {count} candidates; policy allows at most max_lambda {policy.max_lambda}"
         )
     if task.answer_kind in (AnswerKind.COMPARE, AnswerKind.DP_SCALAR) and count != 1:
         raise PolicyViolation(
-            f"{name} is a {_kind(task.answer_kind)} task with {count} candidates (needs exactly 1)"
+            f"{name} is a {_kind(task.answer_kind)} task with {count} candidates (needs exactly 1)",
+            RefusalCode.MALFORMED,
         )
+    scales: dict[int, list[float]] = {}
     for index, candidate in enumerate(task.candidates):
         if not (isinstance(candidate.seed, int) and 0 <= candidate.seed <= UINT64_MAX):
             raise PolicyViolation(
-                f"{name} candidate {index} has seed {candidate.seed!r}: not a uint64"
+                f"{name} candidate {index} has seed {candidate.seed!r}: not a uint64",
+                RefusalCode.MALFORMED,
             )
         if not math.isfinite(candidate.scale):
             raise PolicyViolation(
-                f"{name} candidate {index} has scale {candidate.scale}: not finite"
+                f"{name} candidate {index} has scale {candidate.scale}: not finite",
+                RefusalCode.MALFORMED,
             )
         if abs(candidate.scale) > policy.max_perturbation_scale:
             raise PolicyViolation(
                 f"{name} candidate {index} has |scale| {abs(candidate.scale):g} > "
                 f"max_perturbation_scale {policy.max_perturbation_scale:g}"
             )
+        if schedule.lane_of(candidate.seed, task.round_index) is None:
+            raise PolicyViolation(
+                f"{name} candidate {index} has seed {candidate.seed}, which is not on the "
+                f"run's seed schedule for round {task.round_index} (lanes 0.."
+                f"{schedule.lanes - 1})"
+            )
+        scales.setdefault(candidate.seed, []).append(candidate.scale)
+    for seed, used in scales.items():
+        # A seed twice is a mirrored pair (+s z, -s z); anything else spends one direction
+        # on several questions.
+        if len(used) > 2 or (len(used) == 2 and used[0] != -used[1]):
+            raise PolicyViolation(
+                f"{name} uses seed {seed} {len(used)} times with scales {used}; a seed may "
+                "appear once, or twice as a mirrored pair (+s, -s)"
+            )
 
 
-def _check_batch_size(policy: HolderPolicy, task: Task, data_size: int, name: str) -> None:
-    if task.batch.mode != "full" and task.batch.batch_size > data_size:
-        raise PolicyViolation(f"{name} wants {_batches(task.batch)}; this data set has {data_size}")
-    if task.batch.mode == "full" and data_size < policy.min_batch_size:
-        # A "full" batch of a tiny data set singles out records just like a tiny minibatch.
+def check_steps(
+    policy: HolderPolicy,
+    steps: Sequence[Step],
+    schedule: SeedSchedule,
+    *,
+    last_round: int,
+    before_round: int,
+    drift: DriftTracker,
+    name: str,
+) -> tuple[list[int], PendingDrift]:
+    """Check new log steps before they are applied: size, seeds, and the total drift.
+
+    Each step must be a candidate of some round of the seed schedule, later than the round
+    of the step before it (``last_round``) and earlier than ``before_round``; each
+    ``|coefficient|`` at most ``max_perturbation_scale``; and x after them within the drift
+    caps. Returns the steps' rounds and the drift to commit once they are applied.
+    """
+    rounds: list[int] = []
+    previous = last_round
+    for index, step in enumerate(steps):
+        if not abs(step.coefficient) <= policy.max_perturbation_scale:
+            raise PolicyViolation(
+                f"{name} new step {index} has |coefficient| {abs(step.coefficient):g} > "
+                f"max_perturbation_scale {policy.max_perturbation_scale:g}"
+            )
+        found = schedule.first_round_of(step.seed, previous, before_round)
+        if found is None:
+            raise PolicyViolation(
+                f"{name} new step {index} has seed {step.seed}, which is not a candidate of "
+                f"any round {previous + 1}..{before_round - 1} of the run's seed schedule"
+            )
+        rounds.append(found)
+        previous = found
+    pending = drift.preview(steps)
+    moved = pending.drift
+    bound = "" if moved.exact else " (upper bound: sum of |coefficients|)"
+    if moved.linf > policy.max_drift_linf:
         raise PolicyViolation(
-            f"{name} wants the full data set, which has only {data_size} examples "
-            f"(< min_batch_size {policy.min_batch_size})"
+            f"{name}: its steps would move x by {moved.linf:.4g} in some coordinate{bound}; "
+            f"policy allows max_drift_linf {policy.max_drift_linf:g}"
         )
+    if policy.max_drift_l2 is not None and moved.l2 > policy.max_drift_l2:
+        raise PolicyViolation(
+            f"{name}: its steps would move x by {moved.l2:.4g} in L2 norm{bound}; "
+            f"policy allows max_drift_l2 {policy.max_drift_l2:g}"
+        )
+    return rounds, pending
 
 
 def _check_id(what: str, value: str) -> None:
@@ -422,20 +631,38 @@ def _check_id(what: str, value: str) -> None:
 # -- what the holder tells the coordinator -------------------------------------------------------
 def fitness_digest(fitness: FitnessSpec) -> str:
     """A stable hash of a fitness spec, so a coordinator can check it before sending a run."""
-    canonical = json.dumps(asdict(fitness), sort_keys=True, separators=(",", ":"))
+    return _digest(asdict(fitness))
+
+
+def parametrizations_digest(specs: Sequence[ParametrizationSpec]) -> str:
+    """A stable hash of the pinned parametrization specs (order does not matter)."""
+    return _digest(sorted(spec.canonical_id() for spec in specs))
+
+
+def _digest(value: object) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def policy_summary(policy: HolderPolicy) -> dict[str, str]:
-    """The caps the holder declares at Join (never its ledger state: that is its own)."""
+    """The caps the holder declares at Join (never its ledger state or its data's size)."""
     return {
         "expected_model_fingerprint": policy.expected_model_fingerprint,
         "max_bits": repr(policy.max_bits),
         "allowed_algorithms": ",".join(policy.allowed_algorithms),
-        "allowed_parametrizations": ",".join(policy.allowed_parametrizations),
+        "parametrizations_sha256": parametrizations_digest(policy.parametrizations),
         "max_lambda": str(policy.max_lambda),
         "max_perturbation_scale": repr(policy.max_perturbation_scale),
+        "max_drift_linf": repr(policy.max_drift_linf),
+        "max_drift_l2": repr(policy.max_drift_l2),
+        "max_new_steps_per_task": str(policy.max_new_steps_per_task),
+        "max_steps_per_run": str(policy.max_steps_per_run),
+        "max_rounds_per_run": str(policy.max_rounds_per_run),
+        "answer_mechanisms": ",".join(
+            m for m in policy.answer_mechanisms if policy.allows_mechanism(m)
+        ),
         "min_batch_size": str(policy.min_batch_size),
+        "min_examples": str(policy.declared_examples),
         "allowed_batch_modes": ",".join(policy.allowed_batch_modes),
         "fitness_sha256": fitness_digest(policy.fitness),
         "max_epsilon": repr(policy.max_epsilon),

@@ -111,13 +111,19 @@ class RandomizedResponse:
 
     @property
     def uniform_probability(self) -> float:
-        """Probability of answering uniformly at random instead of truthfully."""
-        return self.outcomes / (math.exp(self.epsilon) + self.outcomes - 1)
+        """Probability of answering uniformly at random instead of truthfully.
+
+        ``k / (e^ε + k - 1)``, computed as ``k e^-ε / (1 + (k - 1) e^-ε)`` so that no ε
+        overflows ``exp``.
+        """
+        shrink = math.exp(-self.epsilon)
+        return self.outcomes * shrink / (1.0 + (self.outcomes - 1) * shrink)
 
     @property
     def truth_probability(self) -> float:
-        """Probability that the released choice is the true one."""
-        return math.exp(self.epsilon) / (math.exp(self.epsilon) + self.outcomes - 1)
+        """Probability that the released choice is the true one: ``e^ε / (e^ε + k - 1)``."""
+        shrink = math.exp(-self.epsilon)
+        return 1.0 / (1.0 + (self.outcomes - 1) * shrink)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         return dp_accounting.RandomizedResponseDpEvent(self.uniform_probability, self.outcomes)
@@ -194,9 +200,17 @@ class PrivacyAccountant:
     one vector addition, not a recomputation.
     """
 
-    def __init__(self, events: Iterable[DpEvent] = ()) -> None:
+    def __init__(self, events: Iterable[DpEvent] = (), base_curve: np.ndarray | None = None):
+        """``base_curve``: an RDP curve over ``RDP_ORDERS`` already spent (see
+        :func:`events_curve`), e.g. what a data set's records cost in other ledgers."""
         self._counts: Counter[DpEvent] = Counter()
         self._rdp = np.zeros(len(RDP_ORDERS))
+        self._has_base = False
+        if base_curve is not None and np.any(base_curve > 0):
+            if base_curve.shape != self._rdp.shape:
+                raise AccountingError(f"an RDP curve needs {len(RDP_ORDERS)} orders")
+            self._rdp = self._rdp + base_curve
+            self._has_base = True
         for event, count in Counter(events).items():
             self.compose(event, count)
 
@@ -213,14 +227,24 @@ class PrivacyAccountant:
     def epsilon(self, delta: float) -> float:
         """ε at ``delta`` for everything composed so far (0 when nothing was)."""
         _check_delta(delta)
-        if not self._counts:
+        if not self._counts and not self._has_base:
             return 0.0
         return _epsilon(self._rdp, delta)
+
+    @property
+    def curve(self) -> np.ndarray:
+        """The composed RDP curve (a copy)."""
+        return self._rdp.copy()
 
     def epsilon_with(self, event: DpEvent, delta: float, count: int = 1) -> float:
         """ε if ``count`` more of ``event`` were composed (this accountant is not changed)."""
         _check_delta(delta)
         return _epsilon(self._rdp + count * _event_rdp(event), delta)
+
+
+def events_curve(events: Iterable[DpEvent]) -> np.ndarray:
+    """The RDP curve of a multiset of events (zeros for none): what they cost together."""
+    return PrivacyAccountant(events).curve
 
 
 @functools.lru_cache(maxsize=1024)
@@ -246,11 +270,14 @@ def calibrate_noise_multiplier(
     steps: int,
     sampling_rate: float,
     prior: Iterable[DpEvent] = (),
+    *,
+    base_curve: np.ndarray | None = None,
 ) -> float:
     """Smallest noise multiplier with which ``steps`` answers (after ``prior``) fit the target.
 
     Uses dp-accounting's ``calibrate_dp_mechanism`` (bisection on the accountant itself),
-    so the result is what the same accountant will later charge. Raises
+    so the result is what the same accountant will later charge. ``base_curve`` is an RDP
+    curve spent besides ``prior`` (a data set's inheritance). Raises
     :class:`AccountingError` if even ``MAX_NOISE_MULTIPLIER`` does not fit, e.g. because
     ``prior`` events already spent the target.
     """
@@ -260,7 +287,7 @@ def calibrate_noise_multiplier(
     if steps < 1:
         raise AccountingError(f"steps must be >= 1 (got {steps})")
     prior = tuple(prior)
-    base = PrivacyAccountant(prior)
+    base = PrivacyAccountant(prior, base_curve=base_curve)
     if base.epsilon(delta) >= target_epsilon:
         raise AccountingError(
             f"epsilon {base.epsilon(delta):.3f} is already spent, target is {target_epsilon:g}"

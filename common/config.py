@@ -187,6 +187,10 @@ class SimulateSection(_Section):
     eval_threads: int = Field(default=2, ge=1)
     eval_split: Literal["test", "dev"] = "test"
     max_holder_policy_bits: float = Field(default=100_000.0, gt=0)
+    # The simulated holders' drift caps: how far x (the parametrization's coordinates) may
+    # move from the base in total, per coordinate and in L2 norm (None: no L2 cap).
+    max_holder_drift_linf: float = Field(default=4.0, gt=0)
+    max_holder_drift_l2: float | None = Field(default=None, gt=0)
     # The simulated holders' lifetime epsilon; default: exactly what this run needs.
     max_holder_policy_epsilon: float | None = Field(default=None, gt=0)
 

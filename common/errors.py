@@ -8,6 +8,26 @@ is wrong with it. The CLI prints that line and exits non-zero; nothing catches a
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class RefusalCode(StrEnum):
+    """Why a holder refused a task: the only thing a refusal tells the coordinator.
+
+    A code is a function of the task, the policy and the ledger's release history, never of
+    the records: the full reason (which field, what the budget is) stays in the holder's own
+    log and audit file. Refusals exist only before any data is read; after that, a failure
+    gives the mechanism's fixed default answer instead (see ``client/holder.py``).
+    """
+
+    OVER_BUDGET = "over-budget"  # the lifetime bits or epsilon cannot pay for the answer
+    POLICY = "policy"  # the question is outside what the policy agrees to answer
+    MALFORMED = "malformed"  # the task contradicts itself or the run (hashes, shapes, ids)
+    STALE = "stale"  # the task builds on a log version this holder is not at
+    EXPIRED = "expired"  # the task's deadline has passed
+    NOT_READY = "not-ready"  # no run accepted yet, or the run's state was lost
+    INTERNAL = "internal"  # the holder failed before reading any data (its own fault)
+
 
 class SottovoceError(Exception):
     """Base of every error the user is meant to read (one line, no traceback)."""
@@ -33,11 +53,20 @@ class PolicyViolation(SottovoceError):
     """A data holder refuses a run or task that its policy does not allow.
 
     Raised before any data is touched, any forward pass runs, or any budget is charged.
+    ``code`` is what the coordinator hears; the message stays with the holder.
     """
+
+    default_code = RefusalCode.POLICY
+
+    def __init__(self, message: str, code: RefusalCode | None = None):
+        super().__init__(message)
+        self.code = code if code is not None else self.default_code
 
 
 class BudgetExhausted(PolicyViolation):
     """Answering would push a data set's lifetime budget past its limit."""
+
+    default_code = RefusalCode.OVER_BUDGET
 
 
 class TransportError(SottovoceError):

@@ -28,7 +28,6 @@ The "holder state" (log version and head) is what a native holder says in every
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,6 +36,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
+from sottovoce.common.errors import RefusalCode
 from sottovoce.common.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.steplog import Step
@@ -44,7 +44,6 @@ from sottovoce.common.wire import (
     HASH_PATTERN,
     MAX_COUNT,
     MAX_MESSAGE_BYTES,
-    MAX_REFUSAL_LENGTH,
     WireError,
     answer_to_proto,
     join_request_from_proto,
@@ -67,13 +66,12 @@ RUN_SPEC = "sottovoce.run_spec"  # ConfigRecord {"proto": bytes}
 TASK_RECORD = "sottovoce.task"  # ConfigRecord {"proto": bytes}
 RUN_FINISHED = "sottovoce.run_finished"  # ConfigRecord {"proto": bytes}
 JOIN_REQUEST = "sottovoce.join_request"  # ConfigRecord {"proto": bytes}
-REFUSAL = "sottovoce.refusal"  # ConfigRecord {"reason": str}
+REFUSAL = "sottovoce.refusal"  # ConfigRecord {"reason": a RefusalCode}
 ANSWER = "sottovoce.answer"  # MetricRecord {"choice": int} or {"value": float}; not for a refusal
-ANSWER_META = "sottovoce.answer_meta"  # ConfigRecord {"task_id": str[, "refusal": str]}
+ANSWER_META = "sottovoce.answer_meta"  # ConfigRecord {"task_id": str[, "refusal": code]}
 HOLDER_STATE = "sottovoce.holder_state"  # ConfigRecord {"log_version": int, "log_head": str}
 
 PROTO_KEY = "proto"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 P = TypeVar("P", bound=ProtoMessage)
 T = TypeVar("T")
@@ -92,7 +90,7 @@ class JoinReply:
     """A holder's reply to ``query.join``: its join request, or why it refuses the run."""
 
     request: JoinRequest | None
-    refusal: str | None
+    refusal: RefusalCode | None
     state: HolderState
 
 
@@ -149,10 +147,12 @@ def join_reply_content(request: JoinRequest, state: HolderState) -> RecordDict:
     )
 
 
-def refusal_content(reason: str, state: HolderState) -> RecordDict:
-    """A refused run: one line, cut to the wire's refusal length."""
-    line = _CONTROL.sub(" ", reason)[:MAX_REFUSAL_LENGTH] or "refused"
-    return RecordDict({REFUSAL: ConfigRecord({"reason": line}), HOLDER_STATE: _state_record(state)})
+def refusal_content(code: RefusalCode, state: HolderState) -> RecordDict:
+    """A refused run: its reason code only (the holder keeps the reason in words)."""
+    reason = _refusal_code(f"{REFUSAL}.reason", code)
+    return RecordDict(
+        {REFUSAL: ConfigRecord({"reason": reason.value}), HOLDER_STATE: _state_record(state)}
+    )
 
 
 def answer_content(answer: Answer, state: HolderState) -> RecordDict:
@@ -160,7 +160,7 @@ def answer_content(answer: Answer, state: HolderState) -> RecordDict:
     meta = ConfigRecord({"task_id": answer.task_id})
     content = RecordDict({ANSWER_META: meta, HOLDER_STATE: _state_record(state)})
     if answer.refusal is not None:
-        meta["refusal"] = answer.refusal
+        meta["refusal"] = answer.refusal.value
     elif answer.value is not None:
         content[ANSWER] = MetricRecord({"value": float(answer.value)})
     else:
@@ -180,7 +180,7 @@ def read_join_reply(content: RecordDict) -> JoinReply:
     state = read_holder_state(content)
     if REFUSAL in names:
         record = _config_record(content, REFUSAL, {"reason"})
-        reason = _text(f"{REFUSAL}.reason", record["reason"], MAX_REFUSAL_LENGTH)
+        reason = _refusal_code(f"{REFUSAL}.reason", record["reason"])
         return JoinReply(request=None, refusal=reason, state=state)
     request = _read_proto(content, JOIN_REQUEST, pb.JoinRequest, join_request_from_proto)
     return JoinReply(request=request, refusal=None, state=state)
@@ -196,9 +196,8 @@ def read_answer(content: RecordDict) -> tuple[Answer, HolderState]:
     if (ANSWER in names) == (refusal is not None):
         raise WireError(f"invalid answer: exactly one of {ANSWER}, {ANSWER_META}.refusal is needed")
     if refusal is not None:
-        if not isinstance(refusal, str):
-            raise WireError(f"invalid {ANSWER_META}.refusal: expected a string")
-        answer = Answer(task_id=task_id, choice=None, refusal=refusal)
+        code = _refusal_code(f"{ANSWER_META}.refusal", refusal)
+        answer = Answer(task_id=task_id, choice=None, refusal=code)
     else:
         metrics = content[ANSWER]
         if not isinstance(metrics, MetricRecord):
@@ -314,7 +313,12 @@ def _check_keys(where: str, keys: Collection[str], required: set[str], optional:
         raise WireError(f"invalid {where}: unknown {shown}")
 
 
-def _text(where: str, value: object, max_len: int) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= max_len or _CONTROL.search(value):
-        raise WireError(f"invalid {where}: expected one line of 1..{max_len} chars")
-    return value
+def _refusal_code(where: str, value: object) -> RefusalCode:
+    """A reason code, never free text: a refusal's words could carry the holder's data."""
+    try:
+        return RefusalCode(value)
+    except ValueError:
+        known = "/".join(code.value for code in RefusalCode)
+        raise WireError(
+            f"invalid {where}: {str(value)[:40]!r} is not a reason code ({known})"
+        ) from None

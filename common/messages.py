@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
+from sottovoce.common.errors import RefusalCode
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.steplog import Step
 
@@ -120,6 +121,24 @@ class DpSpec:
         return self.noise_multiplier > 0 or self.randomized_response_epsilon > 0
 
 
+AnswerMechanism = Literal["plain", "randomized-response", "dp-scalar"]
+"""How a holder turns its scores into what it releases; a policy names those it allows.
+
+* ``plain``: the true compare / best-of choice. Bounded in bits, but not record-private:
+  one record can decide a close comparison.
+* ``randomized-response``: the choice under k-ary randomized response (epsilon-DP).
+* ``dp-scalar``: DPZero's clipped, Poisson-subsampled, Gaussian-noised finite difference.
+"""
+ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = ("plain", "randomized-response", "dp-scalar")
+
+
+def answer_mechanism(kind: AnswerKind, dp: DpSpec) -> AnswerMechanism:
+    """The mechanism a run's answers use, from its answer kind and DP settings."""
+    if kind is AnswerKind.DP_SCALAR:
+        return "dp-scalar"
+    return "randomized-response" if dp.randomized_response_epsilon > 0 else "plain"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What a holder learns when it joins, and checks against its policy before answering."""
@@ -135,10 +154,15 @@ class RunSpec:
     max_rounds: int
     log_genesis: str
     dp: DpSpec = DpSpec()
+    direction_seed: int = 0  # seeds follow common.seeds.candidate_seed(direction_seed, ...)
 
     def answer_bits(self, n_candidates: int) -> float:
         """Bit cost of one answer in this run."""
         return answer_bits(self.answer_kind, n_candidates, self.dp.quantization_bits)
+
+    @property
+    def mechanism(self) -> AnswerMechanism:
+        return answer_mechanism(self.answer_kind, self.dp)
 
 
 @dataclass(frozen=True)
@@ -180,13 +204,14 @@ class Answer:
     For ``compare``: ``choice`` is 1 if the candidate is better, else 0. For ``best-of``:
     ``choice`` is 1 + the index of the best candidate, or 0 if none beats the incumbent.
     For ``dp-scalar``: ``value`` is the noised estimate, or, when quantized, ``choice`` is
-    its level (see :func:`sottovoce.common.dp.dequantize`).
-    A refusal carries ``refusal`` (a one-line reason) and nothing else; it costs nothing.
+    its level (see :func:`sottovoce.common.quantization.dequantize`).
+    A refusal carries ``refusal``, a :class:`RefusalCode` and nothing else: the reason in
+    words stays in the holder's own log. It costs nothing.
     """
 
     task_id: str
     choice: int | None
-    refusal: str | None = None
+    refusal: RefusalCode | None = None
     value: float | None = None
 
     @property

@@ -23,7 +23,7 @@ from typing import Literal, NoReturn, TypeVar
 import numpy as np
 from google.protobuf.message import Message
 
-from sottovoce.common.errors import ConfigError, SottovoceError
+from sottovoce.common.errors import ConfigError, RefusalCode, SottovoceError
 from sottovoce.common.messages import (
     MAX_HOLDER_ID_LENGTH,
     MAX_LAMBDA,
@@ -53,18 +53,22 @@ MAX_TEXT_LENGTH = 4096  # prompt template, patterns, policy values
 MAX_LABEL_WORDS = 16
 MAX_LABEL_WORD_LENGTH = 64
 MAX_NAME_LENGTH = 64  # algorithm name, record field names, policy keys
-MAX_REFUSAL_LENGTH = 512
 MAX_REASON_LENGTH = 512
 MAX_PATTERNS = 256
 MAX_POLICY_ENTRIES = 64
 MAX_LAST_K_BLOCKS = 65_536
-MAX_COUNT = 2**40  # log versions, round indexes, max_rounds, subspace dimension
+MAX_COUNT = 2**40  # log versions, round indexes, max_rounds
+# A subspace's x is allocated on the holder (float32): 2**24 coordinates are 64 MiB.
+MAX_SUBSPACE_DIMENSION = 2**24
 MAX_BITS = 1e12  # bit budgets and totals
 MAX_DEADLINE_UNIX = 1e11  # year ~5138: any larger "time" is garbage
 MAX_WAIT_MS = 600_000
 MAX_CHOICE = 2**MAX_QUANTIZATION_BITS - 1  # best-of indexes (<= 64) and quantized levels
 MAX_NOISE_MULTIPLIER = 1e6
-MAX_EPSILON = 1e6
+MAX_EPSILON = 1e6  # a run's DP target (reported, never used in arithmetic by a holder)
+# Randomized response at epsilon 64 keeps the truth with probability 1 - 1e-27: past it
+# the mechanism is plain comparison in all but name, and exp() stays far from overflow.
+MAX_RANDOMIZED_RESPONSE_EPSILON = 64.0
 
 ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_LENGTH}}}")
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -262,7 +266,7 @@ def _check_parametrization(where: str, spec: ParametrizationSpec) -> None:
         _check_text(f"{where}.patterns[{i}]", pattern, min_len=1, max_len=MAX_TEXT_LENGTH)
     if spec.last_k_blocks is not None:
         _check_int(f"{where}.last_k_blocks", spec.last_k_blocks, 0, MAX_LAST_K_BLOCKS)
-    _check_int(f"{where}.dimension", spec.dimension, 0, MAX_COUNT)
+    _check_int(f"{where}.dimension", spec.dimension, 0, MAX_SUBSPACE_DIMENSION)
     _check_int(f"{where}.projection_seed", spec.projection_seed, 0, UINT64_MAX)
     _enum_to_proto(f"{where}.granularity", _GRANULARITIES, spec.granularity)
 
@@ -371,7 +375,10 @@ def _check_dp(where: str, spec: DpSpec) -> None:
     if spec.quantization_range <= 0:
         _fail(f"{where}.quantization_range", f"must be > 0 (got {_show(spec.quantization_range)})")
     _check_real(
-        f"{where}.randomized_response_epsilon", spec.randomized_response_epsilon, 0.0, MAX_EPSILON
+        f"{where}.randomized_response_epsilon",
+        spec.randomized_response_epsilon,
+        0.0,
+        MAX_RANDOMIZED_RESPONSE_EPSILON,
     )
 
 
@@ -411,6 +418,7 @@ def _check_run_spec_scalars(where: str, spec: RunSpec) -> None:
     _check_real(f"{where}.bit_budget", spec.bit_budget, 0.0, MAX_BITS)
     _check_int(f"{where}.max_rounds", spec.max_rounds, 0, MAX_COUNT)
     _check_hash(f"{where}.log_genesis", spec.log_genesis)
+    _check_int(f"{where}.direction_seed", spec.direction_seed, 0, UINT64_MAX)
 
 
 def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
@@ -427,6 +435,7 @@ def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
         max_rounds=int(spec.max_rounds),
         log_genesis=spec.log_genesis,
         dp=dp_to_proto(spec.dp, f"{where}.dp"),
+        direction_seed=int(spec.direction_seed),
     )
 
 
@@ -447,6 +456,7 @@ def run_spec_from_proto(message: pb.RunSpec, where: str = "RunSpec") -> RunSpec:
         max_rounds=message.max_rounds,
         log_genesis=message.log_genesis,
         dp=dp_from_proto(message.dp, f"{where}.dp"),
+        direction_seed=message.direction_seed,
     )
     _check_run_spec_scalars(where, spec)
     return spec
@@ -555,7 +565,20 @@ def _check_answer(where: str, answer: Answer) -> None:
     elif answer.value is not None:
         _check_float32(f"{where}.value", answer.value)
     else:
-        _check_text(f"{where}.refusal", answer.refusal, min_len=1, max_len=MAX_REFUSAL_LENGTH)
+        _check_refusal(f"{where}.refusal", answer.refusal)
+
+
+def _check_refusal(where: str, value: object) -> RefusalCode:
+    """A refusal is one of the reason codes, nothing else: free text could carry data."""
+    text = _check_str(where, value)
+    try:
+        return RefusalCode(text)
+    except ValueError:
+        _fail(where, f"{_show(text)} is not a reason code ({_names_of(RefusalCode)})")
+
+
+def _names_of(codes: type[RefusalCode]) -> str:
+    return "/".join(code.value for code in codes)
 
 
 def answer_to_proto(answer: Answer, where: str = "Answer") -> pb.Answer:
@@ -564,7 +587,7 @@ def answer_to_proto(answer: Answer, where: str = "Answer") -> pb.Answer:
         return pb.Answer(task_id=answer.task_id, choice=int(answer.choice))
     if answer.value is not None:
         return pb.Answer(task_id=answer.task_id, value=float(answer.value))
-    return pb.Answer(task_id=answer.task_id, refusal=answer.refusal)
+    return pb.Answer(task_id=answer.task_id, refusal=str(answer.refusal))
 
 
 def answer_from_proto(message: pb.Answer, where: str = "Answer") -> Answer:
@@ -576,7 +599,8 @@ def answer_from_proto(message: pb.Answer, where: str = "Answer") -> Answer:
     elif outcome == "value":
         answer = Answer(task_id=message.task_id, choice=None, value=message.value)
     else:
-        answer = Answer(task_id=message.task_id, choice=None, refusal=message.refusal)
+        code = _check_refusal(f"{where}.refusal", message.refusal)
+        answer = Answer(task_id=message.task_id, choice=None, refusal=code)
     _check_answer(where, answer)
     return answer
 

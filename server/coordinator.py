@@ -110,6 +110,7 @@ class Coordinator:
             max_rounds=config.run.max_rounds,
             log_genesis=state.genesis,
             dp=config.dp_spec(),
+            direction_seed=config.run.seed,
         )
 
     # -- observers -------------------------------------------------------------------------

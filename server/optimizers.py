@@ -9,24 +9,17 @@ task ids from their ledger cache without paying twice).
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
 from dataclasses import dataclass
 
 from sottovoce.common.messages import Candidate
+from sottovoce.common.seeds import candidate_seed
 from sottovoce.common.steplog import Step, float32_toward_zero
 
 # One-fifth success rule: multiply the step by SUCCESS_FACTOR on success and by
 # FAILURE_FACTOR on failure; at a success rate of 1/5 the step size is stationary.
 SUCCESS_FACTOR = 2.0
 FAILURE_FACTOR = 2.0 ** (-1.0 / 4.0)
-
-
-def candidate_seed(run_seed: int, round_index: int, candidate_index: int) -> int:
-    """A uint64 direction seed determined by (run seed, round, candidate)."""
-    material = struct.pack("<QQQ", run_seed, round_index, candidate_index)
-    return int.from_bytes(hashlib.sha256(b"sottovoce-candidate" + material).digest()[:8], "little")
 
 
 @dataclass
@@ -78,7 +71,7 @@ class ComparisonES:
                 Candidate(seed=candidate_seed(self.run_seed, round_index, i), scale=scale)
                 for i in range(self.candidates)
             )
-        pairs = []
+        pairs = []  # pair i shares lane i's seed: the holder's schedule knows no other
         for i in range(self.candidates // 2):
             seed = candidate_seed(self.run_seed, round_index, i)
             pairs += [Candidate(seed=seed, scale=scale), Candidate(seed=seed, scale=-scale)]

@@ -17,16 +17,18 @@ app drive the same ``Coordinator`` and ``DataHolder`` without gRPC.
 from __future__ import annotations
 
 import hashlib
+import logging
 import string
 from pathlib import Path
 
 import torch
 
+from sottovoce.client.dataset_identity import open_dataset_ledger
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
-from sottovoce.client.policy import load_policy
+from sottovoce.client.policy import HolderPolicy, load_policy
 from sottovoce.common.config import RunConfig, parse_config, read_toml
-from sottovoce.common.data import load_records
+from sottovoce.common.data import Record, load_records
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.messages import FitnessSpec
 from sottovoce.common.models import LoadedModel, load_model
@@ -34,6 +36,7 @@ from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+log = logging.getLogger("sottovoce.holder")
 
 
 def read_config(path: Path) -> tuple[RunConfig, str]:
@@ -71,13 +74,36 @@ def fitness_fields(spec: FitnessSpec) -> list[str]:
     return list(dict.fromkeys(fields))
 
 
-def dataset_id(path: Path) -> str:
-    """The data set's identity for its lifetime budget: sha256 of the file's bytes."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes: the id ledgers before record keys were kept under."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def open_ledger(policy_path: Path, data_path: Path, *, read_only: bool = False) -> Ledger:
+    """The lifetime ledger of a data file's records under a policy (see dataset_identity)."""
+    policy = load_policy(policy_path)
+    records = load_records(data_path, required_fields=fitness_fields(policy.fitness))
+    return _dataset_ledger(policy, records, data_path, read_only=read_only)
+
+
+def _dataset_ledger(
+    policy: HolderPolicy, records: list[Record], data_path: Path, *, read_only: bool = False
+) -> Ledger:
+    ledger = open_dataset_ledger(
+        policy.ledger_dir,
+        records,
+        policy.max_bits,
+        privacy=policy.privacy_limit(),
+        legacy_id=file_sha256(data_path),
+        read_only=read_only,
+    )
+    if ledger.inherited is not None and not read_only:
+        log.warning("data set %s %s", ledger.dataset_id[:12], ledger.inherited.describe())
+    return ledger
 
 
 def open_holder(
@@ -91,7 +117,11 @@ def open_holder(
     cache_dir: Path | None = None,
     max_batch: int = 32,
 ) -> DataHolder:
-    """A data holder over one data file, bound to its policy and its lifetime ledger."""
+    """A data holder over one data file, bound to its policy and its lifetime ledger.
+
+    Everything checkable offline (the model, the data against the pinned fitness, the
+    pinned parametrizations) is checked here, before any coordinator is dialled.
+    """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {sorted(DTYPES)} (got {dtype!r})")
     policy = load_policy(policy_path)
@@ -100,16 +130,24 @@ def open_holder(
     def load() -> LoadedModel:
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)
 
-    ledger = Ledger.open(
-        policy.ledger_dir, dataset_id(data_path), policy.max_bits, privacy=policy.privacy_limit()
-    )
-    return DataHolder(
-        holder_id,
-        records,
-        policy,
-        ledger,
-        load,
-        compute_dtype=DTYPES[dtype],
-        max_batch=max_batch,
-        status_path=status_path,
-    )
+    preloaded = [load()]  # an unknown model fails here, before a ledger is made
+
+    def load_once() -> LoadedModel:
+        return preloaded.pop() if preloaded else load()
+
+    ledger = _dataset_ledger(policy, records, data_path)
+    log.info("data set %s: ledger %s", ledger.dataset_id[:12], ledger.path)
+    try:
+        return DataHolder(
+            holder_id,
+            records,
+            policy,
+            ledger,
+            load_once,
+            compute_dtype=DTYPES[dtype],
+            max_batch=max_batch,
+            status_path=status_path,
+        )
+    except BaseException:
+        ledger.close()
+        raise

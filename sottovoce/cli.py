@@ -210,6 +210,7 @@ def client(
 
     from sottovoce.api import open_holder
     from sottovoce.client.grpc_loop import WireTraffic, run_holder
+    from sottovoce.common.storage import atomic_write_json
 
     if threads:
         torch.set_num_threads(threads)
@@ -227,7 +228,7 @@ def client(
     if report_path is not None and holder.spec is not None:
         report = holder.local_report(finished.bits_spent_total)
         report["cost"].update(dataclasses.asdict(traffic))
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+        atomic_write_json(report_path, report)  # 0600: figures computed on the holder's data
     click.echo(
         f"{holder_id}: run {finished.run_id} finished ({finished.reason}); answered "
         f"{holder.status.answered}, refused {holder.status.refused}; lifetime bits "
@@ -433,22 +434,21 @@ def fingerprint(model_name: str) -> None:
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True)
 @user_errors
 def ledger(policy_path: Path, data_path: Path) -> None:
-    """Show a data set's lifetime ledger: every release, its cost, what remains."""
-    from sottovoce.api import dataset_id
-    from sottovoce.client.ledger import Ledger
-    from sottovoce.client.policy import load_policy
+    """Show a data set's lifetime ledger: every release, its cost, what remains, refusals."""
+    from sottovoce.api import open_ledger
+    from sottovoce.client.refusal_log import read_refusals, refusal_log_path
 
-    policy = load_policy(policy_path)
-    with Ledger.open(
-        policy.ledger_dir,
-        dataset_id(data_path),
-        policy.max_bits,
-        privacy=policy.privacy_limit(),
-        read_only=True,
-    ) as book:
+    with open_ledger(policy_path, data_path, read_only=True) as book:
+        if book.inherited is not None:
+            click.echo(f"data set {book.dataset_id[:12]} {book.inherited.describe()}")
         for line in book.audit_lines():
             click.echo(line)
-        click.echo(json.dumps(book.summary(), indent=2))
+        refusals = read_refusals(refusal_log_path(book.path))
+        for note in refusals[-20:]:
+            click.echo(f"refused {note.get('task_id')} ({note.get('code')}): {note.get('message')}")
+        summary = book.summary()
+        summary["refusals"] = len(refusals)
+        click.echo(json.dumps(summary, indent=2))
 
 
 @main.command()

@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sottovoce.client.dataset_identity import open_dataset_ledger
 from sottovoce.client.holder import DataHolder
-from sottovoce.client.ledger import Ledger
-from sottovoce.client.policy import load_policy
 from sottovoce.common.config import RunConfig
 from sottovoce.common.endpoints import CoordinatorEndpoint, HolderEndpoint
 from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.models import load_model
-from sottovoce.simulate import holder_policy_toml
+from sottovoce.simulate import simulated_policy
 
 Record = dict[str, object]
 
@@ -72,15 +71,11 @@ def open_local_holders(
     under ``root`` (a scratch folder), one per shard.
     """
     holders = []
+    smallest = min(len(records) for records in shards)
     for index, records in enumerate(shards):
-        policy_path = root / f"policy{index}.toml"
-        policy_path.write_text(holder_policy_toml(config, fingerprint, root / "ledgers"))
-        policy = load_policy(policy_path)
-        ledger = Ledger.open(
-            policy.ledger_dir,
-            f"{config.run.name}-{index}",
-            policy.max_bits,
-            privacy=policy.privacy_limit(),
+        policy = simulated_policy(config, fingerprint, root / "ledgers", min_examples=smallest)
+        ledger = open_dataset_ledger(
+            policy.ledger_dir, records, policy.max_bits, privacy=policy.privacy_limit()
         )
         holders.append(
             DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sottovoce.api import DTYPES, read_config
 from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.client.policy import HolderPolicy, policy_toml
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     NEIGHBOURING_RELATION,
@@ -124,9 +125,8 @@ def write_holder_folders(
         holder_dir = out / f"holder-{index}"
         holder_dir.mkdir(parents=True)
         write_jsonl(holder_dir / "data.jsonl", records)
-        (holder_dir / "policy.toml").write_text(
-            holder_policy_toml(config, fingerprint, ledger_dir), encoding="utf-8"
-        )
+        policy = holder_policy_toml(config, fingerprint, ledger_dir, min_examples=smallest)
+        (holder_dir / "policy.toml").write_text(policy, encoding="utf-8")
         holder_dirs.append(holder_dir)
     return holder_dirs
 
@@ -146,53 +146,63 @@ def write_federation(config_path: Path, out: Path) -> list[Path]:
     return write_holder_folders(config, train, out, fingerprint, Path("ledger"))
 
 
-def holder_policy_toml(config: RunConfig, fingerprint: str, state_dir: Path) -> str:
+def holder_policy_toml(
+    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
+) -> str:
     """A policy that allows exactly this run's setting (what a cautious holder would write)."""
-    fit = config.fitness
-    q = json.dumps  # TOML basic strings accept JSON string escapes
-    words = ", ".join(q(w) for w in fit.label_words)
+    policy = simulated_policy(config, fingerprint, state_dir, min_examples=min_examples)
+    return policy_toml(
+        policy, header="A simulated data holder's policy: exactly one run's setting."
+    )
+
+
+def simulated_policy(
+    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
+) -> HolderPolicy:
+    """The policy of a simulated holder with ``min_examples`` or more records."""
     if config.run.algorithm == "dpzero":
         max_lambda = 1
         max_scale = max(config.dpzero.smoothing, config.dpzero.max_coefficient)
     else:
         max_lambda, max_scale = config.optimizer.candidates, config.optimizer.max_step
-    return f"""# Written by `sottovoce simulate` for one simulated data holder.
-max_bits = {config.simulate.max_holder_policy_bits}
-expected_model_fingerprint = {q(fingerprint)}
-allowed_algorithms = [{q(config.run.algorithm)}]
-allowed_parametrizations = [{q(config.parametrization.kind)}]
-max_lambda = {max_lambda}
-max_perturbation_scale = {max_scale!r}
-min_batch_size = {min(16, config.evaluation.batch_size)}
-allowed_batch_modes = [{q(config.evaluation.mode)}]
-ledger_dir = {q(str(state_dir))}
-{_privacy_policy(config)}
-[fitness]
-kind = {q(fit.kind)}
-prompt_template = {q(fit.prompt_template)}
-label_words = [{words}]
-text_field = {q(fit.text_field)}
-label_field = {q(fit.label_field)}
-target_field = {q(fit.target_field)}
-"""
+    epsilon = _policy_epsilon(config)
+    return HolderPolicy(
+        max_bits=config.simulate.max_holder_policy_bits,
+        expected_model_fingerprint=fingerprint,
+        allowed_algorithms=(config.run.algorithm,),
+        parametrizations=(config.parametrization.to_spec(),),
+        max_lambda=max_lambda,
+        max_perturbation_scale=float(max_scale),
+        max_drift_linf=config.simulate.max_holder_drift_linf,
+        max_drift_l2=config.simulate.max_holder_drift_l2,
+        max_rounds_per_run=config.run.max_rounds,
+        max_steps_per_run=config.run.max_rounds,
+        max_new_steps_per_task=config.run.max_rounds,
+        fitness=config.fitness.to_spec(),
+        ledger_dir=state_dir,
+        min_batch_size=min(16, config.evaluation.batch_size),
+        min_examples=min_examples,
+        allowed_batch_modes=(config.evaluation.mode,),
+        max_epsilon=epsilon,
+        delta=None if epsilon is None else config.privacy.delta,
+        require_dp=epsilon is not None,
+    )
 
 
-def _privacy_policy(config: RunConfig) -> str:
-    """The policy's (ε, δ) lines: by default exactly the ε this run needs, no more."""
+def _policy_epsilon(config: RunConfig) -> float | None:
+    """The policy's lifetime ε: by default exactly what this run needs, no more."""
     dp = config.privacy
     if config.simulate.max_holder_policy_epsilon is not None:
-        epsilon = config.simulate.max_holder_policy_epsilon
-    elif config.run.algorithm == "dpzero" and dp.epsilon is not None:
-        epsilon = dp.epsilon * (1 + 1e-4)  # calibration's tolerance
-    elif dp.randomized_response_epsilon is not None:
+        return config.simulate.max_holder_policy_epsilon
+    if config.run.algorithm == "dpzero" and dp.epsilon is not None:
+        return dp.epsilon * (1 + 1e-4)  # calibration's tolerance
+    if dp.randomized_response_epsilon is not None:
         event = answer_event(
             config.dp_spec(), config.answer_kind, config.optimizer.candidates, None
         )
         assert event is not None  # randomized response is on
-        epsilon = PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
-    else:
-        return ""
-    return f"max_epsilon = {epsilon!r}\ndelta = {dp.delta!r}\nrequire_dp = true\n"
+        return PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
+    return None
 
 
 def start_holders(

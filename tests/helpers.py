@@ -6,15 +6,16 @@ the label words are single bytes ("0", "1") and every prompt is a handful of tok
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
-import json
 import random
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 
 from sottovoce.client.policy import HolderPolicy
@@ -31,6 +32,7 @@ from sottovoce.common.messages import (
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.seeds import candidate_seed
 from sottovoce.common.steplog import Step, extend_chain, genesis_hash
 
 TINY = "tiny-llama"
@@ -38,6 +40,14 @@ TEMPLATE = "{text} ="
 LABEL_WORDS = ("0", "1")
 FITNESS = FitnessSpec(prompt_template=TEMPLATE, label_words=LABEL_WORDS)
 FAR_FUTURE = 4_000_000_000.0  # a task deadline that never passes during a test
+DIRECTION_SEED = 7  # the run seed of run_config_data, hence its runs' direction_seed
+# The parametrizations the tests' policies pin (each in full): what their runs ask for.
+PINNED = (
+    ParametrizationSpec(kind="scale"),
+    ParametrizationSpec(kind="full"),
+    ParametrizationSpec(kind="select", patterns=("*norm*",)),
+    ParametrizationSpec(kind="select", patterns=("model.norm.weight", "model.layers.1.mlp.*")),
+)
 
 Record = dict[str, object]
 
@@ -65,25 +75,18 @@ def write_records(path: Path, count: int, seed: int = 0) -> Path:
 
 # -- TOML ----------------------------------------------------------------------------------
 def toml_text(data: Mapping[str, Any]) -> str:
-    """A TOML document for ``data``: scalars and lists at the top, one table per mapping."""
-    lines = [f"{key} = {_toml_value(v)}" for key, v in data.items() if not isinstance(v, Mapping)]
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-    return "\n".join(lines) + "\n"
+    """A TOML document for ``data`` (None values left out, paths as strings)."""
+    return tomli_w.dumps(_tomlable(data))
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # TOML basic strings accept JSON's escapes
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
+def _tomlable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _tomlable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_tomlable(v) for v in value]
+    return value
 
 
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,9 +107,11 @@ def policy_data(ledger_dir: Path, **overrides: Any) -> dict[str, Any]:
         "max_bits": 1000.0,
         "expected_model_fingerprint": tiny_fingerprint(),
         "allowed_algorithms": ["bboxer-1+1", "bboxer-1+lambda"],
-        "allowed_parametrizations": ["scale", "select", "full"],
+        "parametrizations": [dataclasses.asdict(spec) for spec in PINNED],
         "max_lambda": 4,
         "max_perturbation_scale": 0.5,
+        "max_drift_linf": 10.0,
+        "min_examples": 16,
         "min_batch_size": 16,
         "allowed_batch_modes": ["minibatch", "full"],
         "ledger_dir": str(ledger_dir),
@@ -130,8 +135,13 @@ def make_policy(ledger_dir: Path, **overrides: Any) -> HolderPolicy:
     data["fitness"] = FitnessSpec(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in data["fitness"].items()}
     )
-    for key in ("allowed_algorithms", "allowed_parametrizations", "allowed_batch_modes"):
-        data[key] = tuple(data[key])
+    for key in ("allowed_algorithms", "allowed_batch_modes", "answer_mechanisms"):
+        if key in data:
+            data[key] = tuple(data[key])
+    data["parametrizations"] = tuple(
+        ParametrizationSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+        for p in data["parametrizations"]
+    )
     data["ledger_dir"] = Path(data["ledger_dir"])
     return HolderPolicy(**data)
 
@@ -180,7 +190,33 @@ def run_spec(
         bit_budget=1000.0,
         max_rounds=100,
         log_genesis=genesis_hash(fingerprint, parametrization.canonical_id()),
+        direction_seed=DIRECTION_SEED,
     )
+
+
+def scheduled_seed(spec: RunSpec, round_index: int, lane: int = 0) -> int:
+    """The seed the run's public schedule gives candidate ``lane`` of ``round_index``."""
+    return candidate_seed(spec.direction_seed, round_index, lane)
+
+
+def scheduled_candidates(
+    spec: RunSpec, round_index: int, scales: Sequence[float] = (0.05,)
+) -> tuple[Candidate, ...]:
+    """Candidates on the schedule: lane i of ``round_index`` at ``scales[i]``."""
+    return tuple(
+        Candidate(seed=scheduled_seed(spec, round_index, lane), scale=scale)
+        for lane, scale in enumerate(scales)
+    )
+
+
+def scheduled_steps(
+    spec: RunSpec, count: int, *, first_round: int = 0, coefficient: float = 0.05
+) -> list[Step]:
+    """``count`` accepted steps, one per round from ``first_round``, each lane 0's seed."""
+    return [
+        Step(seed=scheduled_seed(spec, first_round + i), coefficient=coefficient)
+        for i in range(count)
+    ]
 
 
 def make_task(
@@ -191,21 +227,28 @@ def make_task(
     base_version: int | None = None,
     new_steps: Sequence[Step] = (),
     log_head: str | None = None,
-    candidates: Sequence[Candidate] = (Candidate(seed=101, scale=0.05),),
+    candidates: Sequence[Candidate] | None = None,
     run_id: str | None = None,
+    round_index: int | None = None,
 ) -> Task:
     """A task of ``spec``'s run for a holder that has applied ``history``.
 
     ``log_head`` defaults to the true head after ``history + new_steps``, ``base_version``
-    to ``len(history)``; pass either to build a task that lies about them.
+    to ``len(history)``; pass either to build a task that lies about them. ``round_index``
+    defaults to the round after the steps (one step a round, as :func:`scheduled_steps`
+    makes them), ``candidates`` to lane 0 of that round at scale 0.05.
     """
     base = len(history) if base_version is None else base_version
+    if round_index is None:
+        round_index = len(history[:base]) + len(new_steps)
+    if candidates is None:
+        candidates = scheduled_candidates(spec, round_index)
     if log_head is None:
         log_head = extend_chain(extend_chain(spec.log_genesis, 0, history[:base]), base, new_steps)
     return Task(
         task_id=task_id,
         run_id=spec.run_id if run_id is None else run_id,
-        round_index=0,
+        round_index=round_index,
         base_version=base,
         new_steps=tuple(new_steps),
         log_head=log_head,

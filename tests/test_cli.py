@@ -148,7 +148,7 @@ BAD_INPUTS: dict[str, BadInput] = {
     "unreachable server": BadInput(
         unreachable_server, (f"cannot reach coordinator at {UNREACHABLE}",), opens_ledger=True
     ),
-    "unknown model": BadInput(unknown_model, ("unknown model 'no-such-model'",), opens_ledger=True),
+    "unknown model": BadInput(unknown_model, ("unknown model 'no-such-model'",)),
     "no transport security": BadInput(
         no_transport_security, ("--certs DIR is required (mutual TLS",)
     ),
@@ -256,7 +256,8 @@ def test_bad_input_is_one_error_line_and_exit_2(
 
 
 def assert_nothing_half_written(run: Launched, *, opens_ledger: bool) -> None:
-    """No new file, except (when it got that far) an empty ledger and its lock."""
+    """No new file, except (when it got that far) an empty ledger, its lock, the data set's
+    record index and the holder's key."""
     new = files_under(run.folder) - run.files_before
     if not opens_ledger:
         assert new == set()
@@ -265,6 +266,9 @@ def assert_nothing_half_written(run: Launched, *, opens_ledger: bool) -> None:
     assert len(ledgers) == 1 and ledgers[0].read_bytes() == b""
     allowed = {Path("ledger"), ledgers[0].relative_to(run.folder)}
     allowed.add(Path(f"{ledgers[0].relative_to(run.folder)}.lock"))
+    allowed.add(ledgers[0].relative_to(run.folder).with_name("holder.key"))
+    dataset = ledgers[0].name.removesuffix(".ledger.jsonl")
+    allowed.add(ledgers[0].relative_to(run.folder).with_name(f"{dataset}.records"))
     assert new <= allowed
 
 

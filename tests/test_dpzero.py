@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import make_policy, make_task, run_spec, tiny_records
+from helpers import make_policy, make_task, run_spec, scheduled_candidates, tiny_records
 
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
@@ -33,8 +33,8 @@ from sottovoce.common.accounting import (
     RandomizedResponse,
     calibrate_noise_multiplier,
 )
-from sottovoce.common.errors import ConfigError, PolicyViolation
-from sottovoce.common.messages import AnswerKind, BatchSpec, Candidate, DpSpec, RunSpec
+from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
+from sottovoce.common.messages import AnswerKind, BatchSpec, DpSpec, RunSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.quantization import dequantize, levels
 from sottovoce.server.aggregation import aggregate_scalars
@@ -45,7 +45,7 @@ N = 64
 BATCH = 16  # expected Poisson batch: sampling rate 1/4
 RATE = BATCH / N
 DELTA = 1e-5
-DIRECTION = Candidate(seed=101, scale=0.01)
+SCALE = 0.01
 
 
 def load_tiny() -> LoadedModel:
@@ -175,6 +175,7 @@ def dp_holder(
 ) -> DataHolder:
     ledger_dir = tmp_path / name / "ledger"
     privacy = {} if max_epsilon is None else {"max_epsilon": max_epsilon, "delta": DELTA}
+    policy = {"min_examples": N, **policy}
     holder_policy = make_policy(
         ledger_dir,
         max_bits=100_000.0,
@@ -187,8 +188,9 @@ def dp_holder(
     return DataHolder(name, tiny_records(N), holder_policy, ledger, load_tiny)
 
 
-def dp_task(spec: RunSpec, task_id: str) -> Any:
-    return make_task(spec, task_id, candidates=(DIRECTION,))
+def dp_task(spec: RunSpec, task_id: str, round_index: int = 0) -> Any:
+    candidates = scheduled_candidates(spec, round_index, (SCALE,))
+    return make_task(spec, task_id, candidates=candidates, round_index=round_index)
 
 
 def ledger_bytes(holder: DataHolder) -> bytes:
@@ -251,7 +253,8 @@ def test_the_answer_that_would_cross_epsilon_is_refused_and_the_one_before_is_no
     assert holder.ledger.spent_epsilon() == pytest.approx(at_limit)
     before = (ledger_bytes(holder), holder.forward_passes)
     refused = holder.answer(dp_task(spec, "one-too-many"))
-    assert refused.refused and "past max_epsilon" in (refused.refusal or "")
+    assert refused.refusal is RefusalCode.OVER_BUDGET
+    assert "past max_epsilon" in (holder.status.last_refusal or "")
     assert (ledger_bytes(holder), holder.forward_passes) == before
 
 
@@ -300,7 +303,8 @@ def test_a_run_with_too_little_noise_is_refused_at_join(tmp_path: Path) -> None:
 
 
 def test_a_smaller_data_set_needs_more_noise_than_the_coordinator_assumed(tmp_path: Path) -> None:
-    """The coordinator calibrated for rate 16/64; a holder with 32 examples has rate 1/2."""
+    """The coordinator calibrated for rate 16/64; a holder declaring 32 examples has rate 1/2
+    (its declared floor, not its real size, so the refusal says nothing about its data)."""
     coordinator_sigma = calibrate_noise_multiplier(2.0, DELTA, 100, RATE)
     ledger_dir = tmp_path / "small" / "ledger"
     policy = make_policy(
@@ -310,9 +314,10 @@ def test_a_smaller_data_set_needs_more_noise_than_the_coordinator_assumed(tmp_pa
         allowed_batch_modes=["poisson"],
         max_epsilon=2.0,
         delta=DELTA,
+        min_examples=32,
     )
     ledger = Ledger.open(ledger_dir, DATASET, 100_000.0, privacy=policy.privacy_limit())
-    small = DataHolder("s", tiny_records(32), policy, ledger, lambda: load_model("tiny-llama"))
+    small = DataHolder("s", tiny_records(64), policy, ledger, lambda: load_model("tiny-llama"))
     with pytest.raises(PolicyViolation, match=r"sampling rate 0\.5"):
         small.accept_run(dp_spec(noise=coordinator_sigma))
 
@@ -444,6 +449,7 @@ def test_dpzero_run_over_grpc_exports_base_plus_log(tmp_path: Path, quantization
         "max_epsilon": 6.0 * (1 + 1e-4),
         "delta": 1e-5,
         "require_dp": True,
+        "min_examples": per_holder,
     }
     holders = [make_holder(tmp_path, f"holder-{i}", seed=i, **policy) for i in range(2)]
 

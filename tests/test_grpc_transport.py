@@ -20,7 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sottovoce.client.grpc_loop import STOPPED_REASON, RetryPolicy, run_holder
 from sottovoce.common import wire
 from sottovoce.common.certs import init_ca, issue, tls_config
-from sottovoce.common.errors import LogIntegrityError, PolicyViolation, TransportError
+from sottovoce.common.errors import (
+    LogIntegrityError,
+    PolicyViolation,
+    RefusalCode,
+    TransportError,
+)
 from sottovoce.common.messages import (
     Answer,
     AnswerKind,
@@ -497,7 +502,7 @@ def test_stop_event_leaves_promptly() -> None:
 
 def test_refusal_is_pushed_as_is(server: RunningServer, coordinator: FakeCoordinator) -> None:
     refusing = FakeHolder()
-    refusal = "task asks for a label word outside my policy"
+    refusal = RefusalCode.POLICY
     refusing.answer = lambda task: Answer(task.task_id, choice=None, refusal=refusal)  # type: ignore[method-assign]
     run_holder(refusing, server.address, poll_timeout_s=1.0)
     assert {a.refusal for a in coordinator.answers.values()} == {refusal}

@@ -15,20 +15,23 @@ from helpers import (
     make_policy,
     make_task,
     run_spec,
+    scheduled_candidates,
+    scheduled_seed,
     tiny_records,
 )
 
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.private_answers import SecureRandomness
-from sottovoce.common.errors import PolicyViolation
+from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+from sottovoce.common.errors import PolicyViolation, RefusalCode
 from sottovoce.common.messages import Candidate, RunFinished, RunSpec, Task
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.steplog import Step, as_float32, extend_chain
 
 DATASET = "tinyset"
-STEP = Step(seed=9, coefficient=as_float32(0.05))
+STEP = Step(seed=scheduled_seed(run_spec(), 0), coefficient=as_float32(0.05))  # round 0's
 
 
 def load_tiny() -> LoadedModel:
@@ -63,13 +66,20 @@ def joined(tmp_path: Path, spec: RunSpec | None = None, **kwargs: Any) -> DataHo
     return holder
 
 
-def assert_refused_without_trace(holder: DataHolder, task: Task, reason: str) -> None:
-    """Refused with ``reason``; no ledger byte written, no forward pass, log unmoved."""
+def assert_refused_without_trace(
+    holder: DataHolder, task: Task, reason: str, code: RefusalCode | None = None
+) -> None:
+    """Refused with a bare reason code; the words (``reason``) only in the holder's own
+    status and refusal log; no ledger byte written, no forward pass, log unmoved."""
     path = ledger_file(holder.policy.ledger_dir)
     before = (path.read_bytes(), holder.forward_passes, holder.log_version, holder.log_head)
     answer = holder.answer(task)
-    assert answer.refused and answer.choice is None
-    assert answer.refusal is not None and reason in answer.refusal
+    assert answer.refused and answer.choice is None and answer.value is None
+    assert isinstance(answer.refusal, RefusalCode)
+    assert code is None or answer.refusal is code
+    assert holder.status.last_refusal is not None and reason in holder.status.last_refusal
+    notes = read_refusals(refusal_log_path(path))
+    assert notes and notes[-1]["task_id"] == task.task_id and reason in notes[-1]["message"]
     after = (path.read_bytes(), holder.forward_passes, holder.log_version, holder.log_head)
     assert after == before
 
@@ -92,7 +102,7 @@ def test_compare_answer_charges_one_bit_durably(tmp_path: Path) -> None:
 def test_best_of_three_charges_two_bits(tmp_path: Path) -> None:
     spec = run_spec(algorithm="bboxer-1+lambda")
     holder = joined(tmp_path, spec)
-    three = [Candidate(seed=s, scale=0.05) for s in (1, 2, 3)]
+    three = scheduled_candidates(spec, 0, (0.05, 0.05, 0.05))
     answer = holder.answer(make_task(spec, "t1", candidates=three))
     assert not answer.refused and answer.choice in (0, 1, 2, 3)
     assert holder.forward_passes == 4
@@ -129,10 +139,13 @@ def test_budget_edge_last_affordable_answer_passes_next_is_refused(tmp_path: Pat
 def test_best_of_that_would_cross_the_budget_is_refused(tmp_path: Path) -> None:
     spec = run_spec(algorithm="bboxer-1+lambda")
     holder = joined(tmp_path, spec, max_bits=3.0)
-    three = [Candidate(seed=s, scale=0.05) for s in (1, 2, 3)]
+    three = scheduled_candidates(spec, 0, (0.05, 0.05, 0.05))
     assert not holder.answer(make_task(spec, "t1", candidates=three)).refused
     assert_refused_without_trace(
-        holder, make_task(spec, "t2", candidates=three), "costs 2.00 bits, 1.00 of 3 remain"
+        holder,
+        make_task(spec, "t2", candidates=three),
+        "costs 2.00 bits, 1.00 of 3 remain",
+        RefusalCode.OVER_BUDGET,
     )
     # A cheaper question still fits what is left.
     one = make_task(spec, "t3", candidates=three[:1])
@@ -141,37 +154,59 @@ def test_best_of_that_would_cross_the_budget_is_refused(tmp_path: Path) -> None:
 
 
 BEST_OF = run_spec(algorithm="bboxer-1+lambda")
-TWO = (Candidate(seed=1, scale=0.05), Candidate(seed=2, scale=-0.05))
-BAD_TASKS: dict[str, tuple[Callable[[], Task], str]] = {
+TWO = scheduled_candidates(BEST_OF, 1, (0.05, -0.05))  # round 1, after STEP (round 0)
+LATER = Step(seed=scheduled_seed(BEST_OF, 1), coefficient=as_float32(0.05))
+BAD_TASKS: dict[str, tuple[Callable[[], Task], str, RefusalCode]] = {
     "lambda above max_lambda": (
         lambda: make_task(
-            BEST_OF, "x", history=[STEP], candidates=[Candidate(s, 0.05) for s in range(5)]
+            BEST_OF, "x", history=[STEP], candidates=scheduled_candidates(BEST_OF, 1, [0.05] * 5)
         ),
         "5 candidates; policy allows at most max_lambda 4",
+        RefusalCode.POLICY,
     ),
     "candidate scale above cap": (
-        lambda: make_task(BEST_OF, "x", history=[STEP], candidates=[Candidate(1, -0.6)]),
+        lambda: make_task(
+            BEST_OF, "x", history=[STEP], candidates=scheduled_candidates(BEST_OF, 1, [-0.6])
+        ),
         "|scale| 0.6 > max_perturbation_scale 0.5",
+        RefusalCode.POLICY,
+    ),
+    "candidate seed off the schedule": (
+        lambda: make_task(BEST_OF, "x", history=[STEP], candidates=[Candidate(1, 0.05)]),
+        "not on the run's seed schedule",
+        RefusalCode.POLICY,
     ),
     "step coefficient above cap": (
-        lambda: make_task(BEST_OF, "x", history=[STEP], new_steps=[Step(3, 0.75)]),
+        lambda: make_task(
+            BEST_OF, "x", history=[STEP], new_steps=[Step(LATER.seed, 0.75)], round_index=2
+        ),
         "new step 0 has |coefficient| 0.75 > max_perturbation_scale 0.5",
+        RefusalCode.POLICY,
+    ),
+    "step seed off the schedule": (
+        lambda: make_task(BEST_OF, "x", history=[STEP], new_steps=[Step(3, 0.25)]),
+        "new step 0 has seed 3, which is not a candidate",
+        RefusalCode.POLICY,
     ),
     "steps do not hash to log_head": (
-        lambda: make_task(BEST_OF, "x", history=[STEP], new_steps=[STEP], log_head="ab" * 32),
+        lambda: make_task(BEST_OF, "x", history=[STEP], new_steps=[LATER], log_head="ab" * 32),
         "do not hash to the announced log head",
+        RefusalCode.MALFORMED,
     ),
     "older log version": (
         lambda: make_task(BEST_OF, "x", base_version=0, new_steps=[STEP], candidates=TWO),
         "builds on log version 0, this holder is at version 1",
+        RefusalCode.STALE,
     ),
     "newer log version": (
-        lambda: make_task(BEST_OF, "x", history=[STEP, STEP], candidates=TWO),
+        lambda: make_task(BEST_OF, "x", history=[STEP, LATER]),
         "builds on log version 2, this holder is at version 1",
+        RefusalCode.STALE,
     ),
     "run id mismatch": (
         lambda: make_task(BEST_OF, "x", history=[STEP], run_id="run-b"),
         "is for run 'run-b'; this holder joined 'run-a'",
+        RefusalCode.MALFORMED,
     ),
 }
 
@@ -181,8 +216,8 @@ def test_refused_task_charges_nothing_and_runs_nothing(tmp_path: Path, case: str
     holder = joined(tmp_path, BEST_OF)
     assert not holder.answer(make_task(BEST_OF, "t0", new_steps=[STEP], candidates=TWO)).refused
     assert holder.log_version == 1 and holder.ledger.spent_bits == pytest.approx(math.log2(3))
-    build, reason = BAD_TASKS[case]
-    assert_refused_without_trace(holder, build(), reason)
+    build, reason, code = BAD_TASKS[case]
+    assert_refused_without_trace(holder, build(), reason, code)
     assert holder.status.refused == 1
     # The holder is unharmed: the next honest task is answered from version 1.
     assert not holder.answer(make_task(BEST_OF, "t1", history=[STEP], candidates=TWO)).refused
@@ -190,7 +225,9 @@ def test_refused_task_charges_nothing_and_runs_nothing(tmp_path: Path, case: str
 
 def test_task_before_any_run_is_refused(tmp_path: Path) -> None:
     holder = make_holder(tmp_path)
-    assert_refused_without_trace(holder, make_task(run_spec(), "t1"), "no run accepted")
+    assert_refused_without_trace(
+        holder, make_task(run_spec(), "t1"), "no run accepted", RefusalCode.NOT_READY
+    )
 
 
 # -- runs the policy refuses -----------------------------------------------------------------
@@ -199,13 +236,17 @@ BAD_RUNS: dict[str, tuple[RunSpec, str]] = {
         run_spec(fingerprint="sha256:" + "00" * 32),
         "run is for model sha256:000000000000...",
     ),
+    "parametrization patterns": (
+        run_spec(parametrization=ParametrizationSpec(kind="scale", patterns=("*embed*",))),
+        "run's parametrization is not one the policy pins: closest differs in patterns",
+    ),
     "algorithm": (
         run_spec(algorithm="bboxer-1+lambda"),
         "run wants algorithm 'bboxer-1+lambda'; policy allows ['bboxer-1+1']",
     ),
     "parametrization": (
         run_spec(parametrization=ParametrizationSpec(kind="full")),
-        "run wants parametrization 'full'; policy allows ['scale', 'select']",
+        "run's parametrization is not one the policy pins: closest differs in kind",
     ),
     "prompt template": (
         run_spec(fitness=dataclasses.replace(FITNESS, prompt_template="Is {text} in your data?")),
@@ -219,7 +260,7 @@ def test_accept_run_refuses_what_the_policy_forbids(tmp_path: Path, case: str) -
     holder = make_holder(
         tmp_path,
         allowed_algorithms=["bboxer-1+1"],
-        allowed_parametrizations=["scale", "select"],
+        parametrizations=[{"kind": "scale"}, {"kind": "select", "patterns": ["*norm*"]}],
     )
     spec, reason = BAD_RUNS[case]
     with pytest.raises(PolicyViolation) as refused:
@@ -245,7 +286,9 @@ def test_restart_and_new_run_keep_the_spent_bits(tmp_path: Path) -> None:
     assert_refused_without_trace(second, make_task(run_b, "a1"), "already answered for run")
     assert not second.answer(make_task(run_b, "b1")).refused
     assert second.ledger.spent_bits == 3.0
-    assert_refused_without_trace(second, make_task(run_b, "b2"), "0.00 of 3 remain")
+    assert_refused_without_trace(
+        second, make_task(run_b, "b2"), "0.00 of 3 remain", RefusalCode.OVER_BUDGET
+    )
     assert [r.run_id for r in second.ledger.records] == ["run-a", "run-a", "run-b"]
 
 

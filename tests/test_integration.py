@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from helpers import (
     base_plus_steps,
@@ -27,7 +28,8 @@ from transformers import AutoModelForCausalLM
 from sottovoce.api import open_coordinator, open_holder
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.client.holder import DataHolder
-from sottovoce.common.errors import PolicyViolation, TransportError
+from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+from sottovoce.common.errors import ConfigError, PolicyViolation, TransportError
 from sottovoce.common.messages import RunFinished
 from sottovoce.common.steplog import StepLog, read_json_lines
 from sottovoce.server.coordinator import Coordinator
@@ -164,9 +166,12 @@ def test_two_holders_ten_rounds_over_grpc(tmp_path: Path) -> None:
 def test_holders_that_cannot_join_are_refused_clearly(tmp_path: Path) -> None:
     config = write_run_config(tmp_path / "run.toml")
     coordinator = open_coordinator(config, tmp_path / "run", model_fingerprint=tiny_fingerprint())
-    pinned_elsewhere = make_holder(
-        tmp_path, "pinned-elsewhere", seed=0, expected_model_fingerprint="sha256:" + "11" * 32
-    )
+    # A holder whose own model is not the one its policy pins fails before it dials.
+    with pytest.raises(ConfigError, match="is not the policy's expected_model_fingerprint"):
+        make_holder(
+            tmp_path, "pinned-elsewhere", seed=0, expected_model_fingerprint="sha256:" + "11" * 32
+        )
+    refusing = make_holder(tmp_path, "refusing", seed=2, allowed_algorithms=["dpzero"])
     other_model = make_holder(
         tmp_path,
         "other-model",
@@ -175,19 +180,17 @@ def test_holders_that_cannot_join_are_refused_clearly(tmp_path: Path) -> None:
         expected_model_fingerprint=tiny_fingerprint("tiny-llama:1"),
     )
 
-    outcomes = run_federation(coordinator, [pinned_elsewhere, other_model])
+    outcomes = run_federation(coordinator, [refusing, other_model])
 
-    refused_by_policy = outcomes["pinned-elsewhere"].error
+    refused_by_policy = outcomes["refusing"].error
     assert isinstance(refused_by_policy, PolicyViolation)
-    assert "is not the policy's expected_model_fingerprint sha256:111111111111" in str(
-        refused_by_policy
-    )
+    assert "run wants algorithm 'bboxer-1+1'; policy allows ['dpzero']" in str(refused_by_policy)
     refused_by_run = outcomes["other-model"].error
     assert isinstance(refused_by_run, TransportError)
     message = str(refused_by_run)
     assert message.startswith("Join failed with FAILED_PRECONDITION: holder 'other-model'")
     assert f"this run needs {tiny_fingerprint()}" in message
-    for holder in (pinned_elsewhere, other_model):
+    for holder in (refusing, other_model):
         assert holder.ledger.records == () and holder.forward_passes == 0
     assert coordinator.state.bits_total == 0 and coordinator.state.rounds == []
     assert not (tmp_path / "run" / "journal.jsonl").exists()
@@ -216,7 +219,10 @@ def test_over_budget_holder_refuses_and_the_run_completes_on_quorum(tmp_path: Pa
     for late in state.rounds[3:]:  # the one remaining voice decides alone
         assert list(late.choices) == ["generous"]
         assert (late.step is not None) == (late.choices["generous"] == 1)
-    assert all("0.00 of 3 remain" in r.refusals["thrifty"] for r in state.rounds[3:])
+    # The coordinator hears a reason code, never the holder's words or budget figures.
+    assert all(r.refusals["thrifty"] == "over-budget" for r in state.rounds[3:])
+    notes = read_refusals(refusal_log_path(thrifty_ledger))
+    assert len(notes) == 3 and all("0.00 of 3 remain" in n["message"] for n in notes)
     assert state.bits_per_holder == {"generous": 6.0, "thrifty": 3.0}
     assert (thrifty.status.answered, thrifty.status.refused) == (3, 3)
     assert len(thrifty_ledger.read_bytes().splitlines()) == 3

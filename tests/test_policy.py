@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from sottovoce.client.policy import (
     HolderPolicy,
     check_run,
+    check_steps,
     check_task,
     fitness_digest,
     load_policy,
+    parametrizations_digest,
     policy_summary,
+    policy_toml,
 )
-from sottovoce.common.errors import ConfigError, PolicyViolation
+from sottovoce.common.directions import rademacher
+from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.messages import (
     AnswerKind,
     BatchSpec,
@@ -28,12 +32,28 @@ from sottovoce.common.messages import (
     Task,
 )
 from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.parametrizations.drift import DriftTracker
+from sottovoce.common.seeds import SeedSchedule, candidate_seed
 from sottovoce.common.steplog import Step
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "policy.toml"
 FINGERPRINT = "sha256:" + "ab" * 32
 OTHER_FINGERPRINT = "sha256:" + "cd" * 32
 NOW = 1_700_000_000.0
+DIRECTION_SEED = 99
+NORM_SCALES = ParametrizationSpec(kind="scale", patterns=("model.norm.weight",))
+NORMS = ParametrizationSpec(kind="select", patterns=("*norm*",))
+SUBSPACE = ParametrizationSpec(kind="subspace", dimension=64, projection_seed=3)
+PINNED = (NORM_SCALES, NORMS, SUBSPACE)
+
+
+def seed(round_index: int, lane: int = 0) -> int:
+    return candidate_seed(DIRECTION_SEED, round_index, lane)
+
+
+def spec_table(spec: ParametrizationSpec) -> dict[str, Any]:
+    table = dataclasses.asdict(spec)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in table.items() if v is not None}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -42,10 +62,12 @@ def good_table() -> dict[str, Any]:
         "max_bits": 2000,
         "expected_model_fingerprint": FINGERPRINT,
         "allowed_algorithms": ["bboxer-1+1", "bboxer-1+lambda"],
-        "allowed_parametrizations": ["scale", "select", "subspace"],
+        "parametrizations": [spec_table(spec) for spec in PINNED],
         "max_lambda": 8,
         "max_perturbation_scale": 0.5,
+        "max_drift_linf": 1.0,
         "min_batch_size": 16,
+        "min_examples": 100,
         "allowed_batch_modes": ["minibatch", "full"],
         "ledger_dir": "ledger",
         "fitness": {
@@ -59,27 +81,7 @@ def good_table() -> dict[str, Any]:
 
 
 def to_toml(table: dict[str, Any]) -> str:
-    """A tiny TOML writer for the value types a policy uses (strings via JSON escapes)."""
-    lines: list[str] = []
-    tables: list[str] = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            tables.append(f"[{key}]\n{to_toml(value)}")
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    return "\n".join(lines) + "\n" + "\n".join(tables)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    return repr(value)
+    return tomli_w.dumps(table)
 
 
 def write_policy(folder: Path, table: dict[str, Any]) -> Path:
@@ -93,9 +95,11 @@ def make_policy(**changes: Any) -> HolderPolicy:
         "max_bits": 2000.0,
         "expected_model_fingerprint": FINGERPRINT,
         "allowed_algorithms": ("bboxer-1+1", "bboxer-1+lambda"),
-        "allowed_parametrizations": ("scale", "select", "subspace"),
+        "parametrizations": PINNED,
         "max_lambda": 8,
         "max_perturbation_scale": 0.5,
+        "max_drift_linf": 1.0,
+        "min_examples": 100,
         "fitness": FitnessSpec(),
         "ledger_dir": Path("ledger"),
     }
@@ -108,13 +112,14 @@ def make_spec(**changes: Any) -> RunSpec:
         "run_id": "run-1",
         "algorithm": "bboxer-1+1",
         "model_fingerprint": FINGERPRINT,
-        "parametrization": ParametrizationSpec(kind="scale"),
+        "parametrization": NORM_SCALES,
         "fitness": FitnessSpec(),
         "batch": BatchSpec(mode="minibatch", batch_size=32),
         "answer_kind": AnswerKind.COMPARE,
         "bit_budget": 300.0,
         "max_rounds": 100,
         "log_genesis": "00" * 32,
+        "direction_seed": DIRECTION_SEED,
     }
     base.update(changes)
     return RunSpec(**base)
@@ -124,11 +129,11 @@ def make_task(spec: RunSpec, **changes: Any) -> Task:
     base: dict[str, Any] = {
         "task_id": "t-000001",
         "run_id": spec.run_id,
-        "round_index": 0,
+        "round_index": 1,
         "base_version": 0,
-        "new_steps": (Step(seed=7, coefficient=0.25),),
+        "new_steps": (Step(seed=seed(0), coefficient=0.25),),
         "log_head": "11" * 32,
-        "candidates": (Candidate(seed=123, scale=0.5),),
+        "candidates": (Candidate(seed=seed(1), scale=0.5),),
         "answer_kind": spec.answer_kind,
         "batch": spec.batch,
         "deadline_unix": NOW + 30.0,
@@ -142,7 +147,11 @@ def test_example_policy_loads() -> None:
     policy = load_policy(EXAMPLE)
     assert policy.max_bits == 2000.0
     assert policy.allowed_algorithms == ("bboxer-1+1", "bboxer-1+lambda")
-    assert policy.allowed_parametrizations == ("scale", "select", "subspace")
+    assert policy.parametrizations == (
+        ParametrizationSpec(kind="scale", patterns=("model.norm.weight",), granularity="channel"),
+    )
+    assert policy.max_drift_linf == 0.5
+    assert policy.min_examples == 500
     assert policy.max_lambda == 8
     assert policy.max_perturbation_scale == 0.5
     assert policy.min_batch_size == 16
@@ -237,8 +246,41 @@ BAD_TABLES: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "unknown parametrization",
-        good_table() | {"allowed_parametrizations": ["scale", "lora"]},
-        "allowed_parametrizations[1]: must be one of",
+        good_table() | {"parametrizations": [{"kind": "scale"}, {"kind": "lora"}]},
+        "parametrizations[1].kind: must be one of",
+    ),
+    (
+        "parametrization unknown key",
+        good_table() | {"parametrizations": [{"kind": "scale", "rows": [3]}]},
+        "parametrizations[0].rows: unknown key (known: kind, patterns",
+    ),
+    (
+        "no parametrization",
+        good_table() | {"parametrizations": []},
+        "parametrizations: must list at least one",
+    ),
+    (
+        "retired kinds list",
+        good_table() | {"allowed_parametrizations": ["scale"]},
+        "allowed_parametrizations: replaced by [[parametrizations]] tables",
+    ),
+    (
+        "huge subspace",
+        good_table() | {"parametrizations": [{"kind": "subspace", "dimension": 2**40}]},
+        "parametrizations[0].dimension: a subspace needs 1..16777216",
+    ),
+    ("drift cap missing", _without("max_drift_linf"), "max_drift_linf: is required"),
+    ("drift cap zero", good_table() | {"max_drift_linf": 0.0}, "max_drift_linf: must be > 0"),
+    ("min_examples missing", _without("min_examples"), "min_examples: is required"),
+    (
+        "min_examples below a batch",
+        good_table() | {"min_examples": 8},
+        "min_examples: 8 is below min_batch_size 16",
+    ),
+    (
+        "unknown mechanism",
+        good_table() | {"answer_mechanisms": ["plain", "telepathy"]},
+        "answer_mechanisms[1]: must be one of",
     ),
     ("max_lambda zero", good_table() | {"max_lambda": 0}, "max_lambda: must be >= 1"),
     ("max_lambda float", good_table() | {"max_lambda": 2.5}, "max_lambda: must be an integer"),
@@ -346,8 +388,13 @@ def test_good_runs_are_accepted() -> None:
     check_run(policy, best_of, FINGERPRINT)
     check_run(policy, make_spec(batch=BatchSpec(mode="full", batch_size=0)), FINGERPRINT)
     check_run(policy, make_spec(batch=BatchSpec(mode="minibatch", batch_size=16)), FINGERPRINT)
+    for pinned in PINNED:
+        check_run(policy, make_spec(parametrization=pinned), FINGERPRINT)
 
 
+EMBEDDING_SCALES = ParametrizationSpec(
+    kind="scale", patterns=("model.embed_tokens.weight",), granularity="channel"
+)
 BAD_RUNS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     # (id, policy changes, spec changes, local fingerprint, expected message part)
     (
@@ -386,11 +433,62 @@ BAD_RUNS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         "run wants answer kind 'best-of' but algorithm 'bboxer-1+1' only asks for ['compare']",
     ),
     (
-        "parametrization not allowed",
+        "parametrization kind not pinned",
         {},
         {"parametrization": ParametrizationSpec(kind="full")},
         FINGERPRINT,
-        "run wants parametrization 'full'; policy allows ['scale', 'select', 'subspace']",
+        "run's parametrization is not one the policy pins: closest differs in kind",
+    ),
+    (
+        # The isolation attack's first move: per-token scales of the embedding, where a
+        # direction can touch what only one record's tokens use.
+        "same kind, other tensors",
+        {},
+        {"parametrization": EMBEDDING_SCALES},
+        FINGERPRINT,
+        "closest differs in patterns: run has ('model.embed_tokens.weight',)",
+    ),
+    (
+        "same kind, other granularity",
+        {},
+        {"parametrization": dataclasses.replace(NORM_SCALES, granularity="tensor")},
+        FINGERPRINT,
+        "closest differs in granularity",
+    ),
+    (
+        "same kind, last blocks added",
+        {},
+        {"parametrization": dataclasses.replace(NORMS, last_k_blocks=1)},
+        FINGERPRINT,
+        "closest differs in last_k_blocks",
+    ),
+    (
+        "subspace of another dimension",
+        {},
+        {"parametrization": dataclasses.replace(SUBSPACE, dimension=2**40)},
+        FINGERPRINT,
+        "closest differs in dimension",
+    ),
+    (
+        "subspace with another projection",
+        {},
+        {"parametrization": dataclasses.replace(SUBSPACE, projection_seed=4)},
+        FINGERPRINT,
+        "closest differs in projection_seed",
+    ),
+    (
+        "too many rounds",
+        {"max_rounds_per_run": 50},
+        {},
+        FINGERPRINT,
+        "run wants 100 rounds; policy allows max_rounds_per_run 50",
+    ),
+    (
+        "plain answers refused",
+        {"answer_mechanisms": ("randomized-response", "dp-scalar")},
+        {},
+        FINGERPRINT,
+        "run's answers would be 'plain'; policy allows ['randomized-response', 'dp-scalar']",
     ),
     (
         "prompt template differs",
@@ -435,6 +533,15 @@ BAD_RUNS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         "run wants minibatches of 4 examples; policy needs at least min_batch_size 16",
     ),
     (
+        # Compared with the declared floor, never the real size: a free refusal must not
+        # tell the coordinator how many records there are.
+        "minibatch above the declared size",
+        {},
+        {"batch": BatchSpec(mode="minibatch", batch_size=101)},
+        FINGERPRINT,
+        "wants minibatches of 101 examples; the policy declares min_examples 100",
+    ),
+    (
         "run id with a newline",
         {},
         {"run_id": "run\nfake audit line"},
@@ -457,154 +564,332 @@ def test_check_run_refuses(
     assert expected in str(caught.value)
 
 
+def test_require_dp_allows_only_private_mechanisms() -> None:
+    policy = make_policy(max_epsilon=4.0, delta=1e-6, require_dp=True)
+    assert not policy.allows_mechanism("plain")
+    assert policy.allows_mechanism("randomized-response")
+    with pytest.raises(PolicyViolation, match="requires DP answers"):
+        check_run(policy, make_spec(), FINGERPRINT)
+
+
 # -- check_task --------------------------------------------------------------------------------
+def schedule(lanes: int = 8) -> SeedSchedule:
+    return SeedSchedule(DIRECTION_SEED, lanes)
+
+
+def check(spec: RunSpec, task: Task, **policy_changes: Any) -> None:
+    check_task(make_policy(**policy_changes), spec, task, schedule(), now=NOW)
+
+
 def test_good_tasks_are_accepted() -> None:
-    policy = make_policy()
     spec = make_spec()
-    check_task(policy, spec, make_task(spec), data_size=100, now=NOW)
-    # Boundaries are allowed: |scale| == cap, lambda == max_lambda, batch == data size.
-    check_task(
-        policy, spec, make_task(spec, candidates=(Candidate(1, -0.5),)), data_size=32, now=NOW
-    )
+    check(spec, make_task(spec))
+    # Boundaries are allowed: |scale| == cap, lambda == max_lambda, the deadline itself.
+    check(spec, make_task(spec, candidates=(Candidate(seed(1), -0.5),)))
     best_of = make_spec(algorithm="bboxer-1+lambda", answer_kind=AnswerKind.BEST_OF)
-    eight = tuple(Candidate(seed=i, scale=0.1) for i in range(8))
-    check_task(policy, best_of, make_task(best_of, candidates=eight), data_size=100, now=NOW)
-    check_task(policy, spec, make_task(spec, deadline_unix=NOW), data_size=100, now=NOW)
+    eight = tuple(Candidate(seed=seed(1, i), scale=0.1) for i in range(8))
+    check(best_of, make_task(best_of, candidates=eight))
+    mirrored = (Candidate(seed(1, 0), 0.1), Candidate(seed(1, 0), -0.1))
+    check(best_of, make_task(best_of, candidates=mirrored))
+    check(spec, make_task(spec, deadline_unix=NOW))
 
 
 BEST_OF = make_spec(algorithm="bboxer-1+lambda", answer_kind=AnswerKind.BEST_OF)
 COMPARE = make_spec()
-FULL = make_spec(batch=BatchSpec(mode="full", batch_size=0))
 
-BAD_TASKS: list[tuple[str, RunSpec, dict[str, Any], int, str]] = [
-    # (id, run spec, task changes, data size, expected message part)
+BAD_TASKS: list[tuple[str, RunSpec, dict[str, Any], str, RefusalCode]] = [
+    # (id, run spec, task changes, expected message part, reason code)
     (
         "other run",
         COMPARE,
         {"run_id": "run-2"},
-        100,
         "task t-000001 is for run 'run-2'; this holder joined 'run-1'",
+        RefusalCode.MALFORMED,
     ),
     (
         "too many candidates",
         BEST_OF,
-        {"candidates": tuple(Candidate(seed=i, scale=0.1) for i in range(9))},
-        100,
+        {"candidates": tuple(Candidate(seed=seed(1, i), scale=0.1) for i in range(9))},
         "has 9 candidates; policy allows at most max_lambda 8",
+        RefusalCode.POLICY,
     ),
-    ("no candidates", BEST_OF, {"candidates": ()}, 100, "has no candidates"),
+    ("no candidates", BEST_OF, {"candidates": ()}, "has no candidates", RefusalCode.MALFORMED),
     (
         "scale too large",
         COMPARE,
-        {"candidates": (Candidate(seed=1, scale=0.75),)},
-        100,
+        {"candidates": (Candidate(seed=seed(1), scale=0.75),)},
         "candidate 0 has |scale| 0.75 > max_perturbation_scale 0.5",
+        RefusalCode.POLICY,
     ),
     (
         "negative scale too large",
         BEST_OF,
-        {"candidates": (Candidate(seed=1, scale=0.1), Candidate(seed=2, scale=-3.0))},
-        100,
+        {"candidates": (Candidate(seed=seed(1, 0), scale=0.1), Candidate(seed(1, 1), -3.0))},
         "candidate 1 has |scale| 3 > max_perturbation_scale 0.5",
+        RefusalCode.POLICY,
     ),
     (
         "scale nan",
         COMPARE,
-        {"candidates": (Candidate(seed=1, scale=math.nan),)},
-        100,
+        {"candidates": (Candidate(seed=seed(1), scale=math.nan),)},
         "candidate 0 has scale nan: not finite",
+        RefusalCode.MALFORMED,
     ),
     (
         "scale inf",
         COMPARE,
-        {"candidates": (Candidate(seed=1, scale=-math.inf),)},
-        100,
+        {"candidates": (Candidate(seed=seed(1), scale=-math.inf),)},
         "candidate 0 has scale -inf: not finite",
+        RefusalCode.MALFORMED,
     ),
     (
         "seed not uint64",
         COMPARE,
         {"candidates": (Candidate(seed=-1, scale=0.1),)},
-        100,
         "candidate 0 has seed -1: not a uint64",
+        RefusalCode.MALFORMED,
     ),
     (
-        "step too large",
+        # A ground seed: the coordinator searched for a direction it likes.
+        "seed off the schedule",
         COMPARE,
-        {"new_steps": (Step(1, 0.25), Step(2, -0.75))},
-        100,
-        "new step 1 has |coefficient| 0.75 > max_perturbation_scale 0.5",
+        {"candidates": (Candidate(seed=123456789, scale=0.1),)},
+        "candidate 0 has seed 123456789, which is not on the run's seed schedule for round 1",
+        RefusalCode.POLICY,
+    ),
+    (
+        "seed of another round",
+        COMPARE,
+        {"candidates": (Candidate(seed=seed(2), scale=0.1),)},
+        "not on the run's seed schedule for round 1",
+        RefusalCode.POLICY,
+    ),
+    (
+        "seed of a lane past max_lambda",
+        COMPARE,
+        {"candidates": (Candidate(seed=seed(1, 8), scale=0.1),)},
+        "not on the run's seed schedule for round 1 (lanes 0..7)",
+        RefusalCode.POLICY,
+    ),
+    (
+        "one seed asked three times",
+        BEST_OF,
+        {
+            "candidates": (
+                Candidate(seed(1), 0.1),
+                Candidate(seed(1), -0.1),
+                Candidate(seed(1), 0.2),
+            )
+        },
+        "uses seed",
+        RefusalCode.POLICY,
+    ),
+    (
+        "a seed twice, not mirrored",
+        BEST_OF,
+        {"candidates": (Candidate(seed(1), 0.1), Candidate(seed(1), 0.2))},
+        "a seed may appear once, or twice as a mirrored pair",
+        RefusalCode.POLICY,
+    ),
+    (
+        "too many new steps",
+        COMPARE,
+        {"new_steps": tuple(Step(seed(i), 0.125) for i in range(3))},
+        "carries 3 new steps; policy allows max_new_steps_per_task 2",
+        RefusalCode.POLICY,
+    ),
+    (
+        "log past the run's steps",
+        COMPARE,
+        {"base_version": 5},
+        "brings the log to 6 steps; policy allows max_steps_per_run 5",
+        RefusalCode.POLICY,
+    ),
+    (
+        "round past the run",
+        COMPARE,
+        {"round_index": 100},
+        "is round 100 of a run of 100 rounds",
+        RefusalCode.MALFORMED,
     ),
     (
         "answer kind differs from run",
         COMPARE,
         {"answer_kind": AnswerKind.BEST_OF},
-        100,
         "asks for answer kind 'best-of'; run 'run-1' uses 'compare'",
+        RefusalCode.MALFORMED,
     ),
     (
         "batch differs from run",
         COMPARE,
         {"batch": BatchSpec(mode="minibatch", batch_size=64)},
-        100,
         "has batch BatchSpec(mode='minibatch', batch_size=64); run 'run-1' uses",
+        RefusalCode.MALFORMED,
     ),
     (
         "compare with two candidates",
         COMPARE,
-        {"candidates": (Candidate(seed=1, scale=0.1), Candidate(seed=2, scale=0.1))},
-        100,
+        {"candidates": (Candidate(seed=seed(1, 0), scale=0.1), Candidate(seed(1, 1), 0.1))},
         "is a compare task with 2 candidates (needs exactly 1)",
+        RefusalCode.MALFORMED,
     ),
     (
-        "minibatch larger than the data set",
+        "deadline passed",
         COMPARE,
-        {},
-        31,
-        "wants minibatches of 32 examples; this data set has 31",
+        {"deadline_unix": NOW - 2.5},
+        "deadline passed 2.5 s ago",
+        RefusalCode.EXPIRED,
     ),
     (
-        "full batch of a tiny data set",
-        FULL,
-        {},
-        15,
-        "wants the full data set, which has only 15 examples (< min_batch_size 16)",
+        "task id with spaces",
+        COMPARE,
+        {"task_id": "t 1"},
+        "task id 't 1' must be 1-64",
+        RefusalCode.POLICY,
     ),
-    ("deadline passed", COMPARE, {"deadline_unix": NOW - 2.5}, 100, "deadline passed 2.5 s ago"),
-    ("task id with spaces", COMPARE, {"task_id": "t 1"}, 100, "task id 't 1' must be 1-64"),
-    ("task id too long", COMPARE, {"task_id": "t" * 65}, 100, "must be 1-64 printable ASCII"),
-    ("empty task id", COMPARE, {"task_id": ""}, 100, "task id '' must be 1-64"),
+    (
+        "task id too long",
+        COMPARE,
+        {"task_id": "t" * 65},
+        "must be 1-64 printable ASCII",
+        RefusalCode.POLICY,
+    ),
+    ("empty task id", COMPARE, {"task_id": ""}, "task id '' must be 1-64", RefusalCode.POLICY),
 ]
 
 
 @pytest.mark.parametrize(
-    ("spec", "task_changes", "data_size", "expected"),
+    ("spec", "task_changes", "expected", "code"),
     [case[1:] for case in BAD_TASKS],
     ids=[case[0] for case in BAD_TASKS],
 )
 def test_check_task_refuses(
-    spec: RunSpec, task_changes: dict[str, Any], data_size: int, expected: str
+    spec: RunSpec, task_changes: dict[str, Any], expected: str, code: RefusalCode
 ) -> None:
     task = make_task(spec, **task_changes)
     with pytest.raises(PolicyViolation) as caught:
-        check_task(make_policy(), spec, task, data_size, now=NOW)
+        check(spec, task, max_new_steps_per_task=2, max_steps_per_run=5)
     assert expected in str(caught.value)
+    assert caught.value.code is code
 
 
 def test_check_task_rechecks_the_batch_against_the_policy() -> None:
     """A spec that never went through check_run still cannot ask for tiny minibatches."""
     spec = make_spec(batch=BatchSpec(mode="minibatch", batch_size=2))
     with pytest.raises(PolicyViolation, match="minibatches of 2 examples; policy needs"):
-        check_task(make_policy(), spec, make_task(spec), data_size=100, now=NOW)
+        check(spec, make_task(spec))
 
 
 def test_deadline_defaults_to_the_wall_clock() -> None:
     spec = make_spec()
     with pytest.raises(PolicyViolation, match="deadline passed"):
-        check_task(make_policy(), spec, make_task(spec, deadline_unix=1.0), data_size=100)
+        check_task(make_policy(), spec, make_task(spec, deadline_unix=1.0), schedule())
 
 
-# -- summary -----------------------------------------------------------------------------------
+# -- check_steps: the log's seeds and the total drift -------------------------------------------
+NORM_BLOCKS = [(0, 64)]  # 64 log-scales: what the drift tracker replays
+
+
+def steps_check(
+    steps: list[Step], *, last_round: int = -1, before_round: int = 50, **policy: Any
+) -> tuple[list[int], DriftTracker]:
+    tracker = DriftTracker(NORM_BLOCKS)
+    rounds, pending = check_steps(
+        make_policy(**policy),
+        steps,
+        schedule(),
+        last_round=last_round,
+        before_round=before_round,
+        drift=tracker,
+        name="task t",
+    )
+    tracker.commit(pending)
+    return rounds, tracker
+
+
+def test_steps_on_the_schedule_are_accepted_with_their_rounds() -> None:
+    steps = [Step(seed(0, 3), 0.125), Step(seed(4, 0), -0.125), Step(seed(9, 7), 0.25)]
+    rounds, tracker = steps_check(steps)
+    assert rounds == [0, 4, 9]
+    x = sum(step.coefficient * rademacher(step.seed, 0, 64).double() for step in steps)
+    drift = tracker.drift
+    assert drift.exact and drift.steps == 3
+    assert drift.linf == float(x.abs().max()) and drift.l2 == pytest.approx(float(x.norm()))
+
+
+def test_a_model_too_large_to_track_is_bounded_by_the_sum_of_coefficients() -> None:
+    tracker = DriftTracker([(0, 10), (1, 20)], explicit_limit=16)
+    tracker.commit(tracker.preview([Step(seed(0), 0.25), Step(seed(1), -0.125)]))
+    assert not tracker.drift.exact
+    assert tracker.drift.linf == 0.375 and tracker.drift.l2 == pytest.approx(0.375 * 30**0.5)
+
+
+BAD_STEPS: list[tuple[str, list[Step], dict[str, Any], str]] = [
+    (
+        "coefficient above the cap",
+        [Step(seed(0), 0.25), Step(seed(1), -0.75)],
+        {},
+        "new step 1 has |coefficient| 0.75 > max_perturbation_scale 0.5",
+    ),
+    (
+        "a ground seed",
+        [Step(424242, 0.125)],
+        {},
+        "new step 0 has seed 424242, which is not a candidate of any round 0..49",
+    ),
+    (
+        "a round twice",
+        [Step(seed(3, 0), 0.125), Step(seed(3, 1), 0.125)],
+        {},
+        "new step 1 has seed",
+    ),
+    (
+        "rounds out of order",
+        [Step(seed(5), 0.125), Step(seed(2), 0.125)],
+        {},
+        "not a candidate of any round 6..49",
+    ),
+    (
+        "a step from a round not yet asked",
+        [Step(seed(50), 0.125)],
+        {},
+        "not a candidate of any round 0..49",
+    ),
+    (
+        # Many small steps, each under the per-step cap, add up past the total cap.
+        "small steps add up",
+        [Step(seed(r, 0), 0.25) for r in range(40)],
+        {},
+        "policy allows max_drift_linf 1",
+    ),
+    (
+        "L2 cap",
+        [Step(seed(0), 0.5)],
+        {"max_drift_l2": 1.0},  # one step of 0.5 on 64 coordinates: L2 = 4
+        "in L2 norm; policy allows max_drift_l2 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("steps", "policy", "expected"),
+    [case[1:] for case in BAD_STEPS],
+    ids=[case[0] for case in BAD_STEPS],
+)
+def test_check_steps_refuses(steps: list[Step], policy: dict[str, Any], expected: str) -> None:
+    with pytest.raises(PolicyViolation) as caught:
+        steps_check(steps, **policy)
+    assert expected in str(caught.value)
+
+
+def test_the_steps_before_a_task_are_checked_from_the_last_round_on() -> None:
+    with pytest.raises(PolicyViolation, match=r"not a candidate of any round 4\.\.49"):
+        steps_check([Step(seed(2), 0.125)], last_round=3)
+    rounds, _ = steps_check([Step(seed(4), 0.125)], last_round=3)
+    assert rounds == [4]
+
+
+# -- summary and writing -------------------------------------------------------------------------
 def test_policy_summary_declares_caps_only() -> None:
     policy = make_policy()
     summary = policy_summary(policy)
@@ -612,10 +897,17 @@ def test_policy_summary_declares_caps_only() -> None:
         "expected_model_fingerprint": FINGERPRINT,
         "max_bits": "2000.0",
         "allowed_algorithms": "bboxer-1+1,bboxer-1+lambda",
-        "allowed_parametrizations": "scale,select,subspace",
+        "parametrizations_sha256": parametrizations_digest(PINNED),
         "max_lambda": "8",
         "max_perturbation_scale": "0.5",
+        "max_drift_linf": "1.0",
+        "max_drift_l2": "None",
+        "max_new_steps_per_task": "1000",
+        "max_steps_per_run": "10000",
+        "max_rounds_per_run": "10000",
+        "answer_mechanisms": "plain,randomized-response,dp-scalar",
         "min_batch_size": "16",
+        "min_examples": "100",
         "allowed_batch_modes": "minibatch,full,poisson",
         "fitness_sha256": fitness_digest(FitnessSpec()),
         "max_epsilon": "None",
@@ -625,3 +917,14 @@ def test_policy_summary_declares_caps_only() -> None:
     assert all(isinstance(value, str) for value in summary.values())
     other = make_policy(fitness=FitnessSpec(label_words=(" bad", " good")))
     assert policy_summary(other)["fitness_sha256"] != summary["fitness_sha256"]
+    assert parametrizations_digest(PINNED[::-1]) == summary["parametrizations_sha256"]
+
+
+def test_a_written_policy_reads_back_equal(tmp_path: Path) -> None:
+    policy = make_policy(
+        ledger_dir=tmp_path / "ledger", max_drift_l2=3.0, max_epsilon=2.0, delta=1e-6
+    )
+    path = tmp_path / "policy.toml"
+    path.write_text(policy_toml(policy, header="written by a test\nsecond line"), encoding="utf-8")
+    assert path.read_text().startswith("# written by a test\n# second line\n")
+    assert load_policy(path) == policy

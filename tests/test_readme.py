@@ -28,7 +28,7 @@ def test_examples_are_valid_and_agree() -> None:
     policy = load_policy(ROOT / "examples/policy.toml")
     assert config.fitness.to_spec() == policy.fitness
     assert config.run.algorithm in policy.allowed_algorithms
-    assert config.parametrization.kind in policy.allowed_parametrizations
+    assert config.parametrization.to_spec() in policy.parametrizations
     assert config.optimizer.candidates <= policy.max_lambda
     assert config.optimizer.max_step <= policy.max_perturbation_scale
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sottovoce.common import wire
+from sottovoce.common.errors import RefusalCode
 from sottovoce.common.messages import (
     MAX_LAMBDA,
     Answer,
@@ -50,6 +51,7 @@ SPEC = RunSpec(
     bit_budget=300.0,
     max_rounds=300,
     log_genesis=GENESIS,
+    direction_seed=UINT64_MAX - 5,
 )
 TASK = Task(
     task_id="run.2024-01:a:r9:holder-1",
@@ -72,7 +74,7 @@ BEST_OF_TASK = replace(
     log_head=GENESIS,
 )
 ANSWER = Answer(task_id=TASK.task_id, choice=1)
-REFUSAL = Answer(task_id=TASK.task_id, choice=None, refusal="fitness prompt is not in my policy")
+REFUSAL = Answer(task_id=TASK.task_id, choice=None, refusal=RefusalCode.POLICY)
 FINISHED = RunFinished(
     run_id=SPEC.run_id,
     reason="bit budget spent",
@@ -298,6 +300,8 @@ PUSH_BAD: list[tuple[str, PushAnswerCall]] = [
     ("answer.refusal", _push(choice=None, refusal="x" * 513)),
     ("answer.refusal", _push(choice=None, refusal="a\nb")),
     ("answer.refusal", _push(choice=None, refusal="")),
+    # Free text where a code belongs: it could carry what the holder knows.
+    ("answer.refusal", _push(choice=None, refusal="over-budget: 0.3 of 100 bits left")),
     ("answer.value", _push(choice=None, value=float("nan"))),
     ("answer.value", _push(choice=None, value=0.1)),  # not exactly a float32
     ("answer", _push(choice=1, value=0.5)),  # two outcomes at once

@@ -70,6 +70,14 @@ class Parametrization(ABC):
     def dimension(self) -> int:
         """Number of coordinates of x (the length of z)."""
 
+    def direction_blocks(self) -> list[tuple[int, int]]:
+        """How z is laid out: ``z = concat(rademacher(seed, t, n) for t, n in blocks)``.
+
+        The default is one block ``(0, dimension)``; ``select``/``full`` generate each
+        tensor's part under its own ``tensor_index``. Drift caps replay x from these.
+        """
+        return [(0, self.dimension)]
+
     @abstractmethod
     def apply_step(self, step: Step) -> None:
         """Make ``x <- x + step.coefficient * z(step.seed)`` permanent."""

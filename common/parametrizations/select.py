@@ -359,6 +359,9 @@ class SelectParametrization(InPlaceParametrization):
     def dimension(self) -> int:
         return sum(t.param.numel() for t in self._tensors)
 
+    def direction_blocks(self) -> list[tuple[int, int]]:
+        return [(t.index, t.param.numel()) for t in self._tensors]
+
     def _mover(self, seed: int, coefficient: float) -> Callable[[SelectedTensor], None]:
         def move(tensor: SelectedTensor) -> None:
             add_scaled_direction_(tensor.param, seed, tensor.index, coefficient)

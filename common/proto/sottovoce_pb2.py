@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&sottovoce/common/proto/sottovoce.proto\x12\x0csottovoce.v1\"\xe2\x01\n\x13ParametrizationSpec\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.sottovoce.v1.ParametrizationKind\x12\x10\n\x08patterns\x18\x02 \x03(\t\x12\x1a\n\rlast_k_blocks\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tdimension\x18\x04 \x01(\x04\x12\x17\n\x0fprojection_seed\x18\x05 \x01(\x06\x12.\n\x0bgranularity\x18\x06 \x01(\x0e\x32\x19.sottovoce.v1.GranularityB\x10\n\x0e_last_k_blocks\"\xa3\x01\n\x0b\x46itnessSpec\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.sottovoce.v1.FitnessKind\x12\x17\n\x0fprompt_template\x18\x02 \x01(\t\x12\x13\n\x0blabel_words\x18\x03 \x03(\t\x12\x12\n\ntext_field\x18\x04 \x01(\t\x12\x13\n\x0blabel_field\x18\x05 \x01(\t\x12\x14\n\x0ctarget_field\x18\x06 \x01(\t\"F\n\tBatchSpec\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.sottovoce.v1.BatchMode\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"\xac\x01\n\x06\x44pSpec\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\x12\x19\n\x11quantization_bits\x18\x05 \x01(\r\x12\x1a\n\x12quantization_range\x18\x06 \x01(\x01\x12#\n\x1brandomized_response_epsilon\x18\x07 \x01(\x01\"\xe5\x02\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12:\n\x0fparametrization\x18\x04 \x01(\x0b\x32!.sottovoce.v1.ParametrizationSpec\x12*\n\x07\x66itness\x18\x05 \x01(\x0b\x32\x19.sottovoce.v1.FitnessSpec\x12&\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x17.sottovoce.v1.BatchSpec\x12-\n\x0b\x61nswer_kind\x18\x07 \x01(\x0e\x32\x18.sottovoce.v1.AnswerKind\x12\x12\n\nbit_budget\x18\x08 \x01(\x01\x12\x12\n\nmax_rounds\x18\t \x01(\x04\x12\x13\n\x0blog_genesis\x18\n \x01(\t\x12 \n\x02\x64p\x18\x0b \x01(\x0b\x32\x14.sottovoce.v1.DpSpec\")\n\x04Step\x12\x0c\n\x04seed\x18\x01 \x01(\x06\x12\x13\n\x0b\x63oefficient\x18\x02 \x01(\x02\"(\n\tCandidate\x12\x0c\n\x04seed\x18\x01 \x01(\x06\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xa6\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bround_index\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12%\n\tnew_steps\x18\x05 \x03(\x0b\x32\x12.sottovoce.v1.Step\x12\x10\n\x08log_head\x18\x06 \x01(\t\x12+\n\ncandidates\x18\x07 \x03(\x0b\x32\x17.sottovoce.v1.Candidate\x12-\n\x0b\x61nswer_kind\x18\x08 \x01(\x0e\x32\x18.sottovoce.v1.AnswerKind\x12&\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x17.sottovoce.v1.BatchSpec\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\"Z\n\x06\x41nswer\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x06\x63hoice\x18\x02 \x01(\rH\x00\x12\x11\n\x07refusal\x18\x03 \x01(\tH\x00\x12\x0f\n\x05value\x18\x04 \x01(\x02H\x00\x42\t\n\x07outcome\"\xad\x01\n\x0bRunFinished\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rfinal_version\x18\x03 \x01(\x04\x12\x10\n\x08log_head\x18\x04 \x01(\t\x12\x18\n\x10\x62its_spent_total\x18\x05 \x01(\x01\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12%\n\tnew_steps\x18\x07 \x03(\x0b\x32\x12.sottovoce.v1.Step\"\xb7\x01\n\x0bJoinRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x44\n\x0epolicy_summary\x18\x03 \x03(\x0b\x32,.sottovoce.v1.JoinRequest.PolicySummaryEntry\x1a\x34\n\x12PolicySummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\tJoinReply\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.sottovoce.v1.RunSpec\x12\x0f\n\x07session\x18\x02 \x01(\t\"o\n\x0fPullTaskRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x11\n\thave_head\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"\x08\n\x06NoTask\"\x94\x01\n\rPullTaskReply\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x12.sottovoce.v1.TaskH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.sottovoce.v1.RunFinishedH\x00\x12\'\n\x07nothing\x18\x03 \x01(\x0b\x32\x14.sottovoce.v1.NoTaskH\x00\x42\x07\n\x05reply\"]\n\x11PushAnswerRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12$\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x14.sottovoce.v1.Answer\"#\n\x0fPushAnswerReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"2\n\x0cLeaveRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x0c\n\nLeaveReply*v\n\nAnswerKind\x12\x1b\n\x17\x41NSWER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41NSWER_KIND_COMPARE\x10\x01\x12\x17\n\x13\x41NSWER_KIND_BEST_OF\x10\x02\x12\x19\n\x15\x41NSWER_KIND_DP_SCALAR\x10\x03*\xbe\x01\n\x13ParametrizationKind\x12$\n PARAMETRIZATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PARAMETRIZATION_KIND_FULL\x10\x01\x12\x1f\n\x1bPARAMETRIZATION_KIND_SELECT\x10\x02\x12!\n\x1dPARAMETRIZATION_KIND_SUBSPACE\x10\x03\x12\x1e\n\x1aPARAMETRIZATION_KIND_SCALE\x10\x04*[\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_TENSOR\x10\x01\x12\x17\n\x13GRANULARITY_CHANNEL\x10\x02*i\n\x0b\x46itnessKind\x12\x1c\n\x18\x46ITNESS_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x46ITNESS_KIND_CLASSIFICATION\x10\x01\x12\x1b\n\x17\x46ITNESS_KIND_COMPLETION\x10\x02*n\n\tBatchMode\x12\x1a\n\x16\x42\x41TCH_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_MODE_MINIBATCH\x10\x01\x12\x13\n\x0f\x42\x41TCH_MODE_FULL\x10\x02\x12\x16\n\x12\x42\x41TCH_MODE_POISSON\x10\x03\x32\x9e\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.sottovoce.v1.JoinRequest\x1a\x17.sottovoce.v1.JoinReply\x12\x46\n\x08PullTask\x12\x1d.sottovoce.v1.PullTaskRequest\x1a\x1b.sottovoce.v1.PullTaskReply\x12L\n\nPushAnswer\x12\x1f.sottovoce.v1.PushAnswerRequest\x1a\x1d.sottovoce.v1.PushAnswerReply\x12=\n\x05Leave\x12\x1a.sottovoce.v1.LeaveRequest\x1a\x18.sottovoce.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&sottovoce/common/proto/sottovoce.proto\x12\x0csottovoce.v1\"\xe2\x01\n\x13ParametrizationSpec\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.sottovoce.v1.ParametrizationKind\x12\x10\n\x08patterns\x18\x02 \x03(\t\x12\x1a\n\rlast_k_blocks\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tdimension\x18\x04 \x01(\x04\x12\x17\n\x0fprojection_seed\x18\x05 \x01(\x06\x12.\n\x0bgranularity\x18\x06 \x01(\x0e\x32\x19.sottovoce.v1.GranularityB\x10\n\x0e_last_k_blocks\"\xa3\x01\n\x0b\x46itnessSpec\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.sottovoce.v1.FitnessKind\x12\x17\n\x0fprompt_template\x18\x02 \x01(\t\x12\x13\n\x0blabel_words\x18\x03 \x03(\t\x12\x12\n\ntext_field\x18\x04 \x01(\t\x12\x13\n\x0blabel_field\x18\x05 \x01(\t\x12\x14\n\x0ctarget_field\x18\x06 \x01(\t\"F\n\tBatchSpec\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.sottovoce.v1.BatchMode\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"\xac\x01\n\x06\x44pSpec\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\x12\x19\n\x11quantization_bits\x18\x05 \x01(\r\x12\x1a\n\x12quantization_range\x18\x06 \x01(\x01\x12#\n\x1brandomized_response_epsilon\x18\x07 \x01(\x01\"\xfd\x02\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12:\n\x0fparametrization\x18\x04 \x01(\x0b\x32!.sottovoce.v1.ParametrizationSpec\x12*\n\x07\x66itness\x18\x05 \x01(\x0b\x32\x19.sottovoce.v1.FitnessSpec\x12&\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x17.sottovoce.v1.BatchSpec\x12-\n\x0b\x61nswer_kind\x18\x07 \x01(\x0e\x32\x18.sottovoce.v1.AnswerKind\x12\x12\n\nbit_budget\x18\x08 \x01(\x01\x12\x12\n\nmax_rounds\x18\t \x01(\x04\x12\x13\n\x0blog_genesis\x18\n \x01(\t\x12 \n\x02\x64p\x18\x0b \x01(\x0b\x32\x14.sottovoce.v1.DpSpec\x12\x16\n\x0e\x64irection_seed\x18\x0c \x01(\x04\")\n\x04Step\x12\x0c\n\x04seed\x18\x01 \x01(\x06\x12\x13\n\x0b\x63oefficient\x18\x02 \x01(\x02\"(\n\tCandidate\x12\x0c\n\x04seed\x18\x01 \x01(\x06\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xa6\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0bround_index\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12%\n\tnew_steps\x18\x05 \x03(\x0b\x32\x12.sottovoce.v1.Step\x12\x10\n\x08log_head\x18\x06 \x01(\t\x12+\n\ncandidates\x18\x07 \x03(\x0b\x32\x17.sottovoce.v1.Candidate\x12-\n\x0b\x61nswer_kind\x18\x08 \x01(\x0e\x32\x18.sottovoce.v1.AnswerKind\x12&\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x17.sottovoce.v1.BatchSpec\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\"Z\n\x06\x41nswer\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x06\x63hoice\x18\x02 \x01(\rH\x00\x12\x11\n\x07refusal\x18\x03 \x01(\tH\x00\x12\x0f\n\x05value\x18\x04 \x01(\x02H\x00\x42\t\n\x07outcome\"\xad\x01\n\x0bRunFinished\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rfinal_version\x18\x03 \x01(\x04\x12\x10\n\x08log_head\x18\x04 \x01(\t\x12\x18\n\x10\x62its_spent_total\x18\x05 \x01(\x01\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12%\n\tnew_steps\x18\x07 \x03(\x0b\x32\x12.sottovoce.v1.Step\"\xb7\x01\n\x0bJoinRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x44\n\x0epolicy_summary\x18\x03 \x03(\x0b\x32,.sottovoce.v1.JoinRequest.PolicySummaryEntry\x1a\x34\n\x12PolicySummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\tJoinReply\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.sottovoce.v1.RunSpec\x12\x0f\n\x07session\x18\x02 \x01(\t\"o\n\x0fPullTaskRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x11\n\thave_head\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"\x08\n\x06NoTask\"\x94\x01\n\rPullTaskReply\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x12.sottovoce.v1.TaskH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.sottovoce.v1.RunFinishedH\x00\x12\'\n\x07nothing\x18\x03 \x01(\x0b\x32\x14.sottovoce.v1.NoTaskH\x00\x42\x07\n\x05reply\"]\n\x11PushAnswerRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12$\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x14.sottovoce.v1.Answer\"#\n\x0fPushAnswerReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"2\n\x0cLeaveRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x0c\n\nLeaveReply*v\n\nAnswerKind\x12\x1b\n\x17\x41NSWER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41NSWER_KIND_COMPARE\x10\x01\x12\x17\n\x13\x41NSWER_KIND_BEST_OF\x10\x02\x12\x19\n\x15\x41NSWER_KIND_DP_SCALAR\x10\x03*\xbe\x01\n\x13ParametrizationKind\x12$\n PARAMETRIZATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PARAMETRIZATION_KIND_FULL\x10\x01\x12\x1f\n\x1bPARAMETRIZATION_KIND_SELECT\x10\x02\x12!\n\x1dPARAMETRIZATION_KIND_SUBSPACE\x10\x03\x12\x1e\n\x1aPARAMETRIZATION_KIND_SCALE\x10\x04*[\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_TENSOR\x10\x01\x12\x17\n\x13GRANULARITY_CHANNEL\x10\x02*i\n\x0b\x46itnessKind\x12\x1c\n\x18\x46ITNESS_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x46ITNESS_KIND_CLASSIFICATION\x10\x01\x12\x1b\n\x17\x46ITNESS_KIND_COMPLETION\x10\x02*n\n\tBatchMode\x12\x1a\n\x16\x42\x41TCH_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_MODE_MINIBATCH\x10\x01\x12\x13\n\x0f\x42\x41TCH_MODE_FULL\x10\x02\x12\x16\n\x12\x42\x41TCH_MODE_POISSON\x10\x03\x32\x9e\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.sottovoce.v1.JoinRequest\x1a\x17.sottovoce.v1.JoinReply\x12\x46\n\x08PullTask\x12\x1d.sottovoce.v1.PullTaskRequest\x1a\x1b.sottovoce.v1.PullTaskReply\x12L\n\nPushAnswer\x12\x1f.sottovoce.v1.PushAnswerRequest\x1a\x1d.sottovoce.v1.PushAnswerReply\x12=\n\x05Leave\x12\x1a.sottovoce.v1.LeaveRequest\x1a\x18.sottovoce.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._loaded_options = None
   _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._serialized_options = b'8\001'
-  _globals['_ANSWERKIND']._serialized_start=2433
-  _globals['_ANSWERKIND']._serialized_end=2551
-  _globals['_PARAMETRIZATIONKIND']._serialized_start=2554
-  _globals['_PARAMETRIZATIONKIND']._serialized_end=2744
-  _globals['_GRANULARITY']._serialized_start=2746
-  _globals['_GRANULARITY']._serialized_end=2837
-  _globals['_FITNESSKIND']._serialized_start=2839
-  _globals['_FITNESSKIND']._serialized_end=2944
-  _globals['_BATCHMODE']._serialized_start=2946
-  _globals['_BATCHMODE']._serialized_end=3056
+  _globals['_ANSWERKIND']._serialized_start=2457
+  _globals['_ANSWERKIND']._serialized_end=2575
+  _globals['_PARAMETRIZATIONKIND']._serialized_start=2578
+  _globals['_PARAMETRIZATIONKIND']._serialized_end=2768
+  _globals['_GRANULARITY']._serialized_start=2770
+  _globals['_GRANULARITY']._serialized_end=2861
+  _globals['_FITNESSKIND']._serialized_start=2863
+  _globals['_FITNESSKIND']._serialized_end=2968
+  _globals['_BATCHMODE']._serialized_start=2970
+  _globals['_BATCHMODE']._serialized_end=3080
   _globals['_PARAMETRIZATIONSPEC']._serialized_start=57
   _globals['_PARAMETRIZATIONSPEC']._serialized_end=283
   _globals['_FITNESSSPEC']._serialized_start=286
@@ -52,37 +52,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DPSPEC']._serialized_start=524
   _globals['_DPSPEC']._serialized_end=696
   _globals['_RUNSPEC']._serialized_start=699
-  _globals['_RUNSPEC']._serialized_end=1056
-  _globals['_STEP']._serialized_start=1058
-  _globals['_STEP']._serialized_end=1099
-  _globals['_CANDIDATE']._serialized_start=1101
-  _globals['_CANDIDATE']._serialized_end=1141
-  _globals['_TASK']._serialized_start=1144
-  _globals['_TASK']._serialized_end=1438
-  _globals['_ANSWER']._serialized_start=1440
-  _globals['_ANSWER']._serialized_end=1530
-  _globals['_RUNFINISHED']._serialized_start=1533
-  _globals['_RUNFINISHED']._serialized_end=1706
-  _globals['_JOINREQUEST']._serialized_start=1709
-  _globals['_JOINREQUEST']._serialized_end=1892
-  _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._serialized_start=1840
-  _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._serialized_end=1892
-  _globals['_JOINREPLY']._serialized_start=1894
-  _globals['_JOINREPLY']._serialized_end=1959
-  _globals['_PULLTASKREQUEST']._serialized_start=1961
-  _globals['_PULLTASKREQUEST']._serialized_end=2072
-  _globals['_NOTASK']._serialized_start=2074
-  _globals['_NOTASK']._serialized_end=2082
-  _globals['_PULLTASKREPLY']._serialized_start=2085
-  _globals['_PULLTASKREPLY']._serialized_end=2233
-  _globals['_PUSHANSWERREQUEST']._serialized_start=2235
-  _globals['_PUSHANSWERREQUEST']._serialized_end=2328
-  _globals['_PUSHANSWERREPLY']._serialized_start=2330
-  _globals['_PUSHANSWERREPLY']._serialized_end=2365
-  _globals['_LEAVEREQUEST']._serialized_start=2367
-  _globals['_LEAVEREQUEST']._serialized_end=2417
-  _globals['_LEAVEREPLY']._serialized_start=2419
-  _globals['_LEAVEREPLY']._serialized_end=2431
-  _globals['_COORDINATOR']._serialized_start=3059
-  _globals['_COORDINATOR']._serialized_end=3345
+  _globals['_RUNSPEC']._serialized_end=1080
+  _globals['_STEP']._serialized_start=1082
+  _globals['_STEP']._serialized_end=1123
+  _globals['_CANDIDATE']._serialized_start=1125
+  _globals['_CANDIDATE']._serialized_end=1165
+  _globals['_TASK']._serialized_start=1168
+  _globals['_TASK']._serialized_end=1462
+  _globals['_ANSWER']._serialized_start=1464
+  _globals['_ANSWER']._serialized_end=1554
+  _globals['_RUNFINISHED']._serialized_start=1557
+  _globals['_RUNFINISHED']._serialized_end=1730
+  _globals['_JOINREQUEST']._serialized_start=1733
+  _globals['_JOINREQUEST']._serialized_end=1916
+  _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._serialized_start=1864
+  _globals['_JOINREQUEST_POLICYSUMMARYENTRY']._serialized_end=1916
+  _globals['_JOINREPLY']._serialized_start=1918
+  _globals['_JOINREPLY']._serialized_end=1983
+  _globals['_PULLTASKREQUEST']._serialized_start=1985
+  _globals['_PULLTASKREQUEST']._serialized_end=2096
+  _globals['_NOTASK']._serialized_start=2098
+  _globals['_NOTASK']._serialized_end=2106
+  _globals['_PULLTASKREPLY']._serialized_start=2109
+  _globals['_PULLTASKREPLY']._serialized_end=2257
+  _globals['_PUSHANSWERREQUEST']._serialized_start=2259
+  _globals['_PUSHANSWERREQUEST']._serialized_end=2352
+  _globals['_PUSHANSWERREPLY']._serialized_start=2354
+  _globals['_PUSHANSWERREPLY']._serialized_end=2389
+  _globals['_LEAVEREQUEST']._serialized_start=2391
+  _globals['_LEAVEREQUEST']._serialized_end=2441
+  _globals['_LEAVEREPLY']._serialized_start=2443
+  _globals['_LEAVEREPLY']._serialized_end=2455
+  _globals['_COORDINATOR']._serialized_start=3083
+  _globals['_COORDINATOR']._serialized_end=3369
 # @@protoc_insertion_point(module_scope)

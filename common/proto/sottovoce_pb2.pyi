@@ -300,6 +300,7 @@ class RunSpec(_message.Message):
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
     LOG_GENESIS_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
+    DIRECTION_SEED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """1..64 chars of [A-Za-z0-9._:-]"""
     algorithm: _builtins.str
@@ -310,6 +311,10 @@ class RunSpec(_message.Message):
     max_rounds: _builtins.int
     log_genesis: _builtins.str
     """64 lowercase hex"""
+    direction_seed: _builtins.int
+    """Candidate and step seeds are candidate_seed(direction_seed, round, index): a public
+    derivation the holder checks, so no single direction can be chosen by the coordinator.
+    """
     @_builtins.property
     def parametrization(self) -> Global___ParametrizationSpec: ...
     @_builtins.property
@@ -332,10 +337,11 @@ class RunSpec(_message.Message):
         max_rounds: _builtins.int = ...,
         log_genesis: _builtins.str = ...,
         dp: Global___DpSpec | None = ...,
+        direction_seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "dp", b"dp", "fitness", b"fitness", "parametrization", b"parametrization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "dp", b"dp", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "direction_seed", b"direction_seed", "dp", b"dp", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,10 +466,12 @@ class Answer(_message.Message):
     """compare: 0/1; best-of: 0 = none, else 1 + candidate index;"""
     refusal: _builtins.str
     """quantized dp-scalar: the level
-    one line, <= 512 chars; costs nothing
+    a reason code (over-budget, policy, malformed, stale, expired,
     """
     value: _builtins.float
-    """unquantized dp-scalar; finite"""
+    """not-ready, internal): never data-dependent; costs nothing
+    unquantized dp-scalar; finite
+    """
     def __init__(
         self,
         *,
