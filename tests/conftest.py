@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from sottovoce.common.models import build_tiny_llama
+
+# Property tests (tests/test_fuzz.py): small by default; bench/fuzz_guard.py picks "long".
+_FUZZ = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("default", max_examples=40, **_FUZZ)
+settings.register_profile("long", max_examples=3000, **_FUZZ)
+settings.load_profile("default")
 
 
 @pytest.fixture(autouse=True)

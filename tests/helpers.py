@@ -33,7 +33,7 @@ from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.seeds import candidate_seed
-from sottovoce.common.steplog import Step, extend_chain, genesis_hash
+from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
 
 TINY = "tiny-llama"
 TEMPLATE = "{text} ="
@@ -204,7 +204,7 @@ def scheduled_candidates(
 ) -> tuple[Candidate, ...]:
     """Candidates on the schedule: lane i of ``round_index`` at ``scales[i]``."""
     return tuple(
-        Candidate(seed=scheduled_seed(spec, round_index, lane), scale=scale)
+        Candidate(seed=scheduled_seed(spec, round_index, lane), scale=as_float32(scale))
         for lane, scale in enumerate(scales)
     )
 
