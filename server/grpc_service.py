@@ -7,8 +7,9 @@ state. Errors become gRPC statuses whose detail is the one-line message:
 
 =====================================  ======================
 bad message (WireError)                INVALID_ARGUMENT
-holder never joined / coordinator      NOT_FOUND (the holder
-restarted                              joins again)
+holder never joined, was evicted       NOT_FOUND (the holder
+(NotJoined), or the coordinator        joins again)
+restarted
 wrong session token or certificate     UNAUTHENTICATED /
                                        PERMISSION_DENIED
 PolicyViolation, LogIntegrityError,    FAILED_PRECONDITION
@@ -52,7 +53,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sottovoce.common import wire
 from sottovoce.common.config import RunConfig
 from sottovoce.common.endpoints import CoordinatorEndpoint
-from sottovoce.common.errors import SottovoceError, TransportError
+from sottovoce.common.errors import NotJoined, SottovoceError, TransportError
 from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
@@ -114,6 +115,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._joins = KeyedRateLimiter(limits.joins, clock=clock)
         self._polls = ConcurrencyCap(limits.max_polls_per_holder)
         self._deliveries = Deliveries()
+        watch_evictions = getattr(endpoint, "add_eviction_listener", None)
+        if callable(watch_evictions):  # the Coordinator: an evicted holder's session ends
+            watch_evictions(self._end_session)
 
     # -- the four calls ------------------------------------------------------------------
     def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:  # noqa: N802
@@ -135,7 +139,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._admit(context, self._calls, holder_id, "calls of holder")
         timeout_s = self._poll_timeout(call.wait_s, context)
         with self._poll_slot(context, holder_id):
-            result = _invoke(
+            result = self._invoke_for(
+                holder_id,
                 context,
                 self._endpoint.pull_task,
                 holder_id,
@@ -151,7 +156,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         call = _decode(context, wire.push_answer_request_from_proto, request)
         holder_id = self._authenticate(context, call.credentials)
         self._admit(context, self._calls, holder_id, "calls of holder")
-        accepted = _invoke(context, self._endpoint.push_answer, holder_id, call.answer)
+        accepted = self._invoke_for(
+            holder_id, context, self._endpoint.push_answer, holder_id, call.answer
+        )
         if accepted:
             self._calls.refund(holder_id)  # a new answer is progress; a re-sent one counts
         return pb.PushAnswerReply(accepted=bool(accepted))
@@ -161,13 +168,37 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         holder_id = self._authenticate(context, credentials)
         self._admit(context, self._calls, holder_id, "calls of holder")
         _invoke(context, self._endpoint.leave, holder_id)
-        with self._lock:
-            self._sessions.pop(holder_id, None)
-        self._deliveries.forget(holder_id)
+        self._end_session(holder_id)
         logger.info("holder %s left", holder_id)
         return pb.LeaveReply()
 
     # -- helpers -------------------------------------------------------------------------
+    def _invoke_for(
+        self,
+        holder_id: str,
+        context: Context,
+        method: Callable[P, R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Call the endpoint for a joined holder; if the coordinator no longer counts it in
+        the run (evicted), its session ends and it is told to join again (NOT_FOUND)."""
+        try:
+            return method(*args, **kwargs)
+        except NotJoined as exc:
+            self._end_session(holder_id)
+            _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except WireError as exc:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except SottovoceError as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    def _end_session(self, holder_id: str) -> None:
+        """Forget a holder's session (it left, or the coordinator evicted it)."""
+        with self._lock:
+            self._sessions.pop(holder_id, None)
+        self._deliveries.forget(holder_id)
+
     def _peer(self, context: Context, claimed_id: str) -> str:
         """The peer's identity (see :func:`peer_identity`); UNAUTHENTICATED without one."""
         try:
@@ -232,8 +263,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"holder {holder_id!r} has no session (never joined, or the coordinator "
-                "restarted): call Join",
+                f"holder {holder_id!r} has no session (never joined, was evicted, or the "
+                "coordinator restarted): call Join",
             )
         if not secrets.compare_digest(expected, credentials.session):
             _abort(
