@@ -4,24 +4,32 @@ Each test plays a holder the coordinator must not trust: one that joins and goes
 one that answers a task it never pulled (task ids are deterministic, so it can compute
 them), one that answers after the run is over, and a crowd that joins, leaves, answers
 late and outlives a coordinator crash while the bit budget is nearly spent. The
-coordinator core is driven in process on a fake clock.
+coordinator core is driven in process on a fake clock; eviction is also played over
+gRPC, where the evicted holder's session ends.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sottovoce.common import wire
 from sottovoce.common.config import RunConfig, ServerSection, parse_config
 from sottovoce.common.errors import ConfigError, NotJoined, PolicyViolation, SottovoceError
 from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.steplog import read_json_lines
+from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
 from sottovoce.server.coordinator import Coordinator, task_id_for
+from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_report import coordinator_report
 from sottovoce.server.run_state import JOURNAL, RunState
 
@@ -333,3 +341,53 @@ def _assert_heard_only_delivered(coordinator: Coordinator) -> None:
             assert (record["round"], record["holder"]) in delivered, record
             heard += record["bits"]
     assert heard == pytest.approx(coordinator.state.bits_total)
+
+
+# -- eviction over gRPC: the session ends, the holder joins again --------------------------
+def test_over_grpc_an_evicted_holder_must_join_again_and_rounds_go_on_without_it(
+    tmp_path: Path,
+) -> None:
+    cfg = config(server={"min_holders": 2, "quorum": 1, "round_timeout_s": 0.3,
+                         "max_missed_rounds": 1})  # fmt: skip
+    coordinator = Coordinator(
+        cfg, RunState.open(tmp_path / "run", cfg, "", FINGERPRINT), FINGERPRINT
+    )
+    genesis = coordinator.state.genesis
+    with serve(coordinator, "127.0.0.1:0") as running, grpc.insecure_channel(running.address) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        a, b = (grpc_join(stub, h) for h in ("a", "b"))
+        task_a, task_b = (grpc_pull(stub, who, 0, genesis) for who in (a, b))
+        assert stub.PushAnswer(grpc_answer(a, task_a.task_id), timeout=5).accepted
+        time.sleep(0.35)  # b misses round 0's deadline: evicted when the round closes
+        coordinator.tick()
+        assert coordinator.active_holders == {"a"}
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PushAnswer(grpc_answer(b, task_b.task_id), timeout=5)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND  # its session ended
+        head = coordinator.state.log.head
+        version = coordinator.state.log.version
+        next_a = grpc_pull(stub, a, version, head)
+        assert next_a.round_index == 1  # round 1 was asked of a alone...
+        assert stub.PushAnswer(grpc_answer(a, next_a.task_id), timeout=5).accepted
+        assert coordinator.state.rounds[1].closed_by == "all answered"  # ...and did not wait
+        b = grpc_join(stub, "b")  # what a holder's loop does on NOT_FOUND
+        late = stub.PushAnswer(grpc_answer(b, task_b.task_id), timeout=5)
+        assert not late.accepted  # journaled late, its bit counted: it was heard
+    assert coordinator.state.bits_per_holder == {"a": 2.0, "b": 1.0}
+    assert [e.holder_id for e in coordinator.state.evictions] == ["b"]
+
+
+def grpc_join(stub: pb_grpc.CoordinatorStub, holder: str) -> Credentials:
+    reply = stub.Join(wire.join_request_to_proto(JoinRequest(holder, FINGERPRINT)), timeout=5)
+    return Credentials(holder, wire.join_reply_from_proto(reply)[1])
+
+
+def grpc_pull(stub: pb_grpc.CoordinatorStub, who: Credentials, version: int, head: str) -> Task:
+    request = wire.pull_task_request_to_proto(PullTaskCall(who, version, head, 2.0))
+    result = wire.pull_task_reply_from_proto(stub.PullTask(request, timeout=5))
+    assert isinstance(result, Task), result
+    return result
+
+
+def grpc_answer(who: Credentials, task_id: str) -> pb.PushAnswerRequest:
+    return wire.push_answer_request_to_proto(PushAnswerCall(who, Answer(task_id, choice=1)))
