@@ -5,30 +5,35 @@ one that answers a task it never pulled (task ids are deterministic, so it can c
 them), one that answers after the run is over, and a crowd that joins, leaves, answers
 late and outlives a coordinator crash while the bit budget is nearly spent. The
 coordinator core is driven in process on a fake clock; eviction is also played over
-gRPC, where the evicted holder's session ends.
+gRPC (the evicted holder's session ends) and over Flower (the node is invited again).
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sottovoce.common import flower_records as fr
 from sottovoce.common import wire
 from sottovoce.common.config import RunConfig, ServerSection, parse_config
 from sottovoce.common.errors import ConfigError, NotJoined, PolicyViolation, SottovoceError
 from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
-from sottovoce.common.steplog import read_json_lines
+from sottovoce.common.steplog import extend_chain, read_json_lines
 from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
 from sottovoce.server.coordinator import Coordinator, task_id_for
+from sottovoce.server.flower_app import DriverSettings, make_server_app, run_in_process
 from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_report import coordinator_report
 from sottovoce.server.run_state import JOURNAL, RunState
@@ -391,3 +396,85 @@ def grpc_pull(stub: pb_grpc.CoordinatorStub, who: Credentials, version: int, hea
 
 def grpc_answer(who: Credentials, task_id: str) -> pb.PushAnswerRequest:
     return wire.push_answer_request_to_proto(PushAnswerCall(who, Answer(task_id, choice=1)))
+
+
+# -- eviction over Flower: the node is invited again ---------------------------------------
+def wait_until(condition: Any, what: str, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+class FlowerHolders:
+    """ClientApp handlers for light holders that follow the log. 'slow' sits on its first
+    task until that round has closed without it, as a holder whose machine stalls would;
+    'fast' waits in round 2 until 'slow' is back in the run, so the run outlasts its
+    return whatever the threads' timing."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.stalled = threading.Event()
+        self.versions: dict[int, fr.HolderState] = {}
+        self.lock = threading.Lock()
+
+    def name(self, context: Context) -> str:
+        return "slow" if int(context.node_config["partition-id"]) == 0 else "fast"
+
+    def state(self, context: Context, genesis: str) -> fr.HolderState:
+        with self.lock:
+            return self.versions.setdefault(context.node_id, fr.HolderState(0, genesis))
+
+    def on_join(self, message: Message, context: Context) -> Message:
+        spec = fr.read_join(message.content)
+        request = JoinRequest(self.name(context), spec.model_fingerprint)
+        content = fr.join_reply_content(request, self.state(context, spec.log_genesis))
+        return Message(content, reply_to=message)
+
+    def on_task(self, message: Message, context: Context) -> Message:
+        spec, task = fr.read_task(message.content)
+        state = self.coordinator.state
+        if self.name(context) == "slow" and not self.stalled.is_set():
+            self.stalled.set()
+            wait_until(lambda: len(state.rounds) > task.round_index, "its round closed")
+        if self.name(context) == "fast" and task.round_index == 2:
+            wait_until(lambda: "slow" in self.coordinator.active_holders, "'slow' rejoined")
+        held = self.state(context, spec.log_genesis)
+        if task.base_version == held.log_version:
+            head = extend_chain(held.log_head, held.log_version, task.new_steps)
+            held = fr.HolderState(task.target_version, head)
+            with self.lock:
+                self.versions[context.node_id] = held
+        answer = Answer(task.task_id, choice=task.candidates[0].seed % 2)
+        return Message(fr.answer_content(answer, held), reply_to=message)
+
+    def on_finish(self, message: Message, context: Context) -> Message:
+        spec, _ = fr.read_finish(message.content)
+        content = fr.holder_state_content(self.state(context, spec.log_genesis))
+        return Message(content, reply_to=message)
+
+
+def test_over_flower_a_stalled_node_is_evicted_then_invited_again(tmp_path: Path) -> None:
+    cfg = config(
+        run={"max_rounds": 5},
+        server={"min_holders": 2, "quorum": 1, "round_timeout_s": 0.5, "max_missed_rounds": 1},
+    )
+    state = RunState.open(tmp_path / "run", cfg, "", FINGERPRINT)
+    coordinator = Coordinator(cfg, state, FINGERPRINT)
+    holders = FlowerHolders(coordinator)
+    client_app = ClientApp()
+    client_app.query("join")(holders.on_join)
+    client_app.query("task")(holders.on_task)
+    client_app.query("finish")(holders.on_finish)
+    settings_ = DriverSettings(
+        poll_interval_s=0.01, discover_every_s=0.05, rejoin_after_s=0.05, finish_timeout_s=0.2
+    )
+    server_app = make_server_app(lambda _: coordinator, settings_)
+    run_in_process(server_app, client_app, 2, workers=2)
+
+    assert [e.holder_id for e in state.evictions] == ["slow"]
+    assert [r.round_index for r in state.rounds] == list(range(5))
+    assert any("slow" in r.choices for r in state.rounds[1:])  # back, and answering in time
+    answers = [r for r in journal_of(coordinator, "answer") if r["holder"] == "slow"]
+    assert answers[0]["round"] == 0 and answers[0]["late"]  # its stalled answer still counted
+    assert state.bits_per_holder["slow"] == len(answers)
