@@ -206,6 +206,11 @@ class Coordinator:
         with self._cond:
             self._active.add(request.holder_id)
             self._known.add(request.holder_id)
+            current = self._round
+            holder_id = request.holder_id
+            if current and holder_id in current.task_ids and not current.answered(holder_id):
+                # back within the round it left: its answer is waited for if it still fits
+                self._reserve_locked(current.task_ids[holder_id], current)
             self._cond.notify_all()
         return self.spec
 
@@ -351,7 +356,16 @@ class Coordinator:
         current = self._round
         if current is None:
             return
-        waiting = [h for h in current.task_ids if h in self._active and not current.answered(h)]
+        waiting = [
+            holder
+            for holder, task_id in current.task_ids.items()
+            if holder in self._active
+            and not current.answered(holder)
+            # a task that never left and has no bits held for it will not be answered
+            and (
+                task_id in self._reserved or self.state.last_delivered.get(holder) == current.index
+            )
+        ]
         if not waiting:
             self._close_locked("all answered")
 
