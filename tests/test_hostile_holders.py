@@ -410,6 +410,39 @@ def test_over_grpc_an_evicted_holder_must_join_again_and_rounds_go_on_without_it
     assert [e.holder_id for e in coordinator.state.evictions] == ["b"]
 
 
+def test_over_grpc_forged_and_after_the_end_answers_are_failed_precondition(
+    tmp_path: Path,
+) -> None:
+    cfg = config(server={"min_holders": 2, "quorum": 2})
+    state = RunState.open(tmp_path / "run", cfg, "", FINGERPRINT)
+    coordinator = Coordinator(cfg, state, FINGERPRINT)
+    with serve(coordinator, "127.0.0.1:0") as running, grpc.insecure_channel(running.address) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        a, b = (grpc_join(stub, h) for h in ("a", "b"))
+        task_a = grpc_pull(stub, a, 0, state.genesis)
+        forged = [
+            (b, task_id_for(state.run_id, 0, "b"), "was not given to holder 'b'"),  # not pulled
+            (a, task_id_for(state.run_id, 1, "a"), "was not given to holder 'a'"),  # not asked
+        ]
+        for who, task_id, detail in forged:
+            assert_refused(stub, coordinator, who, task_id, detail)
+        coordinator.stop("stopped by the operator")
+        assert_refused(stub, coordinator, a, task_a.task_id, "is over (stopped by the operator)")
+    assert state.bits_total == 0.0
+
+
+def assert_refused(
+    stub: pb_grpc.CoordinatorStub, coordinator: Coordinator, who: Credentials, task: str, why: str
+) -> None:
+    """The answer is FAILED_PRECONDITION, says ``why``, and changes no journal byte."""
+    before = journal_bytes(coordinator)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PushAnswer(grpc_answer(who, task), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert why in (caught.value.details() or "")
+    assert journal_bytes(coordinator) == before
+
+
 def grpc_join(stub: pb_grpc.CoordinatorStub, holder: str) -> Credentials:
     reply = stub.Join(wire.join_request_to_proto(JoinRequest(holder, FINGERPRINT)), timeout=5)
     return Credentials(holder, wire.join_reply_from_proto(reply)[1])
