@@ -26,7 +26,13 @@ from hypothesis import strategies as st
 from sottovoce.common import flower_records as fr
 from sottovoce.common import wire
 from sottovoce.common.config import RunConfig, ServerSection, parse_config
-from sottovoce.common.errors import ConfigError, NotJoined, PolicyViolation, SottovoceError
+from sottovoce.common.errors import (
+    ConfigError,
+    LogIntegrityError,
+    NotJoined,
+    PolicyViolation,
+    SottovoceError,
+)
 from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
@@ -374,6 +380,25 @@ def _assert_heard_only_delivered(coordinator: Coordinator) -> None:
             assert (record["round"], record["holder"]) in delivered, record
             heard += record["bits"]
     assert heard == pytest.approx(coordinator.state.bits_total)
+
+
+# -- class 5: what goes back to a holder is always a message the wire carries ----------------
+def test_a_holder_far_behind_or_a_stop_reason_with_newlines_never_makes_an_invalid_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either used to fail only when the reply was encoded: INTERNAL on every PullTask."""
+    clock = Clock()
+    coordinator = open_coordinator(tmp_path / "run", config(server={"quorum": 1}), clock)
+    join(coordinator, "a", "b")
+    answer_round(coordinator, {"a": 1, "b": 1})  # one step in the log
+    monkeypatch.setattr("sottovoce.server.coordinator.MAX_NEW_STEPS", 0)  # as if 100,001
+    with pytest.raises(LogIntegrityError, match="'a' is 1 steps behind"):
+        coordinator.pull_task("a", 0, coordinator.state.genesis, timeout_s=0)
+    monkeypatch.undo()
+    coordinator.stop("the runtime failed: Traceback\n  line 1\n" + "x" * 600)
+    finished = pull(coordinator, "a")
+    assert isinstance(finished, RunFinished)
+    assert wire.run_finished_to_proto(finished).reason.startswith("the runtime failed: Traceback")
 
 
 # -- eviction over gRPC: the session ends, the holder joins again --------------------------
