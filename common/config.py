@@ -34,6 +34,7 @@ SERVICE_LIMIT_KEYS = (  # [server] keys outside the run's fingerprint (see RunCo
     "join_rate_limit_burst",
     "max_polls_per_holder",
     "max_workers",
+    "max_missed_rounds",
 )
 
 
@@ -162,6 +163,10 @@ class ServerSection(_Section):
     join_rate_limit_per_s: float = Field(default=1.0, gt=0, le=1e6)
     join_rate_limit_burst: int = Field(default=10, ge=1, le=1_000_000)
     max_polls_per_holder: int = Field(default=4, ge=1, le=1024)  # PullTasks waiting at once
+    # A holder asked in this many rounds in a row that closed without its answer is
+    # evicted (it may join again); a round then no longer waits for it. Left out of the
+    # fingerprint like the limits: it says how the coordinator defends its rounds.
+    max_missed_rounds: int = Field(default=3, ge=1, le=1_000_000)
     # Worker threads (one per waiting long-poll); default: 2 x max(min_holders,
     # len(allowed_holders)) + 16, at least 64.
     max_workers: int | None = Field(default=None, ge=4, le=100_000)

@@ -71,3 +71,9 @@ class BudgetExhausted(PolicyViolation):
 
 class TransportError(SottovoceError):
     """The peer cannot be reached, or answered with an error we cannot recover from."""
+
+
+class NotJoined(PolicyViolation):
+    """A holder calls a coordinator that does not count it as in the run: it never joined,
+    left, or was evicted for missing rounds. It may join again (the gRPC service says
+    NOT_FOUND, which a holder's loop answers with a fresh Join)."""

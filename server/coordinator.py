@@ -5,9 +5,26 @@ the incumbent) and closes when all of them answered, or at its deadline if a quo
 BBoxER: the weighted plurality of their choices goes to the optimizer, and an accepted
 candidate becomes a step in the log. DPZero: their scalars are aggregated (mean or a
 robust rule) and the optimizer turns the estimate into a step. Every answer and every
-round is journaled before it has any effect (see :mod:`sottovoce.server.run_state`), and
-the run stops before a round whose answers could push the bits heard past the run's
-budget.
+round is journaled before it has any effect (see :mod:`sottovoce.server.run_state`).
+
+Who is heard, and how much:
+
+* **Only the task a holder was handed last counts.** A task is journaled as delivered
+  before it leaves; an answer to any other task id (one the holder could compute, since
+  task ids are deterministic, but never pulled) or one pushed after the run is over is
+  refused and changes nothing. The journal's delivery records let a restarted coordinator
+  keep an answer to a task its crashed predecessor handed out.
+* **The bits heard never exceed ``run.bit_budget``.** A round opens only if the answers
+  it asks for fit beside the bits already heard and the bits *reserved* for answers still
+  due; each task issued reserves its answer's bits until the answer comes, the holder
+  moves on to a newer task, leaves or is evicted, or (if it was never handed out) its
+  round closes. An answer without a reservation (after a restart, say) is counted only if
+  its bits still fit; otherwise it is dropped unread.
+* **Holders that go quiet are dropped.** A holder asked in ``server.max_missed_rounds``
+  rounds in a row that closed without its answer is evicted (journaled): rounds stop
+  waiting for it and the quorum counts the others. It may join again; its count is
+  cleared only by an answer in time, so a holder that comes back and misses again is
+  dropped after one more round.
 
 The coordinator is the budget's second line of defence: each holder enforces its own
 lifetime budget whatever the coordinator does.
@@ -16,14 +33,17 @@ lifetime budget whatever the coordinator does.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sottovoce.common.config import RunConfig
-from sottovoce.common.errors import LogIntegrityError, PolicyViolation
+from sottovoce.common.errors import LogIntegrityError, NotJoined, PolicyViolation
 from sottovoce.common.messages import (
     Answer,
     AnswerKind,
@@ -34,12 +54,18 @@ from sottovoce.common.messages import (
     Task,
 )
 from sottovoce.common.quantization import dequantize
+from sottovoce.common.steplog import Step
+from sottovoce.common.wire import MAX_NEW_STEPS, MAX_REASON_LENGTH
 from sottovoce.server.aggregation import aggregate_scalars
 from sottovoce.server.optimizers import ComparisonES, DPZero, StepSizeRule
-from sottovoce.server.run_state import AnswerRecord, RoundRecord, RunState
+from sottovoce.server.run_state import AnswerRecord, Eviction, RoundRecord, RunState
 from sottovoce.server.votes import weighted_plurality, winner_index
 
+logger = logging.getLogger(__name__)
+
 RoundListener = Callable[[RoundRecord, RunState], None]
+EvictionListener = Callable[[str], None]
+BUDGET_SLACK = 1e-9  # float sums of log2(λ+1) bits; never enough to hear one more answer
 
 
 def task_id_for(run_id: str, round_index: int, holder_id: str) -> str:
@@ -94,9 +120,12 @@ class Coordinator:
         self._clock = clock
         self._cond = threading.Condition()
         self._active: set[str] = set()
-        self._issued: dict[str, tuple[int, str]] = {}  # task id -> (round, holder)
+        self._known: set[str] = set()  # every holder that joined (it may read the run's end)
+        self._polling: Counter[str] = Counter()  # holders with a PullTask waiting right now
+        self._reserved: dict[str, float] = {}  # task id -> bits held for its answer
         self._round: OpenRound | None = None
         self._listeners: list[RoundListener] = []
+        self._eviction_listeners: list[EvictionListener] = []
         self.optimizer = _build_optimizer(config, state)
         self.spec = RunSpec(
             run_id=state.run_id,
@@ -118,9 +147,27 @@ class Coordinator:
         """Call ``listener`` after every closed round (progress bars, tests)."""
         self._listeners.append(listener)
 
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(holder_id)`` when a holder is evicted (a transport drops its
+        session then). Called with the coordinator's lock held: it must not call back."""
+        self._eviction_listeners.append(listener)
+
     @property
     def finished(self) -> bool:
         return self.state.finished_reason is not None
+
+    @property
+    def active_holders(self) -> frozenset[str]:
+        """The holders rounds are issued to now (joined, not left, not evicted)."""
+        with self._cond:
+            return frozenset(self._active)
+
+    @property
+    def reserved_bits(self) -> float:
+        """Bits held for answers still due; ``state.bits_total`` plus this never exceeds
+        ``run.bit_budget``."""
+        with self._cond:
+            return math.fsum(self._reserved.values())
 
     def wait_holders_left(self, timeout_s: float) -> bool:
         """After the run, give holders time to collect RunFinished and leave."""
@@ -159,12 +206,19 @@ class Coordinator:
             )
         with self._cond:
             self._active.add(request.holder_id)
+            self._known.add(request.holder_id)
+            current = self._round
+            holder_id = request.holder_id
+            if current and holder_id in current.task_ids and not current.answered(holder_id):
+                # back within the round it left: its answer is waited for if it still fits
+                self._reserve_locked(current.task_ids[holder_id], current)
             self._cond.notify_all()
         return self.spec
 
     def leave(self, holder_id: str) -> None:
         with self._cond:
             self._active.discard(holder_id)
+            self._release_holder_locked(holder_id)
             self._maybe_close_locked()
             self._cond.notify_all()
 
@@ -179,39 +233,48 @@ class Coordinator:
             )
         end = self._clock() + max(0.0, timeout_s)
         with self._cond:
-            if holder_id not in self._active:
-                raise PolicyViolation(f"holder {holder_id!r} has not joined this run")
-            while True:
-                self._tick_locked()
-                if self.finished:
-                    return self._finished_message(have_version)
-                current = self._round
-                if current and holder_id in current.task_ids and not current.answered(holder_id):
-                    return self._task_for(current, holder_id, have_version)
-                remaining = end - self._clock()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(min(remaining, 0.5))
+            if self.finished and holder_id in self._known:
+                return self._finished_message(holder_id, have_version)
+            self._require_member(holder_id)
+            self._polling[holder_id] += 1
+            try:
+                return self._wait_for_task_locked(holder_id, have_version, end)
+            finally:
+                self._polling[holder_id] -= 1
+                if not self._polling[holder_id]:
+                    del self._polling[holder_id]
 
     def push_answer(self, holder_id: str, answer: Answer) -> bool:
         with self._cond:
-            issued = self._issued.get(answer.task_id) or self._asked_before_restart(
-                holder_id, answer.task_id
-            )
-            if issued is None or issued[1] != holder_id:
+            if self.finished:
                 raise PolicyViolation(
-                    f"task {answer.task_id!r} was not given to holder {holder_id!r}"
+                    f"run {self.state.run_id} is over ({self.state.finished_reason}): the "
+                    f"answer to {answer.task_id!r} is not taken"
                 )
-            round_index = issued[0]
-            current = self._round
-            # An answer to the round a restart is about to re-open: keep it for that round.
-            early = current is None and round_index == self.state.next_round
-            late = not early and (current is None or current.index != round_index)
+            round_index = self.state.last_delivered.get(holder_id)
+            if round_index is None or answer.task_id != self._task_id(round_index, holder_id):
+                raise PolicyViolation(
+                    f"task {answer.task_id!r} was not given to holder {holder_id!r} (only "
+                    "an answer to the task it pulled last counts)"
+                )
             if answer.task_id in self.state.answered_task_ids:
                 return False  # a re-sent answer changes nothing and costs nothing twice
+            current = self._round
+            on_time = current is not None and current.index == round_index
+            # An answer to the round a restart is about to re-open: keep it for that round.
+            early = current is None and round_index == self.state.next_round
             n_candidates = self._candidates_of(round_index)
             value = self._check_answer(answer, n_candidates)
             bits = 0.0 if answer.refused else self.spec.answer_bits(n_candidates)
+            if not self._fits_locked(answer.task_id, bits):
+                logger.warning(
+                    "answer of holder %s to %s dropped unread: its %.3g bits do not fit the "
+                    "run's bit budget",
+                    holder_id,
+                    answer.task_id,
+                    bits,
+                )
+                return False
             record = AnswerRecord(
                 round_index=round_index,
                 holder_id=holder_id,
@@ -219,28 +282,20 @@ class Coordinator:
                 choice=answer.choice,
                 refusal=answer.refusal,
                 bits=bits,
-                late=late,
+                late=not (on_time or early),
                 value=value,
             )
             self.state.record_answer(record)
+            self._reserved.pop(answer.task_id, None)
             if early:
                 self.state.open_round_answers.append(record)
                 return True
-            if late or current is None:
+            if current is None or not on_time:
                 return False
             current.record(record)
             self._maybe_close_locked()
             self._cond.notify_all()
             return True
-
-    def _asked_before_restart(self, holder_id: str, task_id: str) -> tuple[int, str] | None:
-        """The round of a task a crashed predecessor gave this holder, if it is the one
-        this coordinator will re-open (task ids are deterministic, so it is recognisable):
-        its answer arrives before enough holders have rejoined to open the round."""
-        index = self.state.next_round
-        if self._round is None and task_id == task_id_for(self.state.run_id, index, holder_id):
-            return index, holder_id
-        return None
 
     # -- rounds ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -269,33 +324,49 @@ class Coordinator:
             return
         index = self.state.next_round
         candidates = self.optimizer.ask(index)
-        round_cost = self.spec.answer_bits(len(candidates)) * len(self._active)
-        if self.state.bits_total + round_cost > self.config.run.bit_budget + 1e-9:
+        holders = sorted(self._active)
+        early = [a for a in self.state.open_round_answers if a.round_index == index]
+        owed = [h for h in holders if h not in {a.holder_id for a in early}]
+        bits = self.spec.answer_bits(len(candidates))
+        round_cost = bits * len(owed)
+        reserved = math.fsum(self._reserved.values())
+        budget = self.config.run.bit_budget
+        if self.state.bits_total + reserved + round_cost > budget + BUDGET_SLACK:
+            held = f", {reserved:.1f} held for answers still due" if reserved else ""
             self._finish_locked(
-                f"bit budget spent ({self.state.bits_total:.1f} of {self.config.run.bit_budget:g}"
-                f" bits; a round costs {round_cost:.2f})"
+                f"bit budget spent ({self.state.bits_total:.1f} of {budget:g} bits{held}; "
+                f"a round costs {round_cost:.2f})"
             )
             return
-        holders = sorted(self._active)
         opened = OpenRound(
             index=index,
             candidates=candidates,
-            task_ids={h: task_id_for(self.state.run_id, index, h) for h in holders},
+            task_ids={h: self._task_id(index, h) for h in holders},
             deadline=self._clock() + self.config.server.round_timeout_s,
         )
-        for answer in self.state.open_round_answers:  # answers journaled before a restart
-            if answer.round_index == index and answer.holder_id in opened.task_ids:
-                opened.record(answer)
-        for holder, task_id in opened.task_ids.items():
-            self._issued[task_id] = (index, holder)
+        for answer in early:  # answers journaled before a restart, or before it re-opened
+            opened.record(answer)
+        for holder in owed:
+            self._reserved[opened.task_ids[holder]] = bits
         self._round = opened
+        # The holders already waiting in PullTask get the task at once: one journal record.
+        self._deliver_locked(index, [h for h in owed if self._polling[h]])
         self._cond.notify_all()
 
     def _maybe_close_locked(self) -> None:
         current = self._round
         if current is None:
             return
-        waiting = [h for h in current.task_ids if h in self._active and not current.answered(h)]
+        waiting = [
+            holder
+            for holder, task_id in current.task_ids.items()
+            if holder in self._active
+            and not current.answered(holder)
+            # a task that never left and has no bits held for it will not be answered
+            and (
+                task_id in self._reserved or self.state.last_delivered.get(holder) == current.index
+            )
+        ]
         if not waiting:
             self._close_locked("all answered")
 
@@ -332,14 +403,40 @@ class Coordinator:
             closed_by=reason if quorum_met else f"{reason}; no quorum",
             values=dict(current.values),
             estimate=estimate,
+            asked=tuple(sorted(current.task_ids)),
         )
         self.state.record_round(record)
+        for holder, task_id in current.task_ids.items():
+            if self.state.last_delivered.get(holder) != current.index:
+                self._reserved.pop(task_id, None)  # never handed out: no answer can come
+        self._evict_silent_locked(current)
         for listener in self._listeners:
             listener(record, self.state)
         self._cond.notify_all()
 
+    def _evict_silent_locked(self, closed: OpenRound) -> None:
+        """Drop the holders this round was the ``max_missed_rounds``-th in a row to miss."""
+        limit = self.config.server.max_missed_rounds
+        for holder in sorted(closed.task_ids):
+            missed = self.state.missed_rounds.get(holder, 0)
+            if holder not in self._active or missed < limit:
+                continue
+            self.state.record_eviction(Eviction(holder, closed.index, missed, time.time()))
+            self._active.discard(holder)
+            self._release_holder_locked(holder)
+            logger.warning(
+                "holder %s evicted: it missed %d rounds in a row (server.max_missed_rounds "
+                "= %d); it may join again",
+                holder,
+                missed,
+                limit,
+            )
+            for listener in self._eviction_listeners:
+                listener(holder)
+
     def _finish_locked(self, reason: str) -> None:
         self.state.record_finished(reason)
+        self._reserved.clear()  # no answer is taken any more
         self._cond.notify_all()
 
     def stop(self, reason: str = "stopped by the operator") -> None:
@@ -347,14 +444,99 @@ class Coordinator:
             if not self.finished:
                 self._finish_locked(reason)
 
+    # -- tasks and their bits --------------------------------------------------------------
+    def _wait_for_task_locked(
+        self, holder_id: str, have_version: int, end: float
+    ) -> Task | RunFinished | None:
+        while True:
+            self._tick_locked()
+            if self.finished:
+                return self._finished_message(holder_id, have_version)
+            self._require_member(holder_id)  # evicted while it waited
+            current = self._round
+            if (
+                current
+                and holder_id in current.task_ids
+                and not current.answered(holder_id)
+                and self._reserve_locked(current.task_ids[holder_id], current)
+            ):
+                task = self._task_for(current, holder_id, have_version)
+                if self.state.last_delivered.get(holder_id) != current.index:
+                    self._deliver_locked(current.index, [holder_id])
+                return task
+            remaining = end - self._clock()
+            if remaining <= 0:
+                return None
+            self._cond.wait(min(remaining, 0.5))
+
+    def _deliver_locked(self, round_index: int, holders: list[str]) -> None:
+        """Journal that ``holders`` get this round's task; a holder's older task, still
+        unanswered, is abandoned (it pulled a newer one), and so are its reserved bits."""
+        for holder in holders:
+            previous = self.state.last_delivered.get(holder)
+            if previous is not None and previous != round_index:
+                self._reserved.pop(self._task_id(previous, holder), None)
+        self.state.record_delivered(round_index, holders)
+
+    def _reserve_locked(self, task_id: str, current: OpenRound) -> bool:
+        """Whether ``task_id``'s answer has bits held for it, holding them now if they fit
+        (a holder that left and came back within the round had its reservation released)."""
+        if task_id in self._reserved:
+            return True
+        bits = self.spec.answer_bits(len(current.candidates))
+        if not self._fits_locked(task_id, bits):
+            return False
+        self._reserved[task_id] = bits
+        return True
+
+    def _fits_locked(self, task_id: str, bits: float) -> bool:
+        """Whether hearing ``bits`` for ``task_id`` keeps the bits heard within the budget:
+        always for an answer whose bits were reserved, else if they fit beside every
+        reservation (the hard cap is checked either way)."""
+        budget = self.config.run.bit_budget + BUDGET_SLACK
+        if self.state.bits_total + bits > budget:
+            return False
+        if task_id in self._reserved:
+            return True
+        return self.state.bits_total + math.fsum(self._reserved.values()) + bits <= budget
+
+    def _release_holder_locked(self, holder_id: str) -> None:
+        """A holder that left or was evicted holds no bits: its answer may still come (after
+        it joins again) and then counts only if it fits."""
+        delivered = self.state.last_delivered.get(holder_id)
+        if delivered is not None:
+            self._reserved.pop(self._task_id(delivered, holder_id), None)
+        current = self._round
+        if current is not None and holder_id in current.task_ids:
+            self._reserved.pop(current.task_ids[holder_id], None)
+
+    def _require_member(self, holder_id: str) -> None:
+        if holder_id not in self._active:
+            raise NotJoined(
+                f"holder {holder_id!r} is not in this run (never joined, left, or evicted "
+                "for missing rounds): call Join"
+            )
+
     # -- helpers ---------------------------------------------------------------------------
+    def _task_id(self, round_index: int, holder_id: str) -> str:
+        return task_id_for(self.state.run_id, round_index, holder_id)
+
+    def _steps_since(self, holder_id: str, have_version: int) -> tuple[Step, ...]:
+        behind = self.state.log.version - have_version
+        if behind > MAX_NEW_STEPS:
+            raise LogIntegrityError(
+                f"holder {holder_id!r} is {behind} steps behind (log version {have_version}); "
+                f"a message carries at most {MAX_NEW_STEPS}: start it from a newer checkpoint"
+            )
+        return tuple(self.state.log.steps_since(have_version))
+
     def _task_for(self, current: OpenRound, holder_id: str, have_version: int) -> Task:
         return Task(
             task_id=current.task_ids[holder_id],
             run_id=self.state.run_id,
             round_index=current.index,
             base_version=have_version,
-            new_steps=tuple(self.state.log.steps_since(have_version)),
+            new_steps=self._steps_since(holder_id, have_version),
             log_head=self.state.log.head,
             candidates=current.candidates,
             answer_kind=self.spec.answer_kind,
@@ -362,15 +544,15 @@ class Coordinator:
             deadline_unix=current.deadline,
         )
 
-    def _finished_message(self, have_version: int) -> RunFinished:
+    def _finished_message(self, holder_id: str, have_version: int) -> RunFinished:
         return RunFinished(
             run_id=self.state.run_id,
-            reason=self.state.finished_reason or "",
+            reason=_one_line(self.state.finished_reason or "", MAX_REASON_LENGTH),
             final_version=self.state.log.version,
             log_head=self.state.log.head,
             bits_spent_total=self.state.bits_total,
             base_version=have_version,
-            new_steps=tuple(self.state.log.steps_since(have_version)),
+            new_steps=self._steps_since(holder_id, have_version),
         )
 
     def _candidates_of(self, round_index: int) -> int:
@@ -402,6 +584,13 @@ class Coordinator:
         if kind is AnswerKind.DP_SCALAR:
             return dequantize(answer.choice, dp.quantization_bits, dp.quantization_range)
         return None
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (a stop reason may
+    quote an exception; the wire carries one bounded line)."""
+    line = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _build_optimizer(config: RunConfig, state: RunState) -> ComparisonES | DPZero:

@@ -17,7 +17,10 @@ as the gRPC service does with RPCs:
   lacks, so it can reach the final model and write its local report.
 
 A node whose ClientApp fails is treated as a holder that left (``Coordinator.leave``),
-and invited again a little later, as a native holder that restarts would join again.
+and invited again a little later, as a native holder that restarts would join again; a
+node whose holder the coordinator evicted for missing rounds is invited again the same
+way. A reply is taken only as the answer to the task its message carried: the
+coordinator refuses answers to tasks a holder was not handed, and answers after the end.
 
 ``run_in_process`` runs a ServerApp against ClientApps with Flower's own simulation
 runtime (its in-memory link state, grid and node workers) but threads instead of Ray:
@@ -45,7 +48,13 @@ from flwr.common.constant import ErrorCode
 from flwr.server.superlink.fleet.vce.backend import Backend
 from flwr.serverapp import Grid, ServerApp
 
-from sottovoce.common.errors import ConfigError, LogIntegrityError, PolicyViolation
+from sottovoce.common.errors import (
+    ConfigError,
+    LogIntegrityError,
+    NotJoined,
+    PolicyViolation,
+    SottovoceError,
+)
 from sottovoce.common.flower_records import (
     FINISH,
     JOIN,
@@ -209,6 +218,11 @@ class FlowerDriver:
             return self.coordinator.pull_task(
                 node.holder_id, node.state.log_version, node.state.log_head, timeout_s=0.0
             )
+        except NotJoined as exc:  # evicted for missing rounds: it may join again
+            node.joined = False
+            node.invite_after = time.monotonic() + self.settings.rejoin_after_s
+            log.warning("node %d: %s", node.node_id, exc)
+            return None
         except (LogIntegrityError, PolicyViolation) as exc:
             self.coordinator.leave(node.holder_id)
             node.joined, node.refused = False, str(exc)
@@ -232,9 +246,17 @@ class FlowerDriver:
             self._node_failed(node, f"bad answer: {exc}")
             return
         node.state = state
+        if answer.task_id != sent.task_id:
+            log.warning(
+                "node %d: answer to %s in the reply to task %s: not taken",
+                node.node_id,
+                answer.task_id,
+                sent.task_id,
+            )
+            return
         try:
             self.coordinator.push_answer(holder_id, answer)
-        except PolicyViolation as exc:
+        except SottovoceError as exc:
             log.warning("node %d: answer not taken: %s", node.node_id, exc)
 
     def _node_failed(self, node: _Node, why: str) -> None:

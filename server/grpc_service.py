@@ -6,16 +6,24 @@ bounds-checks every request (:mod:`sottovoce.common.wire`) and authenticates the
 state. Errors become gRPC statuses whose detail is the one-line message:
 
 =====================================  ======================
-bad message (WireError)                INVALID_ARGUMENT
-holder never joined / coordinator      NOT_FOUND (the holder
-restarted                              joins again)
+bad message (bytes that are not the    INVALID_ARGUMENT
+request, or a WireError)
+holder never joined, was evicted       NOT_FOUND (the holder
+(NotJoined), or the coordinator        joins again)
+restarted
 wrong session token or certificate     UNAUTHENTICATED /
                                        PERMISSION_DENIED
 PolicyViolation, LogIntegrityError,    FAILED_PRECONDITION
 other SottovoceError from the endpoint
+(an answer to a task the holder was
+not handed, or after the run ended)
 over a per-holder limit (call rate,    RESOURCE_EXHAUSTED
-Join rate, PullTasks waiting)          (the holder retries)
+Join rate, PullTasks waiting, calls    (the holder retries)
+refused before)
 =====================================  ======================
+
+Every refusal counts against its caller (see :mod:`sottovoce.server.limits`), and an
+evicted holder's session ends when the coordinator evicts it.
 
 Identity: without TLS (loopback, tests) the holder id is the one claimed in Join; with
 mutual TLS it must equal the client certificate's common name (:func:`peer_identity`).
@@ -28,7 +36,9 @@ Limits (:mod:`sottovoce.server.limits`): once a holder is authenticated, its Pul
 PushAnswer and Leave calls that bring the run nothing new (a task or answer sent again, an
 empty poll, a rejected call) are rate limited; Join is limited per peer identity; and a
 holder's waiting PullTasks are capped, so one holder cannot take the coordinator's lock
-or threads from the others. A refused call reaches no endpoint. :func:`serve` reads the
+or threads from the others; and every refused call of any kind is counted per caller
+(certificate, else connection) before its bytes are parsed. A refused call reaches no
+endpoint. :func:`serve` reads the
 limits from the endpoint's run config (the Coordinator's ``[server]`` section) unless
 given them.
 """
@@ -47,12 +57,13 @@ from dataclasses import dataclass
 from typing import NoReturn, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sottovoce.common import wire
 from sottovoce.common.config import RunConfig
 from sottovoce.common.endpoints import CoordinatorEndpoint
-from sottovoce.common.errors import SottovoceError, TransportError
+from sottovoce.common.errors import NotJoined, SottovoceError, TransportError
 from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
@@ -92,8 +103,23 @@ def peer_identity(context: Context, claimed_id: str, *, require_certificate: boo
     return claimed_id
 
 
+class _Rejected(Exception):
+    """A call refused with ``code``; the servicer counts it against the caller."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str, *, callers_fault: bool = True):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.callers_fault = callers_fault
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """Implements the Coordinator service by calling a :class:`CoordinatorEndpoint`."""
+    """Implements the Coordinator service by calling a :class:`CoordinatorEndpoint`.
+
+    Register it with :func:`add_to_server` (``serve`` does), so that it parses the request
+    bytes itself: grpc's own parsing answers bytes that are no message with INTERNAL and a
+    traceback in the log, before any limit could count them.
+    """
 
     def __init__(
         self,
@@ -112,85 +138,156 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         limits = limits or ServiceLimits.defaults()
         self._calls = KeyedRateLimiter(limits.calls, clock=clock)
         self._joins = KeyedRateLimiter(limits.joins, clock=clock)
+        self._rejected = KeyedRateLimiter(limits.calls, clock=clock)
         self._polls = ConcurrencyCap(limits.max_polls_per_holder)
         self._deliveries = Deliveries()
+        watch_evictions = getattr(endpoint, "add_eviction_listener", None)
+        if callable(watch_evictions):  # the Coordinator: an evicted holder's session ends
+            watch_evictions(self._end_session)
 
     # -- the four calls ------------------------------------------------------------------
     def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:  # noqa: N802
-        join = _decode(context, wire.join_request_from_proto, request)
+        return self._serve(context, self._join, request)
+
+    def PullTask(self, request: pb.PullTaskRequest, context: Context) -> pb.PullTaskReply:  # noqa: N802
+        return self._serve(context, self._pull_task, request)
+
+    def PushAnswer(self, request: pb.PushAnswerRequest, context: Context) -> pb.PushAnswerReply:  # noqa: N802
+        return self._serve(context, self._push_answer, request)
+
+    def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveReply:  # noqa: N802
+        return self._serve(context, self._leave, request)
+
+    def handle_bytes(self, method: str, data: bytes, context: Context) -> Message:
+        """Parse ``data`` as ``method``'s request (INVALID_ARGUMENT, counted, if it is not
+        one), then serve it as that method. What :func:`add_to_server` registers."""
+        request_type = _REQUEST_TYPES[method]
+
+        def parse(_: bytes, __: Context) -> Message:
+            try:
+                return request_type.FromString(data)
+            except DecodeError:
+                raise _Rejected(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"invalid {request_type.DESCRIPTOR.name}: the bytes are not that message",
+                ) from None
+
+        message = self._serve(context, parse, data)
+        handler: Callable[[Message, Context], Message] = getattr(self, method)
+        return handler(message, context)
+
+    # -- what each call does, once admitted -----------------------------------------------
+    def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:
+        join = _decode(wire.join_request_from_proto, request)
         identity = self._peer(context, join.holder_id)
-        self._admit(context, self._joins, identity, "Join calls from")
-        self._check_claim(identity, join.holder_id, context)
-        spec = _invoke(context, self._endpoint.join, join)
+        self._admit(self._joins, identity, "Join calls from")
+        self._check_claim(identity, join.holder_id)
+        spec = self._invoke(None, self._endpoint.join, join)
         session = secrets.token_urlsafe(24)
-        reply = _encode(context, wire.join_reply_to_proto, spec, session)
+        reply = _encode(wire.join_reply_to_proto, spec, session)
         with self._lock:
             self._sessions[join.holder_id] = session  # a new Join replaces an older session
         logger.info("holder %s joined run %s", join.holder_id, spec.run_id)
         return reply
 
-    def PullTask(self, request: pb.PullTaskRequest, context: Context) -> pb.PullTaskReply:  # noqa: N802
-        call = _decode(context, wire.pull_task_request_from_proto, request)
+    def _pull_task(self, request: pb.PullTaskRequest, context: Context) -> pb.PullTaskReply:
+        call = _decode(wire.pull_task_request_from_proto, request)
         holder_id = self._authenticate(context, call.credentials)
-        self._admit(context, self._calls, holder_id, "calls of holder")
+        self._admit(self._calls, holder_id, "calls of holder")
         timeout_s = self._poll_timeout(call.wait_s, context)
-        with self._poll_slot(context, holder_id):
-            result = _invoke(
-                context,
+        with self._poll_slot(holder_id):
+            result = self._invoke(
+                holder_id,
                 self._endpoint.pull_task,
                 holder_id,
                 call.have_version,
                 call.have_head,
                 timeout_s,
             )
-        reply = _encode(context, wire.pull_task_reply_to_proto, result)
+        reply = _encode(wire.pull_task_reply_to_proto, result)
         self._credit_delivery(holder_id, result)
         return reply
 
-    def PushAnswer(self, request: pb.PushAnswerRequest, context: Context) -> pb.PushAnswerReply:  # noqa: N802
-        call = _decode(context, wire.push_answer_request_from_proto, request)
+    def _push_answer(self, request: pb.PushAnswerRequest, context: Context) -> pb.PushAnswerReply:
+        call = _decode(wire.push_answer_request_from_proto, request)
         holder_id = self._authenticate(context, call.credentials)
-        self._admit(context, self._calls, holder_id, "calls of holder")
-        accepted = _invoke(context, self._endpoint.push_answer, holder_id, call.answer)
+        self._admit(self._calls, holder_id, "calls of holder")
+        accepted = self._invoke(holder_id, self._endpoint.push_answer, holder_id, call.answer)
         if accepted:
             self._calls.refund(holder_id)  # a new answer is progress; a re-sent one counts
         return pb.PushAnswerReply(accepted=bool(accepted))
 
-    def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveReply:  # noqa: N802
-        credentials = _decode(context, wire.leave_request_from_proto, request)
+    def _leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveReply:
+        credentials = _decode(wire.leave_request_from_proto, request)
         holder_id = self._authenticate(context, credentials)
-        self._admit(context, self._calls, holder_id, "calls of holder")
-        _invoke(context, self._endpoint.leave, holder_id)
-        with self._lock:
-            self._sessions.pop(holder_id, None)
-        self._deliveries.forget(holder_id)
+        self._admit(self._calls, holder_id, "calls of holder")
+        self._invoke(holder_id, self._endpoint.leave, holder_id)
+        self._end_session(holder_id)
         logger.info("holder %s left", holder_id)
         return pb.LeaveReply()
 
     # -- helpers -------------------------------------------------------------------------
+    def _serve(self, context: Context, handler: Callable[[M, Context], R], request: M) -> R:
+        """Run ``handler`` for the caller, unless its rejected calls are over their limit;
+        a refusal takes one of its tokens and becomes the call's status."""
+        caller = _caller(context)
+        if not self._rejected.allows(caller):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit: rejected calls from {caller!r} over "
+                f"{self._rejected.limit.describe()}; retry later",
+            )
+        try:
+            return handler(request, context)
+        except _Rejected as rejected:
+            if rejected.callers_fault:
+                self._rejected.try_acquire(caller)
+            _abort(context, rejected.code, rejected.detail)
+
+    def _invoke(
+        self, holder_id: str | None, method: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Call the endpoint for ``holder_id`` (None before it has joined), turning the
+        errors it may raise into statuses."""
+        try:
+            return method(*args, **kwargs)
+        except WireError as exc:
+            raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except NotJoined as exc:  # left, or evicted: its session is over; it may join again
+            if holder_id is not None:
+                self._end_session(holder_id)
+            raise _Rejected(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        except SottovoceError as exc:
+            raise _Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+
+    def _end_session(self, holder_id: str) -> None:
+        """Forget a holder's session (it left, or the coordinator evicted it)."""
+        with self._lock:
+            self._sessions.pop(holder_id, None)
+        self._deliveries.forget(holder_id)
+
     def _peer(self, context: Context, claimed_id: str) -> str:
         """The peer's identity (see :func:`peer_identity`); UNAUTHENTICATED without one."""
         try:
             return peer_identity(context, claimed_id, require_certificate=self._require_certificate)
         except SottovoceError as exc:
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise _Rejected(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
 
-    def _check_claim(self, identity: str, claimed_id: str, context: Context) -> None:
+    def _check_claim(self, identity: str, claimed_id: str) -> None:
         if identity != claimed_id:
-            _abort(
-                context,
+            raise _Rejected(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"holder_id {claimed_id!r} is not the certificate's common name {identity!r}",
             )
 
     def _check_identity(self, context: Context, claimed_id: str) -> None:
-        self._check_claim(self._peer(context, claimed_id), claimed_id, context)
+        self._check_claim(self._peer(context, claimed_id), claimed_id)
 
-    def _admit(self, context: Context, limiter: KeyedRateLimiter, key: str, what: str) -> None:
+    def _admit(self, limiter: KeyedRateLimiter, key: str, what: str) -> None:
         """Take a token for the call, or refuse it before it reaches the endpoint."""
         if not limiter.try_acquire(key):
-            _abort(
-                context,
+            raise _Rejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit: {what} {key!r} over {limiter.limit.describe()}; retry later",
             )
@@ -208,11 +305,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._calls.refund(holder_id)
 
     @contextmanager
-    def _poll_slot(self, context: Context, holder_id: str) -> Iterator[None]:
+    def _poll_slot(self, holder_id: str) -> Iterator[None]:
         """One of the holder's few waiting-PullTask slots for the block, or RESOURCE_EXHAUSTED."""
         if not self._polls.try_acquire(holder_id):
-            _abort(
-                context,
+            raise _Rejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit: holder {holder_id!r} already has {self._polls.limit} PullTask "
                 "calls waiting; retry when one returns",
@@ -229,15 +325,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._lock:
             expected = self._sessions.get(holder_id)
         if expected is None:
-            _abort(
-                context,
+            raise _Rejected(
                 grpc.StatusCode.NOT_FOUND,
-                f"holder {holder_id!r} has no session (never joined, or the coordinator "
-                "restarted): call Join",
+                f"holder {holder_id!r} has no session (never joined, was evicted, or the "
+                "coordinator restarted): call Join",
             )
         if not secrets.compare_digest(expected, credentials.session):
-            _abort(
-                context,
+            raise _Rejected(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"session token of holder {holder_id!r} is not the one its Join returned",
             )
@@ -252,37 +346,73 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return max(0.0, min(wanted_s, limit))
 
 
+_REQUEST_TYPES: dict[str, type[Message]] = {
+    "Join": pb.JoinRequest,
+    "PullTask": pb.PullTaskRequest,
+    "PushAnswer": pb.PushAnswerRequest,
+    "Leave": pb.LeaveRequest,
+}
+_REPLY_TYPES: dict[str, type[Message]] = {
+    "Join": pb.JoinReply,
+    "PullTask": pb.PullTaskReply,
+    "PushAnswer": pb.PushAnswerReply,
+    "Leave": pb.LeaveReply,
+}
+
+
+def add_to_server(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` as the Coordinator service; it receives the raw request bytes
+    (see :meth:`CoordinatorServicer.handle_bytes`). Replaces the generated
+    ``add_CoordinatorServicer_to_server``, which lets grpc parse them."""
+
+    def handler(method: str) -> grpc.RpcMethodHandler:
+        def serve_bytes(data: bytes, context: Context) -> Message:
+            return servicer.handle_bytes(method, data, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            serve_bytes,
+            request_deserializer=None,  # the bytes as they came
+            response_serializer=_REPLY_TYPES[method].SerializeToString,
+        )
+
+    handlers = {method: handler(method) for method in _REQUEST_TYPES}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _caller(context: Context) -> str:
+    """Who is calling, known before its request is read: the certificate's common name
+    under mutual TLS, else the peer's address (one connection)."""
+    names: object = context.auth_context().get("x509_common_name")
+    if isinstance(names, list) and names and isinstance(names[0], bytes):
+        return names[0].decode("utf-8", errors="replace")
+    return context.peer()
+
+
 def _abort(context: Context, code: grpc.StatusCode, detail: str) -> NoReturn:
     logger.info("rejected %s: %s", code.name, detail)
     context.abort(code, detail)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
-def _decode(context: Context, decode: Callable[[M], R], message: M) -> R:
+def _decode(decode: Callable[[M], R], message: M) -> R:
     """Decode a request; a bound violated is the caller's fault (INVALID_ARGUMENT)."""
     try:
         return decode(message)
     except WireError as exc:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
-def _invoke(context: Context, method: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Call the endpoint, turning the errors it may raise into statuses."""
-    try:
-        return method(*args, **kwargs)
-    except WireError as exc:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except SottovoceError as exc:
-        _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-
-
-def _encode(context: Context, encode: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+def _encode(encode: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Encode a reply; a bound violated here is a coordinator bug, never sent on."""
     try:
         return encode(*args, **kwargs)
     except WireError as exc:
         logger.error("coordinator produced an invalid reply: %s", exc)
-        _abort(context, grpc.StatusCode.INTERNAL, f"coordinator produced an invalid reply: {exc}")
+        raise _Rejected(
+            grpc.StatusCode.INTERNAL,
+            f"coordinator produced an invalid reply: {exc}",
+            callers_fault=False,
+        ) from None
 
 
 # -- running a server --------------------------------------------------------------------
@@ -344,7 +474,7 @@ def serve(
     servicer = CoordinatorServicer(
         endpoint, require_certificate=tls is not None, max_poll_s=max_poll_s, limits=limits
     )
-    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = _bind(server, address, tls)

@@ -18,7 +18,15 @@ all a flood is made of. So the service gives every holder identity:
   loopback), charged before the claim is compared with the certificate, so a flood of
   refused Joins is limited too; every Join counts (each one replaces a session);
 - a cap on its PullTasks waiting at once (``server.max_polls_per_holder``): each waiting
-  long-poll holds one of the server's worker threads, so one holder must not hold them all.
+  long-poll holds one of the server's worker threads, so one holder must not hold them all;
+- a token bucket for *rejected* calls of every method (the call rate and burst), keyed by
+  the best identity there is before a request is even parsed: the certificate's common
+  name under mutual TLS, else the peer's address (a connection: insecure transport is for
+  loopback and tests). Every refusal (malformed bytes or fields, no or a wrong session, a
+  certificate that is not the claimed holder, a call the coordinator rejects, a limit
+  hit) takes a token, and a caller with none left is refused before its request is
+  decoded, so a flood of malformed or unauthenticated calls costs its sender, and only
+  its sender.
 
 A call over a limit is refused before it reaches the coordinator (RESOURCE_EXHAUSTED,
 which the holder's loop retries with backoff) and changes no coordinator state; only the
@@ -73,6 +81,11 @@ class TokenBucket:
         self._tokens -= 1.0
         return True
 
+    def has_token(self, now: float) -> bool:
+        """Whether a call would be let through now (takes nothing)."""
+        self._refill(now)
+        return self._tokens >= 1.0
+
     def give_back(self, now: float) -> None:
         """Return a token a call took (never above the burst)."""
         self._refill(now)
@@ -116,6 +129,13 @@ class KeyedRateLimiter:
             else:
                 self._buckets.move_to_end(key)
             return bucket.take(now)
+
+    def allows(self, key: str) -> bool:
+        """Whether ``key`` has a token now, without taking one (an unknown key has a full
+        bucket); for checking a caller before the work that may cost it a token."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            return bucket is None or bucket.has_token(self._clock())
 
     def refund(self, key: str) -> None:
         """Give back the token of a call that turned out not to count."""

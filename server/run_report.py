@@ -24,7 +24,8 @@ from sottovoce.server.run_state import RunState
 
 
 def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dict[str, Any]:
-    """Rounds, steps, bits per holder, and (for DP runs) ε per holder and the estimates."""
+    """Rounds, steps, bits per holder, evictions, and (for DP runs) ε per holder and the
+    estimates."""
     report: dict[str, Any] = {
         "run_id": state.run_id,
         "algorithm": config.run.algorithm,
@@ -34,6 +35,15 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
         "finished_reason": state.finished_reason,
         "bits_spent_total": state.bits_total,
         "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
+        "evictions": [  # holders dropped for missing rounds in a row (they may have rejoined)
+            {
+                "holder": e.holder_id,
+                "round": e.round_index,
+                "missed_rounds": e.missed_rounds,
+                "time": e.time,
+            }
+            for e in state.evictions
+        ],
     }
     candidates = 1 if spec.answer_kind is AnswerKind.DP_SCALAR else config.optimizer.candidates
     event = answer_event(spec.dp, spec.answer_kind, candidates, config.sampling_rate)

@@ -4,7 +4,8 @@ Layout of a run directory::
 
     run.toml       the config the run was started with (verbatim)
     run.json       run id, config and model fingerprints, log genesis
-    journal.jsonl  every answer as it arrives and every closed round (append-only, fsync'd)
+    journal.jsonl  every answer as it arrives, every closed round, which holder was handed
+                   which round's task, and every eviction (append-only, fsync'd)
     log.jsonl      the accepted steps, hash-chained (append-only, fsync'd)
     report.json    written when the run finishes
 
@@ -13,6 +14,13 @@ fsync'd first, then the step is appended to the log. A crash between the two lea
 journal one step ahead, and :meth:`RunState.open` completes the log from it, so no step
 is lost or applied twice. Answers are journaled as they arrive, so the bits of a round
 that was interrupted still count.
+
+A task's delivery is journaled before the task leaves (``delivered``: one record for all
+the holders a round's opening hands its task to, one per later PullTask), so a restarted
+coordinator still knows which task each holder holds: an answer counts only for the task
+its holder was handed last. Each round record names the holders it was asked of
+(``asked``), from which the consecutive rounds each holder missed are rebuilt; evictions
+are journaled as they happen (``evicted``), for the report.
 """
 
 from __future__ import annotations
@@ -59,6 +67,12 @@ class RoundRecord:
     closed_by: str
     values: dict[str, float] = field(default_factory=dict)
     estimate: float | None = None
+    asked: tuple[str, ...] = ()  # the holders the round was issued to (sorted)
+
+    @property
+    def answered(self) -> set[str]:
+        """Holders whose answer (or refusal) came in before the round closed."""
+        return {*self.choices, *self.values, *self.refusals}
 
     def to_json(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -67,6 +81,7 @@ class RoundRecord:
         return {
             **extra,
             "type": "round",
+            "asked": list(self.asked),
             "round": self.round_index,
             "candidates": [[c.seed, c.scale] for c in self.candidates],
             "choices": self.choices,
@@ -109,6 +124,25 @@ class AnswerRecord:
         }
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """A holder dropped from the run after missing ``missed_rounds`` rounds in a row."""
+
+    holder_id: str
+    round_index: int  # the round whose close evicted it
+    missed_rounds: int
+    time: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "evicted",
+            "holder": self.holder_id,
+            "round": self.round_index,
+            "missed_rounds": self.missed_rounds,
+            "time": self.time,
+        }
+
+
 @dataclass
 class RunState:
     """Everything a coordinator must not forget, rebuilt from disk on open."""
@@ -124,6 +158,11 @@ class RunState:
     rounds: list[RoundRecord] = field(default_factory=list)
     open_round_answers: list[AnswerRecord] = field(default_factory=list)
     answered_task_ids: set[str] = field(default_factory=set)
+    # holder -> the round whose task it was handed last (its answer is the one that counts)
+    last_delivered: dict[str, int] = field(default_factory=dict)
+    # holder -> rounds in a row it was asked in and closed without its answer
+    missed_rounds: dict[str, int] = field(default_factory=dict)
+    evictions: list[Eviction] = field(default_factory=list)
     finished_reason: str | None = None
     repaired: list[str] = field(default_factory=list)
 
@@ -201,9 +240,15 @@ class RunState:
                 self.rounds.append(closed)
                 self.next_round = closed.round_index + 1
                 self.step_size = closed.step_size_after
+                self._count_misses(closed)
                 if closed.step is not None:
                     accepted.append(closed.step)
                 pending = [a for a in pending if a.round_index > closed.round_index]
+            elif kind == "delivered":
+                round_index, holders = _delivered_from_json(record)
+                self.last_delivered.update(dict.fromkeys(holders, round_index))
+            elif kind == "evicted":
+                self.evictions.append(_eviction_from_json(record))
             elif kind == "finished":
                 self.finished_reason = str(record.get("reason"))
         self.open_round_answers = pending
@@ -236,6 +281,32 @@ class RunState:
         self.next_round = closed.round_index + 1
         self.step_size = closed.step_size_after
         self.open_round_answers = []
+        self._count_misses(closed)
+
+    def record_delivered(self, round_index: int, holders: list[str]) -> None:
+        """Journal (fsync'd) that ``holders`` are handed round ``round_index``'s task, before
+        it leaves: after a restart, their answers to it are still recognised as theirs."""
+        if not holders:
+            return
+        record = {"type": "delivered", "round": round_index, "holders": sorted(holders)}
+        append_json_line(self.run_dir / JOURNAL, {**record, "time": time.time()})
+        self.last_delivered.update(dict.fromkeys(holders, round_index))
+
+    def record_eviction(self, eviction: Eviction) -> None:
+        append_json_line(self.run_dir / JOURNAL, eviction.to_json())
+        self.evictions.append(eviction)
+
+    def _count_misses(self, closed: RoundRecord) -> None:
+        """An answer in time clears a holder's count; a round asked of it without one adds one.
+
+        The same on a live close and on replay, so a restart counts exactly as before.
+        """
+        answered = closed.answered
+        for holder in answered:
+            self.missed_rounds.pop(holder, None)
+        for holder in closed.asked:
+            if holder not in answered:
+                self.missed_rounds[holder] = self.missed_rounds.get(holder, 0) + 1
 
     def record_finished(self, reason: str) -> None:
         append_json_line(self.run_dir / JOURNAL, {"type": "finished", "reason": reason})
@@ -294,9 +365,29 @@ def _round_from_json(record: dict[str, Any]) -> RoundRecord:
             closed_by=str(record.get("closed_by", "")),
             values={str(k): float(v) for k, v in record.get("values", {}).items()},
             estimate=None if record.get("estimate") is None else float(record["estimate"]),
+            asked=tuple(str(h) for h in record.get("asked", ())),  # older journals: none
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LogIntegrityError(f"journal: bad round record: {exc}") from None
+
+
+def _delivered_from_json(record: dict[str, Any]) -> tuple[int, list[str]]:
+    try:
+        return int(record["round"]), [str(h) for h in record["holders"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogIntegrityError(f"journal: bad delivered record {record}: {exc}") from None
+
+
+def _eviction_from_json(record: dict[str, Any]) -> Eviction:
+    try:
+        return Eviction(
+            holder_id=str(record["holder"]),
+            round_index=int(record["round"]),
+            missed_rounds=int(record["missed_rounds"]),
+            time=float(record["time"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogIntegrityError(f"journal: bad evicted record {record}: {exc}") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -97,13 +97,12 @@ def test_majority_accepts_and_journals(tmp_path: Path) -> None:
     assert task.base_version == 1 and task.new_steps == ()
     journal = read_json_lines(tmp_path / "run" / "journal.jsonl")
     assert [r["type"] for r in journal] == [
-        "answer",
-        "answer",
-        "round",
-        "answer",
-        "answer",
-        "round",
+        *["delivered", "delivered", "answer", "answer", "round"] * 2,
+        "delivered",
     ]
+    assert [(r["round"], r["holders"]) for r in journal if r["type"] == "delivered"] == [
+        (0, ["a"]), (0, ["b"]), (1, ["a"]), (1, ["b"]), (2, ["a"])
+    ]  # fmt: skip
 
 
 def test_bad_answers_change_nothing(tmp_path: Path) -> None:
@@ -111,13 +110,14 @@ def test_bad_answers_change_nothing(tmp_path: Path) -> None:
     join_two(coordinator)
     task = pull(coordinator, "a")
     journal = tmp_path / "run" / "journal.jsonl"
+    delivered = journal.read_bytes()  # a's delivery; nothing after it may change
     with pytest.raises(PolicyViolation, match="not given"):
         coordinator.push_answer("b", Answer(task_id=task.task_id, choice=1))
     with pytest.raises(PolicyViolation, match="not given"):
         coordinator.push_answer("a", Answer(task_id="forged", choice=1))
     with pytest.raises(PolicyViolation, match="out of range"):
         coordinator.push_answer("a", Answer(task_id=task.task_id, choice=2))
-    assert not journal.exists() and coordinator.state.bits_total == 0
+    assert journal.read_bytes() == delivered and coordinator.state.bits_total == 0
     assert coordinator.push_answer("a", Answer(task_id=task.task_id, choice=1))
     assert not coordinator.push_answer("a", Answer(task_id=task.task_id, choice=0))
     assert coordinator.state.bits_total == 1.0

@@ -31,7 +31,13 @@ from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.steplog import extend_chain
 from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
 from sottovoce.server.coordinator import Coordinator
-from sottovoce.server.grpc_service import SERVICE_NAME, CoordinatorServicer, limits_for, serve
+from sottovoce.server.grpc_service import (
+    SERVICE_NAME,
+    CoordinatorServicer,
+    add_to_server,
+    limits_for,
+    serve,
+)
 from sottovoce.server.limits import (
     ConcurrencyCap,
     Deliveries,
@@ -192,7 +198,7 @@ def custom_server() -> Iterator[Any]:
 
     def start(servicer: CoordinatorServicer) -> str:
         server = grpc.server(ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        add_to_server(servicer, server)  # as serve() does: the servicer parses the bytes
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -374,6 +380,82 @@ def test_a_holder_cannot_hold_more_than_its_waiting_polls(
         assert waiting.result(timeout=5).WhichOneof("reply") == "nothing"
         stub.PullTask(pull_request(me, genesis), timeout=5)  # the slot is free again
     assert endpoint.calls == ["join", "pull", "pull"]
+
+
+# -- rejected calls count against their caller, before their bytes are parsed ---------------
+def connection(address: str) -> grpc.Channel:
+    """A channel with its own TCP connection (channels in one process otherwise share one)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def raw_method(channel: grpc.Channel, name: str) -> Any:
+    """The service's method ``name`` taking and returning bytes, whatever they are."""
+    return channel.unary_unary(f"/{SERVICE_NAME}/{name}")
+
+
+def test_malformed_calls_count_against_their_callers_limit_and_no_other(
+    tmp_path: Path, custom_server: Any
+) -> None:
+    """A flood of malformed Joins (no holder id yet, so only the connection is known) used
+    to cost the flooder nothing: now it runs out of tokens, and only it."""
+    spy = Spy(real_coordinator(tmp_path))
+    clock = FakeClock()
+    address = custom_server(CoordinatorServicer(spy, limits=limits(burst=3), clock=clock))
+    malformed = pb.JoinRequest(holder_id="", model_fingerprint=FINGERPRINT)
+    with connection(address) as flooder, connection(address) as honest:
+        stub = pb_grpc.CoordinatorStub(flooder)
+        for _ in range(2):
+            assert refused(stub.Join, malformed)[0] is grpc.StatusCode.INVALID_ARGUMENT
+        code, detail = refused(raw_method(flooder, "Join"), b"\xff\xff")
+        assert (code, detail) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid JoinRequest: the bytes are not that message",
+        )
+        code, detail = refused(stub.Join, join_proto("holder-a"))  # even a valid one now
+        assert code is EXHAUSTED
+        assert detail.startswith("rate limit: rejected calls from 'ipv4:127.0.0.1:")
+        assert detail.endswith("over 1/s, burst 3; retry later")
+        assert refused(raw_method(flooder, "PushAnswer"), b"\xff")[0] is EXHAUSTED  # unparsed
+        join(pb_grpc.CoordinatorStub(honest))  # another caller is not throttled
+        clock.now += 1.0  # one token back
+        join(stub, "holder-b")
+    assert spy.calls == ["join", "join"]
+
+
+def test_unauthenticated_calls_count_against_the_certificate_on_any_connection(
+    tmp_path: Path,
+) -> None:
+    certs = tmp_path / "certs"
+    init_ca(certs)
+    issue(certs, "coordinator", server_hosts=("127.0.0.1",))
+    for name in ("holder-a", "holder-b"):
+        issue(certs, name)
+    spy = Spy(real_coordinator(tmp_path))
+    server_tls = tls_config(certs, "coordinator")
+    with serve(spy, "127.0.0.1:0", tls=server_tls, limits=limits(per_s=1e-6, burst=3)) as running:
+        genesis = spy.inner.state.genesis
+        with mtls_channel(certs, "holder-a", running.address) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            me = join(stub)
+            forged = Credentials("holder-a", secrets.token_urlsafe(24))
+            assert refused(stub.PullTask, pull_request(forged, genesis))[0] is (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            impostor = Credentials("holder-b", me.session)  # not its certificate's name
+            code = refused(stub.PushAnswer, push_request(impostor, "limits-1:r0:00000000"))[0]
+            assert code is grpc.StatusCode.PERMISSION_DENIED
+            assert (
+                refused(stub.Join, join_proto("holder-b"))[0] is grpc.StatusCode.PERMISSION_DENIED
+            )
+            code, detail = refused(stub.PullTask, pull_request(me, genesis))  # its own session
+            assert code is EXHAUSTED and "rejected calls from 'holder-a'" in detail
+        with mtls_channel(certs, "holder-a", running.address) as again:  # a new connection
+            assert refused(pb_grpc.CoordinatorStub(again).Join, join_proto("holder-a"))[0] is (
+                EXHAUSTED
+            )
+        with mtls_channel(certs, "holder-b", running.address) as other:
+            join(pb_grpc.CoordinatorStub(other), "holder-b")  # its own bucket
+    assert spy.calls == ["join", "join"]
 
 
 # -- a normal run is not affected --------------------------------------------------------------
