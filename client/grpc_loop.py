@@ -78,6 +78,10 @@ class _StopRequestedError(Exception):
     """The caller's stop event was set; unwinds the loop to a clean Leave."""
 
 
+class _AnswerRefusedError(Exception):
+    """The coordinator refused one answer (FAILED_PRECONDITION); the run may go on."""
+
+
 def run_holder(
     holder: HolderEndpoint,
     address: str,
@@ -218,7 +222,13 @@ class _HolderSession:
             call = PushAnswerCall(credentials=self._session(), answer=answer)
             return self._invoke(self._stub.PushAnswer, wire.push_answer_request_to_proto(call))
 
-        reply = self._call("PushAnswer", attempt, rejoin=True)
+        try:
+            reply = self._call("PushAnswer", attempt, rejoin=True, refused_ok=True)
+        except _AnswerRefusedError as refused:
+            # The coordinator did not take it (the run ended, or a newer task superseded
+            # it): the answer is in the ledger either way; the next pull says what is next.
+            logger.info("answer to task %s not taken: %s", answer.task_id, refused)
+            return
         if not reply.accepted:
             logger.info("answer to task %s not used (duplicate or late)", answer.task_id)
 
@@ -248,8 +258,20 @@ class _HolderSession:
         return self._credentials
 
     # -- calls, deadlines and retries ----------------------------------------------------
-    def _call(self, name: str, attempt: Callable[[], Reply], *, rejoin: bool = False) -> Reply:
-        """Run ``attempt`` until it succeeds, retrying transient failures within the budget."""
+    def _call(
+        self,
+        name: str,
+        attempt: Callable[[], Reply],
+        *,
+        rejoin: bool = False,
+        refused_ok: bool = False,
+    ) -> Reply:
+        """Run ``attempt`` until it succeeds, retrying transient failures within the budget.
+
+        ``refused_ok``: FAILED_PRECONDITION (the coordinator refuses this one call, e.g. an
+        answer after the run ended) raises :class:`_AnswerRefusedError` instead of ending
+        the holder's part in the run.
+        """
         give_up_at = time.monotonic() + self._retry.total_s
         backoff_s = self._retry.initial_backoff_s
         rejoined = False
@@ -269,6 +291,8 @@ class _HolderSession:
                     raise _StopRequestedError
                 backoff_s = min(backoff_s * self._retry.multiplier, self._retry.max_backoff_s)
                 continue
+            if refused_ok and code is grpc.StatusCode.FAILED_PRECONDITION:
+                raise _AnswerRefusedError(detail)
             raise TransportError(f"{name} failed with {code.name}: {detail}")
 
     def _invoke(

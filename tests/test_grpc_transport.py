@@ -508,6 +508,28 @@ def test_refusal_is_pushed_as_is(server: RunningServer, coordinator: FakeCoordin
     assert {a.refusal for a in coordinator.answers.values()} == {refusal}
 
 
+def test_an_answer_the_coordinator_refuses_does_not_end_the_holders_run(
+    server: RunningServer, coordinator: FakeCoordinator
+) -> None:
+    """An answer that arrives after its round closed (or after the run ended) is refused
+    with FAILED_PRECONDITION; the holder pulls again instead of giving up."""
+    refused_once: list[str] = []
+    push = coordinator.push_answer
+
+    def push_answer(holder_id: str, answer: Answer) -> bool:
+        if not refused_once:
+            refused_once.append(answer.task_id)
+            coordinator.answers[answer.task_id] = answer  # the round went on without it
+            raise PolicyViolation(f"task {answer.task_id!r} is no longer open")
+        return push(holder_id, answer)
+
+    coordinator.push_answer = push_answer  # type: ignore[method-assign]
+    holder = FakeHolder()
+    finished = run_holder(holder, server.address, poll_timeout_s=1.0)
+    assert finished.reason == "rounds done" and len(refused_once) == 1
+    assert holder.finished == finished
+
+
 # -- mutual TLS: the identity comes from the certificate ---------------------------------
 def _federation_certs(folder: Path, *holders: str) -> Path:
     """A CA, a coordinator certificate for localhost/127.0.0.1 and holder certificates,
