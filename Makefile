@@ -23,9 +23,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/lint_imports.py
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy common server client sottovoce evidence
+	$(PY) scripts/typecheck.py
 
 protos: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_protos.sh

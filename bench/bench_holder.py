@@ -60,11 +60,11 @@ import torch
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.common.data import Record, sentiment_records, split_sentiment
 from sottovoce.common.fitness import Fitness, PreparedBatch, build_fitness
-from sottovoce.common.messages import Candidate, FitnessSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import Parametrization, ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.parametrizations.select import InPlaceParametrization
+from sottovoce.common.protocol.messages import Candidate, FitnessSpec
 from sottovoce.common.steplog import as_float32
 
 MODEL = "smollm2-135m-instruct"

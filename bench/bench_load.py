@@ -5,14 +5,14 @@ being the bottleneck. This bench runs the real ``Coordinator`` (run state, journ
 per answer, the (1+1)-ES) behind the real ``serve()`` with mutual TLS and the service
 limits a run config gives it, in its own process, so its CPU and memory are its alone.
 
-Certificates come from :mod:`sottovoce.common.certs` (what ``sottovoce certs`` runs) in a
+Certificates come from :mod:`sottovoce.common.transport.certs` (what ``sottovoce certs`` runs) in a
 temporary folder: a CA, a coordinator certificate for 127.0.0.1, and one client
 certificate per simulated holder, whose common name is the holder id. Each holder has its
 own TLS channel (its own TCP connection and handshake).
 
 The holders are asyncio tasks in this process. They speak the protocol the real client
 loop (``client/grpc_loop.py``) speaks, through the generated stubs and the same
-``common/wire.py`` encoders and decoders: Join; then PullTask long-polls (wait
+``common/transport/wire.py`` encoders and decoders: Join; then PullTask long-polls (wait
 ``--poll-s``, deadline wait + 5 s, as the loop's); each task's new steps are checked
 against its log head; a compare answer goes back by PushAnswer; RunFinished, then Leave.
 Transient statuses are retried with the loop's backoff, NOT_FOUND rejoins. The fitness is a
@@ -74,14 +74,15 @@ from sottovoce.client.grpc_loop import (
     TRANSIENT_CODES,
     RetryPolicy,
 )
-from sottovoce.common import wire
-from sottovoce.common.certs import init_ca, issue, tls_config
 from sottovoce.common.config import RunConfig, parse_config
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.steplog import extend_chain
-from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.certs import init_ca, issue, tls_config
+from sottovoce.common.transport.channel import CHANNEL_OPTIONS
+from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 
 FINGERPRINT = "sha256:" + "5a" * 32  # the coordinator needs a fingerprint, not a model
 RPC_TIMEOUT_S = 10.0  # Join and PushAnswer deadlines, as run_holder's default
@@ -282,7 +283,7 @@ def holder_channel(certs: Path, holder_id: str, address: str) -> grpc.aio.Channe
     cert, key, ca = tls_config(certs, holder_id).read()
     credentials = grpc.ssl_channel_credentials(ca, key, cert)
     # One connection per holder, never a subchannel shared between holders in this process.
-    options = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 

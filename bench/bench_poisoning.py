@@ -27,8 +27,9 @@ import torch
 from sottovoce.client.holder import DataHolder
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.data import sentiment_records, shard, split_sentiment
-from sottovoce.common.messages import Answer, AnswerKind, Task
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import Answer, Task
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator

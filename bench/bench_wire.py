@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from sottovoce.client.grpc_loop import run_holder
-from sottovoce.common import wire
-from sottovoce.common.messages import (
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     BatchSpec,
     Candidate,
     FitnessSpec,
@@ -48,10 +50,9 @@ from sottovoce.common.messages import (
     RunSpec,
     Task,
 )
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.proto import sottovoce_pb2 as pb
-from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.channel import CHANNEL_OPTIONS
 from sottovoce.server.coordinator import task_id_for
 from sottovoce.server.grpc_service import serve
 
@@ -278,7 +279,7 @@ def measure_stub_calls(args: argparse.Namespace) -> list[PerCall]:
     coordinator.proxy_counts = proxy.counts
     rows: list[PerCall] = []
     try:
-        with grpc.insecure_channel(proxy.address, options=list(wire.CHANNEL_OPTIONS)) as channel:
+        with grpc.insecure_channel(proxy.address, options=list(CHANNEL_OPTIONS)) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             join = wire.join_request_to_proto(FollowingHolder().join_request())
             credentials = wire.Credentials(HOLDER, stub.Join(join, timeout=10).session)

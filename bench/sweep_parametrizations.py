@@ -120,7 +120,7 @@ def run_one(candidate: Candidate, args: argparse.Namespace, splits: Any) -> dict
         "broken": test.worsened,
         "bits": state.bits_total,
         "accepted": state.log.version,
-        "final_step": coordinator.optimizer.step,
+        "final_step": coordinator.strategy.step_size,
         "seconds": round(time.time() - started, 1),
     }
 

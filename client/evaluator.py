@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from sottovoce.common.fitness import Fitness, PreparedBatch
-from sottovoce.common.messages import AnswerKind, Candidate
 from sottovoce.common.parametrizations.base import Parametrization
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step
 
 Record = dict[str, object]

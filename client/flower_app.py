@@ -1,7 +1,7 @@
 """The data holder as a Flower ``ClientApp``: the same DataHolder, policy and ledger.
 
 This file only moves messages: it decodes a Flower message (validated by
-:mod:`sottovoce.common.flower_records`), hands it to the transport-agnostic
+:mod:`sottovoce.common.transport.flower_records`), hands it to the transport-agnostic
 :class:`~sottovoce.client.holder.DataHolder`, and encodes what the holder says. Every
 privacy decision stays inside the holder, in this process, on the holder's machine: the
 run is checked against the holder's policy (``accept_run``), every task against the
@@ -41,7 +41,9 @@ from flwr.clientapp.typing import Mod
 
 from sottovoce.client.holder import DataHolder
 from sottovoce.common.errors import ConfigError, PolicyViolation
-from sottovoce.common.flower_records import (
+from sottovoce.common.protocol.messages import Answer, RunFinished, RunSpec
+from sottovoce.common.storage import atomic_write_json
+from sottovoce.common.transport.flower_records import (
     HolderState,
     answer_content,
     holder_state_content,
@@ -53,8 +55,6 @@ from sottovoce.common.flower_records import (
     refusal_content,
     saved_log_record,
 )
-from sottovoce.common.messages import Answer, RunFinished, RunSpec
-from sottovoce.common.storage import atomic_write_json
 
 log = logging.getLogger("sottovoce.flower.client")
 

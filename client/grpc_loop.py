@@ -8,7 +8,7 @@ so resending after a lost reply is safe, and a coordinator that restarted and fo
 holder (NOT_FOUND) is joined again. Anything else is permanent: a
 :class:`TransportError` carrying the coordinator's one-line status detail.
 
-Every task is decoded and bounds-checked (:mod:`sottovoce.common.wire`) before the holder
+Every task is decoded and bounds-checked (:mod:`sottovoce.common.transport.wire`) before the holder
 sees it, so a malformed task from a malicious coordinator raises :class:`WireError`
 without touching data.
 """
@@ -24,13 +24,14 @@ from typing import TypeVar
 
 import grpc
 
-from sottovoce.common import wire
-from sottovoce.common.endpoints import HolderEndpoint
 from sottovoce.common.errors import TransportError
-from sottovoce.common.messages import Answer, RunFinished, RunSpec, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
-from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall, TlsConfig
+from sottovoce.common.protocol.messages import Answer, RunFinished, RunSpec, Task
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.channel import CHANNEL_OPTIONS, TlsConfig
+from sottovoce.common.transport.endpoints import HolderEndpoint
+from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def run_holder(
 
 
 def _open_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
-    options: list[tuple[str, int | str]] = list(wire.CHANNEL_OPTIONS)
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     cert, key, ca = tls.read()

@@ -70,20 +70,20 @@ from sottovoce.common.errors import (
     SottovoceError,
 )
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import (
+from sottovoce.common.models import LoadedModel
+from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     BatchSpec,
     JoinRequest,
     RunFinished,
     RunSpec,
     Task,
 )
-from sottovoce.common.models import LoadedModel
-from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
-from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.seeds import SeedSchedule
 from sottovoce.common.resources import peak_rss_bytes
-from sottovoce.common.seeds import SeedSchedule
 from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import Step, StepLog, extend_chain, genesis_hash
 from sottovoce.common.storage import atomic_write_json
@@ -139,7 +139,7 @@ class _RunState:
 
 
 class DataHolder:
-    """Implements :class:`~sottovoce.common.endpoints.HolderEndpoint` for one data set."""
+    """Implements :class:`~sottovoce.common.transport.endpoints.HolderEndpoint` for one data set."""
 
     def __init__(
         self,

@@ -69,7 +69,7 @@ from sottovoce.common.errors import (
     PolicyViolation,
     RefusalCode,
 )
-from sottovoce.common.messages import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.steplog import parse_json_lines, read_json_lines, repair_torn_tail
 from sottovoce.common.storage import create_private
 

@@ -10,7 +10,8 @@ This is the plug point for private answers. A mechanism knows three things:
   coordinator cannot tell a failure from an answer, nor learn anything from either.
 
 A policy names the mechanisms it allows (``answer_mechanisms``, ``require_dp``); the run
-spec's answer kind and DP settings pick one (:func:`sottovoce.common.messages.answer_mechanism`).
+spec's answer kind and DP settings pick one
+(:func:`sottovoce.common.protocol.answers.answer_mechanism`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from sottovoce.client.private_answers import (
 )
 from sottovoce.common.accounting import DpEvent, RandomizedResponse, answer_event
 from sottovoce.common.data import Record
-from sottovoce.common.messages import AnswerKind, AnswerMechanism, RunSpec, Task
+from sottovoce.common.protocol.answers import AnswerKind, AnswerMechanism
+from sottovoce.common.protocol.limits import MAX_ABS_SCALE
+from sottovoce.common.protocol.messages import RunSpec, Task
 from sottovoce.common.steplog import as_float32
-from sottovoce.common.wire import MAX_ABS_SCALE
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ everything the policy does not pin, so the policy pins the whole question:
 * the fitness itself (prompt template, label words, data fields), so a coordinator cannot
   craft a question such as "is record X present?";
 * the seeds: every candidate and step must be on the run's public seed schedule
-  (:mod:`sottovoce.common.seeds`), so no direction is chosen by the coordinator;
+  (:mod:`sottovoce.common.protocol.seeds`), so no direction is chosen by the coordinator;
 * the size of every perturbation and step, and the model's total drift from the base
   (``||x||_inf`` and ``||x||_2`` in the parametrization's coordinates), the steps a task may
   carry, the steps and rounds of a run, and the batch: all checked before any data is read.
@@ -33,14 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import string
 import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import tomli_w
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -49,36 +47,33 @@ from pydantic_core import ErrorDetails
 
 from sottovoce.client.ledger import PrivacyLimit
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
-from sottovoce.common.messages import (
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
+from sottovoce.common.protocol.answers import (
+    ALGORITHM_ANSWER_KINDS,
     ANSWER_MECHANISMS,
-    MAX_TASK_ID_LENGTH,
+    Algorithm,
     AnswerKind,
     AnswerMechanism,
+)
+from sottovoce.common.protocol.limits import (
+    FINGERPRINT_PATTERN,
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_SUBSPACE_DIMENSION,
+    UINT64_MAX,
+)
+from sottovoce.common.protocol.messages import (
+    BatchMode,
     BatchSpec,
     FitnessSpec,
     RunSpec,
     Task,
+    check_fitness_spec,
 )
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
-from sottovoce.common.seeds import SeedSchedule
-from sottovoce.common.steplog import UINT64_MAX, Step
+from sottovoce.common.protocol.seeds import SeedSchedule
+from sottovoce.common.steplog import Step
 
-# The holder's own view of which answer kinds each algorithm asks for. It is deliberately
-# not imported from the coordinator's code: what an algorithm may ask is part of what the
-# holder agrees to, and a holder only allows an algorithm it knows.
-ALGORITHM_ANSWER_KINDS: dict[str, frozenset[AnswerKind]] = {
-    "bboxer-1+1": frozenset({AnswerKind.COMPARE}),
-    "bboxer-1+lambda": frozenset({AnswerKind.BEST_OF}),
-    "dpzero": frozenset({AnswerKind.DP_SCALAR}),
-}
-BatchMode = Literal["minibatch", "full", "poisson"]
-
-_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
-# Ids end up in the ledger and in the operator's audit lines: printable ASCII, no spaces.
-_PRINTABLE_ID = re.compile(r"[\x21-\x7e]+")
-
-MAX_PINNED_DIMENSION = 2**24  # a subspace's x is allocated on the holder
 _StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _StrictInt = Annotated[int, Field(strict=True)]
 
@@ -93,7 +88,7 @@ class HolderPolicy:
 
     max_bits: Annotated[_StrictFloat, Field(gt=0)]
     expected_model_fingerprint: str
-    allowed_algorithms: tuple[str, ...]
+    allowed_algorithms: tuple[Algorithm, ...]
     parametrizations: tuple[ParametrizationSpec, ...]
     max_lambda: Annotated[_StrictInt, Field(ge=1)]
     max_perturbation_scale: Annotated[_StrictFloat, Field(gt=0)]
@@ -152,18 +147,8 @@ class HolderPolicy:
     @field_validator("expected_model_fingerprint")
     @classmethod
     def _fingerprint_format(cls, value: str) -> str:
-        if not _FINGERPRINT.fullmatch(value):
+        if not FINGERPRINT_PATTERN.fullmatch(value):
             raise ValueError("must be 'sha256:' followed by 64 lowercase hex digits")
-        return value
-
-    @field_validator("allowed_algorithms")
-    @classmethod
-    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [name for name in value if name not in ALGORITHM_ANSWER_KINDS]
-        if unknown:
-            raise ValueError(
-                f"unknown algorithm {unknown[0]!r} (known: {sorted(ALGORITHM_ANSWER_KINDS)})"
-            )
         return value
 
     @field_validator(
@@ -181,10 +166,10 @@ class HolderPolicy:
         cls, value: tuple[ParametrizationSpec, ...]
     ) -> tuple[ParametrizationSpec, ...]:
         for index, spec in enumerate(value):
-            if spec.kind == "subspace" and not 1 <= spec.dimension <= MAX_PINNED_DIMENSION:
+            if spec.kind == "subspace" and not 1 <= spec.dimension <= MAX_SUBSPACE_DIMENSION:
                 raise ValueError(
                     f"parametrizations[{index}].dimension: a subspace needs 1.."
-                    f"{MAX_PINNED_DIMENSION} coordinates (got {spec.dimension})"
+                    f"{MAX_SUBSPACE_DIMENSION} coordinates (got {spec.dimension})"
                 )
             if spec.kind == "full" and (spec.patterns or spec.last_k_blocks is not None):
                 raise ValueError(
@@ -195,36 +180,8 @@ class HolderPolicy:
     @field_validator("fitness")
     @classmethod
     def _sound_fitness(cls, value: FitnessSpec) -> FitnessSpec:
-        _check_template(value.prompt_template)
-        if value.kind == "classification":
-            words = value.label_words
-            if len(words) < 2 or len(set(words)) != len(words) or not all(words):
-                raise ValueError(
-                    "label_words: a classification needs >= 2 distinct, non-empty words"
-                )
-        for name in ("text_field", "label_field", "target_field"):
-            if not getattr(value, name):
-                raise ValueError(f"{name}: must not be empty")
+        check_fitness_spec(value)
         return value
-
-
-def _check_template(template: str) -> None:
-    """Only plain ``{field}`` placeholders: no attribute or index access, no conversions.
-
-    ``{text.__class__}`` or ``{text[3]}`` would let a template compute on the record instead
-    of quoting it; pinning the template only means something if it can do nothing else.
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"prompt_template: not a valid format string ({exc})") from exc
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(
-                f"prompt_template: placeholder {{{name}}} must be a plain {{field_name}}"
-            )
 
 
 # -- writing and loading ---------------------------------------------------------------------
@@ -353,11 +310,11 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
             f"run wants algorithm {spec.algorithm!r}; "
             f"policy allows {list(policy.allowed_algorithms)}"
         )
-    kinds = ALGORITHM_ANSWER_KINDS[spec.algorithm]
-    if spec.answer_kind not in kinds:
+    kind = ALGORITHM_ANSWER_KINDS[spec.algorithm]
+    if spec.answer_kind is not kind:
         raise PolicyViolation(
             f"run wants answer kind {_kind(spec.answer_kind)!r} but algorithm {spec.algorithm!r} "
-            f"only asks for {sorted(k.value for k in kinds)}"
+            f"only asks for {kind.value!r}"
         )
     _check_parametrization(policy, spec.parametrization)
     if spec.max_rounds > policy.max_rounds_per_run:
@@ -618,13 +575,10 @@ def check_steps(
 
 
 def _check_id(what: str, value: str) -> None:
-    if not (
-        isinstance(value, str)
-        and len(value) <= MAX_TASK_ID_LENGTH
-        and _PRINTABLE_ID.fullmatch(value)
-    ):
+    """Ids end up in the ledger and the operator's audit lines: the protocol's id pattern."""
+    if not (isinstance(value, str) and ID_PATTERN.fullmatch(value)):
         raise PolicyViolation(
-            f"{what} {_clip(value)} must be 1-{MAX_TASK_ID_LENGTH} printable ASCII characters"
+            f"{what} {_clip(value)} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]"
         )
 
 

@@ -43,7 +43,8 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-from sottovoce.common.messages import AnswerKind, DpSpec
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import DpSpec
 
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE

@@ -10,23 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sottovoce.common.accounting import AccountingError, calibrate_noise_multiplier
+from sottovoce.common.dtypes import DtypeName
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.messages import (
-    MAX_QUANTIZATION_BITS,
-    AnswerKind,
-    BatchSpec,
-    DpSpec,
-    FitnessSpec,
-)
 from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.protocol.answers import ALGORITHM_ANSWER_KINDS, Algorithm, AnswerKind
+from sottovoce.common.protocol.limits import FINGERPRINT_REGEX, MAX_QUANTIZATION_BITS
+from sottovoce.common.protocol.messages import BatchSpec, DpSpec, FitnessSpec, check_fitness_spec
+from sottovoce.common.transport.wire import (
+    WireError,
+    check_batch,
+    check_fitness,
+    check_parametrization,
+)
 
-ALGORITHMS = ("bboxer-1+1", "bboxer-1+lambda", "dpzero")
 SERVICE_LIMIT_KEYS = (  # [server] keys outside the run's fingerprint (see RunConfig.fingerprint)
     "rate_limit_per_s",
     "rate_limit_burst",
@@ -46,7 +49,7 @@ class RunSection(_Section):
     """Identity and limits of the run."""
 
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]{1,24}$")
-    algorithm: Literal["bboxer-1+1", "bboxer-1+lambda", "dpzero"] = "bboxer-1+1"
+    algorithm: Algorithm = "bboxer-1+1"
     seed: int = Field(default=0, ge=0, lt=2**63)
     max_rounds: int = Field(default=100, ge=1, le=1_000_000)
     bit_budget: float = Field(default=300.0, gt=0)
@@ -57,20 +60,8 @@ class ModelSection(_Section):
     """Which base model; holders load their own copy and must match its fingerprint."""
 
     name: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    fingerprint: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
-
-
-class ParametrizationSection(_Section):
-    kind: Literal["full", "select", "subspace", "scale"] = "scale"
-    patterns: tuple[str, ...] = ()
-    last_k_blocks: int | None = Field(default=None, ge=1)
-    dimension: int = Field(default=0, ge=0)
-    projection_seed: int = Field(default=0, ge=0, lt=2**63)
-    granularity: Literal["tensor", "channel"] = "channel"
-
-    def to_spec(self) -> ParametrizationSpec:
-        return ParametrizationSpec(**self.model_dump())
+    dtype: DtypeName = "float32"
+    fingerprint: str | None = Field(default=None, pattern=rf"^{FINGERPRINT_REGEX}$")
 
 
 class OptimizerSection(_Section):
@@ -89,29 +80,6 @@ class OptimizerSection(_Section):
         if self.mirrored and self.candidates % 2:
             raise ValueError("mirrored sampling needs an even number of candidates")
         return self
-
-
-class EvaluationSection(_Section):
-    """Which examples an answer is computed on; ``batch_size`` is the expected size for
-    ``poisson`` (which DPZero needs: it is the sampling its accountant assumes)."""
-
-    mode: Literal["minibatch", "full", "poisson"] = "minibatch"
-    batch_size: int = Field(default=32, ge=1, le=1_000_000)
-
-    def to_spec(self) -> BatchSpec:
-        return BatchSpec(mode=self.mode, batch_size=self.batch_size)
-
-
-class FitnessSection(_Section):
-    kind: Literal["classification", "completion"] = "classification"
-    prompt_template: str = "Review: {text}\nSentiment:"
-    label_words: tuple[str, ...] = (" negative", " positive")
-    text_field: str = "text"
-    label_field: str = "label"
-    target_field: str = "answer"
-
-    def to_spec(self) -> FitnessSpec:
-        return FitnessSpec(**self.model_dump())
 
 
 class DPZeroSection(_Section):
@@ -203,14 +171,37 @@ class SimulateSection(_Section):
 class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
-    parametrization: ParametrizationSection = ParametrizationSection()
+    # What the holders are asked: the protocol's own dataclasses, checked with the same
+    # bounds as on the wire (one schema from run.toml to the holder's policy check).
+    parametrization: ParametrizationSpec = ParametrizationSpec()
     optimizer: OptimizerSection = OptimizerSection()
-    evaluation: EvaluationSection = EvaluationSection()
+    evaluation: BatchSpec = BatchSpec()
     dpzero: DPZeroSection = DPZeroSection()
     privacy: PrivacySection = PrivacySection()
-    fitness: FitnessSection = FitnessSection()
+    fitness: FitnessSpec = FitnessSpec()
     server: ServerSection = ServerSection()
     simulate: SimulateSection = SimulateSection()
+
+    @field_validator("parametrization")
+    @classmethod
+    def _parametrization_bounds(cls, spec: ParametrizationSpec) -> ParametrizationSpec:
+        _within_protocol(check_parametrization, spec)
+        if spec.last_k_blocks is not None and spec.last_k_blocks < 1:
+            raise ValueError(f"last_k_blocks: must be >= 1 (got {spec.last_k_blocks})")
+        return spec
+
+    @field_validator("evaluation")
+    @classmethod
+    def _batch_bounds(cls, spec: BatchSpec) -> BatchSpec:
+        _within_protocol(check_batch, spec)
+        return spec
+
+    @field_validator("fitness")
+    @classmethod
+    def _fitness_bounds(cls, spec: FitnessSpec) -> FitnessSpec:
+        _within_protocol(check_fitness, spec)
+        check_fitness_spec(spec)
+        return spec
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -258,9 +249,7 @@ class RunConfig(_Section):
 
     @property
     def answer_kind(self) -> AnswerKind:
-        if self.run.algorithm == "dpzero":
-            return AnswerKind.DP_SCALAR
-        return AnswerKind.COMPARE if self.run.algorithm == "bboxer-1+1" else AnswerKind.BEST_OF
+        return ALGORITHM_ANSWER_KINDS[self.run.algorithm]
 
     @property
     def sampling_rate(self) -> float | None:
@@ -307,6 +296,14 @@ class RunConfig(_Section):
         return hashlib.sha256(blob).hexdigest()
 
 
+def _within_protocol(check: Callable[[str, Any], None], spec: object) -> None:
+    """The wire's bounds on a spec, as a config error (pydantic names the section)."""
+    try:
+        check("", spec)
+    except WireError as exc:
+        raise ValueError(str(exc).removeprefix("invalid .")) from None
+
+
 def parse_config(data: dict[str, Any], source: str) -> RunConfig:
     """Validate a config dict; errors name ``source`` and the dotted field."""
     try:
@@ -339,8 +336,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     """First pydantic error as 'section.field: message' (one line)."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown key"
     elif "input" in first and first["type"] not in ("missing",):
         message = f"{message} (got {first['input']!r})"

@@ -45,9 +45,9 @@ from collections.abc import Iterator
 
 import torch
 
+from sottovoce.common.protocol.limits import UINT64_MAX
 from sottovoce.common.steplog import as_float32
 
-UINT64_MAX = 2**64 - 1
 MASK32 = 0xFFFFFFFF
 MASK64 = UINT64_MAX
 DIRECTION_DOMAIN = 0

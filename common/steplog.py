@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from sottovoce.common.errors import LogIntegrityError
-
-UINT64_MAX = 2**64 - 1
+from sottovoce.common.protocol.limits import UINT64_MAX
 
 
 def as_float32(value: float) -> float:

@@ -23,8 +23,8 @@ from torch import nn
 from sottovoce.common.data import Record
 from sottovoce.common.errors import SottovoceError
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import FitnessSpec
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.messages import FitnessSpec
 from sottovoce.common.resources import peak_rss_bytes
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train, trainable_copy
 from sottovoce.evidence.scoring import SharedPrefixScorer

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sottovoce.api import fitness_fields
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import (
     SENTIMENT_SOURCES,
@@ -33,7 +32,7 @@ from sottovoce.common.data import (
     sentiment_records,
 )
 from sottovoce.common.errors import ConfigError, DataError
-from sottovoce.common.messages import FitnessSpec
+from sottovoce.common.protocol.messages import FitnessSpec
 from sottovoce.simulate import bundled_split
 
 DEFAULT_SELECTION = 500
@@ -76,7 +75,7 @@ def read_members(files: Sequence[Path], fitness: FitnessSpec) -> list[Record]:
     """The members: every record of the holders' data files, in file order."""
     if not files:
         raise ConfigError("no member files: give --members, or a run with holders/*/data.jsonl")
-    fields = fitness_fields(fitness)
+    fields = fitness.record_fields
     return [record for path in files for record in load_records(path, fields)]
 
 
@@ -104,7 +103,7 @@ def bundled_sentiment_data(
         unused,
         heldout,
         heldout_name=sim.eval_split,
-        ood=read_ood(ood, config.fitness.to_spec(), ood_cap, seed),
+        ood=read_ood(ood, config.fitness, ood_cap, seed),
         selection_size=selection_size,
         seed=seed,
         source=f"bundled sentiment data, split of the run config (seed {seed} for the carving)",
@@ -168,7 +167,7 @@ def read_ood(
                     f"--ood {name}: neither a bundled set ({', '.join(SENTIMENT_SOURCES)}) "
                     "nor an existing file"
                 )
-            records = load_records(path, fitness_fields(fitness))
+            records = load_records(path, fitness.record_fields)
             label = path.stem
         if len(records) > cap:
             records = list(records)

@@ -40,7 +40,6 @@ from sottovoce.evidence.datasets import (
     EvaluationData,
     bundled_sentiment_data,
     carve,
-    fitness_fields,
     read_members,
     read_ood,
 )
@@ -134,7 +133,7 @@ def evaluate(
     if options.checkpoint is not None and len(runs) != 1:
         raise ConfigError("--checkpoint: give exactly one --run (the run it was exported from)")
     config = _common_config(runs)
-    fitness_spec = config.fitness.to_spec()
+    fitness_spec = config.fitness
     members = read_members(options.members or runs[0].member_files, fitness_spec)
     _check_same_members(runs, members, options)
     data = evaluation_data(config, members, options)
@@ -214,7 +213,7 @@ def evaluation_data(
     config: RunConfig, members: list[Record], options: EvaluateOptions
 ) -> EvaluationData:
     """The example sets: carved from the bundled data, or from the auditor's files."""
-    fitness = config.fitness.to_spec()
+    fitness = config.fitness
     if options.nonmembers is None or options.heldout is None:
         return bundled_sentiment_data(
             config,
@@ -224,7 +223,7 @@ def evaluation_data(
             ood_cap=options.ood_cap,
             seed=options.seed,
         )
-    fields = fitness_fields(fitness)
+    fields = fitness.record_fields
     return carve(
         members,
         load_records(options.nonmembers, fields),
@@ -496,7 +495,7 @@ def _common_config(runs: Sequence[RunUnderTest]) -> RunConfig:
             raise ConfigError(
                 f"--run {run.folder}: model {run.config.model.name}, not {first.model.name}"
             )
-        if run.config.fitness.to_spec() != first.fitness.to_spec():
+        if run.config.fitness != first.fitness:
             raise ConfigError(f"--run {run.folder}: a different fitness than {runs[0].folder}")
     return first
 
@@ -508,6 +507,6 @@ def _check_same_members(
         return
     expected = sorted(canonical_line(r) for r in members)
     for run in runs[1:]:
-        theirs = read_members(run.member_files, run.config.fitness.to_spec())
+        theirs = read_members(run.member_files, run.config.fitness)
         if sorted(canonical_line(r) for r in theirs) != expected:
             raise DataError(f"--run {run.folder}: its holders had other data than {runs[0].folder}")

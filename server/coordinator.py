@@ -1,10 +1,10 @@
 """The coordinator: runs rounds of questions to data holders, transport-agnostic.
 
-A round asks every active holder the same question (the optimizer's candidates around
+A round asks every active holder the same question (the strategy's candidates around
 the incumbent) and closes when all of them answered, or at its deadline if a quorum did.
-BBoxER: the weighted plurality of their choices goes to the optimizer, and an accepted
+BBoxER: the weighted plurality of their choices goes to the strategy, and an accepted
 candidate becomes a step in the log. DPZero: their scalars are aggregated (mean or a
-robust rule) and the optimizer turns the estimate into a step. Every answer and every
+robust rule) and the strategy turns the estimate into a step. Every answer and every
 round is journaled before it has any effect (see :mod:`sottovoce.server.run_state`).
 
 Who is heard, and how much:
@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import LogIntegrityError, NotJoined, PolicyViolation
-from sottovoce.common.messages import (
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.limits import MAX_NEW_STEPS, MAX_REASON_LENGTH
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     Candidate,
     JoinRequest,
     RunFinished,
@@ -55,11 +56,8 @@ from sottovoce.common.messages import (
 )
 from sottovoce.common.quantization import dequantize
 from sottovoce.common.steplog import Step
-from sottovoce.common.wire import MAX_NEW_STEPS, MAX_REASON_LENGTH
-from sottovoce.server.aggregation import aggregate_scalars
-from sottovoce.server.optimizers import ComparisonES, DPZero, StepSizeRule
 from sottovoce.server.run_state import AnswerRecord, Eviction, RoundRecord, RunState
-from sottovoce.server.votes import weighted_plurality, winner_index
+from sottovoce.server.strategies import RoundAnswers, Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class OpenRound:
 
 
 class Coordinator:
-    """Implements :class:`~sottovoce.common.endpoints.CoordinatorEndpoint`."""
+    """Implements :class:`~sottovoce.common.transport.endpoints.CoordinatorEndpoint`."""
 
     def __init__(
         self,
@@ -126,14 +124,14 @@ class Coordinator:
         self._round: OpenRound | None = None
         self._listeners: list[RoundListener] = []
         self._eviction_listeners: list[EvictionListener] = []
-        self.optimizer = _build_optimizer(config, state)
+        self.strategy: Strategy = build_strategy(config, state.step_size)
         self.spec = RunSpec(
             run_id=state.run_id,
             algorithm=config.run.algorithm,
             model_fingerprint=model_fingerprint,
-            parametrization=config.parametrization.to_spec(),
-            fitness=config.fitness.to_spec(),
-            batch=config.evaluation.to_spec(),
+            parametrization=config.parametrization,
+            fitness=config.fitness,
+            batch=config.evaluation,
             answer_kind=config.answer_kind,
             bit_budget=config.run.bit_budget,
             max_rounds=config.run.max_rounds,
@@ -323,7 +321,7 @@ class Coordinator:
             self._finish_locked(f"max_rounds ({self.config.run.max_rounds}) reached")
             return
         index = self.state.next_round
-        candidates = self.optimizer.ask(index)
+        candidates = self.strategy.ask(index)
         holders = sorted(self._active)
         early = [a for a in self.state.open_round_answers if a.round_index == index]
         owed = [h for h in holders if h not in {a.holder_id for a in early}]
@@ -375,34 +373,23 @@ class Coordinator:
         assert current is not None
         self._round = None
         quorum_met = current.heard >= self.config.server.quorum
-        winner: int | None = None
-        estimate: float | None = None
-        step = None
-        weights = self.config.server.holder_weights
-        if quorum_met and isinstance(self.optimizer, DPZero):
-            estimate = aggregate_scalars(
-                current.values,
-                self.config.dpzero.aggregate,
-                weights=weights,
-                trim_fraction=self.config.dpzero.trim_fraction,
+        outcome = None
+        if quorum_met:
+            outcome = self.strategy.tell(
+                RoundAnswers(current.candidates, dict(current.choices), dict(current.values))
             )
-            step = self.optimizer.tell(current.candidates[0], estimate)
-        elif quorum_met:
-            assert isinstance(self.optimizer, ComparisonES)
-            winner = winner_index(weighted_plurality(current.choices, weights))
-            step = self.optimizer.tell(current.candidates, winner)
         record = RoundRecord(
             round_index=current.index,
             candidates=current.candidates,
             choices=dict(current.choices),
             refusals=dict(current.refusals),
-            winner=winner,
-            step=step,
-            step_size_after=self.optimizer.step,
+            winner=None if outcome is None else outcome.winner,
+            step=None if outcome is None else outcome.step,
+            step_size_after=self.strategy.step_size,
             bits=self.spec.answer_bits(len(current.candidates)) * current.heard,
             closed_by=reason if quorum_met else f"{reason}; no quorum",
             values=dict(current.values),
-            estimate=estimate,
+            estimate=None if outcome is None else outcome.estimate,
             asked=tuple(sorted(current.task_ids)),
         )
         self.state.record_round(record)
@@ -561,7 +548,7 @@ class Coordinator:
         for closed in reversed(self.state.rounds):
             if closed.round_index == round_index:
                 return len(closed.candidates)
-        return len(self.optimizer.ask(round_index))
+        return len(self.strategy.ask(round_index))
 
     def _check_answer(self, answer: Answer, n_candidates: int) -> float | None:
         """Reject an answer of the wrong shape or out of range; return a dp-scalar's value."""
@@ -591,24 +578,3 @@ def _one_line(text: str, limit: int) -> str:
     quote an exception; the wire carries one bounded line)."""
     line = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _build_optimizer(config: RunConfig, state: RunState) -> ComparisonES | DPZero:
-    if config.run.algorithm == "dpzero":
-        return DPZero(
-            run_seed=config.run.seed,
-            smoothing=config.dpzero.smoothing,
-            learning_rate=config.dpzero.learning_rate,
-            max_coefficient=config.dpzero.max_coefficient,
-        )
-    opt = config.optimizer
-    return ComparisonES(
-        run_seed=config.run.seed,
-        candidates=opt.candidates,
-        mirrored=opt.mirrored,
-        step_rule=StepSizeRule(
-            step=state.step_size if state.step_size is not None else opt.initial_step,
-            min_step=opt.min_step,
-            max_step=opt.max_step,
-        ),
-    )

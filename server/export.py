@@ -36,7 +36,7 @@ class ExportResult:
 
 def replay(loaded: LoadedModel, config: RunConfig, log: StepLog) -> dict[str, Any]:
     """Base weights + the log, folded into a plain state dict (the canonical replay)."""
-    parametrization = build_parametrization(config.parametrization.to_spec())
+    parametrization = build_parametrization(config.parametrization)
     parametrization.attach(loaded.model)
     for step in log:
         parametrization.apply_step(step)
@@ -76,7 +76,7 @@ def read_run_log(run_dir: Path, config: RunConfig, fingerprint: str) -> tuple[St
             f"model {config.model.name} loads as {fingerprint}, the run was made on "
             f"{meta['model_fingerprint']}"
         )
-    genesis = genesis_hash(fingerprint, config.parametrization.to_spec().canonical_id())
+    genesis = genesis_hash(fingerprint, config.parametrization.canonical_id())
     if genesis != meta["genesis"]:
         raise LogIntegrityError(f"{run_dir}: log genesis does not match model + parametrization")
     bits = sum(
@@ -94,7 +94,7 @@ def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -
         raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
     loaded = load_model(config.model.name, dtype="float32", cache_dir=cache_dir)
     log, bits = read_run_log(run_dir, config, loaded.fingerprint)
-    spec = config.parametrization.to_spec()
+    spec = config.parametrization
     genesis = log.genesis
     loaded.model.load_state_dict(replay(loaded, config, log))
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ from sottovoce.common.errors import (
     PolicyViolation,
     SottovoceError,
 )
-from sottovoce.common.flower_records import (
+from sottovoce.common.protocol.messages import RunFinished, Task
+from sottovoce.common.transport.flower_records import (
     FINISH,
     JOIN,
     TASK,
@@ -67,8 +68,7 @@ from sottovoce.common.flower_records import (
     read_join_reply,
     task_content,
 )
-from sottovoce.common.messages import RunFinished, Task
-from sottovoce.common.wire import WireError
+from sottovoce.common.transport.wire import WireError
 from sottovoce.server.coordinator import Coordinator
 
 log = logging.getLogger("sottovoce.flower.server")

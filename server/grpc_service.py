@@ -1,7 +1,7 @@
 """The coordinator's gRPC server: the ``sottovoce.v1.Coordinator`` service over an endpoint.
 
 The servicer is a thin, careful shell around a :class:`CoordinatorEndpoint`: it decodes and
-bounds-checks every request (:mod:`sottovoce.common.wire`) and authenticates the holder
+bounds-checks every request (:mod:`sottovoce.common.transport.wire`) and authenticates the holder
 *before* the endpoint is called, so a malformed or unauthenticated request changes no
 state. Errors become gRPC statuses whose detail is the one-line message:
 
@@ -60,14 +60,15 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sottovoce.common import wire
 from sottovoce.common.config import RunConfig
-from sottovoce.common.endpoints import CoordinatorEndpoint
 from sottovoce.common.errors import NotJoined, SottovoceError, TransportError
-from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
-from sottovoce.common.wire import Credentials, TlsConfig, WireError
+from sottovoce.common.protocol.messages import RunFinished, Task
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.channel import CHANNEL_OPTIONS, TlsConfig
+from sottovoce.common.transport.endpoints import CoordinatorEndpoint
+from sottovoce.common.transport.wire import Credentials, WireError
 from sottovoce.server.limits import (
     Clock,
     ConcurrencyCap,
@@ -468,7 +469,7 @@ def serve(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="sottovoce-rpc"),
         # No SO_REUSEPORT: a second coordinator on a busy port must fail, not share its traffic.
-        options=[*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=4 * limits.max_workers,
     )
     servicer = CoordinatorServicer(

@@ -19,7 +19,8 @@ from sottovoce.common.accounting import (
     answer_event,
 )
 from sottovoce.common.config import RunConfig
-from sottovoce.common.messages import AnswerKind, RunSpec
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import RunSpec
 from sottovoce.server.run_state import RunState
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, LogIntegrityError
-from sottovoce.common.messages import Candidate
+from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import (
     Step,
     StepLog,
@@ -176,7 +176,7 @@ class RunState:
         Resuming needs the same config and model; otherwise the user gets one line saying
         so and nothing in the directory is touched.
         """
-        genesis = genesis_hash(model_fingerprint, config.parametrization.to_spec().canonical_id())
+        genesis = genesis_hash(model_fingerprint, config.parametrization.canonical_id())
         meta_path = run_dir / RUN_META
         if meta_path.exists():
             meta = read_meta(meta_path)

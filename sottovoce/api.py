@@ -10,7 +10,7 @@
     holder = open_holder(Path("holder.jsonl"), Path("policy.toml"), holder_id="hospital-a")
     run_holder(holder, "coordinator.example:50051")
 
-Both objects are transport-agnostic (see ``common/endpoints.py``): tests and the Flower
+Both objects are transport-agnostic (see ``common/transport/endpoints.py``): tests and the Flower
 app drive the same ``Coordinator`` and ``DataHolder`` without gRPC.
 """
 
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import string
 from pathlib import Path
-
-import torch
 
 from sottovoce.client.dataset_identity import open_dataset_ledger
 from sottovoce.client.holder import DataHolder
@@ -29,13 +26,12 @@ from sottovoce.client.ledger import Ledger
 from sottovoce.client.policy import HolderPolicy, load_policy
 from sottovoce.common.config import RunConfig, parse_config, read_toml
 from sottovoce.common.data import Record, load_records
+from sottovoce.common.dtypes import DTYPE_NAMES, torch_dtype
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.messages import FitnessSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 log = logging.getLogger("sottovoce.holder")
 
 
@@ -67,13 +63,6 @@ def open_coordinator(
     return Coordinator(config, state, fingerprint)
 
 
-def fitness_fields(spec: FitnessSpec) -> list[str]:
-    """Record fields the fitness reads: the template's placeholders and the label/target."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(spec.prompt_template) if name]
-    fields.append(spec.label_field if spec.kind == "classification" else spec.target_field)
-    return list(dict.fromkeys(fields))
-
-
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes: the id ledgers before record keys were kept under."""
     digest = hashlib.sha256()
@@ -86,7 +75,7 @@ def file_sha256(path: Path) -> str:
 def open_ledger(policy_path: Path, data_path: Path, *, read_only: bool = False) -> Ledger:
     """The lifetime ledger of a data file's records under a policy (see dataset_identity)."""
     policy = load_policy(policy_path)
-    records = load_records(data_path, required_fields=fitness_fields(policy.fitness))
+    records = load_records(data_path, required_fields=policy.fitness.record_fields)
     return _dataset_ledger(policy, records, data_path, read_only=read_only)
 
 
@@ -122,10 +111,10 @@ def open_holder(
     Everything checkable offline (the model, the data against the pinned fitness, the
     pinned parametrizations) is checked here, before any coordinator is dialled.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: must be one of {sorted(DTYPES)} (got {dtype!r})")
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype: must be one of {list(DTYPE_NAMES)} (got {dtype!r})")
     policy = load_policy(policy_path)
-    records = load_records(data_path, required_fields=fitness_fields(policy.fitness))
+    records = load_records(data_path, required_fields=policy.fitness.record_fields)
 
     def load() -> LoadedModel:
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)
@@ -144,7 +133,7 @@ def open_holder(
             policy,
             ledger,
             load_once,
-            compute_dtype=DTYPES[dtype],
+            compute_dtype=torch_dtype(dtype),
             max_batch=max_batch,
             status_path=status_path,
         )

@@ -21,7 +21,7 @@ from sottovoce.common.errors import ConfigError, SottovoceError
 
 if TYPE_CHECKING:
     from sottovoce.client.holder import DataHolder
-    from sottovoce.common.wire import TlsConfig
+    from sottovoce.common.transport.channel import TlsConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,7 +58,7 @@ def _transport_security(
     address: str, certs: Path | None, name: str, insecure: bool, server_name: str | None = None
 ) -> TlsConfig | None:
     """Mutual TLS from a certificate folder, or (loopback only, loudly) none at all."""
-    from sottovoce.common.certs import tls_config
+    from sottovoce.common.transport.certs import tls_config
 
     if certs is not None and insecure:
         raise ConfigError("--certs and --insecure: choose one")
@@ -473,7 +473,7 @@ def certs() -> None:
 @user_errors
 def certs_init(folder: Path) -> None:
     """Create the federation's CA (ca.pem, ca.key) in a new folder."""
-    from sottovoce.common.certs import init_ca
+    from sottovoce.common.transport.certs import init_ca
 
     issued = init_ca(folder)
     click.echo(f"wrote {issued.cert_path} and {issued.key_path} (keep the key offline)")
@@ -492,7 +492,7 @@ def certs_init(folder: Path) -> None:
 @user_errors
 def certs_issue(folder: Path, name: str, hosts: tuple[str, ...], days: int) -> None:
     """Sign a coordinator certificate (with --host) or a holder certificate (without)."""
-    from sottovoce.common.certs import issue
+    from sottovoce.common.transport.certs import issue
 
     issued = issue(folder, name, server_hosts=hosts, days=days)
     kind = f"coordinator certificate for {', '.join(hosts)}" if hosts else "holder certificate"

@@ -12,9 +12,9 @@ from pathlib import Path
 from sottovoce.client.dataset_identity import open_dataset_ledger
 from sottovoce.client.holder import DataHolder
 from sottovoce.common.config import RunConfig
-from sottovoce.common.endpoints import CoordinatorEndpoint, HolderEndpoint
-from sottovoce.common.messages import RunFinished, Task
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.messages import RunFinished, Task
+from sottovoce.common.transport.endpoints import CoordinatorEndpoint, HolderEndpoint
 from sottovoce.simulate import simulated_policy
 
 Record = dict[str, object]

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sottovoce.api import DTYPES, read_config
+from sottovoce.api import read_config
 from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
 from sottovoce.client.policy import HolderPolicy, policy_toml
 from sottovoce.common.accounting import (
@@ -47,11 +47,12 @@ from sottovoce.common.data import (
     split_sentiment,
     write_jsonl,
 )
+from sottovoce.common.dtypes import torch_dtype
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import DpSpec, RunSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.messages import DpSpec, RunSpec
 from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
@@ -170,7 +171,7 @@ def simulated_policy(
         max_bits=config.simulate.max_holder_policy_bits,
         expected_model_fingerprint=fingerprint,
         allowed_algorithms=(config.run.algorithm,),
-        parametrizations=(config.parametrization.to_spec(),),
+        parametrizations=(config.parametrization,),
         max_lambda=max_lambda,
         max_perturbation_scale=float(max_scale),
         max_drift_linf=config.simulate.max_holder_drift_linf,
@@ -178,7 +179,7 @@ def simulated_policy(
         max_rounds_per_run=config.run.max_rounds,
         max_steps_per_run=config.run.max_rounds,
         max_new_steps_per_task=config.run.max_rounds,
-        fitness=config.fitness.to_spec(),
+        fitness=config.fitness,
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),
         min_examples=min_examples,
@@ -238,11 +239,11 @@ class HeldOut:
 
     def __init__(self, config: RunConfig, loaded: LoadedModel):
         model = loaded.model
-        if DTYPES[config.model.dtype] != torch.float32:
-            model.to(DTYPES[config.model.dtype])
-        self.parametrization = build_parametrization(config.parametrization.to_spec())
+        if config.model.dtype != "float32":
+            model.to(torch_dtype(config.model.dtype))
+        self.parametrization = build_parametrization(config.parametrization)
         self.parametrization.attach(model)
-        fitness = build_fitness(config.fitness.to_spec(), loaded.tokenizer)
+        fitness = build_fitness(config.fitness, loaded.tokenizer)
         self.evaluator = CandidateEvaluator(model, self.parametrization, fitness)
         self.cache = PrefixCache()
 
@@ -448,7 +449,7 @@ def build_report(
     )
     return {
         "algorithm": config.run.algorithm,
-        "parametrization": json.loads(config.parametrization.to_spec().canonical_id()),
+        "parametrization": json.loads(config.parametrization.canonical_id()),
         "model": config.model.name,
         "compute_dtype": config.model.dtype,
         "rounds": len(state.rounds),

@@ -21,18 +21,12 @@ import torch
 from sottovoce.client.policy import HolderPolicy
 from sottovoce.common.data import write_jsonl
 from sottovoce.common.directions import add_scaled_direction_
-from sottovoce.common.messages import (
-    AnswerKind,
-    BatchSpec,
-    Candidate,
-    FitnessSpec,
-    RunSpec,
-    Task,
-)
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.seeds import candidate_seed
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import BatchSpec, Candidate, FitnessSpec, RunSpec, Task
+from sottovoce.common.protocol.seeds import candidate_seed
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
 
 TINY = "tiny-llama"

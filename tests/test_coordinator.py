@@ -10,7 +10,7 @@ import pytest
 
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.errors import ConfigError, LogIntegrityError, PolicyViolation
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.steplog import read_json_lines
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
@@ -171,10 +171,10 @@ def test_restart_resumes_round_and_log(tmp_path: Path) -> None:
     play_round(coordinator, {"a": 1, "b": 1})
     open_task = pull(coordinator, "a")
     coordinator.push_answer("a", Answer(task_id=open_task.task_id, choice=1))
-    head, step_size = coordinator.state.log.head, coordinator.optimizer.step
+    head, step_size = coordinator.state.log.head, coordinator.strategy.step_size
 
     resumed = open_coordinator(run_dir, cfg)  # as after kill -9
-    assert resumed.state.log.head == head and resumed.optimizer.step == step_size
+    assert resumed.state.log.head == head and resumed.strategy.step_size == step_size
     assert resumed.state.bits_total == 3.0
     join_two(resumed)
     again = pull(resumed, "b")

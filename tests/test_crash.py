@@ -26,7 +26,7 @@ from sottovoce.api import open_holder
 from sottovoce.client.grpc_loop import RetryPolicy, run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
-from sottovoce.common.messages import RunFinished
+from sottovoce.common.protocol.messages import RunFinished
 from sottovoce.common.steplog import StepLog, read_json_lines
 
 ROUNDS = 24

@@ -34,11 +34,12 @@ from sottovoce.common.accounting import (
     calibrate_noise_multiplier,
 )
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
-from sottovoce.common.messages import AnswerKind, BatchSpec, DpSpec, RunSpec
 from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import BatchSpec, DpSpec, RunSpec
 from sottovoce.common.quantization import dequantize, levels
-from sottovoce.server.aggregation import aggregate_scalars
-from sottovoce.server.optimizers import DPZero
+from sottovoce.server.strategies import DPZero
+from sottovoce.server.strategies.aggregation import aggregate_scalars
 
 DATASET = "tinyset"
 N = 64
@@ -136,12 +137,12 @@ def test_dpzero_step_descends_and_is_clamped() -> None:
     optimizer = DPZero(run_seed=1, smoothing=1e-3, learning_rate=0.1, max_coefficient=0.25)
     (candidate,) = optimizer.ask(4)
     assert optimizer.ask(4) == (candidate,) and optimizer.ask(5) != (candidate,)
-    step = optimizer.tell(candidate, 2.0)
+    step = optimizer.step_for(candidate, 2.0)
     assert step is not None and step.seed == candidate.seed
     assert step.coefficient == pytest.approx(-0.2)  # against the slope
-    clamped = optimizer.tell(candidate, -1e6)
+    clamped = optimizer.step_for(candidate, -1e6)
     assert clamped is not None and 0 < clamped.coefficient <= 0.25
-    assert optimizer.tell(candidate, 0.0) is None
+    assert optimizer.step_for(candidate, 0.0) is None
 
 
 # -- the holder -----------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from sottovoce.cli import main
 from sottovoce.common.data import canonical_line, sentiment_records
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import FitnessSpec
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.messages import FitnessSpec
 from sottovoce.evidence.baseline import BaselineConfig, train
 from sottovoce.evidence.datasets import bundled_sentiment_data
 from sottovoce.evidence.membership import (

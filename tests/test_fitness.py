@@ -19,8 +19,8 @@ from sottovoce.common.fitness import (
     evaluate_model,
     merge_scores,
 )
-from sottovoce.common.messages import FitnessSpec
 from sottovoce.common.models import TINY_VOCAB_SIZE, build_tiny_tokenizer
+from sottovoce.common.protocol.messages import FitnessSpec
 
 N_ID, Y_ID = ord("n"), ord("y")
 CLASSIFY = FitnessSpec(prompt_template="R: {text}\nS:", label_words=("n", "y"))
@@ -201,9 +201,9 @@ def test_completion_data_errors(tokenizer) -> None:  # type: ignore[no-untyped-d
         (FitnessSpec(label_words=("no", "y")), "label word 'no' encodes to 2 tokens"),
         (FitnessSpec(label_words=("y", "y")), "label word 'y' encodes to token 121, like"),
         (FitnessSpec(label_words=("y",)), ">= 2 label words"),
-        (FitnessSpec(prompt_template="{}", label_words=("n", "y")), "not allowed"),
-        (FitnessSpec(prompt_template="{text.upper}", label_words=("n", "y")), "not allowed"),
-        (FitnessSpec(prompt_template="{text", label_words=("n", "y")), "malformed"),
+        (FitnessSpec(prompt_template="{}", label_words=("n", "y")), "must be a plain"),
+        (FitnessSpec(prompt_template="{text.upper}", label_words=("n", "y")), "must be a plain"),
+        (FitnessSpec(prompt_template="{text", label_words=("n", "y")), "not a valid format"),
     ],
 )
 def test_fitness_config_errors(tokenizer, spec: FitnessSpec, message: str) -> None:  # type: ignore[no-untyped-def]

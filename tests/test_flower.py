@@ -41,10 +41,8 @@ from sottovoce.client import flower_app as flower_client
 from sottovoce.client.flower_app import HolderNodes, NodeHolder, make_client_app
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.client.holder import DataHolder
-from sottovoce.common import flower_records as fr
 from sottovoce.common.errors import RefusalCode
-from sottovoce.common.flower_records import HolderState
-from sottovoce.common.messages import (
+from sottovoce.common.protocol.messages import (
     Answer,
     BatchSpec,
     Candidate,
@@ -52,7 +50,9 @@ from sottovoce.common.messages import (
     RunFinished,
 )
 from sottovoce.common.steplog import Step, read_json_lines
-from sottovoce.common.wire import WireError
+from sottovoce.common.transport import flower_records as fr
+from sottovoce.common.transport.flower_records import HolderState
+from sottovoce.common.transport.wire import WireError
 from sottovoce.local import drive_locally
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run

@@ -34,20 +34,15 @@ from hypothesis import strategies as st
 
 from sottovoce.client.dataset_identity import open_dataset_ledger
 from sottovoce.client.holder import DataHolder
-from sottovoce.common import wire
 from sottovoce.common.errors import PolicyViolation, RefusalCode
-from sottovoce.common.messages import (
-    AnswerKind,
-    BatchSpec,
-    Candidate,
-    DpSpec,
-    RunSpec,
-    Task,
-)
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.proto import sottovoce_pb2 as pb
-from sottovoce.common.steplog import UINT64_MAX, Step, as_float32, extend_chain
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.limits import UINT64_MAX
+from sottovoce.common.protocol.messages import BatchSpec, Candidate, DpSpec, RunSpec, Task
+from sottovoce.common.steplog import Step, as_float32, extend_chain
+from sottovoce.common.transport import wire
 
 DECODERS: list[tuple[type[Any], Callable[[Any], object]]] = [
     (pb.RunSpec, wire.run_spec_from_proto),

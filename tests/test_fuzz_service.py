@@ -28,11 +28,11 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sottovoce.common import wire
 from sottovoce.common.config import parse_config
-from sottovoce.common.messages import JoinRequest
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.messages import JoinRequest
+from sottovoce.common.transport import wire
 from sottovoce.server.coordinator import Coordinator, task_id_for
 from sottovoce.server.grpc_service import SERVICE_NAME, CoordinatorServicer, add_to_server
 from sottovoce.server.limits import RateLimit, ServiceLimits

@@ -18,17 +18,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sottovoce.client.grpc_loop import STOPPED_REASON, RetryPolicy, run_holder
-from sottovoce.common import wire
-from sottovoce.common.certs import init_ca, issue, tls_config
 from sottovoce.common.errors import (
     LogIntegrityError,
     PolicyViolation,
     RefusalCode,
     TransportError,
 )
-from sottovoce.common.messages import (
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     BatchSpec,
     Candidate,
     FitnessSpec,
@@ -37,11 +38,10 @@ from sottovoce.common.messages import (
     RunSpec,
     Task,
 )
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.proto import sottovoce_pb2 as pb
-from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
-from sottovoce.common.wire import WireError
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.certs import init_ca, issue, tls_config
+from sottovoce.common.transport.wire import WireError
 from sottovoce.server.grpc_service import (
     SERVICE_NAME,
     CoordinatorServicer,

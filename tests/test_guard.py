@@ -41,9 +41,12 @@ from sottovoce.client.mechanisms import PlainChoice
 from sottovoce.common.accounting import PoissonGaussian, PrivacyAccountant, RandomizedResponse
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.messages import (
+from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     BatchSpec,
     Candidate,
     DpSpec,
@@ -53,10 +56,7 @@ from sottovoce.common.messages import (
     RunSpec,
     Task,
 )
-from sottovoce.common.models import LoadedModel, load_model
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.seeds import candidate_seed
+from sottovoce.common.protocol.seeds import candidate_seed
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
 from sottovoce.server.grpc_service import serve
 

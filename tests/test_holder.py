@@ -25,9 +25,9 @@ from sottovoce.client.ledger import Ledger
 from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
 from sottovoce.common.errors import PolicyViolation, RefusalCode
-from sottovoce.common.messages import Candidate, RunFinished, RunSpec, Task
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.protocol.messages import Candidate, RunFinished, RunSpec, Task
 from sottovoce.common.steplog import Step, as_float32, extend_chain
 
 DATASET = "tinyset"

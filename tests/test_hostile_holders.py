@@ -23,8 +23,6 @@ from flwr.clientapp import ClientApp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sottovoce.common import flower_records as fr
-from sottovoce.common import wire
 from sottovoce.common.config import RunConfig, ServerSection, parse_config
 from sottovoce.common.errors import (
     ConfigError,
@@ -33,11 +31,13 @@ from sottovoce.common.errors import (
     PolicyViolation,
     SottovoceError,
 )
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.steplog import extend_chain, read_json_lines
-from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
+from sottovoce.common.transport import flower_records as fr
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 from sottovoce.server.coordinator import Coordinator, task_id_for
 from sottovoce.server.flower_app import DriverSettings, make_server_app, run_in_process
 from sottovoce.server.grpc_service import serve

@@ -30,7 +30,7 @@ from sottovoce.client.grpc_loop import run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
 from sottovoce.common.errors import ConfigError, PolicyViolation, TransportError
-from sottovoce.common.messages import RunFinished
+from sottovoce.common.protocol.messages import RunFinished
 from sottovoce.common.steplog import StepLog, read_json_lines
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import LOG_FILE, export_run

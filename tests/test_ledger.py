@@ -19,7 +19,7 @@ from sottovoce.common.errors import (
     LogIntegrityError,
     PolicyViolation,
 )
-from sottovoce.common.messages import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind
 
 DATASET = "3fa9" * 16  # a sha256 in hex, as the caller computes it
 COMPARE = AnswerKind.COMPARE

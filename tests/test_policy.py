@@ -23,17 +23,11 @@ from sottovoce.client.policy import (
 )
 from sottovoce.common.directions import rademacher
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
-from sottovoce.common.messages import (
-    AnswerKind,
-    BatchSpec,
-    Candidate,
-    FitnessSpec,
-    RunSpec,
-    Task,
-)
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.drift import DriftTracker
-from sottovoce.common.seeds import SeedSchedule, candidate_seed
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.messages import BatchSpec, Candidate, FitnessSpec, RunSpec, Task
+from sottovoce.common.protocol.seeds import SeedSchedule, candidate_seed
 from sottovoce.common.steplog import Step
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "policy.toml"
@@ -232,7 +226,7 @@ BAD_TABLES: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown algorithm",
         good_table() | {"allowed_algorithms": ["bboxer-1+1", "evil"]},
-        "allowed_algorithms: unknown algorithm 'evil'",
+        "allowed_algorithms[1]: must be one of 'bboxer-1+1', 'bboxer-1+lambda' or 'dpzero'",
     ),
     (
         "empty algorithms",
@@ -430,7 +424,7 @@ BAD_RUNS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         {},
         {"answer_kind": AnswerKind.BEST_OF},
         FINGERPRINT,
-        "run wants answer kind 'best-of' but algorithm 'bboxer-1+1' only asks for ['compare']",
+        "run wants answer kind 'best-of' but algorithm 'bboxer-1+1' only asks for 'compare'",
     ),
     (
         "parametrization kind not pinned",
@@ -546,7 +540,7 @@ BAD_RUNS: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
         {},
         {"run_id": "run\nfake audit line"},
         FINGERPRINT,
-        "run id 'run\\nfake audit line' must be 1-64 printable ASCII characters",
+        "run id 'run\\nfake audit line' must be 1-64 characters of [A-Za-z0-9._:-]",
     ),
 ]
 
@@ -751,7 +745,7 @@ BAD_TASKS: list[tuple[str, RunSpec, dict[str, Any], str, RefusalCode]] = [
         "task id too long",
         COMPARE,
         {"task_id": "t" * 65},
-        "must be 1-64 printable ASCII",
+        "must be 1-64 characters of [A-Za-z0-9._:-]",
         RefusalCode.POLICY,
     ),
     ("empty task id", COMPARE, {"task_id": ""}, "task id '' must be 1-64", RefusalCode.POLICY),

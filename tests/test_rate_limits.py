@@ -2,7 +2,7 @@
 
 The limiter pieces are checked on a fake clock; the service end to end over real gRPC on
 loopback, in front of the real Coordinator (its journal and rounds are the state a refused
-call must not change), and under mutual TLS with certificates from ``common/certs.py``.
+call must not change), and under mutual TLS with certificates from ``common/transport/certs.py``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sottovoce.client.grpc_loop import run_holder
-from sottovoce.common import wire
-from sottovoce.common.certs import init_ca, issue, tls_config
 from sottovoce.common.config import SERVICE_LIMIT_KEYS, RunConfig, ServerSection, parse_config
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 from sottovoce.common.steplog import extend_chain
-from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.certs import init_ca, issue, tls_config
+from sottovoce.common.transport.channel import CHANNEL_OPTIONS
+from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.grpc_service import (
     SERVICE_NAME,
@@ -339,7 +340,7 @@ def join_proto(holder_id: str) -> pb.JoinRequest:
 def mtls_channel(certs: Path, name: str, address: str) -> grpc.Channel:
     cert, key, ca = tls_config(certs, name).read()
     credentials = grpc.ssl_channel_credentials(ca, key, cert)
-    return grpc.secure_channel(address, credentials, options=list(wire.CHANNEL_OPTIONS))
+    return grpc.secure_channel(address, credentials, options=list(CHANNEL_OPTIONS))
 
 
 class BlockingPolls(Spy):

@@ -26,9 +26,9 @@ def test_readme_shows_the_example_files(example: str) -> None:
 def test_examples_are_valid_and_agree() -> None:
     config = load_config(ROOT / "examples/run.toml")
     policy = load_policy(ROOT / "examples/policy.toml")
-    assert config.fitness.to_spec() == policy.fitness
+    assert config.fitness == policy.fitness
     assert config.run.algorithm in policy.allowed_algorithms
-    assert config.parametrization.to_spec() in policy.parametrizations
+    assert config.parametrization in policy.parametrizations
     assert config.optimizer.candidates <= policy.max_lambda
     assert config.optimizer.max_step <= policy.max_perturbation_scale
 

@@ -10,12 +10,19 @@ from typing import Any
 
 import pytest
 
-from sottovoce.common import wire
 from sottovoce.common.errors import RefusalCode
-from sottovoce.common.messages import (
+from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.limits import (
+    MAX_CHOICE,
     MAX_LAMBDA,
+    MAX_MESSAGE_BYTES,
+    MAX_NEW_STEPS,
+    UINT64_MAX,
+)
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
     BatchSpec,
     Candidate,
     DpSpec,
@@ -25,10 +32,9 @@ from sottovoce.common.messages import (
     RunSpec,
     Task,
 )
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.proto import sottovoce_pb2 as pb
-from sottovoce.common.steplog import UINT64_MAX, Step, as_float32, extend_chain, genesis_hash
-from sottovoce.common.wire import Credentials, PullTaskCall, PushAnswerCall, WireError
+from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
+from sottovoce.common.transport import wire
+from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall, WireError
 
 FINGERPRINT = "sha256:" + "ab" * 32
 GENESIS = genesis_hash(FINGERPRINT, ParametrizationSpec().canonical_id())
@@ -133,7 +139,7 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
     "answer": (ANSWER, ANSWER_CODEC),
     "answer-zero": (Answer(task_id="t", choice=0), ANSWER_CODEC),
     "answer-dp-scalar": (Answer(task_id="t", choice=None, value=-0.375), ANSWER_CODEC),
-    "answer-quantized-level": (Answer(task_id="t", choice=wire.MAX_CHOICE), ANSWER_CODEC),
+    "answer-quantized-level": (Answer(task_id="t", choice=MAX_CHOICE), ANSWER_CODEC),
     "run-spec-dp": (
         replace(
             SPEC,
@@ -196,17 +202,17 @@ def push_bytes(holder_id: str, task_id: str, choice: int) -> int:
 
 def test_push_answer_request_is_at_most_200_bytes_even_with_longest_ids() -> None:
     typical = push_bytes("holder-1", "run-1:r123:holder-1", 1)
-    worst = push_bytes("h" * 64, "t" * 64, wire.MAX_CHOICE)
+    worst = push_bytes("h" * 64, "t" * 64, MAX_CHOICE)
     print(f"PushAnswerRequest: typical {typical} B, longest ids {worst} B")
     assert typical <= 80
     assert worst <= 200
 
 
 def test_largest_task_fits_the_message_limit() -> None:
-    steps = tuple(Step(seed=UINT64_MAX - i, coefficient=-1000.0) for i in range(wire.MAX_NEW_STEPS))
+    steps = tuple(Step(seed=UINT64_MAX - i, coefficient=-1000.0) for i in range(MAX_NEW_STEPS))
     task = replace(BEST_OF_TASK, new_steps=steps, task_id="t" * 64, run_id="r" * 64)
     size = len(wire.pull_task_reply_to_proto(task).SerializeToString())
-    assert size < wire.MAX_MESSAGE_BYTES
+    assert size < MAX_MESSAGE_BYTES
 
 
 # -- bounds, encoding side (the sender catches its own bugs) -------------------------------
@@ -294,7 +300,7 @@ SPEC_BAD: list[tuple[str, RunSpec]] = [
 PUSH_BAD: list[tuple[str, PushAnswerCall]] = [
     ("answer.task_id", _push(task_id="t" * 200)),
     ("answer.choice", _push(choice=-1)),
-    ("answer.choice", _push(choice=wire.MAX_CHOICE + 1)),
+    ("answer.choice", _push(choice=MAX_CHOICE + 1)),
     ("answer", _push(choice=None)),  # neither choice nor refusal
     ("answer", _push(refusal="no")),  # both
     ("answer.refusal", _push(choice=None, refusal="x" * 513)),
@@ -403,7 +409,7 @@ TASK_MUTATIONS: list[Mutation] = [
     ("candidates[0].scale", lambda m: setattr(m.candidates[0], "scale", math.nan)),
     ("candidates[0].scale", lambda m: setattr(m.candidates[0], "scale", 2e3)),
     ("new_steps[1].coefficient", lambda m: setattr(m.new_steps[1], "coefficient", math.inf)),
-    ("new_steps", _add_steps(wire.MAX_NEW_STEPS)),
+    ("new_steps", _add_steps(MAX_NEW_STEPS)),
     ("candidates", lambda m: m.ClearField("candidates")),
     ("answer_kind", _set("answer_kind", 0)),
     ("answer_kind", _set("answer_kind", 99)),
@@ -423,7 +429,7 @@ SPEC_MUTATIONS: list[Mutation] = [
 ]
 PUSH_MUTATIONS: list[Mutation] = [
     ("answer.task_id", lambda m: setattr(m.answer, "task_id", "t" * 200)),
-    ("answer.choice", lambda m: setattr(m.answer, "choice", wire.MAX_CHOICE + 1)),
+    ("answer.choice", lambda m: setattr(m.answer, "choice", MAX_CHOICE + 1)),
     ("answer", lambda m: m.answer.ClearField("choice")),
     ("answer.refusal", lambda m: setattr(m.answer, "refusal", "r" * 513)),
     ("answer", lambda m: m.ClearField("answer")),

@@ -29,6 +29,7 @@ from torch import nn
 from sottovoce.common.steplog import Step
 
 ParametrizationKind = Literal["full", "select", "subspace", "scale"]
+Granularity = Literal["tensor", "channel"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ParametrizationSpec:
     last_k_blocks: int | None = None
     dimension: int = 0
     projection_seed: int = 0
-    granularity: Literal["tensor", "channel"] = "channel"
+    granularity: Granularity = "channel"
 
     def canonical_id(self) -> str:
         """A stable string naming this parametrization; it is hashed into the log's genesis."""

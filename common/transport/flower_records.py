@@ -3,14 +3,14 @@
 The Flower transport moves the same values as the gRPC transport, so it validates them
 the same way: a run spec, a task, the end of a run and a join request travel as their
 ``sottovoce.v1`` protobuf bytes in a ``ConfigRecord`` and are decoded by
-:mod:`sottovoce.common.wire`, which checks every field against its bounds. The answer
+:mod:`sottovoce.common.transport.wire`, which checks every field against its bounds. The answer
 travels as the Flower idiom has it: its choice or dp-scalar value (the only number a
 holder releases) in a ``MetricRecord``, its task id or refusal in a ``ConfigRecord``.
 
 Everything read here is untrusted (a holder reads the coordinator's messages, the
 coordinator the holders' replies): the record names, the record types, the keys and the
 value types are all checked, nothing unexpected is ignored, and any problem raises
-:class:`~sottovoce.common.wire.WireError` with one line naming the record and the field.
+:class:`~sottovoce.common.transport.wire.WireError` with one line naming the record and the field.
 
 Message types (``query.<action>``, routed by the ClientApp):
 
@@ -37,13 +37,11 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from sottovoce.common.errors import RefusalCode
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.protocol.limits import HASH_PATTERN, MAX_COUNT, MAX_MESSAGE_BYTES
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 from sottovoce.common.steplog import Step
-from sottovoce.common.wire import (
-    HASH_PATTERN,
-    MAX_COUNT,
-    MAX_MESSAGE_BYTES,
+from sottovoce.common.transport.wire import (
     WireError,
     answer_to_proto,
     join_request_from_proto,

@@ -1,17 +1,25 @@
-"""Ask/tell ES, step-size rule and the vote."""
+"""The ask/tell strategies: the ES and its step-size rule, the vote, the registry."""
 
 from __future__ import annotations
 
 import math
 
-from sottovoce.server.optimizers import (
-    FAILURE_FACTOR,
-    SUCCESS_FACTOR,
+import pytest
+from helpers import run_config_data
+
+from sottovoce.common.config import RunConfig
+from sottovoce.common.errors import ConfigError
+from sottovoce.common.protocol.answers import AnswerKind, decode_choice
+from sottovoce.common.protocol.seeds import candidate_seed
+from sottovoce.server.strategies import (
     ComparisonES,
+    DPZero,
+    RoundAnswers,
     StepSizeRule,
-    candidate_seed,
+    build_strategy,
 )
-from sottovoce.server.votes import weighted_plurality, winner_index
+from sottovoce.server.strategies.comparison import FAILURE_FACTOR, SUCCESS_FACTOR
+from sottovoce.server.strategies.votes import weighted_plurality
 
 
 def make(candidates: int = 1, mirrored: bool = False) -> ComparisonES:
@@ -57,12 +65,29 @@ def test_mirrored_pairs_share_a_seed_with_opposite_scales() -> None:
 def test_tell_accepts_winner_and_adapts_step() -> None:
     es = make()
     (candidate,) = es.ask(0)
-    step = es.tell((candidate,), 0)
+    outcome = es.tell(RoundAnswers((candidate,), {"a": 1, "b": 1, "c": 0}))
+    step = outcome.step
     assert step is not None and step.seed == candidate.seed and step.coefficient == candidate.scale
-    assert es.step == 0.2
-    assert es.tell((candidate,), None) is None
-    assert math.isclose(es.step, 0.2 * FAILURE_FACTOR)
-    assert make(candidates=3).bits_per_answer() == 2.0
+    assert outcome.winner == 0 and es.step_size == 0.2
+    assert es.tell(RoundAnswers((candidate,), {"a": 0})).step is None
+    assert math.isclose(es.step_size, 0.2 * FAILURE_FACTOR)
+
+
+def test_the_registry_builds_each_algorithm_with_its_answer_kind() -> None:
+    def config(**run: object) -> RunConfig:
+        return RunConfig.model_validate(run_config_data(**run))
+
+    assert build_strategy(config()).answer_kind is AnswerKind.COMPARE
+    lam = config(run={"algorithm": "bboxer-1+lambda"}, optimizer={"candidates": 3})
+    assert build_strategy(lam).answer_kind is AnswerKind.BEST_OF
+    dp = config(run={"algorithm": "dpzero"}, evaluation={"mode": "poisson", "batch_size": 8})
+    assert isinstance(build_strategy(dp), DPZero)
+    resumed = build_strategy(config(), step_size=0.125)
+    assert resumed.step_size == 0.125  # a restart takes the journaled step size back
+    with pytest.raises(ConfigError, match="no strategy"):
+        build_strategy(
+            config().model_copy(update={"run": config().run.model_copy(update={"algorithm": "x"})})
+        )
 
 
 def test_weighted_plurality_ties_keep_incumbent() -> None:
@@ -71,4 +96,4 @@ def test_weighted_plurality_ties_keep_incumbent() -> None:
     assert weighted_plurality({"a": 1, "b": 0, "c": 0}, {"a": 3.0}) == 1
     assert weighted_plurality({"a": 2, "b": 3}, {}) == 0
     assert weighted_plurality({}, {}) == 0
-    assert winner_index(0) is None and winner_index(3) == 2
+    assert decode_choice(0) is None and decode_choice(3) == 2

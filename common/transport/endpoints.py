@@ -1,7 +1,7 @@
 """The two interfaces a transport connects: the coordinator's and the data holder's.
 
 A transport (gRPC in ``server/grpc_service.py`` + ``client/grpc_loop.py``, or Flower)
-only moves :mod:`sottovoce.common.messages` values between these two; it holds no
+only moves :mod:`sottovoce.common.protocol.messages` values between these two; it holds no
 algorithm and no privacy logic of its own.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sottovoce.common.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
 
 
 class CoordinatorEndpoint(Protocol):

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.wire import TlsConfig
+from sottovoce.common.transport.channel import TlsConfig
 
 CA_NAME = "ca"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

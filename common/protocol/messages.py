@@ -1,56 +1,28 @@
 """What coordinator and data holders say to each other, independent of the transport.
 
 These dataclasses are the vocabulary of the protocol (DESIGN.md §4-5). The gRPC transport
-(``common/wire.py``) and the Flower transport translate them to and from their own
+(``common/transport/wire.py``) and the Flower transport translate them to and from their own
 records; the algorithms and the holder's policy only ever see these types.
 """
 
 from __future__ import annotations
 
-import math
+import string
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Literal
 
 from sottovoce.common.errors import RefusalCode
 from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.protocol.answers import (
+    AnswerKind,
+    AnswerMechanism,
+    answer_bits,
+    answer_mechanism,
+)
 from sottovoce.common.steplog import Step
 
-MAX_TASK_ID_LENGTH = 64
-MAX_HOLDER_ID_LENGTH = 64
-MAX_LAMBDA = 64
-
-
-class AnswerKind(StrEnum):
-    """What a task asks for; each kind has a fixed information cost (see ``bits``)."""
-
-    COMPARE = "compare"  # one candidate vs the incumbent: better or not (1 bit)
-    BEST_OF = "best-of"  # index of the best of lambda candidates, or none: log2(lambda+1) bits
-    DP_SCALAR = "dp-scalar"  # DPZero: clipped, averaged, noised finite difference (32 or k bits)
-
-
-FLOAT32_BITS = 32
-MAX_QUANTIZATION_BITS = 16
-
-
-def answer_bits(kind: AnswerKind, n_candidates: int, quantization_bits: int = 0) -> float:
-    """Information cost of one answer: log2 of the number of possible answers.
-
-    A dp-scalar travels as a float32 (at most 32 bits of information), or as one of
-    ``2**quantization_bits`` levels when quantized; either way it has a bit cost, so the
-    bits-based generalization bound covers DPZero runs too.
-    """
-    if kind is AnswerKind.COMPARE:
-        if n_candidates != 1:
-            raise ValueError("a compare task has exactly one candidate")
-        return 1.0
-    if kind is AnswerKind.BEST_OF:
-        return math.log2(n_candidates + 1)
-    if kind is AnswerKind.DP_SCALAR:
-        if n_candidates != 1:
-            raise ValueError("a dp-scalar task has exactly one direction")
-        return float(quantization_bits or FLOAT32_BITS)
-    raise ValueError(f"unknown answer kind {kind}")
+FitnessKind = Literal["classification", "completion"]
+BatchMode = Literal["minibatch", "full", "poisson"]
 
 
 @dataclass(frozen=True)
@@ -63,12 +35,55 @@ class FitnessSpec:
     ``target_field`` after the rendered prompt.
     """
 
-    kind: Literal["classification", "completion"] = "classification"
+    kind: FitnessKind = "classification"
     prompt_template: str = "Review: {text}\nSentiment:"
     label_words: tuple[str, ...] = (" negative", " positive")
     text_field: str = "text"
     label_field: str = "label"
     target_field: str = "answer"
+
+    @property
+    def record_fields(self) -> list[str]:
+        """Record fields the fitness reads: the template's placeholders, the label/target."""
+        fields = template_fields(self.prompt_template)
+        fields.append(self.label_field if self.kind == "classification" else self.target_field)
+        return list(dict.fromkeys(fields))
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template quotes; only plain ``{field_name}`` placeholders.
+
+    ``{text.__class__}``, ``{text[3]}``, ``{text!r}`` or ``{text:>9}`` would let a template
+    compute on the record instead of quoting it; pinning the template only means something
+    if it can do nothing else. Raises ValueError naming the placeholder.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt_template: not a valid format string ({exc})") from exc
+    fields: list[str] = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"prompt_template: placeholder {{{name}}} must be a plain {{field_name}}"
+            )
+        if name not in fields:
+            fields.append(name)
+    return fields
+
+
+def check_fitness_spec(spec: FitnessSpec) -> None:
+    """What makes a fitness spec sound, beyond the wire's bounds (ValueError: ``field: why``)."""
+    template_fields(spec.prompt_template)
+    if spec.kind == "classification":
+        words = spec.label_words
+        if len(words) < 2 or len(set(words)) != len(words) or not all(words):
+            raise ValueError("label_words: a classification needs >= 2 distinct, non-empty words")
+    for name in ("text_field", "label_field", "target_field"):
+        if not getattr(spec, name):
+            raise ValueError(f"{name}: must not be empty")
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ class BatchSpec:
     on average; the sampling DP accounting assumes (DPZero).
     """
 
-    mode: Literal["minibatch", "full", "poisson"] = "minibatch"
+    mode: BatchMode = "minibatch"
     batch_size: int = 32
 
 
@@ -121,24 +136,6 @@ class DpSpec:
         return self.noise_multiplier > 0 or self.randomized_response_epsilon > 0
 
 
-AnswerMechanism = Literal["plain", "randomized-response", "dp-scalar"]
-"""How a holder turns its scores into what it releases; a policy names those it allows.
-
-* ``plain``: the true compare / best-of choice. Bounded in bits, but not record-private:
-  one record can decide a close comparison.
-* ``randomized-response``: the choice under k-ary randomized response (epsilon-DP).
-* ``dp-scalar``: DPZero's clipped, Poisson-subsampled, Gaussian-noised finite difference.
-"""
-ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = ("plain", "randomized-response", "dp-scalar")
-
-
-def answer_mechanism(kind: AnswerKind, dp: DpSpec) -> AnswerMechanism:
-    """The mechanism a run's answers use, from its answer kind and DP settings."""
-    if kind is AnswerKind.DP_SCALAR:
-        return "dp-scalar"
-    return "randomized-response" if dp.randomized_response_epsilon > 0 else "plain"
-
-
 @dataclass(frozen=True)
 class RunSpec:
     """What a holder learns when it joins, and checks against its policy before answering."""
@@ -162,7 +159,7 @@ class RunSpec:
 
     @property
     def mechanism(self) -> AnswerMechanism:
-        return answer_mechanism(self.answer_kind, self.dp)
+        return answer_mechanism(self.answer_kind, self.dp.randomized_response_epsilon)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ both directions, against explicit bounds (lengths, ranges, finiteness, known enu
 and any violation raises :class:`WireError` with one line naming the message and field.
 Encoding checks too, so a bug on the sending side is caught before it reaches a peer.
 
-The dataclasses live in :mod:`sottovoce.common.messages`; the call envelopes (holder id
+The dataclasses live in :mod:`sottovoce.common.protocol.messages`; the call envelopes (holder id
 and session token around a payload) are the small dataclasses defined below.
 """
 
@@ -17,63 +17,64 @@ import math
 import re
 from collections.abc import Mapping, Sized
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
 
-from sottovoce.common.errors import ConfigError, RefusalCode, SottovoceError
-from sottovoce.common.messages import (
-    MAX_HOLDER_ID_LENGTH,
+from sottovoce.common.errors import RefusalCode, SottovoceError
+from sottovoce.common.parametrizations.base import (
+    Granularity,
+    ParametrizationKind,
+    ParametrizationSpec,
+)
+from sottovoce.common.proto import sottovoce_pb2 as pb
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.limits import (
+    FINGERPRINT_PATTERN,
+    HASH_PATTERN,
+    ID_PATTERN,
+    MAX_ABS_SCALE,
+    MAX_BATCH_SIZE,
+    MAX_BITS,
+    MAX_CHOICE,
+    MAX_COUNT,
+    MAX_DEADLINE_UNIX,
+    MAX_EPSILON,
+    MAX_ID_LENGTH,
+    MAX_LABEL_WORD_LENGTH,
+    MAX_LABEL_WORDS,
     MAX_LAMBDA,
+    MAX_LAST_K_BLOCKS,
+    MAX_NAME_LENGTH,
+    MAX_NEW_STEPS,
+    MAX_NOISE_MULTIPLIER,
+    MAX_PATTERNS,
+    MAX_POLICY_ENTRIES,
     MAX_QUANTIZATION_BITS,
-    MAX_TASK_ID_LENGTH,
+    MAX_RANDOMIZED_RESPONSE_EPSILON,
+    MAX_REASON_LENGTH,
+    MAX_SUBSPACE_DIMENSION,
+    MAX_TEXT_LENGTH,
+    MAX_WAIT_MS,
+    SESSION_PATTERN,
+    UINT64_MAX,
+)
+from sottovoce.common.protocol.messages import (
     Answer,
-    AnswerKind,
+    BatchMode,
     BatchSpec,
     Candidate,
     DpSpec,
+    FitnessKind,
     FitnessSpec,
     JoinRequest,
     RunFinished,
     RunSpec,
     Task,
 )
-from sottovoce.common.parametrizations.base import ParametrizationKind, ParametrizationSpec
-from sottovoce.common.proto import sottovoce_pb2 as pb
-from sottovoce.common.steplog import UINT64_MAX, Step
+from sottovoce.common.steplog import Step
 
-# -- bounds ------------------------------------------------------------------------------
-MAX_ID_LENGTH = max(MAX_TASK_ID_LENGTH, MAX_HOLDER_ID_LENGTH)  # task, run and holder ids
-MAX_ABS_SCALE = 1e3  # candidate scales and step coefficients
-MAX_NEW_STEPS = 100_000  # steps shipped in one task
-MAX_BATCH_SIZE = 1_000_000
-MAX_TEXT_LENGTH = 4096  # prompt template, patterns, policy values
-MAX_LABEL_WORDS = 16
-MAX_LABEL_WORD_LENGTH = 64
-MAX_NAME_LENGTH = 64  # algorithm name, record field names, policy keys
-MAX_REASON_LENGTH = 512
-MAX_PATTERNS = 256
-MAX_POLICY_ENTRIES = 64
-MAX_LAST_K_BLOCKS = 65_536
-MAX_COUNT = 2**40  # log versions, round indexes, max_rounds
-# A subspace's x is allocated on the holder (float32): 2**24 coordinates are 64 MiB.
-MAX_SUBSPACE_DIMENSION = 2**24
-MAX_BITS = 1e12  # bit budgets and totals
-MAX_DEADLINE_UNIX = 1e11  # year ~5138: any larger "time" is garbage
-MAX_WAIT_MS = 600_000
-MAX_CHOICE = 2**MAX_QUANTIZATION_BITS - 1  # best-of indexes (<= 64) and quantized levels
-MAX_NOISE_MULTIPLIER = 1e6
-MAX_EPSILON = 1e6  # a run's DP target (reported, never used in arithmetic by a holder)
-# Randomized response at epsilon 64 keeps the truth with probability 1 - 1e-27: past it
-# the mechanism is plain comparison in all but name, and exp() stays far from overflow.
-MAX_RANDOMIZED_RESPONSE_EPSILON = 64.0
-
-ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_LENGTH}}}")
-SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
-HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
-FINGERPRINT_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_EXCEPT_NEWLINE_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -112,9 +113,6 @@ class PushAnswerCall:
 # -- enums -------------------------------------------------------------------------------
 E = TypeVar("E")
 P = TypeVar("P", bound=int)
-Granularity = Literal["tensor", "channel"]
-FitnessKind = Literal["classification", "completion"]
-BatchMode = Literal["minibatch", "full", "poisson"]
 
 _ANSWER_KINDS: dict[AnswerKind, pb.AnswerKind.ValueType] = {
     AnswerKind.COMPARE: pb.ANSWER_KIND_COMPARE,
@@ -259,7 +257,7 @@ def _required(where: str, message: Message, name: str) -> None:
 
 
 # -- ParametrizationSpec -----------------------------------------------------------------
-def _check_parametrization(where: str, spec: ParametrizationSpec) -> None:
+def check_parametrization(where: str, spec: ParametrizationSpec) -> None:
     _enum_to_proto(f"{where}.kind", _PARAMETRIZATION_KINDS, spec.kind)
     _check_length(f"{where}.patterns", spec.patterns, 0, MAX_PATTERNS)
     for i, pattern in enumerate(spec.patterns):
@@ -274,7 +272,7 @@ def _check_parametrization(where: str, spec: ParametrizationSpec) -> None:
 def parametrization_to_proto(
     spec: ParametrizationSpec, where: str = "ParametrizationSpec"
 ) -> pb.ParametrizationSpec:
-    _check_parametrization(where, spec)
+    check_parametrization(where, spec)
     message = pb.ParametrizationSpec(
         kind=_PARAMETRIZATION_KINDS[spec.kind],
         patterns=list(spec.patterns),
@@ -298,12 +296,12 @@ def parametrization_from_proto(
         projection_seed=message.projection_seed,
         granularity=_enum_from_proto(f"{where}.granularity", _GRANULARITIES, message.granularity),
     )
-    _check_parametrization(where, spec)
+    check_parametrization(where, spec)
     return spec
 
 
 # -- FitnessSpec -------------------------------------------------------------------------
-def _check_fitness(where: str, spec: FitnessSpec) -> None:
+def check_fitness(where: str, spec: FitnessSpec) -> None:
     _enum_to_proto(f"{where}.kind", _FITNESS_KINDS, spec.kind)
     _check_text(
         f"{where}.prompt_template", spec.prompt_template, max_len=MAX_TEXT_LENGTH, one_line=False
@@ -316,7 +314,7 @@ def _check_fitness(where: str, spec: FitnessSpec) -> None:
 
 
 def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.FitnessSpec:
-    _check_fitness(where, spec)
+    check_fitness(where, spec)
     return pb.FitnessSpec(
         kind=_FITNESS_KINDS[spec.kind],
         prompt_template=spec.prompt_template,
@@ -336,18 +334,18 @@ def fitness_from_proto(message: pb.FitnessSpec, where: str = "FitnessSpec") -> F
         label_field=message.label_field,
         target_field=message.target_field,
     )
-    _check_fitness(where, spec)
+    check_fitness(where, spec)
     return spec
 
 
 # -- BatchSpec ---------------------------------------------------------------------------
-def _check_batch(where: str, spec: BatchSpec) -> None:
+def check_batch(where: str, spec: BatchSpec) -> None:
     _enum_to_proto(f"{where}.mode", _BATCH_MODES, spec.mode)
     _check_int(f"{where}.batch_size", spec.batch_size, 1, MAX_BATCH_SIZE)
 
 
 def batch_to_proto(spec: BatchSpec, where: str = "BatchSpec") -> pb.BatchSpec:
-    _check_batch(where, spec)
+    check_batch(where, spec)
     return pb.BatchSpec(mode=_BATCH_MODES[spec.mode], batch_size=int(spec.batch_size))
 
 
@@ -356,7 +354,7 @@ def batch_from_proto(message: pb.BatchSpec, where: str = "BatchSpec") -> BatchSp
         mode=_enum_from_proto(f"{where}.mode", _BATCH_MODES, message.mode),
         batch_size=message.batch_size,
     )
-    _check_batch(where, spec)
+    check_batch(where, spec)
     return spec
 
 
@@ -785,41 +783,3 @@ def leave_request_from_proto(message: pb.LeaveRequest) -> Credentials:
     credentials = Credentials(holder_id=message.holder_id, session=message.session)
     _check_credentials("LeaveRequest", credentials)
     return credentials
-
-
-# -- transport settings both ends share --------------------------------------------------
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a task with MAX_NEW_STEPS steps is about 1.6 MB
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-)
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """Mutual TLS material: this end's certificate and key, and the CA that signs the peers.
-
-    The coordinator requires a client certificate and takes the holder's identity from its
-    common name; a holder checks the coordinator's certificate against ``ca_path``.
-    ``server_name`` (client side only) overrides the name the coordinator's certificate is
-    checked against, for addresses such as ``127.0.0.1`` that are not in the certificate.
-    """
-
-    cert_path: Path
-    key_path: Path
-    ca_path: Path
-    server_name: str | None = None
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """(certificate chain, private key, CA certificates) as PEM bytes."""
-        return _read_pem(self.cert_path), _read_pem(self.key_path), _read_pem(self.ca_path)
-
-
-def _read_pem(path: Path) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read TLS file: {exc.strerror}") from exc
-    if b"-----BEGIN " not in data:
-        raise ConfigError(f"{path}: not a PEM file")
-    return data

@@ -1,0 +1,1 @@
+"""The protocol's vocabulary: messages, their bounds, answer costs, the seed schedule."""

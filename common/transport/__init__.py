@@ -1,0 +1,1 @@
+"""Moving the protocol's messages: gRPC wire encoding, channel settings, TLS, Flower records."""
