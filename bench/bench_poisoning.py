@@ -31,10 +31,10 @@ from sottovoce.common.models import load_model
 from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import Answer, Task
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
+from sottovoce.heldout import HeldOut
 from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
-from sottovoce.simulate import HeldOut
 
 HOLDERS = 5
 POISON = 1000.0  # the largest |value| the wire accepts

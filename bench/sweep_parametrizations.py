@@ -27,10 +27,10 @@ from sottovoce.common.config import parse_config
 from sottovoce.common.data import sentiment_records, shard, split_sentiment
 from sottovoce.common.models import load_model
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
+from sottovoce.heldout import HeldOut
 from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
-from sottovoce.simulate import HeldOut
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,13 @@ def create_private(path: Path) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE)
     os.close(descriptor)
     os.chmod(path, PRIVATE)
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by another process (a holder's report or status), or None if
+    it is missing, torn or not an object: such files are read, never trusted to exist."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

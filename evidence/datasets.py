@@ -33,7 +33,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.protocol.messages import FitnessSpec
-from sottovoce.simulate import bundled_split
+from sottovoce.federation import bundled_split
 
 DEFAULT_SELECTION = 500
 DEFAULT_OOD_CAP = 1000

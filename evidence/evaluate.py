@@ -32,6 +32,7 @@ from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.fitness import ExampleScores, build_fitness
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.common.storage import read_json_object
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train
 from sottovoce.evidence.baseline_process import BaselineJob, train_in_own_process
 from sottovoce.evidence.datasets import (
@@ -57,7 +58,6 @@ from sottovoce.server.export import (
     read_run_log,
     replay,
 )
-from sottovoce.simulate import read_json_object
 
 BASE = "base model (never saw the data)"
 BASELINE = "backprop baseline"

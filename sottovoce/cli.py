@@ -457,7 +457,7 @@ def ledger(policy_path: Path, data_path: Path) -> None:
 @user_errors
 def federation(config_path: Path, out: Path) -> None:
     """Split the bundled data into holder folders (data.jsonl + policy.toml each)."""
-    from sottovoce.simulate import write_federation
+    from sottovoce.federation import write_federation
 
     for folder in write_federation(config_path, out):
         click.echo(f"wrote {folder}/data.jsonl and {folder}/policy.toml")

@@ -15,7 +15,7 @@ from sottovoce.common.config import RunConfig
 from sottovoce.common.models import load_model
 from sottovoce.common.protocol.messages import RunFinished, Task
 from sottovoce.common.transport.endpoints import CoordinatorEndpoint, HolderEndpoint
-from sottovoce.simulate import simulated_policy
+from sottovoce.federation import simulated_policy
 
 Record = dict[str, object]
 

@@ -20,190 +20,27 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sottovoce.api import read_config
-from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
-from sottovoce.client.policy import HolderPolicy, policy_toml
-from sottovoce.common.accounting import (
-    ACCOUNTANT_NAME,
-    NEIGHBOURING_RELATION,
-    PrivacyAccountant,
-    answer_event,
-)
 from sottovoce.common.config import RunConfig
-from sottovoce.common.data import (
-    SentimentSplits,
-    records_hash,
-    sentiment_records,
-    shard,
-    split_sentiment,
-    write_jsonl,
-)
-from sottovoce.common.dtypes import torch_dtype
 from sottovoce.common.errors import ConfigError, SottovoceError
-from sottovoce.common.fitness import build_fitness
-from sottovoce.common.models import LoadedModel, load_model
-from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.protocol.messages import DpSpec, RunSpec
-from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.common.models import load_model
+from sottovoce.federation import Federation, default_state_dir, prepare_federation
+from sottovoce.heldout import HeldOut
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_report import coordinator_report
 from sottovoce.server.run_state import RoundRecord, RunState
+from sottovoce.simulation_report import build_report, mean_holder_score, pooled_train_errors
 
-Record = dict[str, object]
 ENGINES = ("native", "flower")
-
-
-@dataclass
-class Federation:
-    """The files a simulated federation runs on."""
-
-    run_dir: Path
-    holder_dirs: list[Path]
-    test: list[Record]
-    train: list[Record]
-    test_hash: str
-
-
-def default_state_dir() -> Path:
-    """Where simulated holders keep their lifetime ledgers (they outlive any one run)."""
-    root = os.environ.get("SOTTOVOCE_HOME") or str(Path.home() / ".sottovoce")
-    return Path(root) / "ledgers"
-
-
-def prepare_federation(
-    config: RunConfig, run_dir: Path, fingerprint: str, state_dir: Path
-) -> Federation:
-    """Split the data, write each holder's data file and policy."""
-    splits, train = bundled_split(config)
-    holder_dirs = write_holder_folders(config, train, run_dir / "holders", fingerprint, state_dir)
-    test = list(splits.test if config.simulate.eval_split == "test" else splits.dev)
-    return Federation(run_dir, holder_dirs, test, train, records_hash(test))
-
-
-def bundled_split(config: RunConfig) -> tuple[SentimentSplits, list[Record]]:
-    """The bundled sentiment splits of ``[simulate]`` and the training examples given out.
-
-    The holders get the first ``train_size`` of the train split (all of it if 0); the rest
-    of it is never given to anyone, which is where ``sottovoce evaluate`` finds non-members.
-    """
-    sim = config.simulate
-    splits = split_sentiment(sentiment_records(), test_size=sim.test_size, dev_size=sim.dev_size)
-    return splits, list(splits.train[: sim.train_size] if sim.train_size else splits.train)
-
-
-def write_holder_folders(
-    config: RunConfig, train: list[Record], out: Path, fingerprint: str, ledger_dir: Path
-) -> list[Path]:
-    """``out/holder-<i>/{data.jsonl, policy.toml}`` for each of ``simulate.holders`` shards.
-
-    ``ledger_dir`` goes into the policies as written: absolute, or relative to each
-    policy's own folder (how a holder in a container keeps its ledger next to its data).
-    """
-    holders = config.simulate.holders
-    if len(train) < holders:
-        raise ConfigError(f"simulate.train_size: {len(train)} examples for {holders} holders")
-    shards = shard(train, holders)
-    smallest = min(len(records) for records in shards)
-    wanted = config.privacy.examples_per_holder
-    if wanted is not None and wanted > smallest:
-        raise ConfigError(
-            f"privacy.examples_per_holder: {wanted}, but the smallest simulated holder has "
-            f"{smallest} examples (set it to at most {smallest})"
-        )
-    holder_dirs = []
-    for index, records in enumerate(shards):
-        holder_dir = out / f"holder-{index}"
-        holder_dir.mkdir(parents=True)
-        write_jsonl(holder_dir / "data.jsonl", records)
-        policy = holder_policy_toml(config, fingerprint, ledger_dir, min_examples=smallest)
-        (holder_dir / "policy.toml").write_text(policy, encoding="utf-8")
-        holder_dirs.append(holder_dir)
-    return holder_dirs
-
-
-def write_federation(config_path: Path, out: Path) -> list[Path]:
-    """The bundled data split into holder folders, as `sottovoce federation` writes them.
-
-    For a deployment on one machine or with Docker (``docker/compose.yaml``): each folder
-    holds one holder's training shard and a policy allowing exactly this run, with its
-    ledger in the folder's own ``ledger/``. The test split is not written.
-    """
-    config, _ = read_config(config_path)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
-    fingerprint = config.model.fingerprint or load_model(config.model.name).fingerprint
-    _, train = bundled_split(config)
-    return write_holder_folders(config, train, out, fingerprint, Path("ledger"))
-
-
-def holder_policy_toml(
-    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
-) -> str:
-    """A policy that allows exactly this run's setting (what a cautious holder would write)."""
-    policy = simulated_policy(config, fingerprint, state_dir, min_examples=min_examples)
-    return policy_toml(
-        policy, header="A simulated data holder's policy: exactly one run's setting."
-    )
-
-
-def simulated_policy(
-    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
-) -> HolderPolicy:
-    """The policy of a simulated holder with ``min_examples`` or more records."""
-    if config.run.algorithm == "dpzero":
-        max_lambda = 1
-        max_scale = max(config.dpzero.smoothing, config.dpzero.max_coefficient)
-    else:
-        max_lambda, max_scale = config.optimizer.candidates, config.optimizer.max_step
-    epsilon = _policy_epsilon(config)
-    return HolderPolicy(
-        max_bits=config.simulate.max_holder_policy_bits,
-        expected_model_fingerprint=fingerprint,
-        allowed_algorithms=(config.run.algorithm,),
-        parametrizations=(config.parametrization,),
-        max_lambda=max_lambda,
-        max_perturbation_scale=float(max_scale),
-        max_drift_linf=config.simulate.max_holder_drift_linf,
-        max_drift_l2=config.simulate.max_holder_drift_l2,
-        max_rounds_per_run=config.run.max_rounds,
-        max_steps_per_run=config.run.max_rounds,
-        max_new_steps_per_task=config.run.max_rounds,
-        fitness=config.fitness,
-        ledger_dir=state_dir,
-        min_batch_size=min(16, config.evaluation.batch_size),
-        min_examples=min_examples,
-        allowed_batch_modes=(config.evaluation.mode,),
-        max_epsilon=epsilon,
-        delta=None if epsilon is None else config.privacy.delta,
-        require_dp=epsilon is not None,
-    )
-
-
-def _policy_epsilon(config: RunConfig) -> float | None:
-    """The policy's lifetime ε: by default exactly what this run needs, no more."""
-    dp = config.privacy
-    if config.simulate.max_holder_policy_epsilon is not None:
-        return config.simulate.max_holder_policy_epsilon
-    if config.run.algorithm == "dpzero" and dp.epsilon is not None:
-        return dp.epsilon * (1 + 1e-4)  # calibration's tolerance
-    if dp.randomized_response_epsilon is not None:
-        event = answer_event(
-            config.dp_spec(), config.answer_kind, config.optimizer.candidates, None
-        )
-        assert event is not None  # randomized response is on
-        return PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
-    return None
 
 
 def start_holders(
@@ -232,34 +69,6 @@ def start_holders(
             subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         )
     return processes
-
-
-class HeldOut:
-    """Held-out scoring of base and trained model, sharing the prefix computation."""
-
-    def __init__(self, config: RunConfig, loaded: LoadedModel):
-        model = loaded.model
-        if config.model.dtype != "float32":
-            model.to(torch_dtype(config.model.dtype))
-        self.parametrization = build_parametrization(config.parametrization)
-        self.parametrization.attach(model)
-        fitness = build_fitness(config.fitness, loaded.tokenizer)
-        self.evaluator = CandidateEvaluator(model, self.parametrization, fitness)
-        self.cache = PrefixCache()
-
-    def correct(self, examples: list[Record], *, reuse: bool = True) -> np.ndarray:
-        _, correct = self.evaluator.score_incumbent(examples, self.cache if reuse else None)
-        return correct
-
-
-def mean_holder_score(federation: Federation) -> float | None:
-    """Mean of the holders' latest incumbent minibatch score (from their local status files)."""
-    scores = []
-    for holder_dir in federation.holder_dirs:
-        status = read_json_object(holder_dir / "status.json")
-        if status is not None and status.get("last_incumbent_score") is not None:
-            scores.append(float(status["last_incumbent_score"]))
-    return float(np.mean(scores)) if scores else None
 
 
 def run_rounds(
@@ -312,8 +121,10 @@ def run_rounds_flower(coordinator: Coordinator, federation: Federation, console:
     (``holder_from_node_config``), so its policy, ledger, status and report are the same.
     """
     try:
-        from sottovoce.client.flower_app import holder_from_node_config, make_client_app
-        from sottovoce.server.flower_app import DriverSettings, make_server_app, run_in_process
+        from sottovoce.client.flower_nodes import make_client_app
+        from sottovoce.flower_apps import holder_from_node_config
+        from sottovoce.flower_runtime import run_in_process
+        from sottovoce.server.flower_driver import DriverSettings, make_server_app
     except ImportError as exc:
         raise ConfigError(
             f"--engine flower needs flwr: pip install 'sottovoce[flower]' ({exc})"
@@ -423,144 +234,6 @@ def simulate(
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(text, encoding="utf-8")
     return report
-
-
-def build_report(
-    config: RunConfig,
-    spec: RunSpec,
-    state: RunState,
-    federation: Federation,
-    before: np.ndarray,
-    after: np.ndarray,
-    train_errors: int,
-) -> dict[str, Any]:
-    """The final report (the fields the README documents)."""
-    acc_before, lo_before, hi_before = accuracy_interval(before.tolist())
-    acc_after, lo_after, hi_after = accuracy_interval(after.tolist())
-    mcnemar = mcnemar_pvalue(before.tolist(), after.tolist())
-    n_train = len(federation.train)
-    delta = config.run.bound_delta
-    slack = generalization_slack(state.bits_total, n_train, delta)
-    train_risk = train_errors / n_train
-    how = (
-        "each comparison used the holder's whole training split"
-        if config.evaluation.mode == "full"
-        else "the answers were computed from secret minibatches of them"
-    )
-    return {
-        "algorithm": config.run.algorithm,
-        "parametrization": json.loads(config.parametrization.canonical_id()),
-        "model": config.model.name,
-        "compute_dtype": config.model.dtype,
-        "rounds": len(state.rounds),
-        "accepted_steps": state.log.version,
-        "finished_reason": state.finished_reason,
-        "bit_budget": config.run.bit_budget,
-        "bits_spent_total": state.bits_total,
-        "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
-        "heldout_split": config.simulate.eval_split,
-        "heldout_examples": len(federation.test),
-        "heldout_sha256": federation.test_hash,
-        "heldout_metric": "accuracy",
-        "heldout_metric_before": acc_before,
-        "heldout_metric_before_ci95": [lo_before, hi_before],
-        "heldout_metric_after": acc_after,
-        "heldout_metric_after_ci95": [lo_after, hi_after],
-        "mcnemar": {
-            "improved": mcnemar.improved,
-            "worsened": mcnemar.worsened,
-            "p_value": mcnemar.p_value,
-        },
-        "generalization_bound": {
-            "train_risk": train_risk,
-            "n": n_train,
-            "n_is": f"all training examples of all holders ({how}); the train risk is the "
-            "final model's error on all of them, pooled from the holders' local reports. The "
-            "2^bits possible outputs are fixed by the coordinator's seeds before any data is "
-            "seen, so Hoeffding plus a union bound over them holds.",
-            "delta": delta,
-            "slack": slack,
-            "test_risk_bound": train_risk + slack,
-            "measured_test_risk": 1.0 - acc_after,
-        },
-        "run_id": state.run_id,
-        "log_head": state.log.head,
-        **_dp_report(config, spec.dp, state, federation),
-    }
-
-
-def _dp_report(
-    config: RunConfig, spec: DpSpec, state: RunState, federation: Federation
-) -> dict[str, Any]:
-    """ε per holder from the holders' own ledgers (read as their operator), and the curve
-    of the holders' local training fitness, for DP runs."""
-    if config.run.algorithm != "dpzero" and config.privacy.randomized_response_epsilon is None:
-        return {}
-    holders: dict[str, Any] = {}
-    curves = []
-    for index, holder_dir in enumerate(federation.holder_dirs):
-        report = read_json_object(holder_dir / "report.json") or {}
-        status = read_json_object(holder_dir / "status.json") or {}
-        holders[f"holder-{index}"] = {
-            key: report.get(key)
-            for key in (
-                "dp_answers_this_run",
-                "epsilon_this_run",
-                "lifetime_epsilon_spent",
-                "lifetime_epsilon_max",
-                "epsilon_delta",
-            )
-        }
-        curves.append(status.get("history") or [])
-    length = min((len(c) for c in curves), default=0)
-    curve = [float(np.mean([c[i] for c in curves])) for i in range(length)]
-    return {
-        "privacy": {
-            "accountant": ACCOUNTANT_NAME,
-            "neighbouring_relation": NEIGHBOURING_RELATION,
-            "target_epsilon": spec.epsilon or None,
-            "delta": config.privacy.delta,
-            "noise_multiplier": spec.noise_multiplier,
-            "randomized_response_epsilon": spec.randomized_response_epsilon or None,
-            "sampling_rate": config.sampling_rate,
-            "clip": spec.clip if config.run.algorithm == "dpzero" else None,
-            "quantization_bits": spec.quantization_bits,
-            "steps": len(state.rounds),
-            "per_holder": holders,
-        },
-        "training_fitness_curve": {
-            "what": "mean over holders of each holder's local score on its own answer batch "
-            "(mean log-probability of the right label), one point per answered task; "
-            "read from the holders' status files, never sent to the coordinator",
-            "points": curve,
-        },
-    }
-
-
-def read_json_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object written by another process (a holder's report or status), or None if
-    it is missing, torn or not an object: such files are read, never trusted to exist."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def pooled_train_errors(federation: Federation, log_head: str) -> int | None:
-    """Training errors of the final model, summed over the holders' local reports.
-
-    The simulation plays every holder's operator, so it may read their local reports; a
-    report made on another log head (a holder that did not reach the final model) does not
-    count, and then the caller scores the training data itself.
-    """
-    errors = 0
-    for holder_dir in federation.holder_dirs:
-        report = read_json_object(holder_dir / "report.json")
-        if report is None or report.get("log_head") != log_head:
-            return None
-        errors += int(report["train_errors"])
-    return errors
 
 
 def _wait_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

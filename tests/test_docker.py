@@ -20,7 +20,7 @@ from helpers import TINY, run_config_data, toml_text
 
 from sottovoce.cli import main
 from sottovoce.client.policy import load_policy
-from sottovoce.simulate import write_federation
+from sottovoce.federation import write_federation
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

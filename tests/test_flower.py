@@ -1,7 +1,7 @@
 """The Flower transport: records, equivalence with the native transport, holders' budgets.
 
 Flower runs here in Flower's own runtime (in-memory link state, grid, node workers) with
-threads instead of Ray (``server.flower_app.run_in_process``); the ServerApp, the
+threads instead of Ray (``sottovoce.flower_runtime.run_in_process``); the ServerApp, the
 ClientApp, the coordinator, the holders' policies and ledgers are the real ones, on the
 tiny model built in code.
 """
@@ -36,9 +36,9 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+from sottovoce import flower_apps
 from sottovoce.api import open_coordinator, open_holder
-from sottovoce.client import flower_app as flower_client
-from sottovoce.client.flower_app import HolderNodes, NodeHolder, make_client_app
+from sottovoce.client.flower_nodes import HolderNodes, NodeHolder, make_client_app
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.common.errors import RefusalCode
@@ -53,15 +53,11 @@ from sottovoce.common.steplog import Step, read_json_lines
 from sottovoce.common.transport import flower_records as fr
 from sottovoce.common.transport.flower_records import HolderState
 from sottovoce.common.transport.wire import WireError
+from sottovoce.flower_runtime import run_in_process
 from sottovoce.local import drive_locally
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
-from sottovoce.server.flower_app import (
-    DriverSettings,
-    FlowerRunSummary,
-    make_server_app,
-    run_in_process,
-)
+from sottovoce.server.flower_driver import DriverSettings, FlowerRunSummary, make_server_app
 from sottovoce.server.grpc_service import serve
 from sottovoce.simulate import simulate
 
@@ -589,10 +585,10 @@ def test_the_client_app_pickles_for_rays_actor_processes(tmp_path: Path) -> None
     """Flower's Ray backend pickles the ClientApp to ship it to its actors (``flwr run .``
     against a local simulation federation). Each copy starts with no holders of its own:
     a process builds its own, as a new ClientApp process does."""
-    copy = pickle.loads(pickle.dumps(flower_client.app))
-    assert type(copy) is type(flower_client.app)
+    copy = pickle.loads(pickle.dumps(flower_apps.clientapp))
+    assert type(copy) is type(flower_apps.clientapp)
 
-    nodes = HolderNodes(flower_client.holder_from_node_config)
+    nodes = HolderNodes(flower_apps.holder_from_node_config)
     holder = open_holder(
         write_records(tmp_path / "data.jsonl", 16),
         write_policy(tmp_path / "policy.toml", tmp_path / "ledgers"),
@@ -601,7 +597,7 @@ def test_the_client_app_pickles_for_rays_actor_processes(tmp_path: Path) -> None
     )
     nodes._nodes[7] = NodeHolder(holder=holder)
     restored = pickle.loads(pickle.dumps(nodes))
-    assert restored._nodes == {} and restored._factory is flower_client.holder_from_node_config
+    assert restored._nodes == {} and restored._factory is flower_apps.holder_from_node_config
     with restored._lock:  # a lock of its own, not a pickled one
         pass
     nodes.forget()

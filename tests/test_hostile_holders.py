@@ -38,8 +38,9 @@ from sottovoce.common.steplog import extend_chain, read_json_lines
 from sottovoce.common.transport import flower_records as fr
 from sottovoce.common.transport import wire
 from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
+from sottovoce.flower_runtime import run_in_process
 from sottovoce.server.coordinator import Coordinator, task_id_for
-from sottovoce.server.flower_app import DriverSettings, make_server_app, run_in_process
+from sottovoce.server.flower_driver import DriverSettings, make_server_app
 from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_report import coordinator_report
 from sottovoce.server.run_state import JOURNAL, RunState

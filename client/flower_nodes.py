@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from sottovoce.client.holder import DataHolder
-from sottovoce.common.errors import ConfigError, PolicyViolation
+from sottovoce.common.errors import PolicyViolation
 from sottovoce.common.protocol.messages import Answer, RunFinished, RunSpec
 from sottovoce.common.storage import atomic_write_json
 from sottovoce.common.transport.flower_records import (
@@ -227,54 +227,3 @@ def _reply(message: Message, content: RecordDict) -> Message:
 
 
 # -- the default factory: the holder's files from the SuperNode's node config ----------
-def holder_from_node_config(context: Context) -> NodeHolder:
-    """Build the node's holder from ``--node-config`` (deployment) or the run config.
-
-    Deployment: ``data``, ``policy``, ``holder-id`` (required), ``model``, ``dtype``,
-    ``status``, ``report`` (optional). Simulation under ``flwr run`` (no such keys; the
-    node config has ``partition-id``): ``<holders-dir>/holder-<partition-id>/`` from the
-    run config, laid out as ``sottovoce simulate`` writes it.
-    """
-    from sottovoce.api import open_holder  # the app layer; imported when a node starts
-
-    config = dict(context.node_config)
-    run_config = dict(context.run_config)
-    if "data" not in config and "partition-id" in config and "holders-dir" in run_config:
-        index = _config_int(config, "partition-id", "node config")
-        folder = Path(_config_str(run_config, "holders-dir", "run config")) / f"holder-{index}"
-        config = {
-            "data": str(folder / "data.jsonl"),
-            "policy": str(folder / "policy.toml"),
-            "holder-id": f"holder-{index}",
-            "model": run_config.get("model", "smollm2-135m-instruct"),
-            "dtype": run_config.get("dtype", "float32"),
-            "status": str(folder / "status.json"),
-            "report": str(folder / "report.json"),
-        }
-    holder = open_holder(
-        Path(_config_str(config, "data", "node config")),
-        Path(_config_str(config, "policy", "node config")),
-        holder_id=_config_str(config, "holder-id", "node config"),
-        model_name=str(config.get("model", "smollm2-135m-instruct")),
-        dtype=str(config.get("dtype", "float32")),
-        status_path=Path(str(config["status"])) if config.get("status") else None,
-    )
-    report = Path(str(config["report"])) if config.get("report") else None
-    return NodeHolder(holder=holder, report_path=report)
-
-
-def _config_str(config: Mapping[str, object], key: str, where: str) -> str:
-    value = config.get(key)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: {key!r} must be a non-empty string (got {value!r})")
-    return value
-
-
-def _config_int(config: Mapping[str, object], key: str, where: str) -> int:
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}: {key!r} must be an integer >= 0 (got {value!r})")
-    return value
-
-
-app, _default_nodes = make_client_app(holder_from_node_config)

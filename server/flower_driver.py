@@ -1,6 +1,6 @@
-"""The coordinator as a Flower ``ServerApp``: the same Coordinator, driven over a Grid.
+"""The coordinator over Flower: the same Coordinator, driven over a ServerApp's Grid.
 
-The rounds, the optimizer, the votes, the journal and the run's bit budget all stay in
+The rounds, the strategy, the votes, the journal and the run's bit budget all stay in
 the transport-agnostic :class:`~sottovoce.server.coordinator.Coordinator`; this file only
 turns its tasks into Flower messages and the holders' replies back into answers, exactly
 as the gRPC service does with RPCs:
@@ -22,34 +22,23 @@ node whose holder the coordinator evicted for missing rounds is invited again th
 way. A reply is taken only as the answer to the task its message carried: the
 coordinator refuses answers to tasks a holder was not handed, and answers after the end.
 
-``run_in_process`` runs a ServerApp against ClientApps with Flower's own simulation
-runtime (its in-memory link state, grid and node workers) but threads instead of Ray:
-Flower 1.41's simulation engine hard-codes its Ray backend, and Ray is a 74 MB wheel
-(186 MB installed) that starts a cluster; here a run of the tiny model starts in
-milliseconds. ``flwr run`` against a real SuperLink (or with ``flwr[simulation]``) uses
-``app``, which builds its coordinator from the run config.
+The ServerApp objects and their factories are the app layer's
+(:mod:`sottovoce.flower_apps`); Flower's simulation runtime in threads is
+:mod:`sottovoce.flower_runtime`.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from queue import Empty, Queue
 
 from flwr.app import Context, Message, RecordDict
-from flwr.app.user_config import UserConfig
-from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.server.superlink.fleet.vce.backend import Backend
 from flwr.serverapp import Grid, ServerApp
 
 from sottovoce.common.errors import (
-    ConfigError,
     LogIntegrityError,
     NotJoined,
     PolicyViolation,
@@ -374,155 +363,3 @@ def make_server_app(
             on_finished(coordinator, summary)
 
     return server_app
-
-
-def coordinator_from_run_config(context: Context) -> Coordinator:
-    """The coordinator named by the run config (``[tool.flwr.app.config]`` or ``--run-config``).
-
-    ``config``: the run's ``run.toml``; ``run-dir``: its run directory (created, or resumed);
-    ``model-fingerprint``: the base model's fingerprint (optional; else the model is loaded
-    once to compute it). Use absolute paths: a ServerApp process may run in another folder.
-    """
-    from sottovoce.api import open_coordinator  # the app layer; imported when a run starts
-
-    config = dict(context.run_config)
-    fingerprint = config.get("model-fingerprint") or None
-    return open_coordinator(
-        Path(_run_config_str(config, "config")),
-        Path(_run_config_str(config, "run-dir")),
-        model_fingerprint=str(fingerprint) if fingerprint else None,
-    )
-
-
-def _run_config_str(config: Mapping[str, object], key: str) -> str:
-    value = config.get(key)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"Flower run config: {key!r} must be a non-empty path (got {value!r})")
-    return value
-
-
-# Deployment: a SuperLink over the network, where each poll is an HTTP request.
-app = make_server_app(coordinator_from_run_config, DriverSettings(poll_interval_s=0.2))
-
-
-# -- Flower's simulation runtime, in threads instead of Ray --------------------------------
-def run_in_process(
-    server_app: ServerApp,
-    client_app: ClientApp,
-    num_nodes: int,
-    *,
-    run_config: UserConfig | None = None,
-    workers: int = 1,
-) -> Context:
-    """Run ``server_app`` against ``num_nodes`` virtual SuperNodes running ``client_app``.
-
-    The same pieces as ``flwr.simulation.run_simulation``: Flower's in-memory link state
-    holds the messages, ``InMemoryGrid`` is the ServerApp's grid, the simulation runtime's
-    node workers call the ClientApp with each node's own ``Context`` (its ``node_config``
-    has ``partition-id``). Only the backend differs: ``workers`` threads here, Ray actors
-    there. One such run at a time per process (Flower keeps the run id in a global).
-    Returns the ServerApp's context; re-raises what the ServerApp raised.
-    """
-    # Flower internals, pinned by flwr==1.41.0; imported here so `app` loads without them.
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.proto.task_pb2 import Task as FlowerTask
-    from flwr.server.run_serverapp import run as run_serverapp
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
-    from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
-
-    if num_nodes < 1 or workers < 1:
-        raise ConfigError(f"run_in_process: need >= 1 node and worker ({num_nodes}, {workers})")
-    run = Run.create_empty(run_id=secrets.randbits(63))
-    run.primary_task_id = secrets.randbits(63)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = dict(run_config or {})
-    TaskIdentity.task_id = run.primary_task_id
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-
-    state_factory = LinkStateFactory(
-        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-    )
-    state = state_factory.state()
-    assert isinstance(state, InMemoryLinkState)
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[run.primary_task_id] = FlowerTask(
-        task_id=run.primary_task_id, run_id=run.run_id
-    )
-    grid = InMemoryGrid(state_factory=state_factory, pull_interval=0.01)
-    grid.set_run(run)
-    nodes = vce_api._register_nodes(num_nodes=num_nodes, state_factory=state_factory)
-    node_stores = vce_api._register_node_info_stores(nodes, run)
-    for store in node_stores.values():  # the run config, as a SuperNode gets it from the run
-        for info in store.run_infos.values():
-            info.initial_run_config = dict(run.override_config)
-            info.context.run_config = dict(run.override_config)
-
-    server_context = Context(
-        run_id=run.run_id,
-        node_id=SUPERLINK_NODE_ID,
-        node_config=UserConfig(),
-        state=RecordDict(),
-        run_config=dict(run.override_config),
-    )
-    stop = threading.Event()
-    errors: Queue[BaseException] = Queue()
-
-    def serve() -> None:
-        try:
-            run_serverapp(grid=grid, context=server_context, server_app_dir="",
-                          loaded_server_app=server_app)  # fmt: skip
-        except BaseException as exc:  # handed to the caller below
-            errors.put(exc)
-        finally:
-            stop.set()
-
-    server_thread = threading.Thread(target=serve, name="flower-serverapp", daemon=True)
-    server_thread.start()
-    vce_api.run_api(
-        lambda: client_app,
-        lambda: _ThreadBackend(workers),
-        nodes,
-        state_factory,
-        node_stores,
-        stop,
-        VceMetrics(),
-    )
-    server_thread.join()
-    try:
-        raise errors.get_nowait()
-    except Empty:
-        return server_context
-
-
-class _ThreadBackend(Backend):
-    """A simulation backend that calls the ClientApp in the runtime's worker threads."""
-
-    def __init__(self, workers: int):
-        self._workers = workers
-        self._app_fn: Callable[[], ClientApp] | None = None
-
-    def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        self._app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        return self._workers
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        self._app_fn = None
-
-    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
-        assert self._app_fn is not None, "build() first"
-        return self._app_fn()(message=message, context=context), context
