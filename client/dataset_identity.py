@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import secrets
 import unicodedata
@@ -39,7 +38,7 @@ import numpy as np
 from sottovoce.client.ledger import Inheritance, Ledger, PrivacyLimit
 from sottovoce.common.accounting import events_curve
 from sottovoce.common.errors import ConfigError, LogIntegrityError
-from sottovoce.common.storage import PRIVATE, atomic_write_text
+from sottovoce.common.storage import PRIVATE, atomic_write_text, canonical_json
 
 KEY_FILE = "holder.key"
 INDEX_SUFFIX = ".records"
@@ -93,7 +92,7 @@ def holder_key(ledger_dir: Path, *, create: bool) -> bytes | None:
 def normalized_record(record: Mapping[str, object]) -> bytes:
     """The record's fields as canonical bytes (see the module doc for the rules)."""
     fields = {_text(str(name)): _value(value) for name, value in record.items()}
-    return json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return canonical_json(fields, ensure_ascii=False).encode()
 
 
 def _text(value: str) -> str:
@@ -113,7 +112,7 @@ def _value(value: object) -> str:
         return repr(value)
     if value is None:
         return ""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return canonical_json(value, ensure_ascii=False)
 
 
 def identify(records: Iterable[Mapping[str, object]], key: bytes) -> DatasetIdentity:

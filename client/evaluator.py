@@ -25,7 +25,6 @@ full forward's up to float rounding (a smaller matrix product may sum in another
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from sottovoce.common.parametrizations.base import Parametrization
 from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step
+from sottovoce.common.storage import canonical_json
 
 Record = dict[str, object]
 
@@ -111,7 +111,7 @@ def suffix_start(model: nn.Module, touched: Sequence[str]) -> int | None:
 
 def record_key(record: Record) -> str:
     """A stable key for an example (its canonical JSON), for the head-input cache."""
-    blob = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    blob = canonical_json(record, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,14 @@ from sottovoce.client.policy import (
     check_task,
     policy_summary,
 )
+from sottovoce.client.privacy_budget import check_run_affordable, declared_sampling_rate
 from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.client.refusal_log import RefusalLog, refusal_log_path
+from sottovoce.client.status import HolderStatus
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
-    AccountingError,
     DpEvent,
-    PoissonGaussian,
     PrivacyAccountant,
-    calibrate_noise_multiplier,
 )
 from sottovoce.common.errors import (
     ConfigError,
@@ -73,7 +72,6 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import (
     Answer,
     BatchSpec,
@@ -86,32 +84,10 @@ from sottovoce.common.protocol.seeds import SeedSchedule
 from sottovoce.common.resources import peak_rss_bytes
 from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import Step, StepLog, extend_chain, genesis_hash
-from sottovoce.common.storage import atomic_write_json
 
 log = logging.getLogger("sottovoce.holder")
 
 Record = dict[str, object]
-
-
-@dataclass
-class HolderStatus:
-    """What the holder shows its own operator (never sent to the coordinator)."""
-
-    run_id: str = ""
-    answered: int = 0
-    refused: int = 0
-    defaulted: int = 0
-    log_version: int = 0
-    bits_this_run: float = 0.0
-    lifetime_bits_spent: float = 0.0
-    lifetime_bits_max: float = 0.0
-    lifetime_epsilon_spent: float | None = None
-    lifetime_epsilon_max: float | None = None
-    last_incumbent_score: float | None = None
-    compute_seconds: float = 0.0
-    last_refusal: str | None = None
-    finished: str | None = None
-    history: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -249,7 +225,7 @@ class DataHolder:
         data, so whether a run is accepted depends on the policy and the ledger only.
         """
         check_run(self.policy, spec, self.fingerprint)
-        self._check_run_privacy(spec)
+        check_run_affordable(spec, self.ledger, self.policy.declared_examples)
         expected = genesis_hash(self.fingerprint, spec.parametrization.canonical_id())
         if spec.log_genesis != expected:
             raise PolicyViolation(
@@ -494,67 +470,7 @@ class DataHolder:
         run.last_step_round = admission.rounds[-1]
 
     def _declared_rate(self, batch: BatchSpec) -> float:
-        """The Poisson rate every decision assumes: expected batch / the declared size.
-
-        The real rate (expected batch / the real n) is at most this, and a subsampled
-        Gaussian's epsilon grows with the rate, so charging at this rate is conservative.
-        """
-        return min(1.0, batch.batch_size / self.policy.declared_examples)
-
-    def _check_run_privacy(self, spec: RunSpec) -> None:
-        """Refuse a DP run whose noise this data set's remaining ε cannot afford in full.
-
-        The holder calibrates, with its own accountant, its own δ, the sampling rate its
-        policy declares and everything its ledger spent on other runs, the noise the run's
-        ``max_rounds`` steps would need, and refuses an offer below it: the coordinator
-        cannot lower the noise. Each answer is checked against the whole ledger again.
-        """
-        limit = self.ledger.privacy
-        event = build_mechanism(spec, self._rng).event(1, self._declared_rate(spec.batch))
-        if limit is None or event is None:
-            return  # a policy's require_dp refuses non-DP runs in check_run already
-        # This run's own earlier answers (a restart, a rejoin) are part of its max_rounds
-        # steps, not spending before it: count every other run's answers as prior.
-        prior = self.ledger.dp_events(except_run=spec.run_id)
-        base = None if self.ledger.inherited is None else self.ledger.inherited.curve
-        if isinstance(event, PoissonGaussian):
-            try:
-                needed = calibrate_noise_multiplier(
-                    limit.max_epsilon,
-                    limit.delta,
-                    spec.max_rounds,
-                    event.sampling_rate,
-                    prior,
-                    base_curve=base,
-                )
-            except AccountingError as exc:
-                raise PolicyViolation(
-                    f"run {spec.run_id}: this data set cannot afford {spec.max_rounds} DP "
-                    f"answers at any noise: {exc}",
-                    RefusalCode.OVER_BUDGET,
-                ) from None
-            if event.noise_multiplier < needed * (1 - 1e-6):
-                spent = PrivacyAccountant(prior, base_curve=base).epsilon(limit.delta)
-                raise PolicyViolation(
-                    f"run {spec.run_id}: noise_multiplier {event.noise_multiplier:.4g} is below "
-                    f"the {needed:.4g} this data set needs for {spec.max_rounds} steps at its "
-                    f"declared sampling rate {event.sampling_rate:.4g} (max_epsilon "
-                    f"{limit.max_epsilon:g} at delta {limit.delta:g}, {spent:.3g} spent by "
-                    "earlier runs)",
-                    RefusalCode.OVER_BUDGET,
-                )
-            return
-        if spec.answer_kind is AnswerKind.BEST_OF:
-            return  # the number of candidates is per task; each answer is checked then
-        accountant = PrivacyAccountant(prior, base_curve=base)
-        total = accountant.epsilon_with(event, limit.delta, spec.max_rounds)
-        if total > limit.max_epsilon:
-            raise PolicyViolation(
-                f"run {spec.run_id}: {spec.max_rounds} randomized-response answers at epsilon "
-                f"{getattr(event, 'epsilon', 0.0):g} would bring this data set to epsilon "
-                f"{total:.3g} > max_epsilon {limit.max_epsilon:g}",
-                RefusalCode.OVER_BUDGET,
-            )
+        return declared_sampling_rate(batch, self.policy.declared_examples)
 
     def _draw(self, batch: BatchSpec) -> list[Record]:
         """The examples to score, drawn with the holder's secure randomness.
@@ -593,8 +509,4 @@ class DataHolder:
             self.status.lifetime_epsilon_spent = self.ledger.spent_epsilon()
 
     def _write_status(self) -> None:
-        if self._status_path is None:
-            return
-        payload: dict[str, Any] = dict(self.status.__dict__)
-        payload["time"] = time.time()
-        atomic_write_json(self._status_path, payload)
+        self.status.write(self._status_path)

@@ -56,13 +56,13 @@ import numpy as np
 
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
-    AccountingError,
     DpEvent,
     PoissonGaussian,
     PrivacyAccountant,
     event_from_json,
 )
 from sottovoce.common.errors import (
+    AccountingError,
     BudgetExhausted,
     ConfigError,
     LogIntegrityError,
@@ -70,8 +70,13 @@ from sottovoce.common.errors import (
     RefusalCode,
 )
 from sottovoce.common.protocol.answers import AnswerKind
-from sottovoce.common.steplog import parse_json_lines, read_json_lines, repair_torn_tail
-from sottovoce.common.storage import create_private
+from sottovoce.common.storage import (
+    canonical_json,
+    create_private,
+    parse_json_lines,
+    read_json_lines,
+    repair_torn_tail,
+)
 
 FORMAT_VERSION = 1
 BUDGET_TOLERANCE = 1e-9  # float sums of log2(lambda+1) may land a hair above an exact limit
@@ -535,7 +540,7 @@ class Ledger:
 # -- helpers -------------------------------------------------------------------------------------
 def _canonical(raw: Mapping[str, object]) -> str:
     """The exact text of a record's line (without its newline); what the chain hashes."""
-    return json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return canonical_json(raw, allow_nan=False)
 
 
 def _sha256(text: str) -> str:

@@ -31,7 +31,6 @@ The lifetime bit and (ε, δ) budgets are the ledger's job (``client/ledger.py``
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 import tomllib
@@ -73,6 +72,7 @@ from sottovoce.common.protocol.messages import (
 )
 from sottovoce.common.protocol.seeds import SeedSchedule
 from sottovoce.common.steplog import Step
+from sottovoce.common.storage import canonical_json
 
 _StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _StrictInt = Annotated[int, Field(strict=True)]
@@ -594,7 +594,7 @@ def parametrizations_digest(specs: Sequence[ParametrizationSpec]) -> str:
 
 
 def _digest(value: object) -> str:
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    canonical = canonical_json(value)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
+from sottovoce.common.errors import AccountingError
 from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import DpSpec
 
@@ -60,11 +61,7 @@ RDP_ORDERS: tuple[float, ...] = (
     512.0,
     1024.0,
 )
-MAX_NOISE_MULTIPLIER = 1e4
-
-
-class AccountingError(ValueError):
-    """An event or a target the accountant cannot work with (named in the message)."""
+MAX_CALIBRATED_NOISE_MULTIPLIER = 1e4
 
 
 @dataclass(frozen=True)
@@ -279,7 +276,7 @@ def calibrate_noise_multiplier(
     Uses dp-accounting's ``calibrate_dp_mechanism`` (bisection on the accountant itself),
     so the result is what the same accountant will later charge. ``base_curve`` is an RDP
     curve spent besides ``prior`` (a data set's inheritance). Raises
-    :class:`AccountingError` if even ``MAX_NOISE_MULTIPLIER`` does not fit, e.g. because
+    :class:`AccountingError` if even ``MAX_CALIBRATED_NOISE_MULTIPLIER`` does not fit, e.g. because
     ``prior`` events already spent the target.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
@@ -294,11 +291,11 @@ def calibrate_noise_multiplier(
             f"epsilon {base.epsilon(delta):.3f} is already spent, target is {target_epsilon:g}"
         )
 
-    if base.epsilon_with(PoissonGaussian(MAX_NOISE_MULTIPLIER, sampling_rate), delta, steps) > (
-        target_epsilon
-    ):
+    if base.epsilon_with(
+        PoissonGaussian(MAX_CALIBRATED_NOISE_MULTIPLIER, sampling_rate), delta, steps
+    ) > (target_epsilon):
         raise AccountingError(
-            f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps {steps} steps at "
+            f"no noise multiplier up to {MAX_CALIBRATED_NOISE_MULTIPLIER:g} keeps {steps} steps at "
             f"sampling rate {sampling_rate:g} within epsilon {target_epsilon:g}"
         )
     sigma = dp_accounting.calibrate_dp_mechanism(

@@ -8,7 +8,6 @@ sections become the :class:`RunSpec` every holder checks against its own policy.
 from __future__ import annotations
 
 import hashlib
-import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sottovoce.common.accounting import AccountingError, calibrate_noise_multiplier
+from sottovoce.common.accounting import calibrate_noise_multiplier
 from sottovoce.common.dtypes import DtypeName
-from sottovoce.common.errors import ConfigError
+from sottovoce.common.errors import AccountingError, ConfigError
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.protocol.answers import ALGORITHM_ANSWER_KINDS, Algorithm, AnswerKind
 from sottovoce.common.protocol.limits import FINGERPRINT_REGEX, MAX_QUANTIZATION_BITS
 from sottovoce.common.protocol.messages import BatchSpec, DpSpec, FitnessSpec, check_fitness_spec
+from sottovoce.common.storage import canonical_json
 from sottovoce.common.transport.wire import (
     WireError,
     check_batch,
@@ -292,7 +292,7 @@ class RunConfig(_Section):
         """
         exclude: dict[str, Any] = {"simulate": True, "server": set(SERVICE_LIMIT_KEYS)}
         material = self.model_dump(mode="json", exclude=exclude)
-        blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+        blob = canonical_json(material).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from sottovoce.common.errors import ConfigError, DataError
+from sottovoce.common.storage import SHARED, atomic_write_text, canonical_json
 
 Record = dict[str, object]
 
@@ -195,7 +194,7 @@ def split_sentiment(
 
 def canonical_line(record: Record) -> str:
     """One record as canonical JSON: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return canonical_json(record, ensure_ascii=False)
 
 
 def records_hash(records: Iterable[Record]) -> str:
@@ -217,17 +216,5 @@ def shard(records: Sequence[Record], n: int) -> list[list[Record]]:
 
 def write_jsonl(path: Path, records: Iterable[Record]) -> None:
     """Write records as canonical JSON lines, atomically: a reader sees the old or new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            for record in records:
-                stream.write(canonical_line(record) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    text = "".join(canonical_line(record) + "\n" for record in records)
+    atomic_write_text(Path(path), text, mode=SHARED)

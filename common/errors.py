@@ -73,7 +73,16 @@ class TransportError(SottovoceError):
     """The peer cannot be reached, or answered with an error we cannot recover from."""
 
 
-class NotJoined(PolicyViolation):
+class AccountingError(SottovoceError, ValueError):
+    """An event or a target the privacy accountant cannot work with (named in the message)."""
+
+
+class RequestRefused(SottovoceError):
+    """The coordinator refuses a holder's request: an answer it may not give, a task it was
+    not handed, a wrong model. The holder's own refusals are :class:`PolicyViolation`."""
+
+
+class NotJoined(RequestRefused):
     """A holder calls a coordinator that does not count it as in the run: it never joined,
     left, or was evicted for missing rounds. It may join again (the gRPC service says
     NOT_FOUND, which a holder's loop answers with a fresh Join)."""

@@ -12,18 +12,16 @@ On disk the log is JSON lines, appended and fsync'd one step at a time. A torn l
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sottovoce.common.errors import LogIntegrityError
 from sottovoce.common.protocol.limits import UINT64_MAX
+from sottovoce.common.storage import append_json_line, read_json_lines
 
 
 def as_float32(value: float) -> float:
@@ -172,60 +170,3 @@ class StepLog:
             {"index": i, "seed": s.seed, "coefficient": s.coefficient, "hash": h}
             for i, (s, h) in enumerate(zip(self._steps, self._hashes, strict=True))
         ]
-
-
-def append_json_line(path: Path, record: dict[str, object]) -> None:
-    """Append one JSON record as a line and fsync it before returning."""
-    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """Read an append-only JSON-lines file, rejecting a torn or corrupt line by name.
-
-    A last line without its newline is what a crash mid-write leaves; it is reported as a
-    torn write (see :func:`repair_torn_tail`) rather than half-trusted.
-    """
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raise LogIntegrityError(f"{path}: last line is torn (a crash during a write?)")
-    return parse_json_lines(path, raw)
-
-
-def parse_json_lines(path: Path, raw: bytes) -> list[dict[str, Any]]:
-    """One JSON object per line of ``raw`` (read from ``path``, named in errors)."""
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(raw.splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LogIntegrityError(f"{path}: line {number + 1} is not JSON: {exc.msg}") from exc
-        if not isinstance(record, dict):
-            raise LogIntegrityError(f"{path}: line {number + 1} is not a JSON object")
-        records.append(record)
-    return records
-
-
-def repair_torn_tail(path: Path) -> bool:
-    """Drop a torn last line left by a crash; return whether anything was dropped.
-
-    Safe because every record is fsync'd before its effect is visible to anyone: a line
-    that never got its newline was never acted upon.
-    """
-    if not path.exists():
-        return False
-    raw = path.read_bytes()
-    if not raw or raw.endswith(b"\n"):
-        return False
-    keep = raw[: raw.rfind(b"\n") + 1]
-    tmp = path.with_suffix(path.suffix + ".repair")
-    tmp.write_bytes(keep)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return True

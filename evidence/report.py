@@ -11,14 +11,13 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sottovoce.common.errors import ConfigError
+from sottovoce.common.storage import SHARED, atomic_write_bytes
 
 ROC_PLOT = "roc.png"
 
@@ -249,13 +248,4 @@ def _mib(value: Any) -> str:
 
 
 def _write_atomic(path: Path, content: bytes) -> Path:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-        os.chmod(temp, 0o644)  # a report to share, not a secret (mkstemp makes it 0600)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, content, mode=SHARED)  # a report to share, not a secret

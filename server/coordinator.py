@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sottovoce.common.config import RunConfig
-from sottovoce.common.errors import LogIntegrityError, NotJoined, PolicyViolation
+from sottovoce.common.errors import LogIntegrityError, NotJoined, RequestRefused
 from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.limits import MAX_NEW_STEPS, MAX_REASON_LENGTH
 from sottovoce.common.protocol.messages import (
@@ -194,11 +194,11 @@ class Coordinator:
     def join(self, request: JoinRequest) -> RunSpec:
         allowed = self.config.server.allowed_holders
         if allowed and request.holder_id not in allowed:
-            raise PolicyViolation(
+            raise RequestRefused(
                 f"holder {request.holder_id!r} is not in this run's server.allowed_holders"
             )
         if request.model_fingerprint != self.model_fingerprint:
-            raise PolicyViolation(
+            raise RequestRefused(
                 f"holder {request.holder_id!r} has model {request.model_fingerprint}, "
                 f"this run needs {self.model_fingerprint}"
             )
@@ -245,13 +245,13 @@ class Coordinator:
     def push_answer(self, holder_id: str, answer: Answer) -> bool:
         with self._cond:
             if self.finished:
-                raise PolicyViolation(
+                raise RequestRefused(
                     f"run {self.state.run_id} is over ({self.state.finished_reason}): the "
                     f"answer to {answer.task_id!r} is not taken"
                 )
             round_index = self.state.last_delivered.get(holder_id)
             if round_index is None or answer.task_id != self._task_id(round_index, holder_id):
-                raise PolicyViolation(
+                raise RequestRefused(
                     f"task {answer.task_id!r} was not given to holder {holder_id!r} (only "
                     "an answer to the task it pulled last counts)"
                 )
@@ -558,16 +558,16 @@ class Coordinator:
         where = f"answer to {answer.task_id!r}"
         if kind is AnswerKind.DP_SCALAR and dp.quantization_bits == 0:
             if answer.value is None or not math.isfinite(answer.value):
-                raise PolicyViolation(f"{where}: a dp-scalar answer needs a finite value")
+                raise RequestRefused(f"{where}: a dp-scalar answer needs a finite value")
             return answer.value
         if answer.value is not None:
-            raise PolicyViolation(f"{where}: this run's answers are choices, not values")
+            raise RequestRefused(f"{where}: this run's answers are choices, not values")
         if kind is AnswerKind.DP_SCALAR:
             limit = 2**dp.quantization_bits - 1
         else:
             limit = 1 if kind is AnswerKind.COMPARE else n_candidates
         if answer.choice is None or not 0 <= answer.choice <= limit:
-            raise PolicyViolation(f"{where}: choice {answer.choice} is out of range 0..{limit}")
+            raise RequestRefused(f"{where}: choice {answer.choice} is out of range 0..{limit}")
         if kind is AnswerKind.DP_SCALAR:
             return dequantize(answer.choice, dp.quantization_bits, dp.quantization_range)
         return None

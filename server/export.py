@@ -20,7 +20,8 @@ from sottovoce.common.config import RunConfig, load_config
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.steplog import StepLog, genesis_hash, read_json_lines
+from sottovoce.common.steplog import StepLog, genesis_hash
+from sottovoce.common.storage import read_json_lines
 from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META, read_meta
 
 LOG_FILE = "sottovoce_log.json"

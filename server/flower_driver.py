@@ -41,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 from sottovoce.common.errors import (
     LogIntegrityError,
     NotJoined,
-    PolicyViolation,
+    RequestRefused,
     SottovoceError,
 )
 from sottovoce.common.protocol.messages import RunFinished, Task
@@ -179,7 +179,7 @@ class FlowerDriver:
             return
         try:
             self.coordinator.join(joined.request)
-        except PolicyViolation as refusal:
+        except RequestRefused as refusal:
             node.refused = str(refusal)
             log.warning("node %d not admitted: %s", node.node_id, refusal)
             return
@@ -212,7 +212,7 @@ class FlowerDriver:
             node.invite_after = time.monotonic() + self.settings.rejoin_after_s
             log.warning("node %d: %s", node.node_id, exc)
             return None
-        except (LogIntegrityError, PolicyViolation) as exc:
+        except (LogIntegrityError, RequestRefused) as exc:
             self.coordinator.leave(node.holder_id)
             node.joined, node.refused = False, str(exc)
             log.warning("node %d dropped: %s", node.node_id, exc)

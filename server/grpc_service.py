@@ -13,7 +13,7 @@ holder never joined, was evicted       NOT_FOUND (the holder
 restarted
 wrong session token or certificate     UNAUTHENTICATED /
                                        PERMISSION_DENIED
-PolicyViolation, LogIntegrityError,    FAILED_PRECONDITION
+RequestRefused, LogIntegrityError,     FAILED_PRECONDITION
 other SottovoceError from the endpoint
 (an answer to a task the holder was
 not handed, or after the run ended)

@@ -26,7 +26,6 @@ are journaled as they happen (``evicted``), for the report.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ from typing import Any
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.protocol.messages import Candidate
-from sottovoce.common.steplog import (
-    Step,
-    StepLog,
+from sottovoce.common.steplog import Step, StepLog, genesis_hash
+from sottovoce.common.storage import (
+    SHARED,
     append_json_line,
-    genesis_hash,
+    atomic_write_text,
     read_json_lines,
     repair_torn_tail,
 )
@@ -212,7 +211,9 @@ class RunState:
             "genesis": genesis,
             "created": time.time(),
         }
-        _write_atomic(run_dir / RUN_META, json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write_text(
+            run_dir / RUN_META, json.dumps(meta, indent=2, sort_keys=True), mode=SHARED
+        )
         log = StepLog.open(run_dir / LOG, genesis)
         return cls(run_dir=run_dir, run_id=run_id, genesis=genesis, log=log)
 
@@ -314,7 +315,7 @@ class RunState:
 
     def write_report(self, report: dict[str, Any]) -> Path:
         path = self.run_dir / REPORT
-        _write_atomic(path, json.dumps(report, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True), mode=SHARED)
         return path
 
     def _count_bits(self, holder_id: str, bits: float) -> None:
@@ -388,13 +389,3 @@ def _eviction_from_json(record: dict[str, Any]) -> Eviction:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LogIntegrityError(f"journal: bad evicted record {record}: {exc}") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from sottovoce.common.models import build_tiny_llama
+from sottovoce.common.tiny_model import build_tiny_llama
 
 # Property tests (tests/test_fuzz.py): small by default; bench/fuzz_guard.py picks "long".
 _FUZZ = {

@@ -9,13 +9,13 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from sottovoce.common.accounting import (
     RDP_ORDERS,
-    AccountingError,
     PoissonGaussian,
     PrivacyAccountant,
     RandomizedResponse,
     calibrate_noise_multiplier,
     event_from_json,
 )
+from sottovoce.common.errors import AccountingError
 
 
 def opacus_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float:

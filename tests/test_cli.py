@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM
 
 from sottovoce.common.data import write_jsonl
 from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.steplog import StepLog, read_json_lines
+from sottovoce.common.steplog import StepLog
+from sottovoce.common.storage import read_json_lines
 
 WAIT_S = 240.0
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from sottovoce.common.config import RunConfig, parse_config
-from sottovoce.common.errors import ConfigError, LogIntegrityError, PolicyViolation
+from sottovoce.common.errors import ConfigError, LogIntegrityError, RequestRefused
 from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
-from sottovoce.common.steplog import read_json_lines
+from sottovoce.common.storage import read_json_lines
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
 
@@ -61,7 +61,7 @@ def play_round(coordinator: Coordinator, choices: dict[str, int]) -> list[Task]:
 
 def test_join_checks_model_fingerprint(tmp_path: Path) -> None:
     coordinator = open_coordinator(tmp_path / "run", config())
-    with pytest.raises(PolicyViolation, match="this run needs"):
+    with pytest.raises(RequestRefused, match="this run needs"):
         coordinator.join(JoinRequest(holder_id="a", model_fingerprint="sha256:" + "00" * 32))
 
 
@@ -71,7 +71,7 @@ def test_join_checks_the_allow_list(tmp_path: Path) -> None:
         "server": {"min_holders": 1, "quorum": 1, "allowed_holders": ["hospital-a"]},
     }
     coordinator = open_coordinator(tmp_path / "run", parse_config(data, "test"))
-    with pytest.raises(PolicyViolation, match=r"'bank-b' is not in this run's server\.allowed"):
+    with pytest.raises(RequestRefused, match=r"'bank-b' is not in this run's server\.allowed"):
         coordinator.join(JoinRequest(holder_id="bank-b", model_fingerprint=FINGERPRINT))
     coordinator.join(JoinRequest(holder_id="hospital-a", model_fingerprint=FINGERPRINT))
 
@@ -111,11 +111,11 @@ def test_bad_answers_change_nothing(tmp_path: Path) -> None:
     task = pull(coordinator, "a")
     journal = tmp_path / "run" / "journal.jsonl"
     delivered = journal.read_bytes()  # a's delivery; nothing after it may change
-    with pytest.raises(PolicyViolation, match="not given"):
+    with pytest.raises(RequestRefused, match="not given"):
         coordinator.push_answer("b", Answer(task_id=task.task_id, choice=1))
-    with pytest.raises(PolicyViolation, match="not given"):
+    with pytest.raises(RequestRefused, match="not given"):
         coordinator.push_answer("a", Answer(task_id="forged", choice=1))
-    with pytest.raises(PolicyViolation, match="out of range"):
+    with pytest.raises(RequestRefused, match="out of range"):
         coordinator.push_answer("a", Answer(task_id=task.task_id, choice=2))
     assert journal.read_bytes() == delivered and coordinator.state.bits_total == 0
     assert coordinator.push_answer("a", Answer(task_id=task.task_id, choice=1))
@@ -201,7 +201,7 @@ def test_answer_to_a_task_of_the_crashed_coordinator_counts_after_restart(tmp_pa
     closed = again.state.rounds[-1]
     assert closed.round_index == 1 and closed.choices == {"a": 1, "b": 1}
     assert closed.step is not None and closed.closed_by == "all answered"
-    with pytest.raises(PolicyViolation, match="was not given"):  # any other id stays refused
+    with pytest.raises(RequestRefused, match="was not given"):  # any other id stays refused
         again.push_answer("a", Answer(task_id=task_b.task_id, choice=1))
 
 

@@ -27,7 +27,8 @@ from sottovoce.client.grpc_loop import RetryPolicy, run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.common.protocol.messages import RunFinished
-from sottovoce.common.steplog import StepLog, read_json_lines
+from sottovoce.common.steplog import StepLog
+from sottovoce.common.storage import read_json_lines
 
 ROUNDS = 24
 

@@ -423,7 +423,7 @@ def test_dpzero_run_over_grpc_exports_base_plus_log(tmp_path: Path, quantization
     from transformers import AutoModelForCausalLM
 
     from sottovoce.api import open_coordinator
-    from sottovoce.common.steplog import read_json_lines
+    from sottovoce.common.storage import read_json_lines
     from sottovoce.server.export import export_run
 
     rounds, per_holder, batch = 8, 24, 8

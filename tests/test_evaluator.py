@@ -8,12 +8,12 @@ import torch
 
 from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache, suffix_start
 from sottovoce.common.fitness import build_fitness
-from sottovoce.common.models import build_tiny_llama, build_tiny_tokenizer
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import Candidate, FitnessSpec
 from sottovoce.common.steplog import Step
+from sottovoce.common.tiny_model import build_tiny_llama, build_tiny_tokenizer
 
 FITNESS = FitnessSpec(prompt_template="{text} =", label_words=("0", "1"))
 WORDS = ["good", "bad", "fine film", "awful plot", "a joy", "dull", "loved it", "boring"]

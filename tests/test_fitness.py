@@ -19,8 +19,8 @@ from sottovoce.common.fitness import (
     evaluate_model,
     merge_scores,
 )
-from sottovoce.common.models import TINY_VOCAB_SIZE, build_tiny_tokenizer
 from sottovoce.common.protocol.messages import FitnessSpec
+from sottovoce.common.tiny_model import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 N_ID, Y_ID = ord("n"), ord("y")
 CLASSIFY = FitnessSpec(prompt_template="R: {text}\nS:", label_words=("n", "y"))

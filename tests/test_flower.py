@@ -49,7 +49,8 @@ from sottovoce.common.protocol.messages import (
     JoinRequest,
     RunFinished,
 )
-from sottovoce.common.steplog import Step, read_json_lines
+from sottovoce.common.steplog import Step
+from sottovoce.common.storage import read_json_lines
 from sottovoce.common.transport import flower_records as fr
 from sottovoce.common.transport.flower_records import HolderState
 from sottovoce.common.transport.wire import WireError

@@ -28,13 +28,14 @@ from sottovoce.common.errors import (
     ConfigError,
     LogIntegrityError,
     NotJoined,
-    PolicyViolation,
+    RequestRefused,
     SottovoceError,
 )
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
-from sottovoce.common.steplog import extend_chain, read_json_lines
+from sottovoce.common.steplog import extend_chain
+from sottovoce.common.storage import read_json_lines
 from sottovoce.common.transport import flower_records as fr
 from sottovoce.common.transport import wire
 from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
@@ -218,7 +219,7 @@ def test_an_answer_to_a_task_never_pulled_is_refused_and_changes_nothing(tmp_pat
         ("b", task_a.task_id),  # someone else's task
     ]
     for holder, task_id in forged:
-        with pytest.raises(PolicyViolation, match="was not given to holder"):
+        with pytest.raises(RequestRefused, match="was not given to holder"):
             coordinator.push_answer(holder, Answer(task_id, choice=1))
     assert (journal_bytes(coordinator), coordinator.state.bits_total) == before
     assert coordinator.state.answered_task_ids == set()
@@ -231,7 +232,7 @@ def test_an_answer_to_a_task_never_pulled_is_refused_and_changes_nothing(tmp_pat
     newer = pull(coordinator, "b")
     assert isinstance(newer, Task) and newer.round_index == 1
     before = journal_bytes(coordinator)
-    with pytest.raises(PolicyViolation, match="the task it pulled last"):
+    with pytest.raises(RequestRefused, match="the task it pulled last"):
         coordinator.push_answer("b", Answer(task_b.task_id, choice=1))
     assert journal_bytes(coordinator) == before
     assert coordinator.push_answer("b", Answer(newer.task_id, choice=1))
@@ -249,7 +250,7 @@ def test_answers_after_the_run_is_over_are_refused_and_change_nothing(tmp_path: 
     coordinator.tick()  # round 0 closes at its deadline; max_rounds: the run is over
     assert coordinator.finished
     before = (journal_bytes(coordinator), coordinator.state.bits_total)
-    with pytest.raises(PolicyViolation, match="is over"):
+    with pytest.raises(RequestRefused, match="is over"):
         coordinator.push_answer("c", Answer(late.task_id, choice=0))
     assert (journal_bytes(coordinator), coordinator.state.bits_total) == before
 
@@ -259,7 +260,7 @@ def test_answers_after_the_run_is_over_are_refused_and_change_nothing(tmp_path: 
     assert isinstance(open_task, Task)
     stopped.stop("stopped by the operator")  # with a round open
     before = journal_bytes(stopped)
-    with pytest.raises(PolicyViolation, match="is over"):
+    with pytest.raises(RequestRefused, match="is over"):
         stopped.push_answer("a", Answer(open_task.task_id, choice=1))
     assert journal_bytes(stopped) == before
     assert isinstance(pull(stopped, "a"), RunFinished)  # the end is still handed out
@@ -278,7 +279,7 @@ def test_after_a_restart_only_an_answer_to_a_task_delivered_before_the_crash_cou
     again = open_coordinator(tmp_path / "run", cfg, clock)  # nobody has joined it yet
     computed = Answer(task_id_for(first.state.run_id, 1, "a"), choice=1)
     before = journal_bytes(again)
-    with pytest.raises(PolicyViolation, match="was not given to holder 'a'"):
+    with pytest.raises(RequestRefused, match="was not given to holder 'a'"):
         again.push_answer("a", computed)  # the id is right, but a was never handed it
     assert journal_bytes(again) == before
     assert again.push_answer("b", Answer(task_b.task_id, choice=1))  # delivered: kept

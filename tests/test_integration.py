@@ -31,7 +31,8 @@ from sottovoce.client.holder import DataHolder
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
 from sottovoce.common.errors import ConfigError, PolicyViolation, TransportError
 from sottovoce.common.protocol.messages import RunFinished
-from sottovoce.common.steplog import StepLog, read_json_lines
+from sottovoce.common.steplog import StepLog
+from sottovoce.common.storage import read_json_lines
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import LOG_FILE, export_run
 from sottovoce.server.grpc_service import serve

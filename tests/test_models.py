@@ -12,14 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from sottovoce.common import models
 from sottovoce.common.errors import ConfigError, ModelLoadError
-from sottovoce.common.models import (
-    SMOLLM2_NAME,
-    TINY_VOCAB_SIZE,
-    build_tiny_llama,
-    build_tiny_tokenizer,
-    load_model,
-    model_fingerprint,
-)
+from sottovoce.common.models import SMOLLM2_NAME, load_model, model_fingerprint
+from sottovoce.common.tiny_model import TINY_VOCAB_SIZE, build_tiny_llama, build_tiny_tokenizer
 
 
 def test_tiny_tokenizer_is_bytes_plus_specials() -> None:

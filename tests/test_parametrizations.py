@@ -11,7 +11,6 @@ from torch import nn
 
 from sottovoce.common.directions import hash_words, rademacher
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.models import build_tiny_llama
 from sottovoce.common.parametrizations.base import (
     Parametrization,
     ParametrizationSpec,
@@ -22,6 +21,7 @@ from sottovoce.common.parametrizations.scale import ScaleParametrization
 from sottovoce.common.parametrizations.select import InPlaceParametrization
 from sottovoce.common.parametrizations.subspace import SubspaceParametrization
 from sottovoce.common.steplog import Step, as_float32
+from sottovoce.common.tiny_model import build_tiny_llama
 
 SPECS: dict[str, ParametrizationSpec] = {
     "full": ParametrizationSpec(kind="full"),

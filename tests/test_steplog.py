@@ -14,9 +14,8 @@ from sottovoce.common.steplog import (
     chain_hash,
     extend_chain,
     genesis_hash,
-    read_json_lines,
-    repair_torn_tail,
 )
+from sottovoce.common.storage import read_json_lines, repair_torn_tail
 
 GENESIS = genesis_hash("sha256:" + "0" * 64, "{}")
 

@@ -16,7 +16,6 @@ relies on:
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from sottovoce.common.steplog import Step
+from sottovoce.common.storage import canonical_json
 
 ParametrizationKind = Literal["full", "select", "subspace", "scale"]
 Granularity = Literal["tensor", "channel"]
@@ -53,7 +53,7 @@ class ParametrizationSpec:
 
     def canonical_id(self) -> str:
         """A stable string naming this parametrization; it is hashed into the log's genesis."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return canonical_json(asdict(self))
 
 
 class Parametrization(ABC):
