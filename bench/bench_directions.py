@@ -1,4 +1,4 @@
-"""Direction generation vs. torch.randn of the same size (DESIGN §7: ratio must be <= 1).
+"""Direction generation vs. torch.randn of the same size (docs/architecture.md: ratio <= 1).
 
 Setting: a flat float32 tensor of SmolLM2-135M's parameter count (134,515,008 elements) on
 CPU with 2 threads, unless ``--numel``/``--threads``/``--device`` say otherwise. Both are

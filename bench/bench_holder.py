@@ -1,7 +1,8 @@
-"""Data holder evaluation vs plain inference: throughput and peak memory (DESIGN §7).
+"""Data holder evaluation vs plain inference: throughput and peak memory (docs/architecture.md).
 
-DESIGN §7 targets: fitness evaluation throughput >= 90% of a plain ``model(**batch)`` loop
-on the same data, and peak memory <= inference memory + the largest perturbed tensor.
+Targets (docs/architecture.md): fitness evaluation throughput >= 90% of a plain
+``model(**batch)`` loop on the same data, and peak memory <= inference memory + the
+largest perturbed tensor.
 
 Setting (defaults): SmolLM2-135M-Instruct, float32, CPU, 2 torch threads, the demo's
 fitness (``"Review: {text}\\nSentiment:"``, label words " negative"/" positive") on the
@@ -15,7 +16,7 @@ ratio is the evaluator's forward-equivalents per second over the plain loops' be
 per-forward rate (the faster of x1 and x2/2: the stricter reference). Measured:
 
 * ``full`` (every tensor, so no prefix reuse): ``score(examples, [])`` (the incumbent
-  alone: the plain case of DESIGN §7), then the incumbent and one candidate (each
+  alone: the plain case of the throughput target), then the incumbent and one candidate (each
   candidate forward perturbs all 134.5M weights in place and restores them);
 * ``scale`` on ``model.norm.weight`` with ``--candidates`` candidates: a first pass (a
   fresh evaluator: the prefix runs once per batch, the candidates only the final norm
@@ -193,7 +194,7 @@ def print_throughput(rows: list[Timed], n_examples: int) -> None:
     print(
         "  ratio: forward-equivalents/s over the plain loops' best per-forward rate "
         "(of x1 and x2/2)\n"
-        "  target (DESIGN §7): >= 0.90 for the plain case (full: incumbent only)",
+        "  target (docs/architecture.md): >= 0.90 for the plain case (full: incumbent only)",
         flush=True,
     )
 

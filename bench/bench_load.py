@@ -1,6 +1,6 @@
 """The coordinator under load: many simulated holders long-polling over real gRPC + mutual TLS.
 
-DESIGN §7 target: 1,000 simulated data holders on one machine without the coordinator
+Target (docs/architecture.md): 1,000 simulated data holders on one machine without the coordinator
 being the bottleneck. This bench runs the real ``Coordinator`` (run state, journal fsync'd
 per answer, the (1+1)-ES) behind the real ``serve()`` with mutual TLS and the service
 limits a run config gives it, in its own process, so its CPU and memory are its alone.

@@ -1,6 +1,7 @@
-"""Bytes on the wire per answer and per task, over real gRPC on loopback (DESIGN §7).
+"""Bytes on the wire per answer and per task, over real gRPC on loopback (docs/architecture.md).
 
-DESIGN §7 target: a task and its answer are bytes, not megabytes; at most 200 B per answer.
+Target (docs/architecture.md): a task and its answer are bytes, not megabytes; at most 200 B
+per answer.
 
 Setting: the project's gRPC server (``serve``) on 127.0.0.1, insecure (no TLS), in front
 of a scripted coordinator endpoint; a TCP proxy on 127.0.0.1 between client and server
@@ -409,7 +410,7 @@ def main() -> None:
     verdict = "met" if worst <= ANSWER_TARGET_BYTES else "NOT met"
     print(
         f"  per answer on the wire (PushAnswer, client->server): {worst:.1f} B; "
-        f"target (DESIGN §7) <= {ANSWER_TARGET_BYTES} B: {verdict}"
+        f"target (docs/architecture.md) <= {ANSWER_TARGET_BYTES} B: {verdict}"
     )
     up, down, rounds = measure_client_loop(args.rounds)
     print(

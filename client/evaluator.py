@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -261,7 +261,7 @@ class CandidateEvaluator:
     def _logits(self, batch: PreparedBatch, prefix: Prefix | None) -> torch.Tensor:
         if prefix is None:
             self.forward_passes += 1
-            return self.model(**batch.model_inputs()).logits  # type: ignore[no-any-return]
+            return cast(torch.Tensor, self.model(**batch.model_inputs()).logits)
         return self._suffix_logits(batch, prefix)
 
     def _batch_prefix(self, batch: PreparedBatch, examples: Sequence[Record]) -> Prefix | None:
@@ -305,7 +305,7 @@ class CandidateEvaluator:
         assert self.parts is not None
         head = self.parts.head
         if self._label_rows is None:
-            return head(hidden)  # type: ignore[no-any-return]
+            return cast(torch.Tensor, head(hidden))
         rows = self._label_rows.to(hidden.device)
         small = torch.nn.functional.linear(hidden, head.weight.index_select(0, rows))
         # Only as wide as the largest label id: the fitness reads those columns alone.
@@ -352,7 +352,7 @@ def suffix_hidden(parts: DecoderParts, split: int, prefix: Prefix, keep: int) ->
             hidden = out[0] if isinstance(out, tuple) else out
     if keep > 0:
         hidden = hidden[:, -keep:, :]
-    return parts.norm(hidden)  # type: ignore[no-any-return]
+    return cast(torch.Tensor, parts.norm(hidden))
 
 
 def _label_rows(model: nn.Module, fitness: Fitness, touched: Sequence[str]) -> torch.Tensor | None:

@@ -118,9 +118,8 @@ class HolderNodes:
         node = self.node(context)
         with node.lock:
             holder = node.holder
-            try:
-                self._enter_run(holder, spec, context)
-            except PolicyViolation as refusal:
+            refusal = self._enter_run(holder, spec, context)
+            if refusal is not None:
                 log.warning("refusing run %s: %s", spec.run_id, refusal)
                 return _reply(message, refusal_content(refusal.code, _state(holder)))
             content = join_reply_content(holder.join_request(), _state(holder))
@@ -132,9 +131,8 @@ class HolderNodes:
         node = self.node(context)
         with node.lock:
             holder = node.holder
-            try:
-                self._enter_run(holder, spec, context)
-            except PolicyViolation as refusal:
+            refusal = self._enter_run(holder, spec, context)
+            if refusal is not None:
                 log.warning("refusing task %s: %s", task.task_id, refusal)
                 answer = Answer(task_id=task.task_id, choice=None, refusal=refusal.code)
             else:
@@ -149,9 +147,8 @@ class HolderNodes:
         node = self.node(context)
         with node.lock:
             holder = node.holder
-            try:
-                self._enter_run(holder, spec, context)
-            except PolicyViolation as refusal:  # not our run: nothing to catch up with
+            refusal = self._enter_run(holder, spec, context)
+            if refusal is not None:  # not our run: nothing to catch up with
                 log.warning("not finishing run %s: %s", spec.run_id, refusal)
                 return _reply(message, holder_state_content(_state(holder)))
             holder.finish(finished)
@@ -161,10 +158,17 @@ class HolderNodes:
             content = holder_state_content(_state(holder))
         return _reply(message, content)
 
-    def _enter_run(self, holder: DataHolder, spec: RunSpec, context: Context) -> None:
-        """The holder's own check of the run, then its weights back at its log version."""
-        holder.accept_run(spec)  # raises PolicyViolation; keeps state if it is the same run
-        _restore_log(holder, context)
+    def _enter_run(
+        self, holder: DataHolder, spec: RunSpec, context: Context
+    ) -> PolicyViolation | None:
+        """The holder's own check of the run, then its weights back at its log version;
+        the refusal if the holder will not take part (it keeps state for the same run)."""
+        try:
+            holder.accept_run(spec)
+            _restore_log(holder, context)
+        except PolicyViolation as refusal:
+            return refusal
+        return None
 
 
 def make_client_app(

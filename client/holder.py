@@ -62,6 +62,7 @@ from sottovoce.common.accounting import (
     DpEvent,
     PrivacyAccountant,
 )
+from sottovoce.common.bounds import generalization_slack
 from sottovoce.common.errors import (
     ConfigError,
     PolicyViolation,
@@ -82,7 +83,6 @@ from sottovoce.common.protocol.messages import (
 )
 from sottovoce.common.protocol.seeds import SeedSchedule
 from sottovoce.common.resources import peak_rss_bytes
-from sottovoce.common.stats import generalization_slack
 from sottovoce.common.steplog import Step, StepLog, extend_chain, genesis_hash
 
 log = logging.getLogger("sottovoce.holder")
@@ -490,7 +490,8 @@ class DataHolder:
     def _fresh_model(self) -> LoadedModel:
         loaded = self._load_model()
         if self._compute_dtype != torch.float32:
-            loaded.model.to(self._compute_dtype)
+            module: torch.nn.Module = loaded.model  # PreTrainedModel.to's wrapper confuses mypy
+            module.to(self._compute_dtype)
         return loaded
 
     def _note_answer(self, bits: float, stats: dict[str, float]) -> None:

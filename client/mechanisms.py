@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.private_answers import (
     SecureRandomness,
@@ -77,7 +79,7 @@ class Mechanism(ABC):
 class PlainChoice(Mechanism):
     """The true choice: 0 keeps the incumbent, k is candidate k-1 (compare: 1 = better)."""
 
-    name = "plain"
+    name: ClassVar[AnswerMechanism] = "plain"
 
     def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
         return None
@@ -100,7 +102,7 @@ class PlainChoice(Mechanism):
 class RandomizedResponseChoice(PlainChoice):
     """The choice under k-ary randomized response: epsilon-DP whatever the data."""
 
-    name = "randomized-response"
+    name: ClassVar[AnswerMechanism] = "randomized-response"
 
     def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
         return answer_event(self.spec.dp, self.spec.answer_kind, n_candidates, None)
@@ -115,7 +117,7 @@ class RandomizedResponseChoice(PlainChoice):
 class DpScalar(Mechanism):
     """DPZero: clipped per-example finite differences, averaged, plus Gaussian noise."""
 
-    name = "dp-scalar"
+    name: ClassVar[AnswerMechanism] = "dp-scalar"
 
     def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
         return answer_event(self.spec.dp, AnswerKind.DP_SCALAR, n_candidates, sampling_rate)
@@ -131,7 +133,9 @@ class DpScalar(Mechanism):
         """No differences at all: the noise alone, as an empty Poisson batch would give."""
         return self._noised([], task, {})
 
-    def _noised(self, differences: Sequence[float], task: Task, stats: dict[str, float]) -> Release:
+    def _noised(
+        self, differences: Sequence[float] | np.ndarray, task: Task, stats: dict[str, float]
+    ) -> Release:
         dp = self.spec.dp
         value = noisy_mean(
             differences,

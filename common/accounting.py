@@ -1,6 +1,6 @@
 """Differential-privacy accounting: what one DP answer costs, and what a lifetime of them does.
 
-Two kinds of DP answer exist (DESIGN.md §4), each described by a small event record that
+Two kinds of DP answer exist (docs/architecture.md), each described by a small event record that
 the holder's ledger stores next to the answer:
 
 * :class:`PoissonGaussian`: a DPZero scalar. The holder Poisson-samples its examples at
@@ -310,14 +310,14 @@ def calibrate_noise_multiplier(
 
 
 @dataclass(frozen=True)
-class _Batch(dp_accounting.DpEvent):  # type: ignore[misc]
+class _Batch(dp_accounting.DpEvent):
     """``count`` copies of one of our events, as a dp-accounting event for calibration."""
 
     event: DpEvent
     count: int
 
 
-class _Trial(dp_accounting.PrivacyAccountant):  # type: ignore[misc]
+class _Trial(dp_accounting.PrivacyAccountant):
     """A throw-away copy of a :class:`PrivacyAccountant` in dp-accounting's interface, so
     ``calibrate_dp_mechanism`` bisects on exactly the accountant that will later charge."""
 

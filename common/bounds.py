@@ -141,10 +141,26 @@ def kl_transcript_bound(train_risk: float, bits: float, n: int, delta: float) ->
     return kl_upper(train_risk, budget)
 
 
-def hoeffding_bits_bound(train_risk: float, bits: float, n: int, delta: float) -> float:
-    """The old bound: train risk + sqrt((B ln 2 + ln(1/delta)) / (2n)), B all bits heard."""
+def generalization_slack(bits: float, n: int, delta: float) -> float:
+    """``sqrt((bits * ln 2 + ln(1/delta)) / (2n))``: the old bound's train-to-test slack.
+
+    An optimizer that heard ``bits`` bits can output at most ``2**bits`` models; Hoeffding
+    for a loss in [0, 1] on ``n`` examples plus a union bound over those models gives, with
+    probability >= 1 - delta, test risk <= train risk + this slack.
+    """
     _check(n, delta, bits)
-    return train_risk + math.sqrt((bits * math.log(2.0) - math.log(delta)) / (2.0 * n))
+    return math.sqrt((bits * math.log(2.0) - math.log(delta)) / (2.0 * n))
+
+
+def hoeffding_bits_bound(train_risk: float, bits: float, n: int, delta: float) -> float:
+    """The old bound: train risk + :func:`generalization_slack`, B all bits heard.
+
+    ``train_risk`` must be measured on the same ``n`` examples the answers were computed
+    from (a loss in [0, 1]). Not clipped at 1, so a vacuous bound shows as one.
+    """
+    if not 0.0 <= train_risk <= 1.0:
+        raise ConfigError(f"train_risk must be in [0, 1], got {train_risk}")
+    return train_risk + generalization_slack(bits, n, delta)
 
 
 def _check(n: int, delta: float, bits: float) -> None:

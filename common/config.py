@@ -97,7 +97,7 @@ class DPZeroSection(_Section):
 
 
 class PrivacySection(_Section):
-    """Differential privacy of the answers (DESIGN.md §4).
+    """Differential privacy of the answers (docs/architecture.md).
 
     DPZero: ``epsilon`` is the target over ``run.max_rounds`` steps at ``delta``; the noise
     multiplier is calibrated for the sampling rate ``evaluation.batch_size /

@@ -5,7 +5,7 @@ line) or ``.tsv`` (a header row, then tab-separated values; every value is a str
 Whatever is wrong with a file is reported as a :class:`DataError` naming the file, the line
 and the field, so an operator can fix it without reading a traceback.
 
-Splits (DESIGN.md §8) are a deterministic shuffle with a fixed seed; data splitting is not
+Splits (docs/architecture.md) are a deterministic shuffle with a fixed seed; data splitting is not
 a privacy mechanism, so :class:`random.Random` is the right tool. The test split's hash
 (:func:`records_hash`) is recorded so a report can say which examples it was measured on.
 """

@@ -1,7 +1,7 @@
 """Perturbation directions z(seed): counter-based Rademacher signs, the same bits everywhere.
 
 A direction must be reproducible bit for bit by the coordinator, by every data holder and
-by export, on CPU or GPU, whatever chunking or torch version each of them uses (DESIGN §2).
+by export, on CPU or GPU, whatever chunking or torch version each of them uses.
 So it is never drawn from ``torch.manual_seed`` + ``torch.randn`` (device dependent); it is a
 pure function of ``(seed, tensor_index, element_index)`` evaluated with integer tensor ops
 whose results are fully defined: int64 tensors that only ever hold values in ``[0, 2**32)``,
@@ -32,7 +32,7 @@ Exact specification (enough to reimplement it elsewhere; all arithmetic on unsig
   costs 1/32 of the elements; the bits are expanded through a 256-entry byte table.
 
 Speed: generation runs in chunks of ``chunk_elements`` (default 2**20) so the temporaries
-stay in cache; DESIGN §7 asks for no more than ``torch.randn`` of the same size
+stay in cache; docs/architecture.md asks for no more than ``torch.randn`` of the same size
 (``bench/bench_directions.py`` measures it). Reference digests of a few directions are
 committed in ``common/reference/direction_digests.json`` and checked by the tests.
 """

@@ -2,7 +2,7 @@
 
 Every data holder and the coordinator must agree on *which* base model a run starts from,
 so loading is offline and deterministic, and the model's identity is a fingerprint over its
-tensors (DESIGN.md §2), not a file name or a hub revision.
+tensors (docs/architecture.md), not a file name or a hub revision.
 
 Model names understood by :func:`load_model`:
 
@@ -197,12 +197,15 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     tokenizer.padding_side = "left"
 
 
+def _from_pretrained(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Hugging Face checkpoint folder, in float32, from local files only."""
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _load_directory(name: str, path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model, tokenizer = _from_pretrained(path)
     except _LOAD_FAILURES as err:
         raise ModelLoadError(
             f"model {name!r}: cannot load the checkpoint directory ({_first_line(err)}); "
@@ -239,10 +242,7 @@ def _load_smollm2(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     if not target.is_dir():
         _convert_smollm2_once(target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            target, local_files_only=True, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        model, tokenizer = _from_pretrained(target)
     except _LOAD_FAILURES as err:
         raise ModelLoadError(
             f"model {SMOLLM2_NAME!r}: the converted cache {target} is broken "

@@ -18,7 +18,7 @@ def levels(bits: int) -> int:
     """Number of levels of a ``bits``-bit answer."""
     if isinstance(bits, bool) or not (isinstance(bits, int) and 1 <= bits <= MAX_QUANTIZATION_BITS):
         raise ValueError(f"quantization bits must be 1..{MAX_QUANTIZATION_BITS} (got {bits!r})")
-    return 2**bits
+    return int(2**bits)
 
 
 def spacing(bits: int, bound: float) -> float:

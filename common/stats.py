@@ -1,13 +1,12 @@
-"""Statistics for reports: accuracy intervals, paired tests, and the bits generalization bound.
+"""Statistics for reports: accuracy intervals and paired tests.
 
 Computed with maintained libraries (statsmodels) where one exists, so a reader can check the
-method by name: Wilson score intervals, the exact (binomial) McNemar test, and the
-Hoeffding-plus-union bound of DESIGN.md §4.
+method by name: Wilson score intervals and the exact (binomial) McNemar test. The
+generalization bounds are :mod:`sottovoce.common.bounds`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,34 +66,6 @@ def mcnemar_pvalue(before: Sequence[bool], after: Sequence[bool]) -> McNemarResu
     table = [[int(np.sum(old & new)), worsened], [improved, int(np.sum(~old & ~new))]]
     result = mcnemar(table, exact=True)
     return McNemarResult(improved=improved, worsened=worsened, p_value=float(result.pvalue))
-
-
-def generalization_slack(bits: float, n: int, delta: float) -> float:
-    """``sqrt((bits * ln 2 + ln(1/delta)) / (2n))``: how far test risk can exceed train risk.
-
-    An optimizer that heard ``bits`` bits can output at most ``2**bits`` models; Hoeffding
-    for a loss in [0, 1] on ``n`` examples plus a union bound over those models gives, with
-    probability >= 1 - delta, test risk <= train risk + this slack (DESIGN.md §4).
-    """
-    if n < 1:
-        raise ConfigError(f"the bound needs n >= 1 examples, got {n}")
-    if not 0.0 < delta < 1.0:
-        raise ConfigError(f"delta must be in (0, 1), got {delta}")
-    if not bits >= 0.0 or math.isinf(bits):
-        raise ConfigError(f"bits must be a finite number >= 0, got {bits}")
-    return math.sqrt((bits * math.log(2.0) + math.log(1.0 / delta)) / (2.0 * n))
-
-
-def generalization_bound(train_risk: float, bits: float, n: int, delta: float) -> float:
-    """Upper bound on test risk: ``train_risk + generalization_slack(bits, n, delta)``.
-
-    ``train_risk`` must be measured on the same ``n`` examples the answers were computed
-    from, with a loss in [0, 1] (e.g. 1 - accuracy). Not clipped at 1, so a vacuous bound
-    shows as one.
-    """
-    if not 0.0 <= train_risk <= 1.0:
-        raise ConfigError(f"train_risk must be in [0, 1], got {train_risk}")
-    return train_risk + generalization_slack(bits, n, delta)
 
 
 def _as_bools(values: Sequence[bool], name: str) -> np.ndarray:

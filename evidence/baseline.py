@@ -174,7 +174,7 @@ def _with_lora(model: nn.Module, config: BaselineConfig, first: int | None) -> n
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations inside peft
         torch.manual_seed(config.seed)  # peft draws LoRA's A from the global generator
-        return get_peft_model(model, lora)  # type: ignore[arg-type, return-value, no-any-return]
+        return get_peft_model(model, lora)
 
 
 def _label_ids(fitness: Fitness) -> torch.Tensor:

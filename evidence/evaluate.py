@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from sottovoce.client.evaluator import suffix_start
+from sottovoce.common.bounds import generalization_slack
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import Record, canonical_line, load_records
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.fitness import ExampleScores, build_fitness
 from sottovoce.common.models import LoadedModel, load_model
-from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.common.storage import read_json_object
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train
 from sottovoce.evidence.baseline_process import BaselineJob, train_in_own_process
@@ -404,7 +405,7 @@ def _set_label(name: str, data: EvaluationData) -> str:
 def _bound(
     run: RunUnderTest, bits: float, scores: dict[str, ExampleScores], data: EvaluationData
 ) -> dict[str, Any]:
-    """DESIGN.md §4's bound from the bits spent, next to the measured train-test gap."""
+    """The bits bound from the bits spent, next to the measured train-test gap."""
     n = len(data.members)
     delta = run.config.run.bound_delta
     train_risk = 1.0 - scores["members"].accuracy()

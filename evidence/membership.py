@@ -103,7 +103,7 @@ def offline_lira_scores(target_log_prob: Scores, reference_log_probs: Sequence[S
     _finite(reference, "reference log-probabilities")
     mean_out = reference.mean(axis=0)
     spread = float((reference - mean_out).std(ddof=1)) or 1.0
-    return (target - mean_out) / spread
+    return np.asarray((target - mean_out) / spread, dtype=np.float64)
 
 
 def evaluate_attack(

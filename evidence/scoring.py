@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,10 +114,10 @@ class SharedPrefixScorer:
         """``model``'s logits at the positions the fitness reads, from the prefix if given."""
         self.forward_passes += 1
         if prefix is None or self.split is None:
-            return model(**batch.model_inputs()).logits  # type: ignore[no-any-return]
+            return cast(torch.Tensor, model(**batch.model_inputs()).logits)
         parts = decoder_layout(model)
         hidden = suffix_hidden(parts, self.split, prefix, batch.logits_to_keep)
-        return parts.head(hidden)  # type: ignore[no-any-return]
+        return cast(torch.Tensor, parts.head(hidden))
 
     def _entry(self, parts: DecoderParts) -> nn.Module:
         assert self.split is not None
@@ -134,4 +135,4 @@ def decoder_layout(model: nn.Module) -> DecoderParts:
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The plain transformers model inside a peft wrapper (whose layers peft changed in place)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model  # type: ignore[no-any-return]
+    return get_base() if callable(get_base) else model

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -366,7 +366,7 @@ def add_to_server(servicer: CoordinatorServicer, server: grpc.Server) -> None:
     (see :meth:`CoordinatorServicer.handle_bytes`). Replaces the generated
     ``add_CoordinatorServicer_to_server``, which lets grpc parse them."""
 
-    def handler(method: str) -> grpc.RpcMethodHandler:
+    def handler(method: str) -> grpc.RpcMethodHandler[Any, Any]:
         def serve_bytes(data: bytes, context: Context) -> Message:
             return servicer.handle_bytes(method, data, context)
 

@@ -28,6 +28,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
 
 
+def path_option(*names: str, **settings: Any) -> Callable[[F], F]:
+    """``click.option`` for a path argument: a :class:`~pathlib.Path`, ``None`` if not given."""
+    return click.option(*names, type=click.Path(path_type=Path), **settings)
+
+
 def user_errors(func: F) -> F:
     """Turn our own exceptions into one line and exit code 2."""
 
@@ -87,17 +92,13 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
-@click.option(
-    "--run-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Run directory (created, or resumed if it holds this run).",
+@path_option("--config", "config_path", required=True)
+@path_option(
+    "--run-dir", default=None, help="Run directory (created, or resumed if it holds this run)."
 )
 @click.option("--address", default=None, help="Listen address; default from the config.")
-@click.option(
+@path_option(
     "--certs",
-    type=click.Path(path_type=Path),
     default=None,
     help="Certificate folder (ca.pem, coordinator.pem, coordinator.key): mutual TLS.",
 )
@@ -150,8 +151,8 @@ def server(
 
 @main.command()
 @click.option("--server", "address", required=True, help="Coordinator HOST:PORT.")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True)
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True)
+@path_option("--data", "data_path", required=True)
+@path_option("--policy", "policy_path", required=True)
 @click.option(
     "--holder-id", required=True, help="This holder's name (from its certificate under TLS)."
 )
@@ -164,23 +165,17 @@ def server(
     help="Compute dtype (the fingerprint is always of float32).",
 )
 @click.option("--threads", type=int, default=None, help="torch threads for this process.")
-@click.option(
-    "--status",
-    "status_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write this holder's local status (JSON) here.",
+@path_option(
+    "--status", "status_path", default=None, help="Write this holder's local status (JSON) here."
 )
-@click.option(
+@path_option(
     "--report",
     "report_path",
-    type=click.Path(path_type=Path),
     default=None,
     help="At the end, write this holder's local report (JSON; it stays here).",
 )
-@click.option(
+@path_option(
     "--certs",
-    type=click.Path(path_type=Path),
     default=None,
     help="Certificate folder (ca.pem, HOLDER-ID.pem, HOLDER-ID.key): mutual TLS.",
 )
@@ -248,8 +243,8 @@ def _epsilon_line(holder: DataHolder) -> str:
 
 
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@path_option("--run", "run_dir", required=True)
+@path_option("--out", "out_dir", required=True)
 @user_errors
 def export(run_dir: Path, out_dir: Path) -> None:
     """Replay a run's log on the base model and write a Hugging Face checkpoint."""
@@ -263,14 +258,10 @@ def export(run_dir: Path, out_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None)
-@click.option(
-    "--report",
-    "report_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Also write the final report (JSON) here.",
+@path_option("--config", "config_path", required=True)
+@path_option("--run-dir", default=None)
+@path_option(
+    "--report", "report_path", default=None, help="Also write the final report (JSON) here."
 )
 @click.option(
     "--engine",
@@ -292,42 +283,32 @@ def simulate(
 
 
 @main.command()
-@click.option(
+@path_option(
     "--run",
     "run_dirs",
-    type=click.Path(path_type=Path),
     multiple=True,
     required=True,
     help="A run folder (simulate's or the server's); repeat to compare runs on the same data.",
 )
-@click.option(
+@path_option(
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
     required=True,
     help="New folder for report.json, report.md, report.html and roc.png.",
 )
-@click.option(
+@path_option(
     "--checkpoint",
-    type=click.Path(path_type=Path),
     help="Evaluate this `sottovoce export` folder of the (one) run instead of its log.",
 )
-@click.option(
+@path_option(
     "--members",
-    type=click.Path(path_type=Path),
     multiple=True,
     help="Training data files (default: the run's holders/*/data.jsonl).",
 )
-@click.option(
-    "--nonmembers",
-    type=click.Path(path_type=Path),
-    help="Unused examples of the same distribution (default: the bundled split's).",
+@path_option(
+    "--nonmembers", help="Unused examples of the same distribution (default: the bundled split's)."
 )
-@click.option(
-    "--heldout",
-    type=click.Path(path_type=Path),
-    help="The in-domain test set (default: the run's test split).",
-)
+@path_option("--heldout", help="The in-domain test set (default: the run's test split).")
 @click.option(
     "--ood",
     multiple=True,
@@ -430,8 +411,8 @@ def fingerprint(model_name: str) -> None:
 
 
 @main.command()
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path), required=True)
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True)
+@path_option("--policy", "policy_path", required=True)
+@path_option("--data", "data_path", required=True)
 @user_errors
 def ledger(policy_path: Path, data_path: Path) -> None:
     """Show a data set's lifetime ledger: every release, its cost, what remains, refusals."""
@@ -452,8 +433,8 @@ def ledger(policy_path: Path, data_path: Path) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@path_option("--config", "config_path", required=True)
+@path_option("--out", required=True)
 @user_errors
 def federation(config_path: Path, out: Path) -> None:
     """Split the bundled data into holder folders (data.jsonl + policy.toml each)."""
@@ -469,7 +450,7 @@ def certs() -> None:
 
 
 @certs.command("init")
-@click.option("--dir", "folder", type=click.Path(path_type=Path), required=True)
+@path_option("--dir", "folder", required=True)
 @user_errors
 def certs_init(folder: Path) -> None:
     """Create the federation's CA (ca.pem, ca.key) in a new folder."""
@@ -480,7 +461,7 @@ def certs_init(folder: Path) -> None:
 
 
 @certs.command("issue")
-@click.option("--dir", "folder", type=click.Path(path_type=Path), required=True)
+@path_option("--dir", "folder", required=True)
 @click.option("--name", required=True, help="Holder id, or the coordinator's name.")
 @click.option(
     "--host",

@@ -9,6 +9,7 @@ base and trained model differ only above it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
 from sottovoce.common.config import RunConfig
@@ -23,7 +24,7 @@ class HeldOut:
     """Held-out scoring of base and trained model, sharing the prefix computation."""
 
     def __init__(self, config: RunConfig, loaded: LoadedModel):
-        model = loaded.model
+        model: torch.nn.Module = loaded.model
         if config.model.dtype != "float32":
             model.to(torch_dtype(config.model.dtype))
         self.parametrization = build_parametrization(config.parametrization)

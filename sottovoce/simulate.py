@@ -134,7 +134,7 @@ def run_rounds_flower(coordinator: Coordinator, federation: Federation, console:
     idle_s = 2 * config.server.round_timeout_s + 60.0
     server_app = make_server_app(lambda _: coordinator, DriverSettings(idle_timeout_s=idle_s))
     client_app, nodes = make_client_app(holder_from_node_config)
-    run_config = {
+    run_config: dict[str, bool | float | int | str] = {
         "holders-dir": str(federation.run_dir / "holders"),
         "model": config.model.name,
         "dtype": config.model.dtype,

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from sottovoce.common.accounting import ACCOUNTANT_NAME, NEIGHBOURING_RELATION
+from sottovoce.common.bounds import generalization_slack
 from sottovoce.common.config import RunConfig
 from sottovoce.common.protocol.messages import DpSpec, RunSpec
-from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.common.storage import read_json_object
 from sottovoce.federation import Federation
 from sottovoce.server.run_state import RunState

@@ -6,12 +6,11 @@ import math
 
 import pytest
 
+from sottovoce.common.bounds import generalization_slack, hoeffding_bits_bound
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.stats import (
     McNemarResult,
     accuracy_interval,
-    generalization_bound,
-    generalization_slack,
     mcnemar_pvalue,
 )
 
@@ -69,13 +68,13 @@ def test_mcnemar_no_change_and_strong_change() -> None:
 
 
 def test_generalization_slack_design_example() -> None:
-    # DESIGN.md §4: n = 7,473 GSM8K problems, 300 one-bit comparisons, delta = 0.05.
+    # The design's example: n = 7,473 GSM8K problems, 300 one-bit comparisons, delta = 0.05.
     slack = generalization_slack(300, 7473, 0.05)
     assert slack == pytest.approx(0.1188, abs=1e-4)
     expected = math.sqrt((300 * math.log(2) + math.log(20)) / (2 * 7473))
     assert slack == pytest.approx(expected, rel=1e-12)
     assert generalization_slack(0, 100, 0.05) == pytest.approx(math.sqrt(math.log(20) / 200))
-    assert generalization_bound(0.3, 300, 7473, 0.05) == pytest.approx(0.3 + expected)
+    assert hoeffding_bits_bound(0.3, 300, 7473, 0.05) == pytest.approx(0.3 + expected)
 
 
 @pytest.mark.parametrize(
@@ -89,4 +88,4 @@ def test_generalization_slack_rejects_bad_input(bits: float, n: int, delta: floa
 
 def test_generalization_bound_rejects_bad_risk() -> None:
     with pytest.raises(ConfigError, match="train_risk"):
-        generalization_bound(1.5, 10, 100, 0.05)
+        hoeffding_bits_bound(1.5, 10, 100, 0.05)

@@ -191,7 +191,7 @@ def test_seeds_cross_as_full_uint64() -> None:
     assert message.candidates[0].seed == 2**63 + 5
 
 
-# -- answers stay tiny (DESIGN §7: <= 200 bytes per answer) -------------------------------
+# -- answers stay tiny (<= 200 bytes per answer) ------------------------------------------
 def push_bytes(holder_id: str, task_id: str, choice: int) -> int:
     call = PushAnswerCall(
         credentials=Credentials(holder_id=holder_id, session=SESSION),

@@ -22,7 +22,7 @@ A tied tensor (input embedding and LM head) has one x shared by both users, cons
 ``W[v, :] * exp(x_v)``. The scaling is computed in float32 and the result cast back to the
 activation dtype, so small log-scales are not lost in bfloat16.
 
-Exactness is weaker than for ``full``/``select`` (DESIGN §2 allows it when stated): x is
+Exactness is weaker than for ``full``/``select`` (docs/architecture.md allows it when stated): x is
 bit-identical everywhere, but ``exp`` may differ by an ulp between CPU and GPU, and
 ``export_state_dict`` folds ``W * exp(x)`` into the weights once (computed in float32, cast to
 the weight dtype), so an exported checkpoint equals the hook evaluation only up to float
@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -272,4 +272,4 @@ class _EmbeddingHook:
         if self._slot.size > 1:
             ids = args[0] if args else kwargs["input"]
             factor = factor[ids].unsqueeze(-1)
-        return (output.to(torch.float32) * factor).to(output.dtype)
+        return cast(torch.Tensor, (output.to(torch.float32) * factor).to(output.dtype))

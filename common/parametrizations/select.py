@@ -9,7 +9,7 @@ step in log order, for each selected tensor in ``tensor_index`` order,
 ``add_scaled_direction_(tensor, seed, tensor_index, coefficient)``: one rounded add of
 ``±coefficient`` per element (see :mod:`sottovoce.common.directions` for the rounding rule).
 
-Evaluation perturbs in place inside forward hooks (DESIGN §2): just before a module that
+Evaluation perturbs in place inside forward hooks (docs/architecture.md): just before a module that
 owns a selected tensor runs, the tensor is backed up and moved by ``scale * z``; after its
 last user module of the forward has run (a tied embedding / LM head has two users), it is
 restored by copying the backup back. So at most one module's tensors, plus a tied tensor
@@ -254,7 +254,7 @@ class _InPlacePerturbation:
 
 
 class BackupMeter:
-    """Counts the bytes of backups alive at once; tests read ``peak`` (DESIGN §2 memory rule)."""
+    """Counts the bytes of backups alive at once; tests read ``peak`` (the memory rule)."""
 
     def __init__(self) -> None:
         self.current = 0

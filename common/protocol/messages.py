@@ -1,6 +1,6 @@
 """What coordinator and data holders say to each other, independent of the transport.
 
-These dataclasses are the vocabulary of the protocol (DESIGN.md §4-5). The gRPC transport
+These dataclasses are the vocabulary of the protocol (docs/architecture.md). The gRPC transport
 (``common/transport/wire.py``) and the Flower transport translate them to and from their own
 records; the algorithms and the holder's policy only ever see these types.
 """

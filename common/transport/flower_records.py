@@ -314,6 +314,8 @@ def _check_keys(where: str, keys: Collection[str], required: set[str], optional:
 def _refusal_code(where: str, value: object) -> RefusalCode:
     """A reason code, never free text: a refusal's words could carry the holder's data."""
     try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
         return RefusalCode(value)
     except ValueError:
         known = "/".join(code.value for code in RefusalCode)

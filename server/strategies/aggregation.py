@@ -1,4 +1,4 @@
-"""Combining several holders' DPZero scalars into one estimate (DESIGN.md §4).
+"""Combining several holders' DPZero scalars into one estimate (docs/architecture.md).
 
 ``mean`` is DPZero's own rule (weighted by the run config's holder weights); it averages
 the holders' independent noise too. ``median`` and ``trimmed-mean`` give up a little of
