@@ -36,7 +36,7 @@ from torch import nn
 
 from sottovoce.common.fitness import Fitness, PreparedBatch
 from sottovoce.common.parametrizations.base import Parametrization
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind, encode_choice
 from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step
 from sottovoce.common.storage import canonical_json
@@ -207,10 +207,7 @@ class CandidateEvaluator:
         means = [float(s.mean()) for s in per_candidate]
         best = int(np.argmax(means))
         better = means[best] > float(incumbent.mean())
-        if kind is AnswerKind.COMPARE:
-            choice = 1 if better else 0
-        else:
-            choice = best + 1 if better else 0
+        choice = encode_choice(best if better else None)  # compare: 1 = better, 0 = not
         stats = {
             "incumbent_mean_score": float(incumbent.mean()),
             "best_candidate_mean": means[best],

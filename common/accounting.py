@@ -44,7 +44,7 @@ from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from sottovoce.common.errors import AccountingError
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind, choice_outcomes
 from sottovoce.common.protocol.messages import DpSpec
 
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -151,7 +151,7 @@ def answer_event(
             return None
         return PoissonGaussian(dp.noise_multiplier, sampling_rate)
     if dp.randomized_response_epsilon > 0:
-        outcomes = 2 if kind is AnswerKind.COMPARE else n_candidates + 1
+        outcomes = choice_outcomes(kind, n_candidates)
         return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
     return None
 

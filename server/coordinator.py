@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import LogIntegrityError, NotJoined, RequestRefused
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind, choice_outcomes
 from sottovoce.common.protocol.limits import MAX_NEW_STEPS, MAX_REASON_LENGTH
 from sottovoce.common.protocol.messages import (
     Answer,
@@ -562,10 +562,7 @@ class Coordinator:
             return answer.value
         if answer.value is not None:
             raise RequestRefused(f"{where}: this run's answers are choices, not values")
-        if kind is AnswerKind.DP_SCALAR:
-            limit = 2**dp.quantization_bits - 1
-        else:
-            limit = 1 if kind is AnswerKind.COMPARE else n_candidates
+        limit = choice_outcomes(kind, n_candidates, dp.quantization_bits) - 1
         if answer.choice is None or not 0 <= answer.choice <= limit:
             raise RequestRefused(f"{where}: choice {answer.choice} is out of range 0..{limit}")
         if kind is AnswerKind.DP_SCALAR:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from sottovoce.common.dtypes import DTYPE_NAMES
 from sottovoce.common.errors import ConfigError, SottovoceError
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ def server(
 @click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
+    type=click.Choice(DTYPE_NAMES),
     default="float32",
     show_default=True,
     help="Compute dtype (the fingerprint is always of float32).",
