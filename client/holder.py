@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,13 @@ from sottovoce.common.accounting import (
     DpEvent,
     PrivacyAccountant,
 )
-from sottovoce.common.bounds import generalization_slack
+from sottovoce.common.bounds import (
+    Complexity,
+    accepted_rounds_bits,
+    bound_report,
+    fixed_rate_transcript_bits,
+    generalization_slack,
+)
 from sottovoce.common.errors import (
     ConfigError,
     PolicyViolation,
@@ -73,6 +79,7 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import (
     Answer,
     BatchSpec,
@@ -111,6 +118,7 @@ class _RunState:
     drift: DriftTracker
     mechanism: Mechanism
     last_step_round: int = -1
+    step_rounds: list[int] = field(default_factory=list)  # the round of each log step
     broken: str | None = None  # why the weights can no longer be trusted, if they cannot
 
 
@@ -340,6 +348,16 @@ class DataHolder:
         _, correct = run.evaluator.score_incumbent(self.records)
         train_risk = 1.0 - float(correct.mean())
         slack = generalization_slack(bits_spent_total, len(self.records), delta)
+        bound = bound_report(
+            self._own_complexity(run, bits_spent_total),
+            train_risk,
+            len(self.records),
+            delta,
+            extra_assumptions=(
+                "this holder's own n and distribution; the transcript is counted from its "
+                "own log (which rounds took a step), padded to the run's max_rounds",
+            ),
+        )
         return {
             "run_id": run.spec.run_id,
             "holder_id": self._holder_id,
@@ -359,8 +377,24 @@ class DataHolder:
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
+            "transcript_bound": bound,
             "cost": self.cost_report(),
         }
+
+    def _own_complexity(self, run: _RunState, bits_heard: float) -> Complexity:
+        """The transcript's cost as this holder can count it, trusting nobody: the rounds
+        its own log's steps came from (the public schedule says which), padded with
+        "none" to the run's max_rounds; DPZero, 32 bits (a float32 step) a round."""
+        rounds = run.spec.max_rounds
+        if run.spec.answer_kind is AnswerKind.DP_SCALAR:
+            bits = fixed_rate_transcript_bits(rounds, 32.0)
+            code = "fixed rate, 32 bits a round"
+        else:
+            taken = set(run.step_rounds)
+            accepted = [r in taken for r in range(max(rounds, len(taken)))]
+            bits = accepted_rounds_bits(accepted, self.policy.max_lambda)
+            code = "accepted rounds (Elias delta + KT), log2(max_lambda) bits per step"
+        return Complexity(bits, 0.0, bits_heard, rounds, code)
 
     def cost_report(self) -> dict[str, Any]:
         """What answering this run cost the holder: compute time, forward passes, memory."""
@@ -467,6 +501,7 @@ class DataHolder:
         for step in steps:
             run.log.append(step)
         run.drift.commit(admission.drift)
+        run.step_rounds.extend(admission.rounds)
         run.last_step_round = admission.rounds[-1]
 
     def _declared_rate(self, batch: BatchSpec) -> float:

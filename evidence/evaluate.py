@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sottovoce.client.evaluator import suffix_start
-from sottovoce.common.bounds import generalization_slack
+from sottovoce.common.bounds import Complexity, bound_report, generalization_slack
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import Record, canonical_line, load_records
 from sottovoce.common.errors import ConfigError, DataError
@@ -59,6 +59,7 @@ from sottovoce.server.export import (
     read_run_log,
     replay,
 )
+from sottovoce.server.run_state import REPORT
 
 BASE = "base model (never saw the data)"
 BASELINE = "backprop baseline"
@@ -402,6 +403,22 @@ def _set_label(name: str, data: EvaluationData) -> str:
     return "members (train)"
 
 
+def _complexity(run: RunUnderTest, bits: float) -> Complexity | None:
+    """The run's transcript cost, from the coordinator's own report (None for a run made
+    before the coordinator wrote it: then only the old bound is given)."""
+    coordinator = read_json_object(run.state_dir / REPORT) or {}
+    raw = coordinator.get("generalization_complexity")
+    if not isinstance(raw, dict):
+        return None
+    return Complexity(
+        transcript_bits=float(raw["transcript_bits"]),
+        grid_bits=float(raw.get("grid_bits", 0.0)),
+        heard_bits=bits,
+        rounds=int(raw["rounds"]),
+        code=str(raw.get("code", "")),
+    )
+
+
 def _bound(
     run: RunUnderTest, bits: float, scores: dict[str, ExampleScores], data: EvaluationData
 ) -> dict[str, Any]:
@@ -421,6 +438,16 @@ def _bound(
         "measured_test_risk": test_risk,
         "measured_gap": test_risk - train_risk,
     }
+    complexity = _complexity(run, bits)
+    if complexity is not None:
+        bound["transcript"] = bound_report(
+            complexity,
+            train_risk,
+            n,
+            delta,
+            measured_test_risk=test_risk,
+            extra_assumptions=("n: the members (the holders' training files), pooled",),
+        )
     privacy = (run.report or {}).get("privacy")
     if privacy:
         per_holder = privacy.get("per_holder", {})

@@ -165,13 +165,13 @@ def _attack_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str
 def _bound_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     header = [
         "run",
-        "bits",
+        "bits heard",
+        "transcript bits",
         "n",
         "train risk",
-        "slack",
-        "bound on test risk",
+        "transcript bound",
+        "old bound",
         "measured test risk",
-        "measured gap",
         "epsilon (delta)",
     ]
     rows = []
@@ -180,20 +180,21 @@ def _bound_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]
         epsilon = (
             f"{dp['epsilon_this_run_max_over_holders']:.2f} ({dp['delta']:g})" if dp else "none"
         )
+        transcript = bound.get("transcript")
         rows.append(
             [
                 run,
                 f"{bound['bits_spent']:.0f}",
+                f"{transcript['transcript_bits']:.0f}" if transcript else "-",
                 str(bound["n"]),
                 f"{bound['train_risk']:.3f}",
-                f"{bound['slack']:.3f}",
+                f"{transcript['transcript_bound']:.3f}" if transcript else "-",
                 f"{bound['test_risk_bound']:.3f}",
                 f"{bound['measured_test_risk']:.3f}",
-                f"{bound['measured_gap']:+.3f}",
                 epsilon,
             ]
         )
-    return "The bound from the bits spent, and the measured gap", header, rows
+    return "Bounds on the test risk (docs/bound.md), and the measured test risk", header, rows
 
 
 def _cost_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:

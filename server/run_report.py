@@ -9,6 +9,7 @@ smaller more; the authoritative figure is in each holder's own ledger and local 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -18,8 +19,13 @@ from sottovoce.common.accounting import (
     PrivacyAccountant,
     answer_event,
 )
+from sottovoce.common.bounds import (
+    Complexity,
+    choice_transcript_bits,
+    fixed_rate_transcript_bits,
+)
 from sottovoce.common.config import RunConfig
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind, encode_choice
 from sottovoce.common.protocol.messages import RunSpec
 from sottovoce.server.run_state import RunState
 
@@ -36,6 +42,9 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
         "finished_reason": state.finished_reason,
         "bits_spent_total": state.bits_total,
         "bits_spent_per_holder": dict(sorted(state.bits_per_holder.items())),
+        # The bound's data-free term: the holders and `sottovoce evaluate` put the train risk
+        # beside it (docs/bound.md); the coordinator has no data, so no bound of its own.
+        "generalization_complexity": run_complexity(config, spec, state).to_json(),
         "evictions": [  # holders dropped for missing rounds in a row (they may have rejoined)
             {
                 "holder": e.holder_id,
@@ -71,3 +80,36 @@ def coordinator_report(config: RunConfig, state: RunState, spec: RunSpec) -> dic
     if config.run.algorithm == "dpzero":
         report["estimates"] = [closed.estimate for closed in state.rounds]
     return report
+
+
+def run_complexity(config: RunConfig, spec: RunSpec, state: RunState) -> Complexity:
+    """The code length of the run's aggregated transcript (docs/bound.md).
+
+    Comparison runs: each closed round's outcome is the accepted candidate (1 + its index)
+    or none (0: no winner, no quorum). DPZero: each round is its step's float32
+    coefficient, 32 bits, whatever was heard; a quantized run's aggregate of H holders'
+    k-bit levels takes at most H (2^k - 1) + 1 values, counted with H the holders heard.
+    """
+    rounds = len(state.rounds)
+    if spec.answer_kind is AnswerKind.DP_SCALAR:
+        per_round = 32.0
+        if spec.dp.quantization_bits:
+            holders = max(1, len(state.bits_per_holder))
+            levels = holders * (2**spec.dp.quantization_bits - 1) + 1
+            per_round = min(per_round, math.log2(levels) + math.log2(holders + 1))
+        bits = fixed_rate_transcript_bits(rounds, per_round)
+        code = f"fixed rate, {per_round:.3g} bits a round"
+    else:
+        outcomes = [
+            encode_choice(closed.winner) if closed.step is not None else 0
+            for closed in state.rounds
+        ]
+        bits = choice_transcript_bits(outcomes, config.optimizer.candidates)
+        code = "choice transcript (Elias delta + the better of two KT codes)"
+    return Complexity(
+        transcript_bits=bits,
+        grid_bits=0.0,
+        heard_bits=state.bits_total,
+        rounds=rounds,
+        code=code,
+    )

@@ -32,11 +32,13 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     for holder, bits in report["bits_spent_per_holder"].items():
         table.add_row(f"  {holder}", f"{bits:.1f}")
     bound = report["generalization_bound"]
+    vacuous = " (vacuous: it says nothing)" if bound["vacuous"] else ""
     table.add_row(
         f"test risk bound (delta={bound['delta']})",
-        f"{bound['train_risk']:.4f} train + {bound['slack']:.4f} slack = "
-        f"{bound['test_risk_bound']:.4f} "
-        f"(measured {bound['measured_test_risk']:.4f}, n={bound['n']})",
+        f"{bound['transcript_bound']:.4f} from {bound['transcript_bits']:.0f} transcript bits"
+        f"{vacuous}; old bound {bound['old_bound']:.4f} from {bound['heard_bits']:.0f} bits "
+        f"heard (measured {bound['measured_test_risk']:.4f}, train {bound['train_risk']:.4f}, "
+        f"n={bound['n']})",
     )
     privacy = report.get("privacy")
     if privacy:

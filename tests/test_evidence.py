@@ -288,6 +288,9 @@ def test_evaluate_a_simulated_run_end_to_end(tmp_path: Path) -> None:
     bound = report["bound"][run_name]
     assert bound["bits_spent"] == run_report["bits_spent_total"] and bound["n"] == 60
     assert bound["test_risk_bound"] == pytest.approx(bound["train_risk"] + bound["slack"])
+    transcript = bound["transcript"]
+    assert transcript["transcript_bits"] == run_report["generalization_bound"]["transcript_bits"]
+    assert transcript["old_bound"] == pytest.approx(bound["test_risk_bound"])
     assert report["cost"]["runs"][run_name]["wire_bytes_total"] > 0
     baseline_cost = report["cost"]["baseline"]  # measured in the baseline's own process
     assert baseline_cost["peak_rss_bytes"] > 0 and baseline_cost["training_steps"] > 0

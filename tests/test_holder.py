@@ -24,6 +24,7 @@ from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+from sottovoce.common.bounds import accepted_rounds_bits
 from sottovoce.common.errors import PolicyViolation, RefusalCode
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
@@ -359,6 +360,12 @@ def test_finish_applies_the_final_steps_and_reports_locally(tmp_path: Path) -> N
     assert report["train_risk"] == report["train_errors"] / 64
     assert math.isclose(report["slack"], math.sqrt((12 * math.log(2) + math.log(20)) / 128))
     assert before["log_version"] == 0
+    # Its own transcript count, from its own log: one step (round 0) of a 100-round run.
+    transcript = report["transcript_bound"]
+    accepted = [True] + [False] * 99
+    assert transcript["transcript_bits"] == accepted_rounds_bits(accepted, 4)
+    assert transcript["transcript_bits"] > before["transcript_bound"]["transcript_bits"]
+    assert transcript["n"] == 64 and transcript["transcript_bound"] < 1.0
 
 
 def test_finish_with_a_forged_head_applies_nothing(tmp_path: Path) -> None:
