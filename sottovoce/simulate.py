@@ -5,7 +5,9 @@ split, a dev split and training shards (one per holder), writes each holder a da
 and a policy, serves the coordinator over real gRPC on loopback, starts every holder as
 its own process (``sottovoce client ...``, exactly what a real deployment runs), and
 finally reports held-out accuracy before and after with confidence intervals, a paired
-McNemar test, the bits spent and the generalization bound.
+McNemar test, the bits spent and the generalization bound, and whether the model is still a
+language model: perplexity ratio on the bundled general text, out-of-domain accuracy and
+the KL to the base on the held-out prompts (:mod:`sottovoce.common.quality`).
 
 The simulation plays the operator of every party, so it may read the holders' data for
 the report (the held-out test split is never seen by any holder, and nothing here is
@@ -30,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sottovoce.api import DTYPES, read_config
-from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache, suffix_start
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     NEIGHBOURING_RELATION,
@@ -51,15 +53,24 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.messages import DpSpec, RunSpec
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.quality import (
+    TextWindows,
+    ood_records,
+    quality_section,
+    text_windows,
+)
 from sottovoce.common.stats import accuracy_interval, generalization_slack, mcnemar_pvalue
+from sottovoce.evidence.drift import DriftMeter
+from sottovoce.evidence.scoring import SharedPrefixScorer
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
-from sottovoce.server.run_report import coordinator_report
+from sottovoce.server.run_report import coordinator_report, public_quality_section
 from sottovoce.server.run_state import RoundRecord, RunState
 
 Record = dict[str, object]
 ENGINES = ("native", "flower")
+HELDOUT = "heldout"
 
 
 @dataclass
@@ -235,10 +246,27 @@ class HeldOut:
         fitness = build_fitness(config.fitness.to_spec(), loaded.tokenizer)
         self.evaluator = CandidateEvaluator(model, self.parametrization, fitness)
         self.cache = PrefixCache()
+        self.tokenizer = loaded.tokenizer
 
     def correct(self, examples: list[Record], *, reuse: bool = True) -> np.ndarray:
         _, correct = self.evaluator.score_incumbent(examples, self.cache if reuse else None)
         return correct
+
+    def quality_meter(
+        self, heldout: list[Record], ood: dict[str, list[Record]]
+    ) -> tuple[DriftMeter, TextWindows]:
+        """Measure the base (the model at x = 0) on the held-out split, the out-of-domain sets
+        and the general text, keeping the prefix the run's model shares with it."""
+        model = self.evaluator.model
+        split = suffix_start(model, self.parametrization.touched_modules())
+        scorer = SharedPrefixScorer(model, self.evaluator.fitness, split)
+        scorer.add(HELDOUT, heldout)
+        for name, records in ood.items():
+            scorer.add(name, records)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        windows = text_windows(self.tokenizer, max_positions=positions)
+        meter = DriftMeter(scorer, model, prompt_sets=[HELDOUT, *ood], windows=windows)
+        return meter, windows
 
 
 def mean_holder_score(federation: Federation) -> float | None:
@@ -372,7 +400,10 @@ def simulate(
     console.print(
         f"held-out split: {len(federation.test)} examples, sha256 {federation.test_hash[:16]}"
     )
-    before = held_out.correct(federation.test)
+    ood = ood_records()
+    console.print("measuring the base model: held-out, out-of-domain, general text ...")
+    meter, windows = held_out.quality_meter(federation.test, ood)
+    before = meter.base.correct[HELDOUT]
     console.print(f"accuracy before: {before.mean():.4f}")
 
     state = RunState.open(run_dir / "coordinator", config, config_text, loaded.fingerprint)
@@ -392,13 +423,28 @@ def simulate(
             server.stop()
 
     held_out.evaluator.apply_steps(list(state.log))
-    after = held_out.correct(federation.test)
+    tuned = meter.measure(held_out.evaluator.model)
+    after = tuned.correct[HELDOUT]
     train_errors = pooled_train_errors(federation, state.log.head)
     if train_errors is None:  # a holder wrote no report: score the training data here
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
     export = export_run(run_dir / "coordinator", run_dir / "model")
     report = build_report(config, coordinator.spec, state, federation, before, after, train_errors)
-    coordinator_view = coordinator_report(config, state, coordinator.spec)
+    sets = {HELDOUT: federation.test, **ood}
+    roles = {HELDOUT: f"in-domain held-out ({config.simulate.eval_split} split)"}
+    report["quality"] = quality_section(
+        meter.base,
+        tuned,
+        windows=windows,
+        sets=sets,
+        roles={**roles, **dict.fromkeys(ood, "out-of-domain")},
+    )
+    coordinator_view = coordinator_report(
+        config,
+        state,
+        coordinator.spec,
+        public_quality=public_quality_section(meter.base, tuned, windows, ood),
+    )
     state.write_report(coordinator_view)  # what `sottovoce server` writes, too
     if "privacy" in report:
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
