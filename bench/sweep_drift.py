@@ -46,7 +46,7 @@ from sottovoce.common.data import Record, shard
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.quality import QualityFigures, ood_records, text_windows
+from sottovoce.common.quality import QualityFigures, margin_auc, ood_records, text_windows
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.evidence.drift import DriftMeter
 from sottovoce.evidence.scoring import SharedPrefixScorer
@@ -153,6 +153,10 @@ SETTINGS = [
         0.5,
         parametrization={"kind": "scale", "granularity": "tensor", "patterns": NORM},
     ),
+    es("(1+7), step 0.002, 10 rounds", 0.002, rounds=10),
+    es("(1+7), step 0.002, 25 rounds", 0.002, rounds=25),
+    es("(1+7), step 0.005, 25 rounds", 0.005, rounds=25),
+    es("(1+7), step 0.002, 50 rounds", 0.002, rounds=50),
     es("low-norm pool 64, step 0.02", 0.02, low_norm_pool=64),
     es("low-norm pool 64, step 0.05", 0.05, low_norm_pool=64),
     es("low-norm pool 256, step 0.05, 300 rounds", 0.05, rounds=300, low_norm_pool=256),
@@ -237,18 +241,13 @@ def run_setting(
     parametrization.detach()
     row = _row(setting, config, meter.base, tuned, bits, len(steps), moved, seconds)
     for name, label in (("heldout", "dev"), ("amazon", "amazon")):
-        row[f"{label}_predicted_positive"] = [
-            _positive_rate(meter.records(name), figures.correct[name])
-            for figures in (meter.base, tuned)
-        ]
+        labels = np.array([int(str(r["label"])) for r in meter.records(name)])
+        for figures, when in ((meter.base, "before"), (tuned, "after")):
+            margins = figures.margins[name]
+            row[f"{label}_answered_positive_{when}"] = round(float((margins > 0).mean()), 4)
+            auc = margin_auc(margins, labels)
+            row[f"{label}_margin_auc_{when}"] = None if auc is None else round(auc, 4)
     return row, head
-
-
-def _positive_rate(records: list[Record], correct: np.ndarray) -> float:
-    """How often the model says "positive" (label 1), from its correctness on binary labels."""
-    labels = np.array([int(str(r["label"])) for r in records])
-    predicted = np.where(correct, labels, 1 - labels)
-    return round(float(predicted.mean()), 4)
 
 
 def _displacement(base: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, float]:

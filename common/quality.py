@@ -14,7 +14,10 @@ factors of 0.03..36 and its perplexity from 17 to 1e9). Three figures show it:
   (no sampling, no stride approximation), and cheap enough to run for every report.
 * **Accuracy on out-of-domain sets** with the task's own fitness (the bundled Amazon
   product-review sentences by default, :func:`ood_records`), with a paired McNemar test
-  against the base.
+  against the base. With two label words, also the rate of label-1 answers and the
+  threshold-free AUC of the label margin (logit of label 1 minus label 0): an accuracy
+  drop with the AUC unchanged means the decision threshold moved (the label prior),
+  not that the model lost what it knew.
 * **KL(base || tuned)** of the full next-token distribution at each prompt's last position,
   in nats, averaged over the prompts: sum_v p_base(v) (log p_base(v) - log p_tuned(v)),
   computed in float64 from the two models' logits.
@@ -31,18 +34,19 @@ import hashlib
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import mannwhitneyu
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sottovoce.common.data import Record, records_hash, sentiment_records
 from sottovoce.common.errors import ConfigError, DataError
-from sottovoce.common.fitness import ExampleScores, Fitness, PreparedBatch, merge_scores
+from sottovoce.common.fitness import Fitness, PreparedBatch
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 
 GENERAL_TEXT_FILE = "general_text.txt"
@@ -209,15 +213,42 @@ def last_position_kl(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> t
     return (base.exp() * (base - tuned)).sum(dim=-1)
 
 
-def forward_scores(
+def label_margin(fitness: Fitness, logits: torch.Tensor) -> np.ndarray | None:
+    """Per row, the last position's logit of label word 1 minus label word 0 (float64);
+    None unless the fitness has exactly two label words."""
+    ids = getattr(fitness, "label_token_ids", None)
+    if ids is None or len(ids) != 2:
+        return None
+    last = logits[:, -1, :].double()
+    return (last[:, ids[1]] - last[:, ids[0]]).cpu().numpy()  # type: ignore[no-any-return]
+
+
+def forward_margins(
     model: nn.Module, fitness: Fitness, records: Sequence[Record], max_batch: int = 32
-) -> ExampleScores:
-    """The fitness's per-example scores of ``model`` on ``records``, plain forwards."""
-    parts = []
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Correctness and label margins (see :func:`label_margin`) of ``model``, plain forwards."""
+    correct = np.zeros(len(records), dtype=bool)
+    margins: np.ndarray | None = np.zeros(len(records))
     with torch.no_grad():
         for batch in fitness.prepare(list(records), max_batch=max_batch):
-            parts.append(fitness.score(model(**batch.model_inputs()).logits, batch))
-    return merge_scores(parts, len(records))
+            logits = model(**batch.model_inputs()).logits
+            index = batch.example_index.numpy()
+            correct[index] = fitness.score(logits, batch).correct
+            margin = label_margin(fitness, logits)
+            if margin is None or margins is None:
+                margins = None
+            else:
+                margins[index] = margin
+    return correct, margins
+
+
+def margin_auc(margins: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC AUC of the label margin for label 1 vs 0 (Mann-Whitney U / pairs; ties count 1/2)."""
+    positive, negative = margins[labels == 1], margins[labels == 0]
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    statistic = mannwhitneyu(positive, negative, alternative="two-sided").statistic
+    return float(statistic) / (len(positive) * len(negative))
 
 
 # -- the report section -------------------------------------------------------------------------
@@ -228,6 +259,7 @@ class QualityFigures:
     perplexity: Perplexity | None
     correct: Mapping[str, np.ndarray]
     kl: Mapping[str, float]
+    margins: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def quality_section(
@@ -278,11 +310,33 @@ def quality_section(
         }
         if name in tuned.kl:
             entry["kl_base_to_tuned_nats"] = tuned.kl[name]
+        if name in base.margins and name in tuned.margins:
+            entry.update(_prior_and_auc(base.margins[name], tuned.margins[name], sets[name]))
         per_set[name] = entry
     section["sets"] = per_set
+    if any("margin_auc_base" in entry for entry in per_set.values()):
+        section["margin_definition"] = (
+            "label margin = logit of label word 1 minus label word 0 at the last position; "
+            "answered_label_1 = how often it is > 0 (ties go to label 0); margin_auc = ROC AUC "
+            "of the margin for the true label, which no shift of the threshold changes"
+        )
     if tuned.kl:
         section["kl_definition"] = (
             "KL(base || tuned) of the full next-token distribution at each prompt's last "
             "position, in nats, averaged over the set's prompts"
         )
     return section
+
+
+def _prior_and_auc(
+    base: np.ndarray, tuned: np.ndarray, records: Sequence[Record]
+) -> dict[str, Any]:
+    try:
+        labels = np.array([int(str(record["label"])) for record in records])
+    except (KeyError, ValueError):
+        return {}
+    figures: dict[str, Any] = {"true_label_1_rate": float(labels.mean())}
+    for name, margins in (("base", base), ("tuned", tuned)):
+        figures[f"answered_label_1_{name}"] = float((margins > 0).mean())
+        figures[f"margin_auc_{name}"] = margin_auc(margins, labels)
+    return figures

@@ -6,7 +6,7 @@ some decoder block. :class:`DriftMeter` runs the base on every set once through 
 :class:`~sottovoce.evidence.scoring.SharedPrefixScorer` and keeps what the comparison
 needs of it:
 
-* the base's perplexity and its per-example correctness on each prompt set;
+* the base's perplexity and its per-example correctness and label margin on each prompt set;
 * for the KL, the base's *head inputs* at each prompt's last position (a few KB) and a
   copy of the base's output head (one matrix, 113 MB for SmolLM2), not the base's
   full-vocabulary distributions (200 MB per 1,000 prompts). So the base may change in place
@@ -29,6 +29,7 @@ from sottovoce.common.quality import (
     Perplexity,
     QualityFigures,
     TextWindows,
+    label_margin,
     last_position_kl,
     window_nll,
 )
@@ -78,20 +79,27 @@ class DriftMeter:
         head = decoder_layout(model).head
         correct: dict[str, np.ndarray] = {}
         kl: dict[str, float] = {}
+        margins: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for name in self.prompt_sets:
-                parts, divergences = [], []
+                parts, divergences, margin_parts = [], [], []
                 batches = self.scorer.batches(name)
                 for (batch, prefix), reference in zip(batches, self._reference[name], strict=True):
                     tuned = head(self.scorer.head_inputs(model, batch, prefix)[:, -1, :])
                     base = nn.functional.linear(reference, self._weight, self._bias)
                     divergences.append(last_position_kl(base, tuned))
                     parts.append((batch, self.scorer.fitness.score(tuned.unsqueeze(1), batch)))
+                    margin_parts.append(label_margin(self.scorer.fitness, tuned.unsqueeze(1)))
                 n = len(self.scorer.records(name))
                 flags = np.zeros(n, dtype=bool)
                 for _, scores in parts:
                     flags[scores.example_index] = scores.correct
                 correct[name] = flags
+                if margin_parts and all(m is not None for m in margin_parts):
+                    values = np.zeros(n)
+                    for (_, scores), margin in zip(parts, margin_parts, strict=True):
+                        values[scores.example_index] = margin
+                    margins[name] = values
                 kl[name] = float(torch.cat(divergences).mean().item()) if divergences else 0.0
             perplexity = None
             if self.windows is not None:
@@ -99,4 +107,4 @@ class DriftMeter:
                 for batch, prefix in self.scorer.batches(TEXT_SET):
                     total += window_nll(head(self.scorer.head_inputs(model, batch, prefix)), batch)
                 perplexity = Perplexity(total, self.windows.scored_tokens)
-        return QualityFigures(perplexity=perplexity, correct=correct, kl=kl)
+        return QualityFigures(perplexity=perplexity, correct=correct, kl=kl, margins=margins)

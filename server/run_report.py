@@ -37,8 +37,8 @@ from sottovoce.common.quality import (
     OOD_DEFAULT,
     QualityFigures,
     TextWindows,
+    forward_margins,
     forward_perplexity,
-    forward_scores,
     ood_records,
     quality_section,
     text_windows,
@@ -121,13 +121,14 @@ def measure_public_quality(config: RunConfig, state: RunState) -> dict[str, Any]
             for moved in (False, True):
                 if moved:
                     loaded.model.load_state_dict(replay(loaded, config, state.log))
-                correct = {
-                    name: forward_scores(loaded.model, fitness, records).correct
+                measured = {
+                    name: forward_margins(loaded.model, fitness, records)
                     for name, records in sets.items()
                 }
-                figures.append(
-                    QualityFigures(forward_perplexity(loaded.model, windows), correct, {})
-                )
+                correct = {name: flags for name, (flags, _) in measured.items()}
+                margins = {name: m for name, (_, m) in measured.items() if m is not None}
+                perplexity = forward_perplexity(loaded.model, windows)
+                figures.append(QualityFigures(perplexity, correct, {}, margins))
     except SottovoceError as exc:
         return {"error": str(exc)}
     return public_quality_section(figures[0], figures[1], windows, sets)
@@ -143,7 +144,9 @@ def public_quality_section(
     no in-domain figure and no KL on the task's prompts (those need the holders' data)."""
 
     def public(figures: QualityFigures) -> QualityFigures:
-        return QualityFigures(figures.perplexity, {n: figures.correct[n] for n in ood}, {})
+        correct = {name: figures.correct[name] for name in ood}
+        margins = {name: figures.margins[name] for name in ood if name in figures.margins}
+        return QualityFigures(figures.perplexity, correct, {}, margins)
 
     return {
         "what": "public sets only: the coordinator has no data (in-domain figures and the "

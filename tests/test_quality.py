@@ -12,6 +12,7 @@ import copy
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,11 +23,14 @@ from sottovoce.common.errors import DataError
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.quality import (
+    QualityFigures,
     cap_records,
+    forward_margins,
     forward_perplexity,
-    forward_scores,
     last_position_kl,
+    margin_auc,
     ood_records,
+    quality_section,
     text_windows,
 )
 from sottovoce.common.steplog import Step
@@ -113,8 +117,12 @@ def test_the_meter_measures_the_sets_it_names() -> None:
     loaded = load_model(TINY)
     fitness = build_fitness(FITNESS, loaded.tokenizer)
     meter = _meter(loaded.model, 2, n=40)
-    plain = forward_scores(loaded.model, fitness, tiny_records(40, seed=1))
-    assert (meter.base.correct["task"] == plain.correct).all()
+    correct, margins = forward_margins(loaded.model, fitness, tiny_records(40, seed=1))
+    assert (meter.base.correct["task"] == correct).all()
+    assert margins is not None
+    assert np.allclose(meter.base.margins["task"], margins, atol=1e-5)
+    labels = np.array([r["label"] for r in tiny_records(40, seed=1)])
+    assert (correct == ((margins > 0) == (labels == 1))).all()  # ties go to label 0
     assert meter.records("task") == tiny_records(40, seed=1)
 
 
@@ -159,3 +167,24 @@ def test_a_served_runs_report_measures_public_sets_only(tmp_path: Path) -> None:
     assert perplexity["ratio"] > 1.5  # every final-norm channel scaled by e^3 or e^-3
     text = quality.general_text().encode("utf-8")
     assert perplexity["text_sha256"] == hashlib.sha256(text).hexdigest()
+
+
+def test_a_threshold_shift_moves_accuracy_but_not_the_margin_auc() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    margins = labels * 1.0 + rng.normal(0, 1, 400) - 0.5
+    shifted = margins - 1.0  # the same ranking, more "label 0" answers
+    records = [{"text": str(i), "label": int(label)} for i, label in enumerate(labels)]
+
+    def figures(m: np.ndarray) -> QualityFigures:
+        return QualityFigures(None, {"s": (m > 0) == (labels == 1)}, {}, {"s": m})
+
+    entry = quality_section(
+        figures(margins), figures(shifted), windows=None, sets={"s": records}, roles={"s": "x"}
+    )["sets"]["s"]
+    assert entry["accuracy_change"] < -0.1 and entry["mcnemar"]["p_value"] < 1e-4
+    assert entry["margin_auc_base"] == entry["margin_auc_tuned"] > 0.6
+    assert entry["answered_label_1_tuned"] < entry["answered_label_1_base"]
+    assert entry["true_label_1_rate"] == labels.mean()
+    assert margin_auc(np.array([1.0, 0.0, 0.5]), np.array([1, 0, 0])) == 1.0
+    assert margin_auc(np.array([1.0, 1.0]), np.array([1, 0])) == 0.5  # a tie counts half
