@@ -170,6 +170,9 @@ SETTINGS = [
     dpzero("DPZero eps 6: lr 0.1, max coef 0.05", 0.1, 0.05),
     dpzero("DPZero eps 6: lr 0.05, max coef 0.02", 0.05, 0.02),
     dpzero("DPZero eps 6: lr 0.2, max coef 0.05, 300 steps", 0.2, 0.05, steps=300),
+    dpzero("DPZero eps 6: lr 0.05, max coef 0.005, 50 steps", 0.05, 0.005, steps=50),
+    dpzero("DPZero eps 6: lr 0.01, max coef 0.002, 100 steps", 0.01, 0.002, steps=100),
+    dpzero("DPZero eps 6: lr 0.02, max coef 0.002, 25 steps", 0.02, 0.002, steps=25),
 ]
 
 
