@@ -151,7 +151,7 @@ class RunSpec:
     max_rounds: int
     log_genesis: str
     dp: DpSpec = DpSpec()
-    direction_seed: int = 0  # seeds follow common.seeds.candidate_seed(direction_seed, ...)
+    direction_seed: int = 0  # seeds follow protocol.seeds.candidate_seed(direction_seed, ...)
 
     def answer_bits(self, n_candidates: int) -> float:
         """Bit cost of one answer in this run."""
