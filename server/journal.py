@@ -76,15 +76,24 @@ class Journal:
 
     @property
     def written(self) -> int:
-        """Sequence number of the last line written (what a reply decided now depends on)."""
-        with self._cond:
-            return self._written
+        """Sequence number of the last line written (what a reply decided now depends on).
+        Read without the lock: an int is read whole, and a stale value only waits longer."""
+        return self._written
 
     @property
     def durable(self) -> int:
-        """Every line up to this sequence number is on disk."""
+        """Every line up to this sequence number is on disk (read without the lock)."""
+        return self._synced
+
+    @property
+    def failed(self) -> bool:
+        """Whether an fsync failed (nothing written since can be made durable)."""
+        return self._failed is not None
+
+    def check(self) -> None:
+        """Raise LogIntegrityError if an fsync failed: no reply may rest on the journal."""
         with self._cond:
-            return self._synced
+            self._check_usable()
 
     # -- making it durable ---------------------------------------------------------------
     def sync(self, seq: int | None = None) -> None:
