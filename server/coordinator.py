@@ -51,6 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import LogIntegrityError, NotJoined, RequestRefused
@@ -75,6 +76,7 @@ RoundListener = Callable[[RoundRecord, RunState], None]
 EvictionListener = Callable[[str], None]
 AnswerListener = Callable[[AnswerRecord, float | None], None]
 Wake = Callable[[], None]
+T = TypeVar("T")
 BUDGET_SLACK = 1e-9  # float sums of log2(λ+1) bits; never enough to hear one more answer
 
 
@@ -169,6 +171,12 @@ class Coordinator:
         """Call ``listener(record, seconds since its task left or None)`` for every answer
         journaled (metrics). Called with the lock held: it must not call back."""
         self._answer_listeners.append(listener)
+
+    def read_locked(self, read: Callable[[], T]) -> T:
+        """``read()`` under the coordinator's lock: a consistent view of its state (metrics,
+        status). ``read`` must be quick and must not call back into the coordinator."""
+        with self._cond:
+            return read()
 
     @property
     def finished(self) -> bool:

@@ -160,6 +160,7 @@ class RunState:
     step_size: float | None = None
     bits_total: float = 0.0
     bits_per_holder: dict[str, float] = field(default_factory=dict)
+    refusal_codes: dict[str, int] = field(default_factory=dict)  # code -> refusals journaled
     rounds: list[RoundRecord] = field(default_factory=list)
     open_round_answers: list[AnswerRecord] = field(default_factory=list)
     answered_task_ids: set[str] = field(default_factory=set)
@@ -242,7 +243,7 @@ class RunState:
             kind = record.get("type")
             if kind == "answer":
                 answer = _answer_from_json(record)
-                self._count_bits(answer.holder_id, answer.bits)
+                self._count_answer(answer)
                 self.answered_task_ids.add(answer.task_id)
                 if answer.round_index >= self.next_round:
                     pending.append(answer)
@@ -288,7 +289,7 @@ class RunState:
     def record_answer(self, answer: AnswerRecord) -> None:
         """Journal an arriving answer (durable at the next sync) and count its bits."""
         self.journal.append(answer.to_json())
-        self._count_bits(answer.holder_id, answer.bits)
+        self._count_answer(answer)
         self.answered_task_ids.add(answer.task_id)
 
     def record_round(self, closed: RoundRecord) -> None:
@@ -337,9 +338,13 @@ class RunState:
         atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True), mode=SHARED)
         return path
 
-    def _count_bits(self, holder_id: str, bits: float) -> None:
-        self.bits_total += bits
-        self.bits_per_holder[holder_id] = self.bits_per_holder.get(holder_id, 0.0) + bits
+    def _count_answer(self, answer: AnswerRecord) -> None:
+        """The same on a live answer and on replay, so the figures survive a restart."""
+        self.bits_total += answer.bits
+        holder = answer.holder_id
+        self.bits_per_holder[holder] = self.bits_per_holder.get(holder, 0.0) + answer.bits
+        if answer.refusal is not None:
+            self.refusal_codes[answer.refusal] = self.refusal_codes.get(answer.refusal, 0) + 1
 
 
 def read_meta(path: Path) -> dict[str, Any]:
