@@ -34,7 +34,10 @@ Per holder count, after ``--warmup`` rounds (round 0 waits for every holder to j
   difference / N), and the peak RSS (the kernel's high-water mark);
 - the load generators' CPU seconds per wall second (all their processes together), and
   the transient statuses the holders retried (RESOURCE_EXHAUSTED would be the limits);
-- the machine's load average when the point started and ended (other jobs share the cores).
+- the machine's load average when the point started and ended (other jobs share the cores);
+- before and after the points, grpc.aio's own floor: the server CPU of two null calls over
+  mutual TLS (a PullTask and a PushAnswer before any of the service's code), so the CPU per
+  answer can be read against what the transport alone costs on this machine now.
 
 The number of measured rounds per point is ``--answers`` / N, within [``--min-rounds``,
 ``--rounds``], so a point costs about the same whatever N.
@@ -352,6 +355,105 @@ def generator_main(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+# -- grpc.aio's own floor: two null RPCs over mutual TLS -----------------------------------
+FLOOR_METHOD = "/bench.Null/Call"
+
+
+def null_server_main(args: argparse.Namespace) -> None:
+    """A grpc.aio server over mutual TLS whose one method returns at once; prints its CPU
+    seconds each time a line arrives on stdin (before and after the load)."""
+    raise_file_limit()
+
+    async def serve_null() -> None:
+        server = grpc.aio.server(options=list(CHANNEL_OPTIONS))
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            context.auth_context()  # as the service does, once a call
+            return request[:64]
+
+        handler = grpc.unary_unary_rpc_method_handler(call)  # type: ignore[arg-type]
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Null", {"Call": handler}),)
+        )
+        cert, key, ca = tls_config(Path(args.certs), "coordinator").read()
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        print(f"READY {port}", flush=True)
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            await loop.run_in_executor(None, sys.stdin.readline)
+            print(f"CPU {Sample.now().cpu}", flush=True)
+        await server.stop(0)
+
+    asyncio.run(serve_null())
+
+
+def null_client_main(args: argparse.Namespace) -> None:
+    """``--count`` holders' channels, each making ``--calls`` null calls in turn."""
+    raise_file_limit()
+
+    async def load() -> None:
+        ids = [holder_name(i) for i in range(args.count)]
+        channels = [holder_channel(args.certs, h, args.address) for h in ids]
+        calls = [channel.unary_unary(FLOOR_METHOD) for channel in channels]
+        payload = b"x" * 90  # about a PushAnswer request
+        await asyncio.gather(*(call(payload, timeout=30) for call in calls))  # handshakes
+        print("WARM", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def repeat(call: Any) -> None:
+            for _ in range(args.calls):
+                await call(payload, timeout=30)
+
+        await asyncio.gather(*(repeat(call) for call in calls))
+        print("DONE", flush=True)
+        await asyncio.gather(*(channel.close(None) for channel in channels))
+
+    asyncio.run(load())
+
+
+def measure_floor(args: argparse.Namespace, holders: int = 100, calls: int = 100) -> float:
+    """CPU ms of a grpc.aio server for two null calls over mutual TLS (what an answer's
+    PullTask and PushAnswer cost before any of the service's own code), measured here."""
+    server = subprocess.Popen(
+        script_command("null-server", f"--certs={args.certs}"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        port = int(read_tagged(server.stdout, "READY", READY_TIMEOUT_S))
+        client = subprocess.Popen(
+            script_command(
+                "null-client", f"--certs={args.certs}", f"--address=127.0.0.1:{port}",
+                f"--count={holders}", f"--calls={calls}",
+            ),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
+        for line in client.stdout:
+            if line.startswith("WARM"):
+                break
+        server.stdin.write("\n")
+        server.stdin.flush()
+        before = float(read_tagged(server.stdout, "CPU", 60))
+        client.stdin.write("\n")
+        client.stdin.flush()
+        for line in client.stdout:
+            if line.startswith("DONE"):
+                break
+        server.stdin.write("\n")
+        server.stdin.flush()
+        after = float(read_tagged(server.stdout, "CPU", 60))
+        client.wait(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    return (after - before) / (holders * calls) * 2 * 1e3
+
+
 # -- one point of the curve --------------------------------------------------------------
 @dataclass
 class Point:
@@ -585,9 +687,15 @@ def print_header(args: argparse.Namespace, cert_s: float, max_holders: int) -> N
 def main_bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-load-certs-") as certs:
         args.certs = Path(certs)
-        cert_s = make_certificates(args.certs, max(args.holders))
+        cert_s = make_certificates(args.certs, max(*args.holders, 100))  # 100: the floor
         print_header(args, cert_s, max(args.holders))
         points: list[Point] = []
+        floor_ms = measure_floor(args) if args.floor else None
+        if floor_ms is not None:
+            print(
+                f"  grpc.aio floor: {floor_ms:.3f} ms of server CPU for two null calls over mutual "
+                f"TLS (100 channels x 100 calls; load {os.getloadavg()[0]:.1f})"
+            )
         for holders in args.holders:
             point = measure(args, holders)
             if isinstance(point, str):
@@ -595,9 +703,13 @@ def main_bench(args: argparse.Namespace) -> None:
                 continue
             print_point(point)
             points.append(point)
+        if floor_ms is not None:
+            again = measure_floor(args)
+            print(f"  grpc.aio floor again after the points: {again:.3f} ms")
+            floor_ms = (floor_ms + again) / 2
     print_legend()
     if points:
-        print_ratios(points)
+        print_ratios(points, floor_ms)
 
 
 def print_legend() -> None:
@@ -612,8 +724,14 @@ def print_legend() -> None:
     )
 
 
-def print_ratios(points: Sequence[Point]) -> None:
+def print_ratios(points: Sequence[Point], floor_ms: float | None = None) -> None:
     base = points[0]
+    if floor_ms:
+        for point in points:
+            print(
+                f"  {point.holders} holders: CPU per answer {point.cpu_ms_per_answer:.3f} ms = "
+                f"{point.cpu_ms_per_answer / floor_ms:.2f}x grpc.aio's floor ({floor_ms:.3f} ms)"
+            )
     for point in points[1:]:
         print(
             f"  {point.holders} vs {base.holders} holders: rounds/s x"
@@ -635,10 +753,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--generators", type=int, default=0, help="load-generator processes (0: one per 2,500)"
     )
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per point")
+    parser.add_argument(
+        "--no-floor", dest="floor", action="store_false", help="skip the null-RPC floor"
+    )
+    parser.add_argument("--calls", type=int, default=100, help=argparse.SUPPRESS)
     # The coordinator and generator processes (started by the bench itself).
     parser.add_argument(
         "--role",
-        choices=["bench", "coordinator", "generator"],
+        choices=["bench", "coordinator", "generator", "null-server", "null-client"],
         default="bench",
         help=argparse.SUPPRESS,
     )
@@ -662,6 +784,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         coordinator_main(args)
     elif args.role == "generator":
         generator_main(args)
+    elif args.role == "null-server":
+        null_server_main(args)
+    elif args.role == "null-client":
+        null_client_main(args)
     else:
         main_bench(args)
 
