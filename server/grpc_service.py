@@ -72,7 +72,8 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # what health.aio names, seen by mypy
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import NotJoined, SottovoceError, TransportError
@@ -98,6 +99,7 @@ MAX_POLL_S = 30.0  # the longest a PullTask is held, whatever the holder asks
 DEADLINE_MARGIN_S = 0.5  # reply this long before the caller's deadline
 TICK_S = 0.25  # how often the served Coordinator's round deadlines are checked
 START_TIMEOUT_S = 30.0
+MAX_CALLS_IN_FLIGHT = 65_536  # the served Coordinator's cap on calls at once (all holders)
 
 R = TypeVar("R")
 M = TypeVar("M")
@@ -253,7 +255,7 @@ class CoordinatorServicer:
         async with self._poll_slot(holder_id):
             coordinator = self._coordinator
             if coordinator is not None:
-                result = await self._inline(
+                result = await self._inline_wait(
                     holder_id,
                     functools.partial(
                         self._wait_for_task,
@@ -338,20 +340,28 @@ class CoordinatorServicer:
         finally:
             unwatch()
 
-    async def _inline(self, holder_id: str | None, call: Callable[[], Awaitable[R] | R]) -> R:
+    async def _inline(self, holder_id: str | None, call: Callable[[], R]) -> R:
         """Call the coordinator on the loop, then wait (without blocking the loop) until the
         journal is durable up to what the call wrote, so the reply never outruns the disk."""
-        coordinator = self._coordinator
-        assert coordinator is not None
         with self._endpoint_errors(holder_id):
             result = call()
-            if isinstance(result, Awaitable):
-                result = await result
-            if self._durable_waits is None:
-                self._durable_waits = _DurableWaits(coordinator)
-            await self._durable_waits.wait()
-            coordinator.state.journal.check()  # a failed fsync is no reply
+            await self._durable()
         return result
+
+    async def _inline_wait(self, holder_id: str | None, call: Callable[[], Awaitable[R]]) -> R:
+        """:meth:`_inline` for a call that awaits (the long-poll)."""
+        with self._endpoint_errors(holder_id):
+            result = await call()
+            await self._durable()
+        return result
+
+    async def _durable(self) -> None:
+        coordinator = self._coordinator
+        assert coordinator is not None
+        if self._durable_waits is None:
+            self._durable_waits = _DurableWaits(coordinator)
+        await self._durable_waits.wait()
+        coordinator.state.journal.check()  # a failed fsync is no reply
 
     async def _blocking(self, holder_id: str | None, call: Callable[[], R]) -> R:
         """Call an endpoint that may block, on a thread of the pool."""
@@ -558,7 +568,11 @@ class _DurableWaits:
         loop = self._loop
         assert loop is not None
         self._registered = True
-        self._journal.when_durable(seq, lambda: loop.call_soon_threadsafe(self._ready))
+
+        def durable() -> None:  # on the journal's thread: hand it to the loop
+            loop.call_soon_threadsafe(self._ready)
+
+        self._journal.when_durable(seq, durable)
 
     def _ready(self) -> None:
         self._registered = False
@@ -598,7 +612,7 @@ def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> Non
             return await servicer.handle_bytes(method, data, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            serve_bytes,  # type: ignore[arg-type]  # grpc.aio takes coroutine behaviours
+            serve_bytes,  # grpc.aio takes coroutine behaviours
             request_deserializer=None,  # the bytes as they came
             response_serializer=_REPLY_TYPES[method].SerializeToString,
         )
@@ -665,7 +679,7 @@ class RunningServer:
     """
 
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     port: int
     host: str
     loop: asyncio.AbstractEventLoop
@@ -774,14 +788,14 @@ async def _start(
     servicer: CoordinatorServicer,
     address: str,
     credentials: grpc.ServerCredentials | None,
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
     server = grpc.aio.server(
         # No SO_REUSEPORT: a second coordinator on a busy port must fail, not share its traffic.
         options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=4 * servicer.limits.max_workers,
+        maximum_concurrent_rpcs=_max_calls_in_flight(servicer),
     )
     add_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = _bind(server, address, credentials)
     await server.start()
@@ -790,6 +804,14 @@ async def _start(
     if servicer.coordinator is not None:
         asyncio.get_running_loop().create_task(_tick_forever(servicer.coordinator))
     return server, health_servicer, port
+
+
+def _max_calls_in_flight(servicer: CoordinatorServicer) -> int:
+    """Four times the worker pool for an endpoint whose calls hold threads; for the served
+    Coordinator, whose waiting polls are coroutines, room for every holder's polls
+    (``max_polls_per_holder`` each still bounds any one holder)."""
+    pooled = 4 * servicer.limits.max_workers
+    return pooled if servicer.coordinator is None else max(pooled, MAX_CALLS_IN_FLIGHT)
 
 
 async def _tick_forever(coordinator: Coordinator) -> None:

@@ -60,8 +60,9 @@ def check_command(argv: list[str]) -> None:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_installs_only_the_built_wheels_and_runs_sottovoce(name: str) -> None:
     text = (DOCKER / name).read_text(encoding="utf-8")
-    assert re.findall(r"^COPY (.+)$", text, flags=re.M) == ["wheels /wheels"]
-    assert re.search(r"^FROM sottovoce-base:bookworm$", text, flags=re.M)
+    copies = re.findall(r"^COPY (.+)$", text, flags=re.M)
+    assert copies == ["wheels /wheels", "--from=build /opt/sottovoce /opt/sottovoce"]
+    assert re.findall(r"^FROM (\S+)", text, flags=re.M) == ["sottovoce-base:bookworm"] * 2
     installs = re.findall(r"pip install[^&]*", text)
     assert installs and all("--no-index" in line for line in installs)
     assert "index-url" not in text
@@ -98,6 +99,22 @@ def test_compose_wires_each_holder_to_its_own_folder_and_key() -> None:
         assert service["depends_on"]["coordinator"]["condition"] == "service_healthy"
     for step in ("sottovoce federation", "sottovoce certs init", "sottovoce certs issue"):
         assert step in (DOCKER / "compose.yaml").read_text(encoding="utf-8")
+
+
+def test_the_wheel_the_images_install_lists_every_package() -> None:
+    """A wheel has only the packages pyproject names (the editable install hides a missing
+    one; the first real image did not start without sottovoce.common.protocol)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setup = project["tool"]["setuptools"]
+    folders = {name: Path(folder) for name, folder in setup["package-dir"].items()}
+    found = set()
+    for name, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *relative.parts]))
+    assert found <= set(setup["packages"]), sorted(found - set(setup["packages"]))
 
 
 def test_federation_writes_the_folders_compose_mounts(tmp_path: Path) -> None:

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# The Docker deployment end to end, on a real engine, against the same run done natively.
+#
+#   sudo docker/e2e.sh           # as root: it starts (and always stops) its own dockerd
+#
+# 1. Builds the images (docker/build.sh; SOTTOVOCE_SKIP_BUILD=1 reuses built ones).
+# 2. Writes a short run on the tiny model (tiny-llama, 3 holders, every round waiting for
+#    all three, full-split answers: the run is deterministic), its holders' folders
+#    (`sottovoce federation`) and a CA with a certificate per party (`sottovoce certs`).
+# 3. Runs docker/compose.yaml: a coordinator and three holders over mutual TLS on an
+#    internal network; waits for the coordinator to finish and every holder to exit 0.
+# 4. Runs the same run natively (the same holder folders, copied before step 3, the same
+#    certificates, `sottovoce server` + three `sottovoce client` over mTLS on loopback).
+# 5. Exports both runs and compares the checkpoints byte for byte.
+# Everything lands in build/docker/e2e/; the script exits non-zero unless the two match.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+SV=("$PY" -m sottovoce.cli)
+# shellcheck source=docker/build.sh
+. "$ROOT/docker/build.sh"
+WORK="$DOCKER_ROOT/e2e"
+COMPOSE=(docker-compose -f "$ROOT/docker/compose.yaml" -p sottovoce-e2e)
+CONTAINER_UID=10001
+TIMEOUT_S="${SOTTOVOCE_E2E_TIMEOUT_S:-900}"
+started=$SECONDS
+
+cleanup() {
+    if [ -n "${DOCKER_HOST:-}" ] && docker version >/dev/null 2>&1; then
+        "${COMPOSE[@]}" down --volumes --remove-orphans >/dev/null 2>&1 || true
+    fi
+    for pid in ${NATIVE_PIDS:-}; do kill "$pid" 2>/dev/null || true; done
+    stop_engine
+}
+
+write_run() {
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    cat >"$WORK/run.toml" <<'TOML'
+# docker/e2e.sh: a short deterministic run on the tiny model.
+[run]
+name = "docker-e2e"
+algorithm = "bboxer-1+lambda"
+seed = 20261201
+max_rounds = 8
+bit_budget = 100.0
+
+[model]
+name = "tiny-llama"
+
+[parametrization]
+kind = "scale"
+granularity = "channel"
+patterns = ["model.norm.weight"]
+
+[optimizer]
+initial_step = 0.05
+min_step = 0.001
+max_step = 0.5
+candidates = 3
+
+[evaluation]
+mode = "full"
+batch_size = 16
+
+[fitness]
+prompt_template = "Review: {text}\nSentiment:"
+label_words = [" negative", " positive"]
+
+[server]
+address = "0.0.0.0:50051"
+min_holders = 3
+quorum = 3
+round_timeout_s = 300
+
+[simulate]
+holders = 3
+train_size = 90
+test_size = 30
+dev_size = 30
+TOML
+    "${SV[@]}" federation --config "$WORK/run.toml" --out "$WORK/holders" >/dev/null
+    cp -a "$WORK/holders" "$WORK/holders-native"  # the native run starts from the same ledgers
+    "${SV[@]}" certs init --dir "$WORK/certs" >/dev/null
+    "${SV[@]}" certs issue --dir "$WORK/certs" --name coordinator --host coordinator >/dev/null
+    for h in holder-0 holder-1 holder-2; do
+        "${SV[@]}" certs issue --dir "$WORK/certs" --name "$h" >/dev/null
+    done
+    mkdir -p "$WORK/runs"
+    chown -R "$CONTAINER_UID:$CONTAINER_UID" "$WORK/holders" "$WORK/certs" "$WORK/runs"
+}
+
+run_compose() {
+    export SOTTOVOCE_DIR="$WORK" SOTTOVOCE_CONFIG="$WORK/run.toml" SOTTOVOCE_MODEL=tiny-llama
+    local up=$SECONDS
+    if ! "${COMPOSE[@]}" up -d; then
+        "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1 || true
+        echo "error: compose up failed; the containers' logs:" >&2
+        tail -40 "$WORK/compose.log" >&2
+        return 1
+    fi
+    local coordinator
+    coordinator="$("${COMPOSE[@]}" ps -q coordinator)"
+    if ! timeout "$TIMEOUT_S" docker wait "$coordinator" >"$WORK/coordinator.exit"; then
+        echo "error: the coordinator did not finish in $TIMEOUT_S s" >&2
+        "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1 || true
+        return 1
+    fi
+    local failed=0
+    for service in holder-0 holder-1 holder-2; do
+        local id code
+        id="$("${COMPOSE[@]}" ps -q "$service")"
+        code="$(timeout 120 docker wait "$id")"
+        echo "  $service exited $code" >&2
+        [ "$code" = 0 ] || failed=1
+    done
+    "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1
+    echo "  coordinator exited $(cat "$WORK/coordinator.exit"); compose run took $((SECONDS - up)) s" >&2
+    [ "$(cat "$WORK/coordinator.exit")" = 0 ] && [ "$failed" = 0 ]
+}
+
+run_native() {
+    local port
+    port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    sed "s/^address = .*/address = \"127.0.0.1:$port\"/" "$WORK/run.toml" >"$WORK/run-native.toml"
+    local native=$SECONDS
+    "${SV[@]}" server --config "$WORK/run-native.toml" --run-dir "$WORK/runs-native/run" \
+        --certs "$WORK/certs" --metrics-address off >"$WORK/native-server.log" 2>&1 &
+    NATIVE_PIDS="$!"
+    local clients=()
+    for h in holder-0 holder-1 holder-2; do
+        local folder="$WORK/holders-native/$h"
+        "${SV[@]}" client --server "127.0.0.1:$port" --server-name coordinator \
+            --data "$folder/data.jsonl" --policy "$folder/policy.toml" --holder-id "$h" \
+            --certs "$WORK/certs" --model tiny-llama >"$WORK/native-$h.log" 2>&1 &
+        clients+=("$!")
+        NATIVE_PIDS="$NATIVE_PIDS $!"
+    done
+    local failed=0
+    for pid in "${clients[@]}"; do wait "$pid" || failed=1; done
+    wait "${NATIVE_PIDS%% *}" || failed=1
+    NATIVE_PIDS=""
+    echo "  native run took $((SECONDS - native)) s" >&2
+    return "$failed"
+}
+
+set_traps() {
+    trap cleanup EXIT
+    trap 'cleanup; exit 130' INT
+    trap 'cleanup; exit 143' TERM
+}
+
+main() {
+    set_traps
+    if [ "${SOTTOVOCE_SKIP_BUILD:-0}" = 1 ]; then
+        start_engine
+        set_traps  # start_engine's own traps stop only the engine
+    else
+        build_base_tar
+        build_wheels
+        start_engine
+        set_traps
+        build_images
+    fi
+    echo "e2e: writing the run, holders and certificates in $WORK" >&2
+    write_run
+    echo "e2e: docker-compose up (coordinator + 3 holders, mTLS, internal network)" >&2
+    run_compose
+    echo "e2e: the same run natively (sottovoce server + 3 clients, mTLS on loopback)" >&2
+    run_native
+    "${SV[@]}" export --run "$WORK/runs/run" --out "$WORK/export-docker" >&2
+    "${SV[@]}" export --run "$WORK/runs-native/run" --out "$WORK/export-native" >&2
+    echo "e2e: comparing the exported checkpoints" >&2
+    local same=1
+    for file in "$WORK"/export-native/*; do
+        local name
+        name="$(basename "$file")"
+        if cmp -s "$file" "$WORK/export-docker/$name"; then
+            echo "  identical: $name ($(stat -c %s "$file") bytes, sha256 $(sha256sum "$file" | cut -c1-16))"
+        else
+            echo "  DIFFERENT: $name"
+            same=0
+        fi
+    done
+    echo "e2e: done in $((SECONDS - started)) s" >&2
+    [ "$same" = 1 ]
+}
+
+main "$@"
