@@ -89,9 +89,13 @@ from sottovoce.common.transport.channel import CHANNEL_OPTIONS
 from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 
 FINGERPRINT = "sha256:" + "5a" * 32  # the coordinator needs a fingerprint, not a model
-RPC_TIMEOUT_S = 10.0  # Join and PushAnswer deadlines, as run_holder's default
+# Join and PushAnswer deadlines, and how long a call is retried: more patient than
+# run_holder's defaults (10 s, 60 s), since at 10,000 holders on two shared cores a round's
+# 10,000 answers queue behind one another and 10,000 TLS handshakes come at once.
+RPC_TIMEOUT_S = 60.0
+RAMP_S_PER_HOLDER = 0.002  # holders of a generator start this far apart (a join storm spread)
 READY_TIMEOUT_S = 120.0  # the coordinator process imports torch before it listens
-RETRY = RetryPolicy()
+RETRY = RetryPolicy(total_s=600.0)
 Reply = TypeVar("Reply")
 
 
@@ -328,10 +332,17 @@ async def run_holders(
         holders = [
             SimulatedHolder(h, c, poll_s, tally) for h, c in zip(holder_ids, channels, strict=True)
         ]
-        await asyncio.gather(*(holder.run() for holder in holders))
+        await asyncio.gather(
+            *(_later(i * RAMP_S_PER_HOLDER, holder.run()) for i, holder in enumerate(holders))
+        )
     finally:
         await asyncio.gather(*(channel.close(None) for channel in channels))
     return tally, time.process_time() - cpu, time.monotonic() - started
+
+
+async def _later(delay_s: float, work: Awaitable[None]) -> None:
+    await asyncio.sleep(delay_s)
+    await work
 
 
 def generator_main(args: argparse.Namespace) -> None:

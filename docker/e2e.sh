@@ -65,8 +65,8 @@ mode = "full"
 batch_size = 16
 
 [fitness]
-prompt_template = "Review: {text}\nSentiment:"
-label_words = [" negative", " positive"]
+prompt_template = "{text} ="   # the tiny model's byte tokenizer: one-token label words
+label_words = ["0", "1"]
 
 [server]
 address = "0.0.0.0:50051"
@@ -100,24 +100,46 @@ run_compose() {
         tail -40 "$WORK/compose.log" >&2
         return 1
     fi
-    local coordinator
+    local coordinator service id state
     coordinator="$("${COMPOSE[@]}" ps -q coordinator)"
-    if ! timeout "$TIMEOUT_S" docker wait "$coordinator" >"$WORK/coordinator.exit"; then
-        echo "error: the coordinator did not finish in $TIMEOUT_S s" >&2
-        "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1 || true
-        return 1
-    fi
-    local failed=0
+    # Poll rather than block in `docker wait`: bash runs a trap only between commands.
+    while [ "$(docker inspect -f '{{.State.Status}}' "$coordinator")" != exited ]; do
+        for service in holder-0 holder-1 holder-2; do
+            id="$("${COMPOSE[@]}" ps -q "$service")"
+            state="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}' "$id")"
+            case "$state" in
+                "exited 0 "*) ;;
+                exited*) echo "error: $service gave up ($state)" >&2; _fail_compose; return 1 ;;
+            esac
+        done
+        if [ $((SECONDS - up)) -gt "$TIMEOUT_S" ]; then
+            echo "error: the coordinator did not finish in $TIMEOUT_S s" >&2
+            _fail_compose
+            return 1
+        fi
+        sleep 2
+    done
+    docker inspect -f '{{.State.ExitCode}}' "$coordinator" >"$WORK/coordinator.exit"
+    local failed=0 code
     for service in holder-0 holder-1 holder-2; do
-        local id code
         id="$("${COMPOSE[@]}" ps -q "$service")"
-        code="$(timeout 120 docker wait "$id")"
+        for _ in $(seq 1 60); do
+            [ "$(docker inspect -f '{{.State.Status}}' "$id")" = exited ] && break
+            sleep 2
+        done
+        code="$(docker inspect -f '{{.State.ExitCode}}' "$id")"
         echo "  $service exited $code" >&2
         [ "$code" = 0 ] || failed=1
     done
     "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1
     echo "  coordinator exited $(cat "$WORK/coordinator.exit"); compose run took $((SECONDS - up)) s" >&2
     [ "$(cat "$WORK/coordinator.exit")" = 0 ] && [ "$failed" = 0 ]
+}
+
+_fail_compose() {
+    "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1 || true
+    echo "the containers' last lines (all in $WORK/compose.log):" >&2
+    tail -30 "$WORK/compose.log" >&2
 }
 
 run_native() {
@@ -172,12 +194,19 @@ main() {
     "${SV[@]}" export --run "$WORK/runs/run" --out "$WORK/export-docker" >&2
     "${SV[@]}" export --run "$WORK/runs-native/run" --out "$WORK/export-native" >&2
     echo "e2e: comparing the exported checkpoints" >&2
-    local same=1
+    # Byte for byte; the two runs' ids differ by design (a random nonce per run, so task ids
+    # never repeat across runs), so the files that name the run are compared with the
+    # Docker run's id written as the native one's.
+    local same=1 native_id docker_id
+    native_id="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["run_id"])' "$WORK/runs-native/run/run.json")"
+    docker_id="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["run_id"])' "$WORK/runs/run/run.json")"
     for file in "$WORK"/export-native/*; do
         local name
         name="$(basename "$file")"
         if cmp -s "$file" "$WORK/export-docker/$name"; then
             echo "  identical: $name ($(stat -c %s "$file") bytes, sha256 $(sha256sum "$file" | cut -c1-16))"
+        elif cmp -s "$file" <(sed "s/$docker_id/$native_id/g" "$WORK/export-docker/$name"); then
+            echo "  identical but for the run id ($docker_id vs $native_id): $name"
         else
             echo "  DIFFERENT: $name"
             same=0

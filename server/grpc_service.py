@@ -361,7 +361,8 @@ class CoordinatorServicer:
         if self._durable_waits is None:
             self._durable_waits = _DurableWaits(coordinator)
         await self._durable_waits.wait()
-        coordinator.state.journal.check()  # a failed fsync is no reply
+        if coordinator.state.journal.failed:
+            coordinator.state.journal.check()  # a failed fsync is no reply: this raises
 
     async def _blocking(self, holder_id: str | None, call: Callable[[], R]) -> R:
         """Call an endpoint that may block, on a thread of the pool."""
