@@ -43,7 +43,7 @@ write_run() {
 name = "docker-e2e"
 algorithm = "bboxer-1+lambda"
 seed = 20261201
-max_rounds = 8
+max_rounds = 16
 bit_budget = 100.0
 
 [model]
@@ -104,6 +104,16 @@ run_compose() {
     coordinator="$("${COMPOSE[@]}" ps -q coordinator)"
     # Poll rather than block in `docker wait`: bash runs a trap only between commands.
     while [ "$(docker inspect -f '{{.State.Status}}' "$coordinator")" != exited ]; do
+        if [ ! -s "$WORK/metrics-in-container.txt" ] \
+            && [ "$(grep -c '"type":"round"' "$WORK/runs/run/journal.jsonl" 2>/dev/null)" -ge 2 ] \
+            && ! grep -q '"type":"finished"' "$WORK/runs/run/journal.jsonl"; then
+            # The coordinator's metrics, read from inside its container (127.0.0.1 there; no
+            # port is published and the network is internal, so nothing else can read them).
+            docker exec "$coordinator" python3 -c \
+                'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode())' \
+                2>"$WORK/metrics-exec.err" | grep '^sottovoce_' >"$WORK/metrics-in-container.txt" || true
+            grep -E '^sottovoce_(rounds_total|bits_heard_total|holders)' "$WORK/metrics-in-container.txt" >&2 || true
+        fi
         for service in holder-0 holder-1 holder-2; do
             id="$("${COMPOSE[@]}" ps -q "$service")"
             state="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}' "$id")"
@@ -117,7 +127,7 @@ run_compose() {
             _fail_compose
             return 1
         fi
-        sleep 2
+        sleep 0.5
     done
     docker inspect -f '{{.State.ExitCode}}' "$coordinator" >"$WORK/coordinator.exit"
     local failed=0 code

@@ -20,6 +20,9 @@ stop_engine() {
         kill -KILL "$STARTED_DOCKERD_PID" 2>/dev/null || true
     fi
     STARTED_DOCKERD_PID=""
+    if [ "${HAD_DOCKER0:-1}" = 0 ] && ip link show docker0 >/dev/null 2>&1; then
+        ip link delete docker0 2>/dev/null || true  # the bridge our dockerd made
+    fi
 }
 
 start_engine() {
@@ -30,6 +33,8 @@ start_engine() {
     command -v dockerd >/dev/null || { echo "error: no dockerd (apt-get install docker.io)" >&2; return 1; }
     [ "$(id -u)" = 0 ] || { echo "error: dockerd needs root" >&2; return 1; }
     mkdir -p "$ENGINE_DIR/data" "$ENGINE_DIR/exec"
+    HAD_DOCKER0=1
+    ip link show docker0 >/dev/null 2>&1 || HAD_DOCKER0=0
     export DOCKER_HOST="unix://$ENGINE_DIR/docker.sock"
     trap 'stop_engine' EXIT
     trap 'stop_engine; exit 130' INT
