@@ -8,7 +8,8 @@
 #    all three, full-split answers: the run is deterministic), its holders' folders
 #    (`sottovoce federation`) and a CA with a certificate per party (`sottovoce certs`).
 # 3. Runs docker/compose.yaml: a coordinator and three holders over mutual TLS on an
-#    internal network; waits for the coordinator to finish and every holder to exit 0.
+#    internal network; waits for the coordinator to finish and every holder to exit 0, and
+#    checks the metrics read inside the coordinator's container against its journal.
 # 4. Runs the same run natively (the same holder folders, copied before step 3, the same
 #    certificates, `sottovoce server` + three `sottovoce client` over mTLS on loopback).
 # 5. Exports both runs and compares the checkpoints byte for byte.
@@ -105,14 +106,14 @@ run_compose() {
     # Poll rather than block in `docker wait`: bash runs a trap only between commands.
     while [ "$(docker inspect -f '{{.State.Status}}' "$coordinator")" != exited ]; do
         if [ ! -s "$WORK/metrics-in-container.txt" ] \
-            && [ "$(grep -c '"type":"round"' "$WORK/runs/run/journal.jsonl" 2>/dev/null)" -ge 2 ] \
-            && ! grep -q '"type":"finished"' "$WORK/runs/run/journal.jsonl"; then
+            && grep -qs '"type":"finished"' "$WORK/runs/run/journal.jsonl"; then
             # The coordinator's metrics, read from inside its container (127.0.0.1 there; no
-            # port is published and the network is internal, so nothing else can read them).
+            # port is published and the network is internal, so nothing else can read them)
+            # once the run is over (the tiny model's 16 rounds take about a second) while the
+            # coordinator waits for its holders to leave and measures the public quality.
             docker exec "$coordinator" python3 -c \
                 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode())' \
                 2>"$WORK/metrics-exec.err" | grep '^sottovoce_' >"$WORK/metrics-in-container.txt" || true
-            grep -E '^sottovoce_(rounds_total|bits_heard_total|holders)' "$WORK/metrics-in-container.txt" >&2 || true
         fi
         for service in holder-0 holder-1 holder-2; do
             id="$("${COMPOSE[@]}" ps -q "$service")"
@@ -142,8 +143,38 @@ run_compose() {
         [ "$code" = 0 ] || failed=1
     done
     "${COMPOSE[@]}" logs --no-color >"$WORK/compose.log" 2>&1
+    check_metrics || failed=1
     echo "  coordinator exited $(cat "$WORK/coordinator.exit"); compose run took $((SECONDS - up)) s" >&2
     [ "$(cat "$WORK/coordinator.exit")" = 0 ] && [ "$failed" = 0 ]
+}
+
+# The metrics read in the container must say what the journal says: rounds and bits heard.
+check_metrics() {
+    local journal="$WORK/runs/run/journal.jsonl" metrics="$WORK/metrics-in-container.txt"
+    if [ ! -s "$metrics" ]; then
+        echo "error: the coordinator's metrics could not be read in its container:" >&2
+        tail -3 "$WORK/metrics-exec.err" >&2 2>/dev/null || true
+        return 1
+    fi
+    local figures
+    figures="$("$PY" - "$journal" "$metrics" <<'PY'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+rounds = [r for r in records if r["type"] == "round"]
+bits = sum(r["bits"] for r in records if r["type"] == "answer")  # as RunState counts
+scraped = {}
+for line in open(sys.argv[2]):
+    name, value = line.rsplit(" ", 1)
+    scraped[name] = float(value)
+ok = scraped.get("sottovoce_rounds_total") == len(rounds) and \
+    abs(scraped.get("sottovoce_bits_heard_total", -1) - bits) < 1e-9
+print(("ok" if ok else "MISMATCH") + f": journal {len(rounds)} rounds, {bits} bits; metrics "
+      f"{scraped.get('sottovoce_rounds_total')} rounds, "
+      f"{scraped.get('sottovoce_bits_heard_total')} bits")
+PY
+)"
+    echo "  metrics in the container: $figures" >&2
+    [ "${figures%%:*}" = ok ]
 }
 
 _fail_compose() {

@@ -168,4 +168,5 @@ def test_the_compose_federation_runs_for_real_and_matches_the_native_run() -> No
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "identical: model.safetensors" in result.stdout
     assert "DIFFERENT" not in result.stdout
+    assert "metrics in the container: ok" in result.stderr
     assert "identical: config.json" in result.stdout
