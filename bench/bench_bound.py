@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from sottovoce.reporting import quality_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "bound.toml"
 
@@ -62,6 +64,8 @@ def main() -> int:
         f"  accuracy {report['heldout_metric_before']:.4f} -> {report['heldout_metric_after']:.4f}"
         f", McNemar p = {p_value:.2g}"
     )
+    for label, value in quality_rows(report.get("quality")):
+        print(f"  {label}: {value}")
     met = ratio <= 2.0 and p_value < 0.05
     print(f"  target (bound <= 2x measured, p < 0.05): {'met' if met else 'NOT met'}")
     return 0

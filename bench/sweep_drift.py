@@ -192,6 +192,23 @@ SETTINGS = [
         kl=(10.0, 64),
     ),
     es(
+        "mirrored 8, step 0.005, 50 rounds, KL penalty 3 on 64 prompts",
+        0.005,
+        lam=8,
+        rounds=50,
+        mirrored=True,
+        kl=(3.0, 64),
+    ),
+    es(
+        "mirrored 8, steps 0.01, max 0.02, 100 rounds, KL penalty 10 on 64 prompts",
+        0.01,
+        0.02,
+        lam=8,
+        rounds=100,
+        mirrored=True,
+        kl=(10.0, 64),
+    ),
+    es(
         "mirrored 8, step 0.002, 25 rounds, KL penalty 10 on 64 prompts",
         0.002,
         lam=8,
