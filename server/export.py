@@ -22,7 +22,14 @@ from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.steplog import StepLog, genesis_hash
 from sottovoce.common.storage import read_json_lines
-from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META, read_meta
+from sottovoce.server.run_state import (
+    CONFIG_COPY,
+    JOURNAL,
+    LOG,
+    RUN_META,
+    journal_steps,
+    read_meta,
+)
 
 LOG_FILE = "sottovoce_log.json"
 
@@ -61,7 +68,10 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config (the copy the coordinator kept) and its metadata."""
     meta_path = run_dir / RUN_META
     if not meta_path.exists():
-        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_META})")
+        raise ConfigError(
+            f"{run_dir}: not a run directory (no {RUN_META}); give the folder "
+            "`sottovoce simulate` printed or `sottovoce server --run-dir`'s"
+        )
     return load_config(run_dir / CONFIG_COPY), read_meta(meta_path)
 
 
@@ -85,11 +95,48 @@ def read_run_log(run_dir: Path, config: RunConfig, fingerprint: str) -> tuple[St
         for r in read_json_lines(run_dir / JOURNAL)
         if r.get("type") == "answer"
     )
-    return StepLog.open(run_dir / LOG, genesis), bits
+    log = StepLog.open(run_dir / LOG, genesis)
+    check_log_matches_journal(run_dir, log)
+    return log, bits
+
+
+def check_log_matches_journal(run_dir: Path, log: StepLog) -> None:
+    """Refuse a damaged run: the log must hold exactly the steps the journal accepted.
+
+    The coordinator journals each round before it appends its step, so a log with fewer
+    steps (deleted, truncated) or different ones is damage; exporting it would silently
+    write another model under the run's name.
+    """
+    accepted = journal_steps(run_dir)
+    logged = list(log)
+    if logged == accepted:
+        return
+    if logged == accepted[: len(logged)]:
+        problem = f"{LOG} holds {len(logged)} steps, {JOURNAL} accepted {len(accepted)}"
+        hint = (
+            "; the log is missing or truncated (restart `sottovoce server --run-dir` on it to "
+            "restore the steps from the journal)"
+        )
+    else:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(logged, accepted, strict=False)) if a != b),
+            min(len(logged), len(accepted)),
+        )
+        problem = (
+            f"{LOG} ({len(logged)} steps) and {JOURNAL} ({len(accepted)} accepted) disagree "
+            f"from step {first}"
+        )
+        hint = ""
+    raise LogIntegrityError(f"{run_dir}: {problem}{hint}; refusing to export")
 
 
 def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -> ExportResult:
-    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing."""
+    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing.
+
+    ``run_dir``: the coordinator's state folder, or a ``sottovoce simulate`` run directory
+    (its ``coordinator/`` subfolder is used).
+    """
+    run_dir = coordinator_dir(run_dir)
     config, meta = read_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")

@@ -224,6 +224,11 @@ def client(
         dtype=dtype,
         status_path=status_path,
     )
+    click.echo(
+        f"{holder_id}: lifetime ledger {holder.ledger.path} ({holder.ledger.spent_bits:.1f} of "
+        f"{holder.policy.max_bits:g} bits spent; it is never reset: a new run continues it)",
+        err=True,
+    )
     traffic = WireTraffic()
     finished = run_holder(holder, address, tls=tls, traffic=traffic)
     if report_path is not None and holder.spec is not None:
@@ -281,11 +286,13 @@ def simulate(
     config_path: Path, run_dir: Path | None, report_path: Path | None, engine: str
 ) -> None:
     """One coordinator and N holder processes on loopback; report before/after."""
-    from sottovoce.reporting import print_report
+    from sottovoce.reporting import next_steps, print_report
     from sottovoce.simulate import simulate as run_simulation
 
     report = run_simulation(config_path, run_dir=run_dir, report_path=report_path, engine=engine)
     print_report(report)
+    for line in next_steps(report):
+        click.echo(line)
 
 
 @main.command()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -84,3 +89,44 @@ def quality_rows(quality: dict[str, Any] | None) -> list[tuple[str, str]]:
         elif kl is not None:
             rows.append((f"KL to the base, {entry['role']}", f"{kl:.4g} nats"))
     return rows
+
+
+def command_prefix(tool: str) -> str:
+    """How to call ``tool`` (``sottovoce``, ``python``) of this environment from this shell.
+
+    The bare name if it is on PATH and is this environment's; else its path (relative to
+    the working directory when inside it, e.g. ``.venv/bin/sottovoce``), so a printed
+    command works without an activated virtual environment.
+    """
+    ours = Path(sys.executable).parent / tool
+    if not ours.exists():
+        return shlex.quote(sys.executable) + (" -m sottovoce.cli" if tool == "sottovoce" else "")
+    found = shutil.which(tool)
+    if found is not None and Path(found).absolute() == ours.absolute():
+        return tool
+    try:
+        shown = os.path.relpath(ours)
+    except ValueError:  # another drive (Windows)
+        shown = str(ours)
+    return shlex.quote(shown if not shown.startswith("..") else str(ours))
+
+
+def next_steps(report: dict[str, Any]) -> list[str]:
+    """Where a simulated run went, and commands to try on it, runnable as printed."""
+    run_dir, model = Path(report["run_dir"]), report["exported_model"]
+    tool, python = command_prefix("sottovoce"), command_prefix("python")
+    holder = run_dir / "holders" / "holder-0"
+    q = shlex.quote
+    load = f"from transformers import AutoModelForCausalLM as M; M.from_pretrained({model!r})"
+    return [
+        f"run directory: {run_dir}",
+        f"exported model: {model} (a Hugging Face checkpoint; its README.md is the model card)",
+        "next:",
+        f"  {python} -c {q(load)}",
+        f"  {tool} ledger --policy {q(str(holder / 'policy.toml'))} "
+        f"--data {q(str(holder / 'data.jsonl'))}   # what holder-0 released",
+        f"  {tool} export --run {q(str(run_dir))} --out {q(str(run_dir / 'model-again'))}"
+        "   # replay the log again",
+        f"  {tool} evaluate --run {q(str(run_dir))} --out {q(str(run_dir / 'evidence'))}"
+        "   # membership inference, baseline (minutes)",
+    ]

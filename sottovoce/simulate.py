@@ -34,7 +34,7 @@ from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.models import load_model
 from sottovoce.common.quality import ood_records, quality_section
-from sottovoce.federation import Federation, default_state_dir, prepare_federation
+from sottovoce.federation import Federation, prepare_federation
 from sottovoce.heldout import HELDOUT, HeldOut
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
@@ -44,6 +44,13 @@ from sottovoce.server.run_state import RoundRecord, RunState
 from sottovoce.simulation_report import build_report, mean_holder_score, pooled_train_errors
 
 ENGINES = ("native", "flower")
+RUN_LEDGER_DIR = "ledger"  # each simulated holder's, relative to its own folder
+
+
+def _ledger_location(run_dir: Path, ledger_dir: Path) -> str:
+    if ledger_dir.is_absolute():
+        return str(ledger_dir)
+    return str(run_dir / "holders" / "holder-*" / ledger_dir)
 
 
 def start_holders(
@@ -187,11 +194,17 @@ def simulate(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not empty; choose a new --run-dir")
     torch.set_num_threads(config.simulate.eval_threads)
+    console.print(f"run directory: {run_dir}")
     console.print(f"loading {config.model.name} ...")
     loaded = load_model(config.model.name, dtype="float32")
     run_dir.mkdir(parents=True, exist_ok=True)
-    federation = prepare_federation(
-        config, run_dir, loaded.fingerprint, state_dir or default_state_dir()
+    # The bundled data is public and split anew by every run: its holders are not a real
+    # data set's lifetime, so their ledgers live in the run (holders/holder-<i>/ledger/).
+    # A real data set's holder (`sottovoce client`) keeps the ledger its policy names.
+    ledger_dir = state_dir or Path(RUN_LEDGER_DIR)
+    federation = prepare_federation(config, run_dir, loaded.fingerprint, ledger_dir)
+    console.print(
+        f"holders' ledgers: {_ledger_location(run_dir, ledger_dir)} (this run's bundled data only)"
     )
     held_out = HeldOut(config, loaded)
     console.print(
@@ -247,6 +260,7 @@ def simulate(
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
             "privacy_as_computed_by_the_coordinator"
         )
+    report["run_dir"] = str(run_dir)
     report["exported_model"] = str(export.out_dir)
     report["wall_seconds"] = round(time.time() - started, 1)
     text = json.dumps(report, indent=2, sort_keys=True)

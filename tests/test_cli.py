@@ -328,9 +328,26 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert report["wall_seconds"] > 0
     assert "accuracy before" in stdout + stderr
 
-    # The holders' own ledgers, outside the run, agree with the coordinator.
-    ledgers = sorted((tmp_path / "home" / "ledgers").glob("*.ledger.jsonl"))
+    # The holders' own ledgers agree with the coordinator. Simulated holders of the
+    # bundled data keep them in the run, nothing in the home folder.
+    ledgers = sorted((folder / "run" / "holders").glob("holder-*/ledger/*.ledger.jsonl"))
     assert [len(read_json_lines(path)) for path in ledgers] == [4, 4]
+    assert not (tmp_path / "home").exists()
+    for holder in ("holder-0", "holder-1"):
+        log_text = (folder / "run" / "holders" / holder / "holder.log").read_text()
+        assert (
+            f"{holder}: lifetime ledger {folder / 'run' / 'holders' / holder / 'ledger'}"
+            in log_text
+        )
+
+    # It ends by saying where everything went and what to try next, runnable as printed.
+    assert f"run directory: {folder / 'run'}" in stdout
+    assert f"exported model: {folder / 'run' / 'model'}" in stdout
+    export_line = next(line for line in stdout.splitlines() if " export --run " in line)
+    env = dict(os.environ, SOTTOVOCE_CACHE=str(tmp_path / "cache"))
+    again = subprocess.run(export_line, shell=True, cwd=folder, env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (folder / "run" / "model-again" / "model.safetensors").exists()
 
     # The exported model loads and is the run's log replayed on the base model.
     coordinator_dir = run.folder / "run" / "coordinator"
