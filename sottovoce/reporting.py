@@ -40,10 +40,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         table.add_row(f"  {holder}", f"{bits:.1f}")
     bound = report["generalization_bound"]
     vacuous = " (vacuous: it says nothing)" if bound["vacuous"] else ""
+    # A risk is at most 1: a larger "bound" (many heard bits, e.g. DPZero's 32 an answer)
+    # is no bound at all, and says so.
+    old_vacuous = " (vacuous: above 1)" if bound["old_bound"] >= 1.0 else ""
     table.add_row(
         f"test risk bound (delta={bound['delta']})",
         f"{bound['transcript_bound']:.4f} from {bound['transcript_bits']:.0f} transcript bits"
-        f"{vacuous}; old bound {bound['old_bound']:.4f} from {bound['heard_bits']:.0f} bits "
+        f"{vacuous}; old bound {bound['old_bound']:.4f}{old_vacuous} from "
+        f"{bound['heard_bits']:.0f} bits "
         f"heard (measured {bound['measured_test_risk']:.4f}, train {bound['train_risk']:.4f}, "
         f"n={bound['n']})",
     )

@@ -238,6 +238,14 @@ def simulate(
     train_errors = pooled_train_errors(federation, state.log.head)
     if train_errors is None:  # a holder wrote no report: score the training data here
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
+    coordinator_view = coordinator_report(
+        config,
+        state,
+        coordinator.spec,
+        public_quality=public_quality_section(meter.base, tuned, windows, ood),
+    )
+    state.write_report(coordinator_view)  # what `sottovoce server` writes, too; the model card
+    # quotes its perplexity ratio
     export = export_run(run_dir / "coordinator", run_dir / "model")
     report = build_report(config, coordinator.spec, state, federation, before, after, train_errors)
     sets = {HELDOUT: federation.test, **ood}
@@ -249,13 +257,6 @@ def simulate(
         sets=sets,
         roles={**roles, **dict.fromkeys(ood, "out-of-domain")},
     )
-    coordinator_view = coordinator_report(
-        config,
-        state,
-        coordinator.spec,
-        public_quality=public_quality_section(meter.base, tuned, windows, ood),
-    )
-    state.write_report(coordinator_view)  # what `sottovoce server` writes, too
     if "privacy" in report:
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
             "privacy_as_computed_by_the_coordinator"

@@ -152,3 +152,25 @@ def test_export_failing_midway_leaves_no_output(
     monkeypatch.undo()
     export_run(run_dir, out)  # the failed attempt left nothing in the way
     assert differing_tensors(base_plus_steps(STEPS), load_checkpoint(out)) == []
+
+
+def test_the_model_card_says_what_it_was_tuned_for_and_its_perplexity_ratio(
+    tmp_path: Path,
+) -> None:
+    run_dir = make_run(tmp_path)
+    export_run(run_dir, tmp_path / "plain")
+    card = (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+    assert "Tuned for: classification: the next token after the prompt" in card
+    assert "Perplexity on general text: not measured for this run" in card
+
+    quality = {
+        "perplexity": {"base": 25.4, "tuned": 26.1, "ratio": 26.1 / 25.4},
+        "sets": {"amazon": {"examples": 1000, "accuracy_base": 0.839, "accuracy_tuned": 0.84}},
+    }
+    (run_dir / "report.json").write_text(json.dumps({"quality_on_public_sets": quality}))
+    export_run(run_dir, tmp_path / "measured")
+    card = (tmp_path / "measured" / "README.md").read_text(encoding="utf-8")
+    assert "25.4 (base) -> 26.1 (this model), ratio 1.028" in card
+    assert "Out-of-domain accuracy, amazon (1000 examples): 0.8390 -> 0.8400." in card
+    sidecar = json.loads((tmp_path / "measured" / LOG_FILE).read_text(encoding="utf-8"))
+    assert sidecar["quality_on_public_sets"] == quality
