@@ -90,28 +90,44 @@ def run_rounds(
     """Wait for the run to finish, showing progress; fail fast if a holder process dies."""
     config = coordinator.config
     accepted = [0]
+    # Not a terminal (a log file, CI): no live bar, a plain line every 10 s and at the end.
+    plain = not console.is_terminal
+    started, last_line = time.monotonic(), [0.0]
     progress = Progress(
         TextColumn("[bold]round {task.completed:>4.0f}/{task.total:.0f}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
+        TimeElapsedColumn(),  # before the texts, so a narrow terminal cuts those instead
         TextColumn("{task.fields[bits]}"),
         TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
         console=console,
+        disable=plain,
     )
     bar = progress.add_task("rounds", total=config.run.max_rounds, bits="", info="")
 
     def on_round(record: RoundRecord, state: RunState) -> None:
         accepted[0] += record.step is not None
         score = mean_holder_score(federation)
-        progress.update(
-            bar,
-            completed=record.round_index + 1,
-            bits=f"bits {state.bits_total:.0f}/{config.run.bit_budget:g}",
-            info=f"accepted {accepted[0]}  step {record.step_size_after:.4f}"
-            + (f"  incumbent {score:.3f}" if score is not None else ""),
+        bits = f"bits {state.bits_total:.0f}/{config.run.bit_budget:g}"
+        info = f"accepted {accepted[0]}  step {record.step_size_after:.4f}" + (
+            f"  incumbent {score:.3f}" if score is not None else ""
         )
+        progress.update(bar, completed=record.round_index + 1, bits=bits, info=info)
+        now = time.monotonic()
+        if plain and (
+            now - last_line[0] >= 10.0 or record.round_index + 1 >= config.run.max_rounds
+        ):
+            last_line[0] = now
+            console.print(
+                f"round {record.round_index + 1}/{config.run.max_rounds}  {bits}  {info}  "
+                f"({now - started:.0f} s)",
+                soft_wrap=True,
+            )
 
     coordinator.add_listener(on_round)
+    console.print(
+        f"waiting for {len(federation.holder_dirs)} holders: each loads the model and scores "
+        "its data once before round 1 (holders/holder-*/holder.log)"
+    )
     with progress:
         while not coordinator.wait_finished(timeout_s=2.0):
             for index, process in enumerate(processes):

@@ -384,6 +384,8 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert len(bound["assumptions"]) >= 4 and all("\n" not in a for a in bound["assumptions"])
     assert report["wall_seconds"] > 0
     assert "accuracy before" in stdout + stderr
+    # Not on a terminal: plain progress lines, not a live bar's escape codes.
+    assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
 
     # The holders' own ledgers agree with the coordinator. Simulated holders of the
     # bundled data keep them in the run, nothing in the home folder.
