@@ -17,8 +17,11 @@ demo: $(STAMP)
 	mkdir -p runs
 	$(VENV)/bin/sottovoce simulate --config examples/run.toml --report runs/demo-report.json
 
+# One worker per core; a test file stays on one worker (its module fixtures are shared).
+# `make test PYTEST_ARGS=` runs it serially.
+PYTEST_ARGS ?= -n auto --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

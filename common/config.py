@@ -7,6 +7,7 @@ sections become the :class:`RunSpec` every holder checks against its own policy.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tomllib
 from collections.abc import Callable
@@ -15,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sottovoce.common.accounting import calibrate_noise_multiplier
 from sottovoce.common.dtypes import DtypeName
 from sottovoce.common.errors import AccountingError, ConfigError
 from sottovoce.common.parametrizations.base import ParametrizationSpec
@@ -274,6 +274,9 @@ class RunConfig(_Section):
         if privacy.epsilon is not None:
             rate = self.sampling_rate
             assert rate is not None  # checked by _check_dpzero
+            # dp_accounting (scipy) takes seconds to import: only when a run calibrates.
+            from sottovoce.common.accounting import calibrate_noise_multiplier
+
             try:
                 noise = calibrate_noise_multiplier(
                     privacy.epsilon, privacy.delta, self.run.max_rounds, rate
@@ -338,12 +341,39 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """First pydantic error as 'section.field: message' (one line)."""
+    """First pydantic error as 'section.field: message' (one line).
+
+    An unknown key gets the closest known one ("did you mean"); a check on a whole section
+    (or the whole file) names it without quoting the section's every value.
+    """
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        message = "unknown key"
-    elif "input" in first and first["type"] not in ("missing",):
+        message = "unknown key" + _did_you_mean(first["loc"])
+    elif (
+        "input" in first
+        and first["type"] not in ("missing",)
+        and not isinstance(first["input"], dict | list)
+    ):
         message = f"{message} (got {first['input']!r})"
     return f"{where}: {message}"
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """'; did you mean "x"?' for the known key of that section closest to ``loc[-1]``."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    known = list(model.model_fields)
+    if not known:
+        return ""
+    section = ".".join(str(part) for part in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {(section + '.' if section else '') + close[0]!r}?"
+    where = f"[{section}]" if section else "the top level"
+    return f"; {where} has: {', '.join(known)}"

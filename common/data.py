@@ -40,6 +40,13 @@ def load_records(path: Path, required_fields: Sequence[str]) -> list[Record]:
     Blank lines in a ``.jsonl`` file are skipped (a trailing newline is common); line numbers
     in errors are 1-based lines of the file.
     """
+    return load_numbered_records(path, required_fields)[0]
+
+
+def load_numbered_records(
+    path: Path, required_fields: Sequence[str]
+) -> tuple[list[Record], list[int]]:
+    """:func:`load_records`, and each record's 1-based line in the file (for errors)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".tsv"):
@@ -52,7 +59,7 @@ def load_records(path: Path, required_fields: Sequence[str]) -> list[Record]:
         for name in required_fields:
             if name not in record:
                 raise DataError(f"{path} line {line_number}: missing field {name!r}")
-    return [record for _, record in records]
+    return [record for _, record in records], [line_number for line_number, _ in records]
 
 
 def _read_lines(path: Path) -> list[str]:

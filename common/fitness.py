@@ -17,7 +17,9 @@ the holder pins in its policy, so a coordinator cannot craft the question it ask
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -420,10 +422,27 @@ def _field(record: Record, index: int, name: str) -> object:
     return record[name]
 
 
+# How errors name an example: by default its 0-based position in the list given; a holder
+# reading a file sets this (``examples_named``) so they give the file's 1-based line.
+_EXAMPLE_NAMES: ContextVar[Callable[[int], str] | None] = ContextVar("example_names", default=None)
+
+
+@contextmanager
+def examples_named(name: Callable[[int], str]) -> Iterator[None]:
+    """Within this block, data errors call example ``i`` ``name(i)`` (e.g. "f.jsonl line 7")."""
+    token = _EXAMPLE_NAMES.set(name)
+    try:
+        yield
+    finally:
+        _EXAMPLE_NAMES.reset(token)
+
+
 def _where(record: Record, index: int) -> str:
-    """Name an example by its position and, if it has one, its id."""
+    """Name an example by its position (or file line) and, if it has one, its id."""
     ident = record.get("id")
-    return f"example {index}" + ("" if ident is None else f" (id {_short(ident)})")
+    name = _EXAMPLE_NAMES.get()
+    where = f"example {index}" if name is None else name(index)
+    return where + ("" if ident is None else f" (id {_short(ident)})")
 
 
 def _short(value: object) -> str:

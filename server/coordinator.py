@@ -492,6 +492,15 @@ class Coordinator:
         current = self._round
         assert current is not None
         self._round = None
+        if self._abandoned_unseen(current):
+            # Every holder it was issued to left before it was handed out (a holder that
+            # refuses the run at join leaves at once): nobody saw it, so it is withdrawn,
+            # not spent. Nothing of it was journaled; its index opens again, with the same
+            # candidates (``ask`` is a function of the index), when holders are back.
+            for task_id in current.task_ids.values():
+                self._reserved.pop(task_id, None)
+            logger.info("round %d withdrawn: its holders left before pulling it", current.index)
+            return
         quorum_met = current.heard >= self.config.server.quorum
         outcome = None
         if quorum_met:
@@ -612,6 +621,18 @@ class Coordinator:
         if task_id in self._reserved:
             return True
         return self.state.bits_total + math.fsum(self._reserved.values()) + bits <= budget
+
+    def _abandoned_unseen(self, current: OpenRound) -> bool:
+        """No answer, no refusal, and every holder asked has left without being handed it."""
+        return (
+            not current.heard
+            and not current.refusals
+            and all(
+                holder not in self._active
+                and self.state.last_delivered.get(holder) != current.index
+                for holder in current.task_ids
+            )
+        )
 
     def _release_holder_locked(self, holder_id: str) -> None:
         """A holder that left or was evicted holds no bits: its answer may still come (after

@@ -22,7 +22,15 @@ from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.steplog import StepLog, genesis_hash
 from sottovoce.common.storage import read_json_lines
-from sottovoce.server.run_state import CONFIG_COPY, JOURNAL, LOG, RUN_META, read_meta
+from sottovoce.server.run_state import (
+    CONFIG_COPY,
+    JOURNAL,
+    LOG,
+    REPORT,
+    RUN_META,
+    journal_steps,
+    read_meta,
+)
 
 LOG_FILE = "sottovoce_log.json"
 
@@ -61,7 +69,10 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config (the copy the coordinator kept) and its metadata."""
     meta_path = run_dir / RUN_META
     if not meta_path.exists():
-        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_META})")
+        raise ConfigError(
+            f"{run_dir}: not a run directory (no {RUN_META}); give the folder "
+            "`sottovoce simulate` printed or `sottovoce server --run-dir`'s"
+        )
     return load_config(run_dir / CONFIG_COPY), read_meta(meta_path)
 
 
@@ -85,11 +96,48 @@ def read_run_log(run_dir: Path, config: RunConfig, fingerprint: str) -> tuple[St
         for r in read_json_lines(run_dir / JOURNAL)
         if r.get("type") == "answer"
     )
-    return StepLog.open(run_dir / LOG, genesis), bits
+    log = StepLog.open(run_dir / LOG, genesis)
+    check_log_matches_journal(run_dir, log)
+    return log, bits
+
+
+def check_log_matches_journal(run_dir: Path, log: StepLog) -> None:
+    """Refuse a damaged run: the log must hold exactly the steps the journal accepted.
+
+    The coordinator journals each round before it appends its step, so a log with fewer
+    steps (deleted, truncated) or different ones is damage; exporting it would silently
+    write another model under the run's name.
+    """
+    accepted = journal_steps(run_dir)
+    logged = list(log)
+    if logged == accepted:
+        return
+    if logged == accepted[: len(logged)]:
+        problem = f"{LOG} holds {len(logged)} steps, {JOURNAL} accepted {len(accepted)}"
+        hint = (
+            "; the log is missing or truncated (restart `sottovoce server --run-dir` on it to "
+            "restore the steps from the journal)"
+        )
+    else:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(logged, accepted, strict=False)) if a != b),
+            min(len(logged), len(accepted)),
+        )
+        problem = (
+            f"{LOG} ({len(logged)} steps) and {JOURNAL} ({len(accepted)} accepted) disagree "
+            f"from step {first}"
+        )
+        hint = ""
+    raise LogIntegrityError(f"{run_dir}: {problem}{hint}; refusing to export")
 
 
 def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -> ExportResult:
-    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing."""
+    """Write ``out_dir`` as a complete checkpoint of the run's current model; all or nothing.
+
+    ``run_dir``: the coordinator's state folder, or a ``sottovoce simulate`` run directory
+    (its ``coordinator/`` subfolder is used).
+    """
+    run_dir = coordinator_dir(run_dir)
     config, meta = read_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out")
@@ -114,6 +162,10 @@ def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -
             "steps": log.version,
             "bits_spent": bits,
             "run_id": meta["run_id"],
+            "run_name": config.run.name,
+            "algorithm": config.run.algorithm,
+            "tuned_for": tuned_for(config),
+            "quality_on_public_sets": _public_quality(run_dir),
             "log": log.to_records(),
         }
         (staging / LOG_FILE).write_text(json.dumps(card, indent=2), encoding="utf-8")
@@ -127,6 +179,52 @@ def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -
     return ExportResult(out_dir=out_dir, steps=log.version, log_head=log.head, bits_spent=bits)
 
 
+def tuned_for(config: RunConfig) -> str:
+    """One sentence: the task the holders scored the candidates on."""
+    fitness = config.fitness
+    if fitness.kind == "classification":
+        words = ", ".join(repr(w) for w in fitness.label_words)
+        return (
+            f"classification: the next token after the prompt {fitness.prompt_template!r} "
+            f"should be the record's label word ({words}), scored on the holders' private data"
+        )
+    return (
+        f"completion: the log-likelihood of the record's {fitness.target_field!r} after the "
+        f"prompt {fitness.prompt_template!r}, scored on the holders' private data"
+    )
+
+
+def _public_quality(run_dir: Path) -> dict[str, Any] | None:
+    """The run report's quality on public sets (perplexity ratio, out-of-domain), if any."""
+    try:
+        report = json.loads((run_dir / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    quality = report.get("quality_on_public_sets") if isinstance(report, dict) else None
+    return quality if isinstance(quality, dict) else None
+
+
+def _quality_lines(quality: dict[str, Any] | None) -> str:
+    if not quality or not quality.get("perplexity"):
+        return (
+            "Perplexity on general text: not measured for this run (its report.json has no "
+            "quality_on_public_sets; `sottovoce server` and `sottovoce simulate` write it).\n"
+        )
+    ppl = quality["perplexity"]
+    lines = [
+        f"Perplexity on the bundled general text: {ppl['base']:.4g} (base) -> "
+        f"{ppl['tuned']:.4g} (this model), ratio {ppl['ratio']:.4g} (1 = unchanged; measured "
+        "by the coordinator when the run finished)."
+    ]
+    for name, entry in sorted(quality.get("sets", {}).items()):
+        if "accuracy_base" in entry and "accuracy_tuned" in entry:
+            lines.append(
+                f"Out-of-domain accuracy, {name} ({entry.get('examples', '?')} examples): "
+                f"{entry['accuracy_base']:.4f} -> {entry['accuracy_tuned']:.4f}."
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _model_card(card: dict[str, Any]) -> str:
     parametrization = json.dumps(card["parametrization"], sort_keys=True)
     return f"""---
@@ -136,8 +234,12 @@ tags: [sottovoce, bboxer, zeroth-order, privacy]
 # {card["base_model"]} post-trained with sottovoce
 
 This checkpoint is the base model plus a log of {card["steps"]} accepted steps, found by a
-coordinator that heard only comparison answers from the data holders.
+coordinator that heard only answers about candidates from the data holders
+(`{card["algorithm"]}`, run `{card["run_name"]}`).
 
+Tuned for: {card["tuned_for"]}. It is not tuned for anything else, and may be worse at it.
+
+{_quality_lines(card["quality_on_public_sets"])}
 | | |
 |---|---|
 | base model fingerprint | `{card["base_fingerprint"]}` |

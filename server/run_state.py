@@ -373,6 +373,14 @@ def _answer_from_json(record: dict[str, Any]) -> AnswerRecord:
         raise LogIntegrityError(f"journal: bad answer record {record}: {exc}") from None
 
 
+def journal_steps(run_dir: Path) -> list[Step]:
+    """The steps the journal in ``run_dir`` accepted, in order (what the log must hold)."""
+    rounds = [
+        _round_from_json(r) for r in read_json_lines(run_dir / JOURNAL) if r.get("type") == "round"
+    ]
+    return [closed.step for closed in rounds if closed.step is not None]
+
+
 def _round_from_json(record: dict[str, Any]) -> RoundRecord:
     try:
         step = record["step"]

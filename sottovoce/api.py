@@ -25,9 +25,10 @@ from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.policy import HolderPolicy, load_policy
 from sottovoce.common.config import RunConfig, parse_config, read_toml
-from sottovoce.common.data import Record, load_records
+from sottovoce.common.data import Record, load_numbered_records, load_records
 from sottovoce.common.dtypes import DTYPE_NAMES, torch_dtype
 from sottovoce.common.errors import ConfigError
+from sottovoce.common.fitness import examples_named
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
@@ -114,7 +115,7 @@ def open_holder(
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype: must be one of {list(DTYPE_NAMES)} (got {dtype!r})")
     policy = load_policy(policy_path)
-    records = load_records(data_path, required_fields=policy.fitness.record_fields)
+    records, lines = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
 
     def load() -> LoadedModel:
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)
@@ -127,16 +128,17 @@ def open_holder(
     ledger = _dataset_ledger(policy, records, data_path)
     log.info("data set %s: ledger %s", ledger.dataset_id[:12], ledger.path)
     try:
-        return DataHolder(
-            holder_id,
-            records,
-            policy,
-            ledger,
-            load_once,
-            compute_dtype=torch_dtype(dtype),
-            max_batch=max_batch,
-            status_path=status_path,
-        )
+        with examples_named(lambda index: f"{data_path} line {lines[index]}"):
+            return DataHolder(
+                holder_id,
+                records,
+                policy,
+                ledger,
+                load_once,
+                compute_dtype=torch_dtype(dtype),
+                max_batch=max_batch,
+                status_path=status_path,
+            )
     except BaseException:
         ledger.close()
         raise

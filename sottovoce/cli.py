@@ -52,6 +52,13 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_config(config_path: Path) -> None:
+    """Validate the run config before the heavy imports (torch, gRPC): a typo costs < 1 s."""
+    from sottovoce.common.config import load_config
+
+    load_config(config_path)
+
+
 def _insecure_warning() -> None:
     click.secho(
         "WARNING: --insecure: no TLS. Only for loopback; anyone on the path can read and "
@@ -83,7 +90,8 @@ def _transport_security(
     return None
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sottovoce", prog_name="sottovoce")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def main(verbose: bool) -> None:
     """sottovoce: private post-training of language models across data holders."""
@@ -94,7 +102,12 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@path_option("--config", "config_path", required=True)
+@path_option(
+    "--config",
+    "config_path",
+    required=True,
+    help='Run config (TOML), e.g. examples/run.toml; see the README, "Config file".',
+)
 @path_option(
     "--run-dir", default=None, help="Run directory (created, or resumed if it holds this run)."
 )
@@ -122,6 +135,7 @@ def server(
     metrics_address: str | None,
 ) -> None:
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
+    check_config(config_path)
     from sottovoce.api import open_coordinator, read_config
     from sottovoce.server.grpc_service import serve
     from sottovoce.server.metrics import DEFAULT_METRICS_ADDRESS, CoordinatorMetrics
@@ -248,6 +262,11 @@ def client(
         dtype=dtype,
         status_path=status_path,
     )
+    click.echo(
+        f"{holder_id}: lifetime ledger {holder.ledger.path} ({holder.ledger.spent_bits:.1f} of "
+        f"{holder.policy.max_bits:g} bits spent; it is never reset: a new run continues it)",
+        err=True,
+    )
     if metrics_address is not None:  # off by default: these figures are the holder's own
         from sottovoce.client.metrics import serve_holder_metrics
 
@@ -293,8 +312,18 @@ def export(run_dir: Path, out_dir: Path) -> None:
 
 
 @main.command()
-@path_option("--config", "config_path", required=True)
-@path_option("--run-dir", default=None)
+@path_option(
+    "--config",
+    "config_path",
+    required=True,
+    help="Run config (TOML): examples/run.toml (BBoxER, the demo) or examples/dpzero.toml "
+    "(DPZero, differentially private).",
+)
+@path_option(
+    "--run-dir",
+    default=None,
+    help="New folder for the run (default: runs/<run.name>-<date>-<time>).",
+)
 @path_option(
     "--report", "report_path", default=None, help="Also write the final report (JSON) here."
 )
@@ -309,12 +338,22 @@ def export(run_dir: Path, out_dir: Path) -> None:
 def simulate(
     config_path: Path, run_dir: Path | None, report_path: Path | None, engine: str
 ) -> None:
-    """One coordinator and N holder processes on loopback; report before/after."""
-    from sottovoce.reporting import print_report
+    """One coordinator and N holder processes on loopback; report before/after.
+
+    --config is a run config (examples/run.toml: BBoxER best-of-8 on the bundled
+    movie-review sentiment; examples/dpzero.toml: DPZero, differentially private, at
+    epsilon 6). The bundled data is split into a test split no holder sees and one training
+    shard per holder; each holder is its own `sottovoce client` process on loopback. Prints
+    the run directory, the exported model and next commands at the end.
+    """
+    check_config(config_path)
+    from sottovoce.reporting import next_steps, print_report
     from sottovoce.simulate import simulate as run_simulation
 
     report = run_simulation(config_path, run_dir=run_dir, report_path=report_path, engine=engine)
     print_report(report)
+    for line in next_steps(report):
+        click.echo(line)
 
 
 @main.command()
@@ -616,11 +655,17 @@ def _status_view(summary: Any) -> Any:
 
 
 @main.command()
-@path_option("--config", "config_path", required=True)
+@path_option(
+    "--config",
+    "config_path",
+    required=True,
+    help="Run config (TOML) whose [simulate] section says how to split the bundled data.",
+)
 @path_option("--out", required=True)
 @user_errors
 def federation(config_path: Path, out: Path) -> None:
     """Split the bundled data into holder folders (data.jsonl + policy.toml each)."""
+    check_config(config_path)
     from sottovoce.federation import write_federation
 
     for folder in write_federation(config_path, out):

@@ -8,7 +8,6 @@ split is never written to a holder.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,6 @@ class Federation:
     test: list[Record]
     train: list[Record]
     test_hash: str
-
-
-def default_state_dir() -> Path:
-    """Where simulated holders keep their lifetime ledgers (they outlive any one run)."""
-    root = os.environ.get("SOTTOVOCE_HOME") or str(Path.home() / ".sottovoce")
-    return Path(root) / "ledgers"
 
 
 def prepare_federation(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -35,10 +40,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         table.add_row(f"  {holder}", f"{bits:.1f}")
     bound = report["generalization_bound"]
     vacuous = " (vacuous: it says nothing)" if bound["vacuous"] else ""
+    # A risk is at most 1: a larger "bound" (many heard bits, e.g. DPZero's 32 an answer)
+    # is no bound at all, and says so.
+    old_vacuous = " (vacuous: above 1)" if bound["old_bound"] >= 1.0 else ""
     table.add_row(
         f"test risk bound (delta={bound['delta']})",
         f"{bound['transcript_bound']:.4f} from {bound['transcript_bits']:.0f} transcript bits"
-        f"{vacuous}; old bound {bound['old_bound']:.4f} from {bound['heard_bits']:.0f} bits "
+        f"{vacuous}; old bound {bound['old_bound']:.4f}{old_vacuous} from "
+        f"{bound['heard_bits']:.0f} bits "
         f"heard (measured {bound['measured_test_risk']:.4f}, train {bound['train_risk']:.4f}, "
         f"n={bound['n']})",
     )
@@ -84,3 +93,44 @@ def quality_rows(quality: dict[str, Any] | None) -> list[tuple[str, str]]:
         elif kl is not None:
             rows.append((f"KL to the base, {entry['role']}", f"{kl:.4g} nats"))
     return rows
+
+
+def command_prefix(tool: str) -> str:
+    """How to call ``tool`` (``sottovoce``, ``python``) of this environment from this shell.
+
+    The bare name if it is on PATH and is this environment's; else its path (relative to
+    the working directory when inside it, e.g. ``.venv/bin/sottovoce``), so a printed
+    command works without an activated virtual environment.
+    """
+    ours = Path(sys.executable).parent / tool
+    if not ours.exists():
+        return shlex.quote(sys.executable) + (" -m sottovoce.cli" if tool == "sottovoce" else "")
+    found = shutil.which(tool)
+    if found is not None and Path(found).absolute() == ours.absolute():
+        return tool
+    try:
+        shown = os.path.relpath(ours)
+    except ValueError:  # another drive (Windows)
+        shown = str(ours)
+    return shlex.quote(shown if not shown.startswith("..") else str(ours))
+
+
+def next_steps(report: dict[str, Any]) -> list[str]:
+    """Where a simulated run went, and commands to try on it, runnable as printed."""
+    run_dir, model = Path(report["run_dir"]), report["exported_model"]
+    tool, python = command_prefix("sottovoce"), command_prefix("python")
+    holder = run_dir / "holders" / "holder-0"
+    q = shlex.quote
+    load = f"from transformers import AutoModelForCausalLM as M; M.from_pretrained({model!r})"
+    return [
+        f"run directory: {run_dir}",
+        f"exported model: {model} (a Hugging Face checkpoint; its README.md is the model card)",
+        "next:",
+        f"  {python} -c {q(load)}",
+        f"  {tool} ledger --policy {q(str(holder / 'policy.toml'))} "
+        f"--data {q(str(holder / 'data.jsonl'))}   # what holder-0 released",
+        f"  {tool} export --run {q(str(run_dir))} --out {q(str(run_dir / 'model-again'))}"
+        "   # replay the log again",
+        f"  {tool} evaluate --run {q(str(run_dir))} --out {q(str(run_dir / 'evidence'))}"
+        "   # membership inference, baseline (minutes)",
+    ]

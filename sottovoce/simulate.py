@@ -34,7 +34,7 @@ from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.models import load_model
 from sottovoce.common.quality import ood_records, quality_section
-from sottovoce.federation import Federation, default_state_dir, prepare_federation
+from sottovoce.federation import Federation, prepare_federation
 from sottovoce.heldout import HELDOUT, HeldOut
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
@@ -44,6 +44,13 @@ from sottovoce.server.run_state import RoundRecord, RunState
 from sottovoce.simulation_report import build_report, mean_holder_score, pooled_train_errors
 
 ENGINES = ("native", "flower")
+RUN_LEDGER_DIR = "ledger"  # each simulated holder's, relative to its own folder
+
+
+def _ledger_location(run_dir: Path, ledger_dir: Path) -> str:
+    if ledger_dir.is_absolute():
+        return str(ledger_dir)
+    return str(run_dir / "holders" / "holder-*" / ledger_dir)
 
 
 def start_holders(
@@ -83,28 +90,44 @@ def run_rounds(
     """Wait for the run to finish, showing progress; fail fast if a holder process dies."""
     config = coordinator.config
     accepted = [0]
+    # Not a terminal (a log file, CI): no live bar, a plain line every 10 s and at the end.
+    plain = not console.is_terminal
+    started, last_line = time.monotonic(), [0.0]
     progress = Progress(
         TextColumn("[bold]round {task.completed:>4.0f}/{task.total:.0f}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
+        TimeElapsedColumn(),  # before the texts, so a narrow terminal cuts those instead
         TextColumn("{task.fields[bits]}"),
         TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
         console=console,
+        disable=plain,
     )
     bar = progress.add_task("rounds", total=config.run.max_rounds, bits="", info="")
 
     def on_round(record: RoundRecord, state: RunState) -> None:
         accepted[0] += record.step is not None
         score = mean_holder_score(federation)
-        progress.update(
-            bar,
-            completed=record.round_index + 1,
-            bits=f"bits {state.bits_total:.0f}/{config.run.bit_budget:g}",
-            info=f"accepted {accepted[0]}  step {record.step_size_after:.4f}"
-            + (f"  incumbent {score:.3f}" if score is not None else ""),
+        bits = f"bits {state.bits_total:.0f}/{config.run.bit_budget:g}"
+        info = f"accepted {accepted[0]}  step {record.step_size_after:.4f}" + (
+            f"  incumbent {score:.3f}" if score is not None else ""
         )
+        progress.update(bar, completed=record.round_index + 1, bits=bits, info=info)
+        now = time.monotonic()
+        if plain and (
+            now - last_line[0] >= 10.0 or record.round_index + 1 >= config.run.max_rounds
+        ):
+            last_line[0] = now
+            console.print(
+                f"round {record.round_index + 1}/{config.run.max_rounds}  {bits}  {info}  "
+                f"({now - started:.0f} s)",
+                soft_wrap=True,
+            )
 
     coordinator.add_listener(on_round)
+    console.print(
+        f"waiting for {len(federation.holder_dirs)} holders: each loads the model and scores "
+        "its data once before round 1 (holders/holder-*/holder.log)"
+    )
     with progress:
         while not coordinator.wait_finished(timeout_s=2.0):
             for index, process in enumerate(processes):
@@ -187,11 +210,17 @@ def simulate(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir}: exists and is not empty; choose a new --run-dir")
     torch.set_num_threads(config.simulate.eval_threads)
+    console.print(f"run directory: {run_dir}")
     console.print(f"loading {config.model.name} ...")
     loaded = load_model(config.model.name, dtype="float32")
     run_dir.mkdir(parents=True, exist_ok=True)
-    federation = prepare_federation(
-        config, run_dir, loaded.fingerprint, state_dir or default_state_dir()
+    # The bundled data is public and split anew by every run: its holders are not a real
+    # data set's lifetime, so their ledgers live in the run (holders/holder-<i>/ledger/).
+    # A real data set's holder (`sottovoce client`) keeps the ledger its policy names.
+    ledger_dir = state_dir or Path(RUN_LEDGER_DIR)
+    federation = prepare_federation(config, run_dir, loaded.fingerprint, ledger_dir)
+    console.print(
+        f"holders' ledgers: {_ledger_location(run_dir, ledger_dir)} (this run's bundled data only)"
     )
     held_out = HeldOut(config, loaded)
     console.print(
@@ -225,6 +254,14 @@ def simulate(
     train_errors = pooled_train_errors(federation, state.log.head)
     if train_errors is None:  # a holder wrote no report: score the training data here
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
+    coordinator_view = coordinator_report(
+        config,
+        state,
+        coordinator.spec,
+        public_quality=public_quality_section(meter.base, tuned, windows, ood),
+    )
+    state.write_report(coordinator_view)  # what `sottovoce server` writes, too; the model card
+    # quotes its perplexity ratio
     export = export_run(run_dir / "coordinator", run_dir / "model")
     report = build_report(config, coordinator.spec, state, federation, before, after, train_errors)
     sets = {HELDOUT: federation.test, **ood}
@@ -236,17 +273,11 @@ def simulate(
         sets=sets,
         roles={**roles, **dict.fromkeys(ood, "out-of-domain")},
     )
-    coordinator_view = coordinator_report(
-        config,
-        state,
-        coordinator.spec,
-        public_quality=public_quality_section(meter.base, tuned, windows, ood),
-    )
-    state.write_report(coordinator_view)  # what `sottovoce server` writes, too
     if "privacy" in report:
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
             "privacy_as_computed_by_the_coordinator"
         )
+    report["run_dir"] = str(run_dir)
     report["exported_model"] = str(export.out_dir)
     report["wall_seconds"] = round(time.time() - started, 1)
     text = json.dumps(report, indent=2, sort_keys=True)

@@ -73,6 +73,20 @@ def unknown_key(folder: Path) -> list[str]:
     return server_argv(folder, write_run_config(folder / "run.toml", run={"max_round": 5}))
 
 
+def quorum_above_min_holders(folder: Path) -> list[str]:
+    config = write_run_config(folder / "run.toml", server={"quorum": 5, "min_holders": 2})
+    return ["simulate", "--config", str(config), "--run-dir", str(folder / "run")]
+
+
+def label_out_of_range(folder: Path) -> list[str]:
+    _, policy = holder_inputs(folder)
+    records = tiny_records(24)
+    records[4] = {**records[4], "label": 7}
+    data = folder / "holder.jsonl"
+    write_jsonl(data, records)
+    return client_argv(data, policy)
+
+
 def wrong_type(folder: Path) -> list[str]:
     return server_argv(folder, write_run_config(folder / "run.toml", run={"max_rounds": "x"}))
 
@@ -138,7 +152,17 @@ class BadInput:
 BAD_INPUTS: dict[str, BadInput] = {
     "missing config": BadInput(missing_config, ("absent.toml: file not found",)),
     "malformed toml": BadInput(malformed_toml, ("run.toml: not valid TOML",)),
-    "unknown key": BadInput(unknown_key, ("run.toml: run.max_round: unknown key",)),
+    "unknown key": BadInput(
+        unknown_key, ("run.toml: run.max_round: unknown key; did you mean 'run.max_rounds'?",)
+    ),
+    "quorum above min_holders": BadInput(
+        quorum_above_min_holders, ("run.toml: (top level): server.quorum cannot exceed",)
+    ),
+    "label out of range": BadInput(
+        label_out_of_range,
+        ("holder.jsonl line 5: field 'label' must be an integer index",),
+        opens_ledger=True,  # the data is checked against the model's tokenizer, after it
+    ),
     "wrong type": BadInput(wrong_type, ("run.toml: run.max_rounds: ", "(got 'x')")),
     "missing policy": BadInput(missing_policy, ("absent-policy.toml: policy file not found",)),
     "malformed policy": BadInput(
@@ -246,9 +270,15 @@ def test_bad_input_is_one_error_line_and_exit_2(
 ) -> None:
     run = bad_input_runs[name]
     code, _, stderr = run.wait()
-    # --insecure says so loudly before anything else; the error itself is one line.
-    lines = [line for line in stderr.splitlines() if not line.startswith("WARNING: --insecure")]
+    # --insecure says so loudly before anything else, a client names its ledger once it has
+    # opened it; the error itself is one line, and short (no config dumped into it).
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if not line.startswith(("WARNING: --insecure", "h: lifetime ledger "))
+    ]
     assert len(lines) == 1, stderr
+    assert len(lines[0]) < 300, lines[0]
     assert lines[0].startswith("error: "), stderr
     for fragment in BAD_INPUTS[name].expected:
         assert fragment in lines[0]
@@ -272,6 +302,33 @@ def assert_nothing_half_written(run: Launched, *, opens_ledger: bool) -> None:
     dataset = ledgers[0].name.removesuffix(".ledger.jsonl")
     allowed.add(ledgers[0].relative_to(run.folder).with_name(f"{dataset}.records"))
     assert new <= allowed
+
+
+def test_version_short_help_and_simulate_help() -> None:
+    from click.testing import CliRunner
+
+    from sottovoce.cli import main
+
+    runner = CliRunner()
+    version = runner.invoke(main, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("sottovoce, version ")
+    short = runner.invoke(main, ["-h"])
+    assert short.exit_code == 0 and "simulate" in short.output
+    simulate_help = runner.invoke(main, ["simulate", "-h"])
+    assert simulate_help.exit_code == 0
+    assert "examples/dpzero.toml" in simulate_help.output and "DPZero" in simulate_help.output
+
+
+def test_help_and_config_checks_import_nothing_heavy() -> None:
+    """No torch, transformers, gRPC or scipy for --help or a config check (seconds each to
+    import): both answer in well under a second."""
+    heavy = "{'torch', 'transformers', 'grpc', 'scipy'}"
+    for module in ("sottovoce.cli", "sottovoce.common.config"):
+        probe = f"import sys, {module}; print(sorted({heavy} & set(sys.modules)))"
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]", module
 
 
 # -- a whole federation through the CLI --------------------------------------------------------
@@ -327,10 +384,29 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert len(bound["assumptions"]) >= 4 and all("\n" not in a for a in bound["assumptions"])
     assert report["wall_seconds"] > 0
     assert "accuracy before" in stdout + stderr
+    # Not on a terminal: plain progress lines, not a live bar's escape codes.
+    assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
 
-    # The holders' own ledgers, outside the run, agree with the coordinator.
-    ledgers = sorted((tmp_path / "home" / "ledgers").glob("*.ledger.jsonl"))
+    # The holders' own ledgers agree with the coordinator. Simulated holders of the
+    # bundled data keep them in the run, nothing in the home folder.
+    ledgers = sorted((folder / "run" / "holders").glob("holder-*/ledger/*.ledger.jsonl"))
     assert [len(read_json_lines(path)) for path in ledgers] == [4, 4]
+    assert not (tmp_path / "home").exists()
+    for holder in ("holder-0", "holder-1"):
+        log_text = (folder / "run" / "holders" / holder / "holder.log").read_text()
+        assert (
+            f"{holder}: lifetime ledger {folder / 'run' / 'holders' / holder / 'ledger'}"
+            in log_text
+        )
+
+    # It ends by saying where everything went and what to try next, runnable as printed.
+    assert f"run directory: {folder / 'run'}" in stdout
+    assert f"exported model: {folder / 'run' / 'model'}" in stdout
+    export_line = next(line for line in stdout.splitlines() if " export --run " in line)
+    env = dict(os.environ, SOTTOVOCE_CACHE=str(tmp_path / "cache"))
+    again = subprocess.run(export_line, shell=True, cwd=folder, env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (folder / "run" / "model-again" / "model.safetensors").exists()
 
     # The exported model loads and is the run's log replayed on the base model.
     coordinator_dir = run.folder / "run" / "coordinator"

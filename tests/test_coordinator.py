@@ -253,3 +253,52 @@ def test_the_coordinators_complexity_is_the_code_of_its_aggregated_transcript(
     assert complexity.transcript_bits == choice_transcript_bits([2, 0, 0, 3], 3)
     assert complexity.heard_bits == coordinator.state.bits_total == 8 * 2.0
     assert complexity.rounds == 4
+
+
+def test_a_holder_that_refuses_the_run_at_join_costs_no_round(tmp_path: Path) -> None:
+    """A holder that joins, finds the run outside its policy and leaves before pulling its
+    task never saw the round: the round is withdrawn, not spent (a 2-round run is not used
+    up by two misconfigured holders)."""
+    cfg = parse_config(
+        {
+            "run": {"name": "t", "max_rounds": 2, "bit_budget": 100},
+            "server": {"min_holders": 1, "quorum": 1, "round_timeout_s": 30},
+            "parametrization": {"kind": "scale"},
+        },
+        "test",
+    )
+    coordinator = open_coordinator(tmp_path / "run", cfg)
+    for refuser in ("bad-1", "bad-2"):
+        coordinator.join(JoinRequest(holder_id=refuser, model_fingerprint=FINGERPRINT))
+        coordinator.tick()  # round 0 opens, issued to the refuser
+        coordinator.leave(refuser)  # what a holder does when accept_run refuses
+    assert coordinator.state.rounds == [] and coordinator.state.next_round == 0
+    assert not [
+        r for r in read_json_lines(tmp_path / "run" / "journal.jsonl") if r["type"] == "round"
+    ]
+
+    coordinator.join(JoinRequest(holder_id="good", model_fingerprint=FINGERPRINT))
+    for round_index in (0, 1):
+        task = pull(coordinator, "good")
+        assert task.round_index == round_index
+        assert coordinator.push_answer("good", Answer(task_id=task.task_id, choice=1))
+    assert [r.round_index for r in coordinator.state.rounds] == [0, 1]
+    coordinator.tick()
+    assert coordinator.finished
+
+
+def test_a_holder_that_pulled_its_task_and_left_still_closes_the_round(tmp_path: Path) -> None:
+    """Only a round nobody was handed is withdrawn: one a holder pulled is journaled."""
+    cfg = parse_config(
+        {
+            "run": {"name": "t", "max_rounds": 2, "bit_budget": 100},
+            "server": {"min_holders": 1, "quorum": 1, "round_timeout_s": 30},
+            "parametrization": {"kind": "scale"},
+        },
+        "test",
+    )
+    coordinator = open_coordinator(tmp_path / "run", cfg)
+    coordinator.join(JoinRequest(holder_id="a", model_fingerprint=FINGERPRINT))
+    pull(coordinator, "a")
+    coordinator.leave("a")
+    assert [r.round_index for r in coordinator.state.rounds] == [0]

@@ -12,9 +12,11 @@ from helpers import base_plus_steps, differing_tensors, tiny_fingerprint, write_
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sottovoce.api import open_coordinator
-from sottovoce.common.errors import ConfigError
-from sottovoce.common.steplog import Step, as_float32
+from sottovoce.common.errors import ConfigError, LogIntegrityError
+from sottovoce.common.protocol.messages import Candidate
+from sottovoce.common.steplog import Step, StepLog, as_float32
 from sottovoce.server.export import LOG_FILE, export_run
+from sottovoce.server.run_state import RoundRecord
 
 STEPS = [
     Step(seed=11, coefficient=as_float32(0.01)),
@@ -28,9 +30,23 @@ def make_run(tmp_path: Path, kind: str = "full") -> Path:
     config = write_run_config(tmp_path / "run.toml", parametrization={"kind": kind})
     run_dir = tmp_path / "run"
     coordinator = open_coordinator(config, run_dir, model_fingerprint=tiny_fingerprint())
-    for step in STEPS:
-        coordinator.state.log.append(step)
+    for index, step in enumerate(STEPS):  # journaled, then logged, as the coordinator does
+        coordinator.state.record_round(accepted_round(index, step))
     return run_dir
+
+
+def accepted_round(index: int, step: Step) -> RoundRecord:
+    return RoundRecord(
+        round_index=index,
+        candidates=(Candidate(seed=step.seed, scale=step.coefficient),),
+        choices={"holder-0": 1},
+        refusals={},
+        winner=0,
+        step=step,
+        step_size_after=abs(step.coefficient),
+        bits=1.0,
+        closed_by="all answered",
+    )
 
 
 def load_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -80,6 +96,43 @@ def test_export_refuses_what_is_not_a_run(tmp_path: Path, exists: bool) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_export_accepts_a_simulate_run_directory(tmp_path: Path) -> None:
+    """`simulate` keeps the coordinator's state in RUN/coordinator; --run RUN finds it."""
+    make_run(tmp_path)
+    simulated = tmp_path / "simulated"
+    simulated.mkdir()
+    (tmp_path / "run").rename(simulated / "coordinator")
+    result = export_run(simulated, tmp_path / "out")
+    assert result.steps == 3
+    assert differing_tensors(base_plus_steps(STEPS), load_checkpoint(tmp_path / "out")) == []
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "altered"])
+def test_export_refuses_a_log_the_journal_disagrees_with(tmp_path: Path, damage: str) -> None:
+    run_dir = make_run(tmp_path)
+    log = run_dir / "log.jsonl"
+    lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+    if damage == "deleted":
+        log.unlink()
+    elif damage == "truncated":
+        log.write_text("".join(lines[:1]), encoding="utf-8")
+    else:  # a valid chain of other steps: only the journal can tell
+        log.unlink()
+        meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        other = StepLog.open(log, meta["genesis"])
+        for step in [*STEPS[:2], Step(seed=99, coefficient=as_float32(0.5))]:
+            other.append(step)
+    held = {"deleted": 0, "truncated": 1, "altered": 3}[damage]
+    expected = (
+        f"log.jsonl \\({held} steps\\) and journal.jsonl \\(3 accepted\\) disagree from step 2"
+        if damage == "altered"
+        else f"log.jsonl holds {held} steps, journal.jsonl accepted 3; the log is missing"
+    )
+    with pytest.raises(LogIntegrityError, match=expected):
+        export_run(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("failing", [PreTrainedModel, PreTrainedTokenizerBase])
 def test_export_failing_midway_leaves_no_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: type
@@ -99,3 +152,25 @@ def test_export_failing_midway_leaves_no_output(
     monkeypatch.undo()
     export_run(run_dir, out)  # the failed attempt left nothing in the way
     assert differing_tensors(base_plus_steps(STEPS), load_checkpoint(out)) == []
+
+
+def test_the_model_card_says_what_it_was_tuned_for_and_its_perplexity_ratio(
+    tmp_path: Path,
+) -> None:
+    run_dir = make_run(tmp_path)
+    export_run(run_dir, tmp_path / "plain")
+    card = (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+    assert "Tuned for: classification: the next token after the prompt" in card
+    assert "Perplexity on general text: not measured for this run" in card
+
+    quality = {
+        "perplexity": {"base": 25.4, "tuned": 26.1, "ratio": 26.1 / 25.4},
+        "sets": {"amazon": {"examples": 1000, "accuracy_base": 0.839, "accuracy_tuned": 0.84}},
+    }
+    (run_dir / "report.json").write_text(json.dumps({"quality_on_public_sets": quality}))
+    export_run(run_dir, tmp_path / "measured")
+    card = (tmp_path / "measured" / "README.md").read_text(encoding="utf-8")
+    assert "25.4 (base) -> 26.1 (this model), ratio 1.028" in card
+    assert "Out-of-domain accuracy, amazon (1000 examples): 0.8390 -> 0.8400." in card
+    sidecar = json.loads((tmp_path / "measured" / LOG_FILE).read_text(encoding="utf-8"))
+    assert sidecar["quality_on_public_sets"] == quality

@@ -377,3 +377,22 @@ def test_finish_with_a_forged_head_applies_nothing(tmp_path: Path) -> None:
     holder.finish(finished_message(spec, [STEP], base=0, head="f" * 64))
     assert holder.log_version == 0
     assert holder.status.last_refusal is not None and "hash" in holder.status.last_refusal
+
+
+def test_a_bad_label_is_named_by_its_file_line_before_any_dial(tmp_path: Path) -> None:
+    """Data errors found when the holder is made give the file's 1-based line, as the
+    reader's own errors do (a blank line is skipped but counted)."""
+    from helpers import write_policy
+
+    from sottovoce.api import open_holder
+    from sottovoce.common.errors import DataError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        '{"text": "fine", "label": 0}\n\n{"text": "bad", "label": 7}\n', encoding="utf-8"
+    )
+    policy = write_policy(
+        tmp_path / "policy.toml", tmp_path / "ledger", min_examples=1, min_batch_size=1
+    )
+    with pytest.raises(DataError, match=rf"^{data} line 3: field 'label' must be an integer"):
+        open_holder(data, policy, holder_id="h", model_name="tiny-llama")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,65 @@ def test_the_dpzero_example_is_valid_and_calibrates() -> None:
     spec = config.dp_spec()
     assert config.run.algorithm == "dpzero" and spec.noise_multiplier > 0
     assert config.sampling_rate == config.evaluation.batch_size / 500
+
+
+# -- the README's shell blocks, run as a newcomer would copy them ---------------------------
+# ```bash: run by this file's default test; ```bash slow: the demo, DPZero, evaluate and
+# Docker blocks, run in the repository by the slow test, in order (each may use the runs the
+# ones before it made); ```bash no-test: templates for other machines (a coordinator's host
+# name, certificates, /abs/ paths), never run.
+FENCES = ("bash", "bash slow", "bash no-test")
+
+
+def shell_blocks(text: str) -> list[tuple[str, str]]:
+    """(fence info, body) of every ```bash... block, in order."""
+    found = re.findall(r"^[ \t]*```(bash[^\n]*)\n(.*?)^[ \t]*```", text, flags=re.S | re.M)
+    return [(info.strip(), textwrap.dedent(body)) for info, body in found]
+
+
+def run_block(body: str, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", body],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def test_every_readme_shell_block_is_fenced_as_what_it_is() -> None:
+    blocks = shell_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert blocks and {info for info, _ in blocks} <= set(FENCES)
+    assert any(info == "bash" for info, _ in blocks)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b for i, b in shell_blocks((ROOT / "README.md").read_text(encoding="utf-8")) if i == "bash"],
+)
+def test_readme_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
+    done = run_block(body, tmp_path, timeout_s=120)
+    assert done.returncode == 0, f"{body}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_readme_slow_shell_blocks_run_in_a_fresh_clone(tmp_path: Path) -> None:
+    """The demo and what follows it, typed in a fresh clone of the committed tree (with this
+    .venv: installing one is the Makefile's business), in README order."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    (ROOT / ".venv" / ".installed-stamp").touch()  # newer than the clone's pyproject.toml
+    for info, body in shell_blocks((ROOT / "README.md").read_text(encoding="utf-8")):
+        if info != "bash slow":
+            continue
+        if "docker compose" in body and shutil.which("docker") is None:
+            continue  # no engine here; tests/test_docker.py checks the files it uses
+        if "docker compose" in body:  # `up` serves until stopped: stop with the coordinator
+            body = body.replace("up --build", "up --build --exit-code-from coordinator")
+        # `make test` is this suite itself
+        script = "\n".join(line for line in body.splitlines() if not line.startswith("make test"))
+        done = run_block(script, clone, timeout_s=3600)
+        assert done.returncode == 0, f"{body}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"

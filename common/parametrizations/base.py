@@ -20,13 +20,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from sottovoce.common.steplog import Step
 from sottovoce.common.storage import canonical_json
+
+if TYPE_CHECKING:  # torch is imported by whoever attaches a model (seconds to import)
+    import torch
+    from torch import nn
 
 ParametrizationKind = Literal["full", "select", "subspace", "scale"]
 Granularity = Literal["tensor", "channel"]
