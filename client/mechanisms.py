@@ -173,7 +173,8 @@ class ChunkVote(Mechanism):
     record, none more); each chunk then sums its records' scores per model and votes for
     the candidate with the largest sum if it beats the incumbent's sum, else for keeping
     the incumbent (ties: the lowest index, then "keep"; an empty chunk votes "keep"). The
-    holder adds N(0, vote_noise^2) to each count of the K votes and releases the arg-max.
+    holder adds N(0, vote_noise^2) to each count of the K votes, then ``keep_margin`` to the
+    keep count (post-processing), and releases the arg-max.
 
     One record added or removed changes its own chunk's vote only: the histogram moves by
     at most (-1, +1) in two bins, L2 sensitivity sqrt(2), so an answer is the Gaussian event
@@ -237,8 +238,10 @@ class ChunkVote(Mechanism):
         return Release(choice=self.noisy_choice(counts))
 
     def noisy_choice(self, counts: np.ndarray) -> int:
-        """GNMax on the vote counts, noise from the holder's secure randomness."""
-        return noisy_argmax(counts, self.spec.dp.vote_noise, self.rng)
+        """GNMax on the vote counts, noise from the holder's secure randomness, then the
+        keep margin (so noise alone seldom accepts a candidate)."""
+        dp = self.spec.dp
+        return noisy_argmax(counts, dp.vote_noise, self.rng, first_margin=dp.keep_margin)
 
 
 def chunk_votes(

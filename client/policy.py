@@ -400,7 +400,7 @@ def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
             )
         if dp.randomized_response_epsilon:
             raise PolicyViolation("run mixes randomized response into dp-scalar answers")
-        if dp.chunks or dp.vote_noise:
+        if dp.chunks or dp.vote_noise or dp.keep_margin:
             raise PolicyViolation("run mixes chunk votes into dp-scalar answers")
         if policy.require_dp and dp.noise_multiplier <= 0:
             raise PolicyViolation("policy requires DP answers; this DPZero run adds no noise")
@@ -411,8 +411,10 @@ def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
         )
     if dp.chunks:
         _check_chunk_votes(policy, spec)
-    elif dp.vote_noise:
-        raise PolicyViolation("run sets vote noise without chunk votes", RefusalCode.MALFORMED)
+    elif dp.vote_noise or dp.keep_margin:
+        raise PolicyViolation(
+            "run sets vote noise or a keep margin without chunk votes", RefusalCode.MALFORMED
+        )
     private = dp.randomized_response_epsilon > 0 or (dp.chunks > 0 and dp.vote_noise > 0)
     if policy.require_dp and not private:
         raise PolicyViolation(

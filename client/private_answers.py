@@ -111,14 +111,23 @@ def randomized_response(choice: int, mechanism: RandomizedResponse, rng: SecureR
     return choice
 
 
-def noisy_argmax(counts: Sequence[float] | np.ndarray, std: float, rng: SecureRandomness) -> int:
+def noisy_argmax(
+    counts: Sequence[float] | np.ndarray,
+    std: float,
+    rng: SecureRandomness,
+    *,
+    first_margin: float = 0.0,
+) -> int:
     """GNMax: the index of the largest count after adding N(0, std^2) to each count.
 
-    Ties (only possible without noise, or at float resolution) go to the lowest index,
-    which for a choice histogram is "keep the incumbent": a fixed rule, not a data-dependent
-    one. With ``std`` = 0 this is the plain arg-max.
+    ``first_margin`` is added to the first noisy count ("keep the incumbent" in a choice
+    histogram) after the noise: a function of the noisy counts only, so it costs no
+    epsilon. Ties (only possible without noise, or at float resolution) go to the lowest
+    index, keep first: a fixed rule. With ``std`` = 0 this is the plain arg-max.
     """
     noisy = noisy_counts(counts, std, rng)
+    if len(noisy):
+        noisy[0] += first_margin
     return int(np.argmax(noisy))  # np.argmax returns the first of equal maxima
 
 

@@ -28,6 +28,7 @@ from sottovoce.common.protocol.answers import ALGORITHM_ANSWER_KINDS, Algorithm,
 from sottovoce.common.protocol.limits import (
     FINGERPRINT_REGEX,
     MAX_CHUNKS,
+    MAX_KEEP_MARGIN,
     MAX_QUANTIZATION_BITS,
     MAX_VOTE_NOISE,
 )
@@ -115,7 +116,9 @@ class PrivacySection(_Section):
     ``randomized_response_epsilon`` makes each choice ε-DP; or ``chunks = K`` makes each
     choice the noisy arg-max of K secret chunks' votes, with ``vote_noise`` (the noise std
     on each vote count) given, or calibrated from ``epsilon`` over ``run.max_rounds``
-    answers at ``delta``; neither: non-private chunk votes.
+    answers at ``delta``; neither: non-private chunk votes. ``keep_margin``: votes added to
+    "keep the incumbent" after the noise (post-processing: free in ε), so that noise alone
+    rarely accepts a candidate.
     """
 
     epsilon: float | None = Field(default=None, gt=0)
@@ -124,6 +127,7 @@ class PrivacySection(_Section):
     randomized_response_epsilon: float | None = Field(default=None, gt=0)
     chunks: int | None = Field(default=None, ge=1, le=MAX_CHUNKS)
     vote_noise: float | None = Field(default=None, gt=0, le=MAX_VOTE_NOISE)
+    keep_margin: float | None = Field(default=None, ge=0, le=MAX_KEEP_MARGIN)
 
 
 class ServerSection(_Section):
@@ -233,8 +237,11 @@ class RunConfig(_Section):
                 "privacy.epsilon calibrates DPZero's or chunk votes' noise; for BBoxER set "
                 "privacy.chunks too, or use privacy.randomized_response_epsilon"
             )
-        elif self.privacy.vote_noise is not None:
-            raise ValueError("privacy.vote_noise needs privacy.chunks (the number of chunks)")
+        elif self.privacy.vote_noise is not None or self.privacy.keep_margin is not None:
+            raise ValueError(
+                "privacy.vote_noise and privacy.keep_margin need privacy.chunks (the number "
+                "of chunks)"
+            )
         n = self.privacy.examples_per_holder
         if self.evaluation.mode == "poisson" and n is not None and self.evaluation.batch_size > n:
             raise ValueError(
@@ -251,8 +258,11 @@ class RunConfig(_Section):
             )
         if self.privacy.randomized_response_epsilon is not None:
             raise ValueError("privacy.randomized_response_epsilon is for BBoxER, not dpzero")
-        if self.privacy.chunks is not None or self.privacy.vote_noise is not None:
-            raise ValueError("privacy.chunks and privacy.vote_noise are for BBoxER, not dpzero")
+        chunk_keys = (self.privacy.chunks, self.privacy.vote_noise, self.privacy.keep_margin)
+        if any(value is not None for value in chunk_keys):
+            raise ValueError(
+                "privacy.chunks, vote_noise and keep_margin are for BBoxER, not dpzero"
+            )
         if self.privacy.epsilon is None:
             return
         n = self.privacy.examples_per_holder
@@ -327,18 +337,24 @@ class RunConfig(_Section):
     def _chunk_vote_spec(self, chunks: int) -> DpSpec:
         """Chunk votes: the vote noise as given, or calibrated for ``run.max_rounds`` answers."""
         privacy, rounds = self.privacy, self.run.max_rounds
-        noise = privacy.vote_noise or 0.0
+        noise, margin = privacy.vote_noise or 0.0, privacy.keep_margin or 0.0
         if privacy.epsilon is not None:
             try:
                 noise = calibrate_vote_noise(privacy.epsilon, privacy.delta, rounds)
             except AccountingError as exc:
                 raise ConfigError(f"privacy.epsilon: {exc}") from None
         if noise <= 0:
-            return DpSpec(chunks=chunks)
+            return DpSpec(chunks=chunks, keep_margin=margin)
         epsilon = privacy.epsilon
         if epsilon is None:
             epsilon = PrivacyAccountant([chunk_vote_event(noise)] * rounds).epsilon(privacy.delta)
-        return DpSpec(epsilon=epsilon, delta=privacy.delta, chunks=chunks, vote_noise=noise)
+        return DpSpec(
+            epsilon=epsilon,
+            delta=privacy.delta,
+            chunks=chunks,
+            vote_noise=noise,
+            keep_margin=margin,
+        )
 
     def fingerprint(self) -> str:
         """Hash of the parts that define the run (a resumed run must have the same).

@@ -238,6 +238,22 @@ def test_default_answer_is_the_noise_on_all_chunks_keeping(tmp_path: Path) -> No
     assert kept == pytest.approx(float(norm.cdf(11 / (8 * math.sqrt(2)))), abs=0.03)
 
 
+def test_the_keep_margin_is_post_processing(tmp_path: Path) -> None:
+    """Votes added to "keep" after the noise: the same event, a higher bar for candidates."""
+    mechanism, _ = a_chunk_vote(tmp_path)
+    margined = ChunkVote(
+        dataclasses.replace(
+            mechanism.spec, dp=dataclasses.replace(mechanism.spec.dp, keep_margin=8.0)
+        ),
+        SecureRandomness(),
+        mechanism.record_key,
+    )
+    assert margined.event(1, 1.0) == mechanism.event(1, 1.0)
+    counts = np.array([0.0, 11.0])  # 11 chunks for the candidate, noise 8, margin 8
+    kept = sum(margined.noisy_choice(counts) == 0 for _ in range(2000)) / 2000
+    assert kept == pytest.approx(float(norm.cdf((8 - 11) / (8 * math.sqrt(2)))), abs=0.03)
+
+
 # -- the accountant against Opacus, fed from measurements -------------------------------------
 def test_ledger_epsilon_equals_opacus_from_measured_noise_and_sensitivity(tmp_path: Path) -> None:
     """A run of chunk-vote answers charged by the real holder; Opacus gets the noise std
@@ -361,7 +377,7 @@ def test_the_run_config_calibrates_chunk_votes_and_refuses_nonsense() -> None:
         ({"chunks": 64, "epsilon": 6.0, "vote_noise": 8.0}, "full", "set one of them"),
         ({"chunks": 64, "randomized_response_epsilon": 1.0}, "full", "choose one"),
         ({"chunks": 64, "epsilon": 6.0}, "minibatch", "must be 'full' for chunk votes"),
-        ({"vote_noise": 8.0}, "full", "needs privacy.chunks"),
+        ({"vote_noise": 8.0}, "full", "need privacy.chunks"),
     ]:
         data = {**base, "evaluation": {"mode": evaluation}, "privacy": privacy}
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -157,7 +157,10 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
         RUN_SPEC,
     ),
     "run-spec-chunk-votes": (
-        replace(SPEC, dp=DpSpec(epsilon=6.0, delta=1e-5, chunks=256, vote_noise=14.25)),
+        replace(
+            SPEC,
+            dp=DpSpec(epsilon=6.0, delta=1e-5, chunks=256, vote_noise=14.25, keep_margin=7.5),
+        ),
         RUN_SPEC,
     ),
     "refusal": (REFUSAL, ANSWER_CODEC),
@@ -305,6 +308,8 @@ SPEC_BAD: list[tuple[str, RunSpec]] = [
     ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=math.nan))),
     ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=-1.0))),
     ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=2e6))),
+    ("dp.keep_margin", replace(SPEC, dp=DpSpec(chunks=8, keep_margin=-1.0))),
+    ("dp.keep_margin", replace(SPEC, dp=DpSpec(chunks=8, keep_margin=math.inf))),
 ]
 PUSH_BAD: list[tuple[str, PushAnswerCall]] = [
     ("answer.task_id", _push(task_id="t" * 200)),

@@ -53,3 +53,4 @@ MAX_RANDOMIZED_RESPONSE_EPSILON = 64.0
 # and the noise std on each count, in votes.
 MAX_CHUNKS = 2**20
 MAX_VOTE_NOISE = 1e6
+MAX_KEEP_MARGIN = float(MAX_CHUNKS)  # votes; more than K votes always keeps the incumbent

@@ -120,7 +120,9 @@ class DpSpec:
     vote: the holder splits its records into K secret chunks (a keyed hash of each record),
     each chunk votes for its best choice, and the holder releases the arg-max of the vote
     histogram with Gaussian noise of standard deviation ``vote_noise`` (in votes) on every
-    count (GNMax); ``vote_noise = 0`` is non-private chunk voting.
+    count (GNMax); ``vote_noise = 0`` is non-private chunk voting. ``keep_margin`` votes are
+    added to "keep the incumbent" after the noise, so a candidate is accepted only when it
+    leads by that much: post-processing of the noisy histogram, free in epsilon.
 
     ``epsilon`` and ``delta`` are the run's target (what the coordinator calibrated
     ``noise_multiplier`` for); every holder accounts at its own policy's delta and refuses
@@ -136,6 +138,7 @@ class DpSpec:
     randomized_response_epsilon: float = 0.0
     chunks: int = 0
     vote_noise: float = 0.0
+    keep_margin: float = 0.0
 
     @property
     def private(self) -> bool:

@@ -43,6 +43,7 @@ from sottovoce.common.protocol.limits import (
     MAX_DEADLINE_UNIX,
     MAX_EPSILON,
     MAX_ID_LENGTH,
+    MAX_KEEP_MARGIN,
     MAX_LABEL_WORD_LENGTH,
     MAX_LABEL_WORDS,
     MAX_LAMBDA,
@@ -382,6 +383,7 @@ def _check_dp(where: str, spec: DpSpec) -> None:
     )
     _check_int(f"{where}.chunks", spec.chunks, 0, MAX_CHUNKS)
     _check_real(f"{where}.vote_noise", spec.vote_noise, 0.0, MAX_VOTE_NOISE)
+    _check_real(f"{where}.keep_margin", spec.keep_margin, 0.0, MAX_KEEP_MARGIN)
 
 
 def dp_to_proto(spec: DpSpec, where: str = "DpSpec") -> pb.DpSpec:
@@ -396,6 +398,7 @@ def dp_to_proto(spec: DpSpec, where: str = "DpSpec") -> pb.DpSpec:
         randomized_response_epsilon=float(spec.randomized_response_epsilon),
         chunks=int(spec.chunks),
         vote_noise=float(spec.vote_noise),
+        keep_margin=float(spec.keep_margin),
     )
 
 
@@ -410,6 +413,7 @@ def dp_from_proto(message: pb.DpSpec, where: str = "DpSpec") -> DpSpec:
         randomized_response_epsilon=message.randomized_response_epsilon,
         chunks=message.chunks,
         vote_noise=message.vote_noise,
+        keep_margin=message.keep_margin,
     )
     _check_dp(where, spec)
     return spec
