@@ -64,11 +64,14 @@ def open_local_holders(
     fingerprint: str,
     shards: Sequence[Sequence[Record]],
     root: Path,
+    *,
+    max_batch: int = 32,
 ) -> list[DataHolder]:
     """One in-process holder per shard, each with the policy `simulate` would write.
 
     For tests and benchmarks that want the demo's holders without processes; ledgers go
-    under ``root`` (a scratch folder), one per shard.
+    under ``root`` (a scratch folder), one per shard. ``max_batch`` is the holders'
+    sub-batch size (a benchmark whose head inputs are cached scores whole splits at once).
     """
     holders = []
     smallest = min(len(records) for records in shards)
@@ -78,6 +81,13 @@ def open_local_holders(
             policy.ledger_dir, records, policy.max_bits, privacy=policy.privacy_limit()
         )
         holders.append(
-            DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))
+            DataHolder(
+                f"h{index}",
+                records,
+                policy,
+                ledger,
+                lambda: load_model(config.model.name),
+                max_batch=max_batch,
+            )
         )
     return holders
