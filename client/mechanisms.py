@@ -9,8 +9,10 @@ This is the plug point for private answers. A mechanism knows three things:
   depend on the data, and it goes through the same randomization as a real answer, so a
   coordinator cannot tell a failure from an answer, nor learn anything from either.
 
-A policy names the mechanisms it allows (``answer_mechanisms``, ``require_dp``); the run
-spec's answer kind and DP settings pick one
+The mechanisms: the plain choice, the choice under randomized response, DPZero's noised
+scalar, and chunk votes (the noisy arg-max of K secret chunks' votes, :class:`ChunkVote`).
+A policy names the mechanisms it allows (``answer_mechanisms``, ``require_dp``,
+``min_chunks``, ``max_answer_epsilon``); the run spec's answer kind and DP settings pick one
 (:func:`sottovoce.common.protocol.answers.answer_mechanism`).
 """
 
