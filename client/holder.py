@@ -34,16 +34,18 @@ fails before it dials, with a one-line error naming what is wrong.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sottovoce.client.dataset_identity import holder_key
+from sottovoce.client.divergence import secret_prompts
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.mechanisms import Mechanism, Release, build_mechanism
@@ -64,7 +66,13 @@ from sottovoce.common.accounting import (
     DpEvent,
     PrivacyAccountant,
 )
-from sottovoce.common.bounds import generalization_slack
+from sottovoce.common.bounds import (
+    Complexity,
+    accepted_rounds_bits,
+    bound_report,
+    fixed_rate_transcript_bits,
+    generalization_slack,
+)
 from sottovoce.common.errors import (
     ConfigError,
     PolicyViolation,
@@ -75,6 +83,8 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.limits import MAX_KL_PROMPTS
 from sottovoce.common.protocol.messages import (
     Answer,
     BatchSpec,
@@ -113,6 +123,7 @@ class _RunState:
     drift: DriftTracker
     mechanism: Mechanism
     last_step_round: int = -1
+    step_rounds: list[int] = field(default_factory=list)  # the round of each log step
     broken: str | None = None  # why the weights can no longer be trusted, if they cannot
 
 
@@ -154,6 +165,9 @@ class DataHolder:
         self._rng = SecureRandomness()
         self._answering = threading.Lock()
         self._refusals = RefusalLog(None if ledger.read_only else refusal_log_path(ledger.path))
+        # The key that picks the divergence prompts: the ledger folder's (the same set in
+        # every run), or, for a ledger made without one, a secret of this process.
+        self._prompt_key = holder_key(ledger.path.parent, create=False) or secrets.token_bytes(32)
         self.loaded = self._fresh_model()
         self._check_offline()
         self.run: _RunState | None = None
@@ -253,6 +267,7 @@ class DataHolder:
             drift=DriftTracker(parametrization.direction_blocks()),
             mechanism=build_mechanism(spec, self._rng, self._record_key(spec)),
         )
+        self._take_divergence_reference(self.run)
         self.status = HolderStatus(
             run_id=spec.run_id,
             lifetime_bits_spent=self.ledger.spent_bits,
@@ -271,6 +286,21 @@ class DataHolder:
         if key is None:
             raise ConfigError(f"{self.ledger.path.parent}: no holder key for chunk votes")
         return key
+
+    def _take_divergence_reference(self, run: _RunState) -> None:
+        """The base's next-token distributions on the secret prompts, while it is the base.
+
+        This reads the data, but acceptance does not depend on it: if it fails, a fitness
+        with a divergence penalty has no reference and every answer is the default one.
+        """
+        fitness = run.spec.fitness
+        size = fitness.kl_prompts if fitness.penalizes_divergence else MAX_KL_PROMPTS
+        try:
+            run.evaluator.take_divergence_reference(
+                secret_prompts(self.records, self._prompt_key, size)
+            )
+        except Exception as exc:
+            log.error("the divergence reference could not be taken (%r)", exc)
 
     def answer(self, task: Task) -> Answer:
         """The answer to one task, or a refusal code; never raises (see the module doc)."""
@@ -352,6 +382,16 @@ class DataHolder:
         _, correct = run.evaluator.score_incumbent(self.records)
         train_risk = 1.0 - float(correct.mean())
         slack = generalization_slack(bits_spent_total, len(self.records), delta)
+        bound = bound_report(
+            self._own_complexity(run, bits_spent_total),
+            train_risk,
+            len(self.records),
+            delta,
+            extra_assumptions=(
+                "this holder's own n and distribution; the transcript is counted from its "
+                "own log (which rounds took a step), padded to the run's max_rounds",
+            ),
+        )
         return {
             "run_id": run.spec.run_id,
             "holder_id": self._holder_id,
@@ -368,11 +408,42 @@ class DataHolder:
             "drift_linf": run.drift.drift.linf,
             "drift_l2": run.drift.drift.l2,
             "drift_exact": run.drift.drift.exact,
+            **self._divergence_report(run),
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
+            "transcript_bound": bound,
             "cost": self.cost_report(),
         }
+
+    def _divergence_report(self, run: _RunState) -> dict[str, Any]:
+        """KL(base || this model) on the holder's secret prompts: its own reading of how far
+        the run moved the model's next-token distributions (issue 11's measure)."""
+        reference = run.evaluator.divergence
+        if reference is None:
+            return {"kl_to_base_nats": None}
+        return {
+            "kl_to_base_nats": run.evaluator.divergence_now(),
+            "kl_prompts": reference.prompts,
+            "kl_definition": "mean KL(base || tuned) of the full next-token distribution at "
+            "the last position of this holder's secret prompts (keyed subset of its records)",
+            "kl_weight": run.spec.fitness.kl_weight,
+        }
+
+    def _own_complexity(self, run: _RunState, bits_heard: float) -> Complexity:
+        """The transcript's cost as this holder can count it, trusting nobody: the rounds
+        its own log's steps came from (the public schedule says which), padded with
+        "none" to the run's max_rounds; DPZero, 32 bits (a float32 step) a round."""
+        rounds = run.spec.max_rounds
+        if run.spec.answer_kind is AnswerKind.DP_SCALAR:
+            bits = fixed_rate_transcript_bits(rounds, 32.0)
+            code = "fixed rate, 32 bits a round"
+        else:
+            taken = set(run.step_rounds)
+            accepted = [r in taken for r in range(max(rounds, len(taken)))]
+            bits = accepted_rounds_bits(accepted, self.policy.max_lambda)
+            code = "accepted rounds (Elias delta + KT), log2(max_lambda) bits per step"
+        return Complexity(bits, 0.0, bits_heard, rounds, code)
 
     def cost_report(self) -> dict[str, Any]:
         """What answering this run cost the holder: compute time, forward passes, memory."""
@@ -480,6 +551,7 @@ class DataHolder:
         for step in steps:
             run.log.append(step)
         run.drift.commit(admission.drift)
+        run.step_rounds.extend(admission.rounds)
         run.last_step_round = admission.rounds[-1]
 
     def _declared_rate(self, batch: BatchSpec) -> float:

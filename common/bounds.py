@@ -68,14 +68,27 @@ def choice_transcript_bits(outcomes: Sequence[int], candidates: int) -> float:
         raise ConfigError(f"outcomes must be in 0..{candidates}")
     length = elias_delta_bits(len(outcomes) + 1)
     accepted = [1 if o else 0 for o in outcomes]
-    rate_code = _kt_bits(accepted, 2) + sum(accepted) * math.log2(candidates)
     symbol_code = _kt_bits(list(outcomes), candidates + 1)
-    return length + 1 + min(rate_code, symbol_code)
+    return length + 1 + min(_rate_code_bits(accepted, candidates), symbol_code)
+
+
+def accepted_rounds_bits(accepted: Sequence[bool], candidates: int) -> float:
+    """The same code's length when only *which* rounds accepted a step is known, not which
+    candidate: code (a) alone, with its flag bit. Never shorter than
+    :func:`choice_transcript_bits` of any transcript with those rounds, so it is a valid
+    (slightly larger) count; a holder computes it from its own log."""
+    flags = [1 if a else 0 for a in accepted]
+    return elias_delta_bits(len(flags) + 1) + 1 + _rate_code_bits(flags, candidates)
+
+
+def _rate_code_bits(accepted: Sequence[int], candidates: int) -> float:
+    return _kt_bits(accepted, 2) + sum(accepted) * math.log2(candidates)
 
 
 def fixed_rate_transcript_bits(rounds: int, bits_per_round: float) -> float:
     """Code length of a transcript whose rounds each take one of ``2**bits_per_round`` values
-    (a ranking, a quantized aggregate, a float32): no compression, plus the round count."""
+    (a ranking, a quantized aggregate, a float32 step coefficient): no compression, plus the
+    round count."""
     if rounds < 0 or not bits_per_round >= 0:
         raise ConfigError("rounds and bits_per_round must be >= 0")
     return elias_delta_bits(rounds + 1) + rounds * bits_per_round
@@ -179,13 +192,14 @@ class Complexity:
     ``transcript_bits`` is the code length of the aggregated transcript; ``grid_bits``
     pays for choosing the run's setting among a fixed grid on the training data (0 when
     it was chosen on dev data, which needs no union); ``heard_bits`` is every answer's
-    bits, what the old bound pays.
+    bits, what the old bound pays; ``code`` says which code measured the transcript.
     """
 
     transcript_bits: float
     grid_bits: float
     heard_bits: float
     rounds: int
+    code: str = "choice transcript (Elias delta + min of two KT codes)"
 
     @property
     def bits(self) -> float:
@@ -196,3 +210,48 @@ class Complexity:
 
     def old_bound(self, train_risk: float, n: int, delta: float) -> float:
         return hoeffding_bits_bound(train_risk, self.heard_bits, n, delta)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "transcript_bits": self.transcript_bits,
+            "grid_bits": self.grid_bits,
+            "heard_bits": self.heard_bits,
+            "rounds": self.rounds,
+            "code": self.code,
+        }
+
+
+ASSUMPTIONS = (
+    "the n training examples are i.i.d. from the distribution the test risk is measured on, "
+    "and the train risk is the final model's error on all n of them",
+    "the model depends only on the public config and seeds and the aggregated outcome of "
+    "each round, not on any holder's own answers",
+    "the prior is fixed before the data: a prefix code over transcripts of every length, "
+    "chosen from the config alone (lambda and the answer kind)",
+    "the loss is in [0, 1] (the 0-1 error); Maurer's kl bound, inverted",
+)
+
+
+def bound_report(
+    complexity: Complexity,
+    train_risk: float,
+    n: int,
+    delta: float,
+    *,
+    measured_test_risk: float | None = None,
+    extra_assumptions: Sequence[str] = (),
+) -> dict[str, object]:
+    """The bound section of a report: new bound beside the old, and what they assume."""
+    new, old = complexity.bound(train_risk, n, delta), complexity.old_bound(train_risk, n, delta)
+    return {
+        "train_risk": train_risk,
+        "n": n,
+        "delta": delta,
+        **complexity.to_json(),
+        "transcript_bound": new,
+        "old_bound": old,
+        "old_bound_is": "Hoeffding plus a union over 2^(bits heard) outcomes",
+        "measured_test_risk": measured_test_risk,
+        "vacuous": new >= 1.0,
+        "assumptions": [*ASSUMPTIONS, *extra_assumptions],
+    }

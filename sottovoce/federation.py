@@ -28,6 +28,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.answers import ANSWER_MECHANISMS, DIVERGENCE_PENALTY_MECHANISMS
 
 
 @dataclass
@@ -124,14 +125,24 @@ def holder_policy_toml(
 
 
 def simulated_policy(
-    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
+    config: RunConfig,
+    fingerprint: str,
+    state_dir: Path,
+    *,
+    min_examples: int,
+    max_lambda: int | None = None,
 ) -> HolderPolicy:
-    """The policy of a simulated holder with ``min_examples`` or more records."""
+    """The policy of a simulated holder with ``min_examples`` or more records.
+
+    ``max_lambda``: the seed lanes a round may use, if more than its candidates (a study
+    strategy that picks its candidates among more directions).
+    """
     if config.run.algorithm == "dpzero":
-        max_lambda = 1
+        lanes = 1
         max_scale = max(config.dpzero.smoothing, config.dpzero.max_coefficient)
     else:
-        max_lambda, max_scale = config.optimizer.candidates, config.optimizer.max_step
+        lanes, max_scale = config.optimizer.candidates, config.optimizer.max_step
+    max_lambda = max(lanes, max_lambda or 0)
     epsilon = _policy_epsilon(config)
     chunk_votes = _chunk_vote_pins(config, epsilon)
     return HolderPolicy(
@@ -147,6 +158,11 @@ def simulated_policy(
         max_steps_per_run=config.run.max_rounds,
         max_new_steps_per_task=config.run.max_rounds,
         fitness=config.fitness,
+        answer_mechanisms=(
+            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
+            if config.fitness.penalizes_divergence
+            else ANSWER_MECHANISMS
+        ),
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),
         min_examples=min_examples,

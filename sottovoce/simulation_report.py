@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 
 from sottovoce.common.accounting import ACCOUNTANT_NAME, NEIGHBOURING_RELATION
-from sottovoce.common.bounds import generalization_slack
+from sottovoce.common.bounds import bound_report, generalization_slack
 from sottovoce.common.config import RunConfig
 from sottovoce.common.protocol.messages import DpSpec, RunSpec
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.common.storage import read_json_object
 from sottovoce.federation import Federation
+from sottovoce.server.run_report import run_complexity
 from sottovoce.server.run_state import RunState
 
 
@@ -69,16 +70,19 @@ def build_report(
             "p_value": mcnemar.p_value,
         },
         "generalization_bound": {
-            "train_risk": train_risk,
-            "n": n_train,
-            "n_is": f"all training examples of all holders ({how}); the train risk is the "
-            "final model's error on all of them, pooled from the holders' local reports. The "
-            "2^bits possible outputs are fixed by the coordinator's seeds before any data is "
-            "seen, so Hoeffding plus a union bound over them holds.",
-            "delta": delta,
+            **bound_report(
+                run_complexity(config, spec, state),
+                train_risk,
+                n_train,
+                delta,
+                measured_test_risk=1.0 - acc_after,
+                extra_assumptions=(
+                    f"n is all training examples of all holders ({how}); the train risk is "
+                    "pooled from the holders' local reports",
+                ),
+            ),
             "slack": slack,
             "test_risk_bound": train_risk + slack,
-            "measured_test_risk": 1.0 - acc_after,
         },
         "run_id": state.run_id,
         "log_head": state.log.head,

@@ -31,6 +31,7 @@ from helpers import (
 )
 from transformers import AutoModelForCausalLM
 
+from sottovoce.common.bounds import kl_transcript_bound
 from sottovoce.common.data import write_jsonl
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.steplog import StepLog
@@ -313,6 +314,17 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     bound = report["generalization_bound"]
     assert bound["n"] == 60 and bound["slack"] > 0
     assert bound["test_risk_bound"] == pytest.approx(bound["train_risk"] + bound["slack"])
+    # The transcript bound beside the old one: the coordinator's data-free term, this run's
+    # train risk, Maurer's kl inverted; and the assumptions, one line each.
+    coordinator = json.loads((folder / "run" / "coordinator" / "report.json").read_text())
+    complexity = coordinator["generalization_complexity"]
+    assert bound["transcript_bits"] == complexity["transcript_bits"] > 0
+    assert bound["heard_bits"] == 8.0 and complexity["rounds"] == 4
+    assert bound["transcript_bound"] == pytest.approx(
+        kl_transcript_bound(bound["train_risk"], bound["transcript_bits"], 60, bound["delta"])
+    )
+    assert bound["old_bound"] == pytest.approx(bound["test_risk_bound"])
+    assert len(bound["assumptions"]) >= 4 and all("\n" not in a for a in bound["assumptions"])
     assert report["wall_seconds"] > 0
     assert "accuracy before" in stdout + stderr
 

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
+from sottovoce.common.bounds import choice_transcript_bits
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.errors import ConfigError, LogIntegrityError, RequestRefused
 from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.storage import read_json_lines
 from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.run_report import run_complexity
 from sottovoce.server.run_state import RunState
 
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -233,3 +235,21 @@ def test_other_config_cannot_reuse_run_dir(tmp_path: Path) -> None:
         open_coordinator(run_dir, config(max_rounds=11))
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["model_fingerprint"] == FINGERPRINT
+
+
+def test_the_coordinators_complexity_is_the_code_of_its_aggregated_transcript(
+    tmp_path: Path,
+) -> None:
+    """What the bound pays for: one outcome per round (1 + the accepted candidate, or 0),
+    not every holder's vote. Disagreeing holders and a tie cost nothing extra."""
+    cfg = config(algorithm="bboxer-1+lambda")
+    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"candidates": 3})})
+    coordinator = open_coordinator(tmp_path / "run", cfg)
+    join_two(coordinator)
+    for votes in ({"a": 2, "b": 2}, {"a": 1, "b": 3}, {"a": 0, "b": 0}, {"a": 3, "b": 3}):
+        play_round(coordinator, votes)
+    complexity = run_complexity(cfg, coordinator.spec, coordinator.state)
+    assert [r.winner for r in coordinator.state.rounds] == [1, None, None, 2]
+    assert complexity.transcript_bits == choice_transcript_bits([2, 0, 0, 3], 3)
+    assert complexity.heard_bits == coordinator.state.bits_total == 8 * 2.0
+    assert complexity.rounds == 4

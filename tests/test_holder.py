@@ -24,6 +24,7 @@ from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+from sottovoce.common.bounds import accepted_rounds_bits
 from sottovoce.common.errors import PolicyViolation, RefusalCode
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
@@ -87,9 +88,10 @@ def assert_refused_without_trace(
 # -- answering and charging ------------------------------------------------------------------
 def test_compare_answer_charges_one_bit_durably(tmp_path: Path) -> None:
     holder = joined(tmp_path)
+    joining = holder.forward_passes  # the divergence reference's prompts, scored at join
     answer = holder.answer(make_task(run_spec(), "t1"))
     assert not answer.refused and answer.choice in (0, 1)
-    assert holder.forward_passes == 2  # the incumbent and one candidate on one batch of 16
+    assert holder.forward_passes - joining == 2  # incumbent and candidate on one batch of 16
     assert holder.ledger.spent_bits == 1.0
     holder.ledger.close()
     with Ledger.open(tmp_path / "ledger", DATASET, 100.0) as reopened:
@@ -102,10 +104,11 @@ def test_compare_answer_charges_one_bit_durably(tmp_path: Path) -> None:
 def test_best_of_three_charges_two_bits(tmp_path: Path) -> None:
     spec = run_spec(algorithm="bboxer-1+lambda")
     holder = joined(tmp_path, spec)
+    joining = holder.forward_passes
     three = scheduled_candidates(spec, 0, (0.05, 0.05, 0.05))
     answer = holder.answer(make_task(spec, "t1", candidates=three))
     assert not answer.refused and answer.choice in (0, 1, 2, 3)
-    assert holder.forward_passes == 4
+    assert holder.forward_passes - joining == 4
     (record,) = holder.ledger.records
     assert record.bits == math.log2(3 + 1) == 2.0
     assert record.kind == "best-of"
@@ -359,6 +362,12 @@ def test_finish_applies_the_final_steps_and_reports_locally(tmp_path: Path) -> N
     assert report["train_risk"] == report["train_errors"] / 64
     assert math.isclose(report["slack"], math.sqrt((12 * math.log(2) + math.log(20)) / 128))
     assert before["log_version"] == 0
+    # Its own transcript count, from its own log: one step (round 0) of a 100-round run.
+    transcript = report["transcript_bound"]
+    accepted = [True] + [False] * 99
+    assert transcript["transcript_bits"] == accepted_rounds_bits(accepted, 4)
+    assert transcript["transcript_bits"] > before["transcript_bound"]["transcript_bits"]
+    assert transcript["n"] == 64 and transcript["transcript_bound"] < 1.0
 
 
 def test_finish_with_a_forged_head_applies_nothing(tmp_path: Path) -> None:

@@ -130,6 +130,7 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
     "parametrization-subspace": (SUBSPACE, PARAMETRIZATION),
     "fitness": (SPEC.fitness, FITNESS),
     "fitness-completion": (FitnessSpec(kind="completion", label_words=()), FITNESS),
+    "fitness-penalized": (FitnessSpec(kl_weight=0.25, kl_prompts=16), FITNESS),
     "batch": (BatchSpec(mode="minibatch", batch_size=1_000_000), BATCH),
     "run-spec": (SPEC, RUN_SPEC),
     "step": (STEPS[0], STEP),

@@ -185,6 +185,8 @@ class FitnessSpec(_message.Message):
     TEXT_FIELD_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_FIELD_NUMBER: _builtins.int
+    KL_WEIGHT_FIELD_NUMBER: _builtins.int
+    KL_PROMPTS_FIELD_NUMBER: _builtins.int
     kind: Global___FitnessKind.ValueType
     prompt_template: _builtins.str
     """<= 4096 chars"""
@@ -192,6 +194,10 @@ class FitnessSpec(_message.Message):
     """1..64 chars"""
     label_field: _builtins.str
     target_field: _builtins.str
+    kl_weight: _builtins.float
+    """0 (no divergence penalty) .. 1e6, finite"""
+    kl_prompts: _builtins.int
+    """0 .. 128; >= 1 exactly when kl_weight > 0"""
     @_builtins.property
     def label_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """<= 16 words of 1..64 chars"""
@@ -205,10 +211,12 @@ class FitnessSpec(_message.Message):
         text_field: _builtins.str = ...,
         label_field: _builtins.str = ...,
         target_field: _builtins.str = ...,
+        kl_weight: _builtins.float = ...,
+        kl_prompts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "label_field", b"label_field", "label_words", b"label_words", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "kl_prompts", b"kl_prompts", "kl_weight", b"kl_weight", "label_field", b"label_field", "label_words", b"label_words", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

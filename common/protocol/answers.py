@@ -57,6 +57,17 @@ ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = (
     "chunk-vote",
 )
 
+DIVERGENCE_PENALTY_MECHANISMS: frozenset[AnswerMechanism] = frozenset(
+    {"plain", "randomized-response"}
+)
+"""The mechanisms a fitness with a divergence penalty (``FitnessSpec.kl_weight``) may use.
+
+The penalty reads the same fixed prompts on every answer. A choice's cost does not care
+(bits are bits; randomized response is epsilon-DP whatever was computed), but dp-scalar's
+accounting assumes each example enters one Poisson-sampled, clipped term of one answer:
+a fixed subset read every round breaks that, so it is not allowed there.
+"""
+
 
 def answer_mechanism(
     kind: AnswerKind, randomized_response_epsilon: float, chunks: int = 0

@@ -7,6 +7,7 @@ records; the algorithms and the holder's policy only ever see these types.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,12 @@ class FitnessSpec:
     each of ``label_words`` as the next token; the record's ``label_field`` holds the index
     of the right label word. ``kind = "completion"``: mean log-likelihood of the record's
     ``target_field`` after the rendered prompt.
+
+    ``kl_weight`` > 0 adds a divergence penalty to choice answers: a model's fitness is its
+    mean score minus ``kl_weight`` times its mean KL(base || model), in nats, of the
+    next-token distribution at the last position of ``kl_prompts`` of the holder's own
+    prompts, a fixed subset only the holder knows (``client/divergence.py``). The score
+    then also rewards staying a language model, which label-word scores alone never see.
     """
 
     kind: FitnessKind = "classification"
@@ -41,6 +48,12 @@ class FitnessSpec:
     text_field: str = "text"
     label_field: str = "label"
     target_field: str = "answer"
+    kl_weight: float = 0.0
+    kl_prompts: int = 0
+
+    @property
+    def penalizes_divergence(self) -> bool:
+        return self.kl_weight > 0
 
     @property
     def record_fields(self) -> list[str]:
@@ -84,6 +97,12 @@ def check_fitness_spec(spec: FitnessSpec) -> None:
     for name in ("text_field", "label_field", "target_field"):
         if not getattr(spec, name):
             raise ValueError(f"{name}: must not be empty")
+    if not (math.isfinite(spec.kl_weight) and spec.kl_weight >= 0):
+        raise ValueError(f"kl_weight: must be a finite number >= 0 (got {spec.kl_weight!r})")
+    if spec.penalizes_divergence and spec.kl_prompts < 1:
+        raise ValueError("kl_prompts: a divergence penalty (kl_weight > 0) needs >= 1 prompt")
+    if not spec.penalizes_divergence and spec.kl_prompts:
+        raise ValueError("kl_prompts: set only with a divergence penalty (kl_weight > 0)")
 
 
 @dataclass(frozen=True)
@@ -164,7 +183,7 @@ class RunSpec:
     max_rounds: int
     log_genesis: str
     dp: DpSpec = DpSpec()
-    direction_seed: int = 0  # seeds follow common.seeds.candidate_seed(direction_seed, ...)
+    direction_seed: int = 0  # seeds follow protocol.seeds.candidate_seed(direction_seed, ...)
 
     def answer_bits(self, n_candidates: int) -> float:
         """Bit cost of one answer in this run."""

@@ -44,6 +44,8 @@ from sottovoce.common.protocol.limits import (
     MAX_EPSILON,
     MAX_ID_LENGTH,
     MAX_KEEP_MARGIN,
+    MAX_KL_PROMPTS,
+    MAX_KL_WEIGHT,
     MAX_LABEL_WORD_LENGTH,
     MAX_LABEL_WORDS,
     MAX_LAMBDA,
@@ -314,6 +316,8 @@ def check_fitness(where: str, spec: FitnessSpec) -> None:
         _check_text(f"{where}.label_words[{i}]", word, min_len=1, max_len=MAX_LABEL_WORD_LENGTH)
     for name in ("text_field", "label_field", "target_field"):
         _check_text(f"{where}.{name}", getattr(spec, name), min_len=1, max_len=MAX_NAME_LENGTH)
+    _check_real(f"{where}.kl_weight", spec.kl_weight, 0.0, MAX_KL_WEIGHT)
+    _check_int(f"{where}.kl_prompts", spec.kl_prompts, 0, MAX_KL_PROMPTS)
 
 
 def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.FitnessSpec:
@@ -325,6 +329,8 @@ def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.Fitnes
         text_field=spec.text_field,
         label_field=spec.label_field,
         target_field=spec.target_field,
+        kl_weight=spec.kl_weight,
+        kl_prompts=spec.kl_prompts,
     )
 
 
@@ -336,6 +342,8 @@ def fitness_from_proto(message: pb.FitnessSpec, where: str = "FitnessSpec") -> F
         text_field=message.text_field,
         label_field=message.label_field,
         target_field=message.target_field,
+        kl_weight=message.kl_weight,
+        kl_prompts=message.kl_prompts,
     )
     check_fitness(where, spec)
     return spec
