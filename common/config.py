@@ -299,6 +299,12 @@ class RunConfig(_Section):
             raise ValueError(
                 "privacy.vote_noise is calibrated from privacy.epsilon; set one of them"
             )
+        if self.fitness.penalizes_divergence:
+            raise ValueError(
+                "fitness.kl_weight: a divergence penalty reads the same secret prompts in every "
+                "chunk's score, so one of those records could move every chunk's vote, not one; "
+                "chunk votes' sensitivity of sqrt(2) would not hold"
+            )
 
     @property
     def answer_kind(self) -> AnswerKind:

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import make_policy, make_task, run_spec, scheduled_candidates, tiny_records
+from helpers import (
+    FITNESS,
+    make_policy,
+    make_task,
+    run_spec,
+    scheduled_candidates,
+    tiny_records,
+)
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.stats import norm
 
@@ -382,3 +389,42 @@ def test_the_run_config_calibrates_chunk_votes_and_refuses_nonsense() -> None:
         data = {**base, "evaluation": {"mode": evaluation}, "privacy": privacy}
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config(data, "t")
+
+
+# -- no divergence penalty -------------------------------------------------------------------
+PENALTY = {"kl_weight": 1.0, "kl_prompts": 8}
+
+
+def test_chunk_votes_refuse_a_divergence_penalty(tmp_path: Path) -> None:
+    """The penalty's secret prompts enter every chunk's score, so one of those records could
+    move every vote: the run config, the policy and the holder each refuse the pair."""
+    base: dict[str, Any] = {
+        "run": {"algorithm": "bboxer-1+lambda", "max_rounds": 50},
+        "optimizer": {"candidates": 7},
+        "evaluation": {"mode": "full"},
+        "privacy": {"chunks": 64, "epsilon": 6.0},
+    }
+    assert parse_config(base, "t").dp_spec().chunks == 64
+    with pytest.raises(ConfigError, match=r"fitness.kl_weight: .*every chunk's score"):
+        parse_config({**base, "fitness": PENALTY}, "t")
+    with pytest.raises(ValueError, match=r"fitness.kl_weight: .*'chunk-vote'"):
+        make_policy(
+            tmp_path / "a",
+            fitness=PENALTY,
+            max_epsilon=6.0,
+            delta=DELTA,
+            **REQUIRES_CHUNK_VOTES,
+        )
+    # A policy that pins the penalty allows only choices that can carry it; a chunk-vote run
+    # with that fitness is refused before anything is read or charged.
+    holder = holder_on(
+        tmp_path / "b",
+        tiny_records(32),
+        fitness=PENALTY,
+        answer_mechanisms=["plain", "randomized-response"],
+    )
+    penalized = dataclasses.replace(FITNESS, kl_weight=1.0, kl_prompts=8)
+    spec = chunk_spec(16, 8.0, fitness=penalized)
+    with pytest.raises(PolicyViolation, match="'chunk-vote' answers cannot carry"):
+        holder.accept_run(spec)
+    assert untouched(holder) == (b"", 0) and holder.spec is None

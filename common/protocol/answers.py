@@ -65,7 +65,9 @@ DIVERGENCE_PENALTY_MECHANISMS: frozenset[AnswerMechanism] = frozenset(
 The penalty reads the same fixed prompts on every answer. A choice's cost does not care
 (bits are bits; randomized response is epsilon-DP whatever was computed), but dp-scalar's
 accounting assumes each example enters one Poisson-sampled, clipped term of one answer:
-a fixed subset read every round breaks that, so it is not allowed there.
+a fixed subset read every round breaks that, so it is not allowed there. Nor with chunk
+votes: the prompts enter every chunk's score, so one of those records could move every
+chunk's vote, where the accounting assumes it moves one (sensitivity sqrt(2)).
 """
 
 
