@@ -131,8 +131,8 @@ def head_cache(
     scorer.evaluator.share_head_inputs(cache)
     missing = [record for record in records if record_key(record) not in cache]
     started = time.time()
-    for start in range(0, len(missing), 500):
-        scorer.evaluator.score(missing[start : start + 500], [])  # fills the cache
+    for start in range(0, len(missing), 100):
+        scorer.evaluator.score(missing[start : start + 100], [])  # fills the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, path)
     print(
@@ -206,6 +206,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--split", choices=["dev", "test"], default="dev")
     parser.add_argument("--rows", nargs="+", default=["plain"])
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        help="score only the first N sentences of the split (0: all); for a slow machine",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each randomized row")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-cache/head-inputs.pt"))
     parser.add_argument("--threads", type=int, default=1)
@@ -222,6 +228,8 @@ def main() -> None:
     splits, train = bundled_split(config)
     shards = shard(train, config.simulate.holders)
     held = list(splits.dev if args.split == "dev" else splits.test)
+    if args.held_out:
+        held = held[: args.held_out]
     print(
         f"setting {args.config}: {config.model.name} {config.model.dtype}, {args.threads} "
         f"threads, {len(shards)} holders x {min(map(len, shards))}-{max(map(len, shards))} "
