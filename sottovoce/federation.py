@@ -144,7 +144,16 @@ def simulated_policy(
         lanes, max_scale = config.optimizer.candidates, config.optimizer.max_step
     max_lambda = max(lanes, max_lambda or 0)
     epsilon = _policy_epsilon(config)
-    chunk_votes = _chunk_vote_pins(config, epsilon)
+    # A chunk-vote run pins its own mechanism (and never carries a divergence penalty: the
+    # run config refuses that pair).
+    chunk_votes = {
+        "answer_mechanisms": (
+            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
+            if config.fitness.penalizes_divergence
+            else ANSWER_MECHANISMS
+        ),
+        **_chunk_vote_pins(config, epsilon),
+    }
     return HolderPolicy(
         max_bits=config.simulate.max_holder_policy_bits,
         expected_model_fingerprint=fingerprint,
@@ -158,11 +167,6 @@ def simulated_policy(
         max_steps_per_run=config.run.max_rounds,
         max_new_steps_per_task=config.run.max_rounds,
         fitness=config.fitness,
-        answer_mechanisms=(
-            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
-            if config.fitness.penalizes_divergence
-            else ANSWER_MECHANISMS
-        ),
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),
         min_examples=min_examples,
