@@ -43,6 +43,7 @@ import torch
 
 from sottovoce.api import read_config
 from sottovoce.client.evaluator import record_key
+from sottovoce.client.holder import DataHolder
 from sottovoce.common.accounting import calibrate_randomized_response, calibrate_vote_noise
 from sottovoce.common.config import RunConfig, parse_config, read_toml
 from sottovoce.common.data import Record, shard
@@ -143,6 +144,19 @@ def head_cache(
     return cache
 
 
+def share_cache_at_join(holder: DataHolder, cache: dict[str, torch.Tensor]) -> None:
+    """Give the holder's evaluator the cache as soon as it exists: at joining, the holder
+    takes its KL-to-base reference on 128 of its own prompts, which reads those same head
+    inputs (without the cache, 3 x 128 full forwards a row)."""
+    take = holder._take_divergence_reference
+
+    def shared_then_take(run: Any) -> None:
+        run.evaluator.share_head_inputs(cache)
+        take(run)
+
+    setattr(holder, "_take_divergence_reference", shared_then_take)  # noqa: B010
+
+
 def run_row(
     config: RunConfig,
     row: Row,
@@ -157,6 +171,8 @@ def run_row(
         root = Path(tmp)
         # Every head input is cached: a whole split is one batch of norm and two head rows.
         local = open_local_holders(config, base.fingerprint, shards, root, max_batch=4096)
+        for holder in local:
+            share_cache_at_join(holder, cache)
         state = RunState.open(root / "run", config, "bench", base.fingerprint)
         coordinator = Coordinator(config, state, base.fingerprint)
         join_all(coordinator, local)
