@@ -1,47 +1,51 @@
-"""The coordinator under load: many simulated holders long-polling over real gRPC + mutual TLS.
+"""The coordinator under load: many holders long-polling over real gRPC + mutual TLS.
 
-Target (docs/architecture.md): 1,000 simulated data holders on one machine without the coordinator
-being the bottleneck. This bench runs the real ``Coordinator`` (run state, journal fsync'd
-per answer, the (1+1)-ES) behind the real ``serve()`` with mutual TLS and the service
-limits a run config gives it, in its own process, so its CPU and memory are its alone.
+Target (issue 17, docs/architecture.md): 10,000 connected holders on one coordinator, with
+coordinator CPU per answer at 10,000 holders at most 1.5x that at 10, and at most 0.5 ms at
+1,000. This bench runs the real ``Coordinator`` (run state, group-committed journal, the
+(1+1)-ES) behind the real ``serve()`` (``grpc.aio``) with mutual TLS and the service limits
+a run config gives it, in its own process, so its CPU and memory are its alone.
 
 Certificates come from :mod:`sottovoce.common.transport.certs` (what ``sottovoce certs`` runs) in a
 temporary folder: a CA, a coordinator certificate for 127.0.0.1, and one client
 certificate per simulated holder, whose common name is the holder id. Each holder has its
 own TLS channel (its own TCP connection and handshake).
 
-The holders are asyncio tasks in this process. They speak the protocol the real client
-loop (``client/grpc_loop.py``) speaks, through the generated stubs and the same
+The holders run in separate load-generator processes (``--generators``; by default one per
+2,500 holders, at least one), each an asyncio loop of holders. They speak the protocol the
+real client loop (``client/grpc_loop.py``) speaks, through the generated stubs and the same
 ``common/transport/wire.py`` encoders and decoders: Join; then PullTask long-polls (wait
 ``--poll-s``, deadline wait + 5 s, as the loop's); each task's new steps are checked
 against its log head; a compare answer goes back by PushAnswer; RunFinished, then Leave.
 Transient statuses are retried with the loop's backoff, NOT_FOUND rejoins. The fitness is a
 stand-in: a holder's choice is one bit of sha256(holder id, candidate seed), computed at
-once, so every round is pure coordinator and transport work. The coordinator cannot tell
-these holders from ``run_holder`` ones (same messages, same call pattern); the real loop
-was not used because 1,000 of its threads, each checking its stop event every 50 ms,
-would measure the client machine's thread scheduler on the same 2 cores.
+once, so every round is pure coordinator and transport work.
 
 Per holder count, after ``--warmup`` rounds (round 0 waits for every holder to join):
 
-- rounds/s over the measured rounds, and round latency p50/p99: the time between one
-  round's close and the next's (open, fan-out of tasks, every answer, journal, close), on
-  the coordinator's clock; every round waits for all holders (quorum = min_holders = N);
-- coordinator CPU: its process CPU seconds (all threads) / wall seconds over the same
-  rounds (1.0 is one core busy), the share of it spent in the kernel, and its context
-  switches per answer (``getrusage``);
-- coordinator memory: RSS when serving with no holder yet, and the peak RSS (the kernel's
-  high-water mark at the end of the run); threads: the most threads it had;
-- the holder process's CPU / wall, and the transient statuses the holders retried
-  (RESOURCE_EXHAUSTED among them would be the service's per-holder limits).
+- rounds/s and answers/s over the measured rounds, and round latency p50/p99: the time
+  between one round's close and the next's (open, fan-out of tasks, every answer, journal,
+  close), on the coordinator's clock; every round waits for all holders (quorum = N);
+- coordinator CPU: its process CPU seconds (all threads) per answer (ms), and per wall
+  second (1.00 = one core busy), the share of it spent in the kernel; journal fsyncs per
+  round (group commit: answers / fsync);
+- coordinator memory: RSS when serving with no holder yet, RSS once every holder has
+  joined and waits in its long-poll with no round open yet (per idle holder: the
+  difference / N), and the peak RSS (the kernel's high-water mark);
+- the load generators' CPU seconds per wall second (all their processes together), and
+  the transient statuses the holders retried (RESOURCE_EXHAUSTED would be the limits);
+- the machine's load average when the point started and ended (other jobs share the cores);
+- before and after the points, grpc.aio's own floor: the server CPU of two null calls over
+  mutual TLS (a PullTask and a PushAnswer before any of the service's code), so the CPU per
+  answer can be read against what the transport alone costs on this machine now.
 
-``--max-workers 64`` gives the server the fixed pool it had before the pool was sized
-from ``server.min_holders`` (64 threads, 256 concurrent calls).
+The number of measured rounds per point is ``--answers`` / N, within [``--min-rounds``,
+``--rounds``], so a point costs about the same whatever N.
 
 Usage::
 
-    python bench/bench_load.py [--holders 10 100 300 1000] [--rounds 30] [--warmup 2]
-                               [--max-workers N] [--poll-s 20]
+    python bench/bench_load.py [--holders 10 100 1000 10000] [--rounds 30] [--answers 40000]
+                               [--warmup 2] [--poll-s 20] [--generators G]
 """
 
 from __future__ import annotations
@@ -85,23 +89,26 @@ from sottovoce.common.transport.channel import CHANNEL_OPTIONS
 from sottovoce.common.transport.wire import Credentials, PullTaskCall, PushAnswerCall
 
 FINGERPRINT = "sha256:" + "5a" * 32  # the coordinator needs a fingerprint, not a model
-RPC_TIMEOUT_S = 10.0  # Join and PushAnswer deadlines, as run_holder's default
+# Join and PushAnswer deadlines, and how long a call is retried: more patient than
+# run_holder's defaults (10 s, 60 s), since at 10,000 holders on two shared cores a round's
+# 10,000 answers queue behind one another and 10,000 TLS handshakes come at once.
+RPC_TIMEOUT_S = 60.0
+RAMP_S_PER_HOLDER = 0.002  # holders of a generator start this far apart (a join storm spread)
 READY_TIMEOUT_S = 120.0  # the coordinator process imports torch before it listens
-RETRY = RetryPolicy()
+RETRY = RetryPolicy(total_s=600.0)
 Reply = TypeVar("Reply")
 
 
 # -- the coordinator process -------------------------------------------------------------
-def bench_config(holders: int, rounds: int, max_workers: int | None) -> RunConfig:
+def bench_config(holders: int, rounds: int) -> RunConfig:
     """A (1+1)-ES run where every round waits for all ``holders`` answers."""
     server: dict[str, Any] = {
         "address": "127.0.0.1:0",
         "min_holders": holders,
         "quorum": holders,
-        "round_timeout_s": 300.0,
+        "round_timeout_s": 600.0,
+        "max_missed_rounds": 1000,
     }
-    if max_workers is not None:
-        server["max_workers"] = max_workers
     data = {
         "run": {"name": "load", "max_rounds": rounds, "bit_budget": float(holders * rounds + 1)},
         "parametrization": {"kind": "scale", "patterns": ["model.norm.weight"]},
@@ -144,6 +151,12 @@ class Sample:
         return self.user + self.system
 
 
+def raise_file_limit() -> None:
+    """Every holder is a socket: take the hard limit on open files."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def coordinator_main(args: argparse.Namespace) -> None:
     """Serve one run to ``args.holders`` holders; print READY <port>, then RESULT <json>."""
     from sottovoce.server.coordinator import Coordinator
@@ -151,23 +164,44 @@ def coordinator_main(args: argparse.Namespace) -> None:
     from sottovoce.server.limits import ServiceLimits
     from sottovoce.server.run_state import RunState
 
-    config = bench_config(args.holders, args.total_rounds, args.max_workers)
+    raise_file_limit()
+    config = bench_config(args.holders, args.total_rounds)
     state = RunState.open(Path(args.run_dir), config, "# bench_load\n", FINGERPRINT)
     coordinator = Coordinator(config, state, FINGERPRINT)
     closes: list[Sample] = []
-    coordinator.add_listener(lambda record, _state: closes.append(Sample.now()))
+    fsyncs: list[int] = []
+
+    def closed(_record: object, _state: object) -> None:
+        closes.append(Sample.now())
+        fsyncs.append(state.journal.fsyncs)
+
+    coordinator.add_listener(closed)
     limits = ServiceLimits.from_config(config.server)
     tls = tls_config(Path(args.certs), "coordinator")
+    idle: dict[str, Any] = {}
+    stop_watching = threading.Event()
+
+    def watch_joins() -> None:
+        """The RSS once every holder has joined and waits, before round 0 opens."""
+        while not stop_watching.wait(0.02):
+            if len(coordinator.active_holders) >= args.holders:
+                idle.update(Sample.now().__dict__)
+                return
+
     with serve(coordinator, "127.0.0.1:0", tls=tls, limits=limits) as server:
         ready = Sample.now()
+        watcher = threading.Thread(target=watch_joins, daemon=True)
+        watcher.start()
         print(f"READY {server.port}", flush=True)
         finished = coordinator.wait_finished(args.timeout_s)
-        coordinator.wait_holders_left(timeout_s=30.0)
+        coordinator.wait_holders_left(timeout_s=60.0)
+        stop_watching.set()
     result = {
         "finished": finished,
-        "max_workers": limits.max_workers,
         "ready": ready.__dict__,
+        "idle": idle,
         "closes": [sample.__dict__ for sample in closes],
+        "fsyncs": fsyncs,
         "closed_by": dict(Counter(r.closed_by for r in state.rounds)),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -298,10 +332,137 @@ async def run_holders(
         holders = [
             SimulatedHolder(h, c, poll_s, tally) for h, c in zip(holder_ids, channels, strict=True)
         ]
-        await asyncio.gather(*(holder.run() for holder in holders))
+        await asyncio.gather(
+            *(_later(i * RAMP_S_PER_HOLDER, holder.run()) for i, holder in enumerate(holders))
+        )
     finally:
         await asyncio.gather(*(channel.close(None) for channel in channels))
     return tally, time.process_time() - cpu, time.monotonic() - started
+
+
+async def _later(delay_s: float, work: Awaitable[None]) -> None:
+    await asyncio.sleep(delay_s)
+    await work
+
+
+def generator_main(args: argparse.Namespace) -> None:
+    """One load-generator process: holders ``--first`` .. ``--first + --count - 1``."""
+    raise_file_limit()
+    ids = [holder_name(i) for i in range(args.first, args.first + args.count)]
+    try:
+        tally, cpu, wall = asyncio.run(run_holders(args.certs, args.address, ids, args.poll_s))
+    except grpc.aio.AioRpcError as error:
+        print(f"FAILED {error.code().name}: {error.details()}", flush=True)
+        return
+    result = {
+        "cpu": cpu,
+        "wall": wall,
+        "answers": tally.answers,
+        "finished": tally.finished,
+        "rejoins": tally.rejoins,
+        "retried": dict(tally.retried),
+        "failed_leaves": dict(tally.failed_leaves),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- grpc.aio's own floor: two null RPCs over mutual TLS -----------------------------------
+FLOOR_METHOD = "/bench.Null/Call"
+
+
+def null_server_main(args: argparse.Namespace) -> None:
+    """A grpc.aio server over mutual TLS whose one method returns at once; prints its CPU
+    seconds each time a line arrives on stdin (before and after the load)."""
+    raise_file_limit()
+
+    async def serve_null() -> None:
+        server = grpc.aio.server(options=list(CHANNEL_OPTIONS))
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            context.auth_context()  # as the service does, once a call
+            return request[:64]
+
+        handler = grpc.unary_unary_rpc_method_handler(call)  # type: ignore[arg-type]
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Null", {"Call": handler}),)
+        )
+        cert, key, ca = tls_config(Path(args.certs), "coordinator").read()
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        print(f"READY {port}", flush=True)
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            await loop.run_in_executor(None, sys.stdin.readline)
+            print(f"CPU {Sample.now().cpu}", flush=True)
+        await server.stop(0)
+
+    asyncio.run(serve_null())
+
+
+def null_client_main(args: argparse.Namespace) -> None:
+    """``--count`` holders' channels, each making ``--calls`` null calls in turn."""
+    raise_file_limit()
+
+    async def load() -> None:
+        ids = [holder_name(i) for i in range(args.count)]
+        channels = [holder_channel(args.certs, h, args.address) for h in ids]
+        calls = [channel.unary_unary(FLOOR_METHOD) for channel in channels]
+        payload = b"x" * 90  # about a PushAnswer request
+        await asyncio.gather(*(call(payload, timeout=30) for call in calls))  # handshakes
+        print("WARM", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+        async def repeat(call: Any) -> None:
+            for _ in range(args.calls):
+                await call(payload, timeout=30)
+
+        await asyncio.gather(*(repeat(call) for call in calls))
+        print("DONE", flush=True)
+        await asyncio.gather(*(channel.close(None) for channel in channels))
+
+    asyncio.run(load())
+
+
+def measure_floor(args: argparse.Namespace, holders: int = 100, calls: int = 100) -> float:
+    """CPU ms of a grpc.aio server for two null calls over mutual TLS (what an answer's
+    PullTask and PushAnswer cost before any of the service's own code), measured here."""
+    server = subprocess.Popen(
+        script_command("null-server", f"--certs={args.certs}"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        port = int(read_tagged(server.stdout, "READY", READY_TIMEOUT_S))
+        client = subprocess.Popen(
+            script_command(
+                "null-client", f"--certs={args.certs}", f"--address=127.0.0.1:{port}",
+                f"--count={holders}", f"--calls={calls}",
+            ),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
+        for line in client.stdout:
+            if line.startswith("WARM"):
+                break
+        server.stdin.write("\n")
+        server.stdin.flush()
+        before = float(read_tagged(server.stdout, "CPU", 60))
+        client.stdin.write("\n")
+        client.stdin.flush()
+        for line in client.stdout:
+            if line.startswith("DONE"):
+                break
+        server.stdin.write("\n")
+        server.stdin.flush()
+        after = float(read_tagged(server.stdout, "CPU", 60))
+        client.wait(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    return (after - before) / (holders * calls) * 2 * 1e3
 
 
 # -- one point of the curve --------------------------------------------------------------
@@ -312,48 +473,78 @@ class Point:
     holders: int
     rounds: int
     rounds_per_s: float
+    answers_per_s: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_answer: float
     coordinator_cpu: float
     system_share: float
-    switches_per_answer: float
+    answers_per_fsync: float
     ready_rss_mib: float
+    idle_kib_per_holder: float
     peak_rss_mib: float
     peak_threads: int
-    max_workers: int
-    holder_cpu: float
-    answers_per_s: float
-    tally: Tally
+    generators: int
+    generator_cpu: float
+    retried: Counter[str]
+    failed_leaves: Counter[str]
     closed_by: dict[str, int]
+    load_before: float
+    load_after: float
+
+
+def script_command(role: str, *options: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), f"--role={role}", *options]
 
 
 def start_coordinator(
-    args: argparse.Namespace, holders: int, run_dir: Path
+    args: argparse.Namespace, holders: int, rounds: int, run_dir: Path
 ) -> subprocess.Popen[str]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--role=coordinator",
+    command = script_command(
+        "coordinator",
         f"--holders={holders}",
-        f"--total-rounds={args.warmup + args.rounds}",
+        f"--total-rounds={args.warmup + rounds}",
         f"--certs={args.certs}",
         f"--run-dir={run_dir}",
         f"--timeout-s={args.timeout_s}",
-    ]
-    if args.max_workers is not None:
-        command.append(f"--max-workers={args.max_workers}")
+    )
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
+def start_generators(
+    args: argparse.Namespace, holders: int, address: str
+) -> list[subprocess.Popen[str]]:
+    count = args.generators or max(1, -(-holders // 2500))
+    count = min(count, holders)
+    bounds = [holders * i // count for i in range(count + 1)]
+    return [
+        subprocess.Popen(
+            script_command(
+                "generator",
+                f"--first={first}",
+                f"--count={last - first}",
+                f"--address={address}",
+                f"--certs={args.certs}",
+                f"--poll-s={args.poll_s}",
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for first, last in itertools.pairwise(bounds)
+    ]
+
+
 def read_tagged(stream: IO[str], tag: str, timeout_s: float) -> str:
-    """The rest of the first line starting with ``tag`` (the child prints nothing else)."""
+    """The rest of the first line starting with ``tag`` (FAILED ... raises)."""
     deadline = time.monotonic() + timeout_s
     for line in stream:
         if line.startswith(tag + " "):
             return line[len(tag) + 1 :].strip()
+        if line.startswith("FAILED "):
+            raise RuntimeError(line.strip())
         if time.monotonic() > deadline:
             break
-    raise RuntimeError(f"the coordinator process never printed {tag}")
+    raise RuntimeError(f"a bench process never printed {tag}")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -363,36 +554,52 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def measure(args: argparse.Namespace, holders: int) -> Point | str:
-    """Run one coordinator process against ``holders`` simulated holders.
+def rounds_for(args: argparse.Namespace, holders: int) -> int:
+    return max(args.min_rounds, min(args.rounds, args.answers // holders))
 
-    A holder's call that fails for good (its retries spent) ends the point: the coordinator
-    process is stopped and the failure comes back as one line.
+
+def measure(args: argparse.Namespace, holders: int) -> Point | str:
+    """Run one coordinator process against ``holders`` holders in generator processes.
+
+    A holder's call that fails for good (its retries spent) ends the point: every process
+    is stopped and the failure comes back as one line.
     """
+    rounds = rounds_for(args, holders)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-load-run-") as run_dir:
-        process = start_coordinator(args, holders, Path(run_dir) / "run")
+        process = start_coordinator(args, holders, rounds, Path(run_dir) / "run")
         assert process.stdout is not None
+        generators: list[subprocess.Popen[str]] = []
         try:
             port = int(read_tagged(process.stdout, "READY", READY_TIMEOUT_S))
-            ids = [holder_name(i) for i in range(holders)]
-            tally, holder_cpu, holder_wall = asyncio.run(
-                run_holders(args.certs, f"127.0.0.1:{port}", ids, args.poll_s)
-            )
+            generators = start_generators(args, holders, f"127.0.0.1:{port}")
+            loads = []
+            for generator in generators:
+                assert generator.stdout is not None
+                loads.append(json.loads(read_tagged(generator.stdout, "RESULT", args.timeout_s)))
             result = json.loads(read_tagged(process.stdout, "RESULT", args.timeout_s))
-        except grpc.aio.AioRpcError as error:
-            process.kill()
-            return f"a holder gave up: {error.code().name}: {error.details()}"
+        except RuntimeError as error:
+            return str(error)
         finally:
-            process.wait(timeout=60)
-    return summarize(args, holders, result, tally, holder_cpu / holder_wall)
+            for child in (process, *generators):
+                if child.poll() is None and child is not process:
+                    child.kill()
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            for child in generators:
+                child.wait(timeout=60)
+    return summarize(args, holders, result, loads, load_before, os.getloadavg()[0])
 
 
 def summarize(
     args: argparse.Namespace,
     holders: int,
     result: dict[str, Any],
-    tally: Tally,
-    holder_cpu: float,
+    loads: list[dict[str, Any]],
+    load_before: float,
+    load_after: float,
 ) -> Point:
     closes = [Sample(**sample) for sample in result["closes"]]
     measured = closes[args.warmup - 1 :]  # from the close of the last warm-up round
@@ -402,30 +609,43 @@ def summarize(
     wall = last.wall - first.wall
     latencies = [(b.wall - a.wall) * 1e3 for a, b in itertools.pairwise(measured)]
     rounds = len(latencies)
+    answers = rounds * holders
+    fsyncs = result["fsyncs"][-1] - result["fsyncs"][args.warmup - 1]
     mib = 1024.0 * 1024.0
+    idle = result["idle"] or result["ready"]
+    retried: Counter[str] = Counter()
+    failed_leaves: Counter[str] = Counter()
+    for load in loads:
+        retried.update(load["retried"])
+        failed_leaves.update(load["failed_leaves"])
     return Point(
         holders=holders,
         rounds=rounds,
         rounds_per_s=rounds / wall,
+        answers_per_s=answers / wall,
         p50_ms=statistics.median(latencies),
         p99_ms=percentile(latencies, 99),
+        cpu_ms_per_answer=(last.cpu - first.cpu) / answers * 1e3,
         coordinator_cpu=(last.cpu - first.cpu) / wall,
         system_share=(last.system - first.system) / max(last.cpu - first.cpu, 1e-9),
-        switches_per_answer=(last.switches - first.switches) / (rounds * holders),
+        answers_per_fsync=answers / max(fsyncs, 1),
         ready_rss_mib=result["ready"]["rss"] / mib,
+        idle_kib_per_holder=(idle["rss"] - result["ready"]["rss"]) / 1024.0 / holders,
         peak_rss_mib=max(result["peak_rss"], *(s.rss for s in closes)) / mib,
         peak_threads=max(s.threads for s in closes),
-        max_workers=result["max_workers"],
-        holder_cpu=holder_cpu,
-        answers_per_s=rounds * holders / wall,
-        tally=tally,
+        generators=len(loads),
+        generator_cpu=sum(load["cpu"] for load in loads) / max(load["wall"] for load in loads),
+        retried=retried,
+        failed_leaves=failed_leaves,
         closed_by=result["closed_by"],
+        load_before=load_before,
+        load_after=load_after,
     )
 
 
 # -- the whole bench ---------------------------------------------------------------------
 def holder_name(index: int) -> str:
-    return f"holder-{index:04d}"
+    return f"holder-{index:05d}"
 
 
 def make_certificates(folder: Path, holders: int) -> float:
@@ -439,45 +659,54 @@ def make_certificates(folder: Path, holders: int) -> float:
 
 
 def print_point(point: Point) -> None:
-    retried = ", ".join(f"{k} {v}" for k, v in sorted(point.tally.retried.items())) or "none"
+    retried = ", ".join(f"{k} {v}" for k, v in sorted(point.retried.items())) or "none"
     print(
         f"  {point.holders:>7d} {point.rounds:>6d} {point.rounds_per_s:>8.2f} "
         f"{point.answers_per_s:>9.0f} {point.p50_ms:>8.1f} {point.p99_ms:>8.1f} "
-        f"{point.coordinator_cpu:>5.2f} {point.system_share:>4.0%} "
-        f"{point.switches_per_answer:>6.0f} {point.ready_rss_mib:>6.1f} "
-        f"{point.peak_rss_mib:>6.1f} {point.peak_threads:>7d} {point.max_workers:>7d} "
-        f"{point.holder_cpu:>5.2f}  {retried}"
+        f"{point.cpu_ms_per_answer:>7.3f} {point.coordinator_cpu:>5.2f} "
+        f"{point.system_share:>4.0%} {point.answers_per_fsync:>6.1f} "
+        f"{point.ready_rss_mib:>6.1f} {point.idle_kib_per_holder:>7.1f} "
+        f"{point.peak_rss_mib:>7.1f} {point.peak_threads:>4d} "
+        f"{point.generators:>3d} {point.generator_cpu:>5.2f} "
+        f"{point.load_before:>5.1f}/{point.load_after:<5.1f} {retried}"
     )
     if set(point.closed_by) != {"all answered"}:
         print(f"          rounds closed by: {point.closed_by}")
-    if point.tally.failed_leaves:
-        print(f"          Leave failed (best effort): {dict(point.tally.failed_leaves)}")
+    if point.failed_leaves:
+        print(f"          Leave failed (best effort): {dict(point.failed_leaves)}")
 
 
 def print_header(args: argparse.Namespace, cert_s: float, max_holders: int) -> None:
     print(
-        f"bench_load: real Coordinator + serve() over mutual TLS on 127.0.0.1, "
+        f"bench_load: real Coordinator + serve() (grpc.aio) over mutual TLS on 127.0.0.1, "
         f"{os.cpu_count()} CPUs, grpcio {grpc.__version__}, Python {sys.version.split()[0]}"
     )
     print(
-        f"  (1+1)-ES compare tasks, quorum = all holders, journal fsync'd per answer; "
-        f"holders: asyncio, one TLS channel and certificate each "
-        f"({max_holders} certificates made in {cert_s:.1f} s), long-poll {args.poll_s:g} s, "
-        f"instant answers; {args.rounds} measured rounds after {args.warmup} warm-up"
+        f"  (1+1)-ES compare tasks, quorum = all holders, journal group-committed; holders in "
+        f"separate asyncio processes, one TLS channel and certificate each ({max_holders} "
+        f"certificates made in {cert_s:.1f} s), long-poll {args.poll_s:g} s, instant answers; "
+        f"{args.answers} answers a point ({args.min_rounds}..{args.rounds} rounds) after "
+        f"{args.warmup} warm-up"
     )
     print(
         f"  {'holders':>7} {'rounds':>6} {'rounds/s':>8} {'answers/s':>9} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'cpu':>5} {'sys':>4} {'csw/a':>6} {'rss0':>6} {'rss^':>6} "
-        f"{'threads':>7} {'workers':>7} {'h-cpu':>5}  retried"
+        f"{'p99 ms':>8} {'ms/ans':>7} {'cpu':>5} {'sys':>4} {'a/sync':>6} {'rss0':>6} "
+        f"{'KiB/idl':>7} {'rss^':>7} {'thr':>4} {'gen':>3} {'g-cpu':>5} {'load':>11} retried"
     )
 
 
 def main_bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-load-certs-") as certs:
         args.certs = Path(certs)
-        cert_s = make_certificates(args.certs, max(args.holders))
+        cert_s = make_certificates(args.certs, max(*args.holders, 100))  # 100: the floor
         print_header(args, cert_s, max(args.holders))
         points: list[Point] = []
+        floor_ms = measure_floor(args) if args.floor else None
+        if floor_ms is not None:
+            print(
+                f"  grpc.aio floor: {floor_ms:.3f} ms of server CPU for two null calls over mutual "
+                f"TLS (100 channels x 100 calls; load {os.getloadavg()[0]:.1f})"
+            )
         for holders in args.holders:
             point = measure(args, holders)
             if isinstance(point, str):
@@ -485,58 +714,76 @@ def main_bench(args: argparse.Namespace) -> None:
                 continue
             print_point(point)
             points.append(point)
+        if floor_ms is not None:
+            again = measure_floor(args)
+            print(f"  grpc.aio floor again after the points: {again:.3f} ms")
+            floor_ms = (floor_ms + again) / 2
     print_legend()
     if points:
-        print_ratios(points)
+        print_ratios(points, floor_ms)
 
 
 def print_legend() -> None:
     print(
-        "  cpu: coordinator process CPU s / wall s (1.00 = one core); sys: its share spent in "
-        "the kernel;\n  csw/a: its context switches per answer; rss0: its RSS (MiB) serving, "
-        "no holder yet; rss^: its peak RSS;\n  threads: the most threads it had; workers: its "
-        "pool's size; h-cpu: the holders' process CPU s / wall s;\n  retried: transient "
+        "  ms/ans: coordinator process CPU ms per answer; cpu: its CPU s / wall s (1.00 = one "
+        "core); sys: its share in the kernel;\n  a/sync: answers per journal fsync (group "
+        "commit); rss0: its RSS (MiB) serving, no holder yet; KiB/idl: RSS added per\n  "
+        "connected, joined, waiting holder; rss^: its peak RSS (MiB); thr: its most threads; "
+        "gen: load-generator processes;\n  g-cpu: their CPU s / wall s, together; load: the "
+        "machine's 1-minute load average before/after the point;\n  retried: transient "
         "statuses the holders retried (RESOURCE_EXHAUSTED would be the service's limits)"
     )
 
 
-def print_ratios(points: Sequence[Point]) -> None:
+def print_ratios(points: Sequence[Point], floor_ms: float | None = None) -> None:
     base = points[0]
+    if floor_ms:
+        for point in points:
+            print(
+                f"  {point.holders} holders: CPU per answer {point.cpu_ms_per_answer:.3f} ms = "
+                f"{point.cpu_ms_per_answer / floor_ms:.2f}x grpc.aio's floor ({floor_ms:.3f} ms)"
+            )
     for point in points[1:]:
-        cpu_per_answer = (point.coordinator_cpu / point.answers_per_s) / (
-            base.coordinator_cpu / base.answers_per_s
-        )
         print(
             f"  {point.holders} vs {base.holders} holders: rounds/s x"
             f"{point.rounds_per_s / base.rounds_per_s:.3f}, answers/s x"
             f"{point.answers_per_s / base.answers_per_s:.2f}, coordinator CPU per answer x"
-            f"{cpu_per_answer:.2f}"
+            f"{point.cpu_ms_per_answer / base.cpu_ms_per_answer:.2f}"
         )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--holders", type=int, nargs="+", default=[10, 100, 300, 1000])
-    parser.add_argument("--rounds", type=int, default=30, help="measured rounds per point")
+    parser.add_argument("--holders", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--rounds", type=int, default=30, help="most measured rounds a point")
+    parser.add_argument("--min-rounds", type=int, default=5, help="fewest measured rounds")
+    parser.add_argument("--answers", type=int, default=40000, help="answers a point aims at")
     parser.add_argument("--warmup", type=int, default=2, help="rounds before measuring (>= 1)")
     parser.add_argument("--poll-s", type=float, default=20.0, help="holders' long-poll wait")
     parser.add_argument(
-        "--max-workers",
-        type=int,
-        default=None,
-        help="server.max_workers (default: the config's, sized from min_holders)",
+        "--generators", type=int, default=0, help="load-generator processes (0: one per 2,500)"
     )
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="per point")
-    # The coordinator process (started by the bench itself).
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per point")
     parser.add_argument(
-        "--role", choices=["bench", "coordinator"], default="bench", help=argparse.SUPPRESS
+        "--no-floor", dest="floor", action="store_false", help="skip the null-RPC floor"
+    )
+    parser.add_argument("--calls", type=int, default=100, help=argparse.SUPPRESS)
+    # The coordinator and generator processes (started by the bench itself).
+    parser.add_argument(
+        "--role",
+        choices=["bench", "coordinator", "generator", "null-server", "null-client"],
+        default="bench",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--total-rounds", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.rounds < 2:
-        parser.error("need --warmup >= 1 and --rounds >= 2")
+    if args.warmup < 1 or args.min_rounds < 2:
+        parser.error("need --warmup >= 1 and --min-rounds >= 2")
     if args.role == "coordinator":
         args.holders = args.holders[0]
     return args
@@ -546,6 +793,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.role == "coordinator":
         coordinator_main(args)
+    elif args.role == "generator":
+        generator_main(args)
+    elif args.role == "null-server":
+        null_server_main(args)
+    elif args.role == "null-client":
+        null_client_main(args)
     else:
         main_bench(args)
 

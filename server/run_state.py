@@ -21,6 +21,12 @@ coordinator still knows which task each holder holds: an answer counts only for 
 its holder was handed last. Each round record names the holders it was asked of
 (``asked``), from which the consecutive rounds each holder missed are rebuilt; evictions
 are journaled as they happen (``evicted``), for the report.
+
+Journal records are group-committed (:mod:`sottovoce.server.journal`): ``record_*`` write
+the line and update the state at once, and the coordinator makes the journal durable
+(:meth:`RunState.sync`, or :attr:`RunState.journal`'s ``when_durable``) before anything
+that depends on a record leaves it. A closed round is the exception: its record is
+fsync'd before its step reaches the log, so the log is never ahead of the journal on disk.
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step, StepLog, genesis_hash
 from sottovoce.common.storage import (
     SHARED,
-    append_json_line,
     atomic_write_text,
     read_json_lines,
     repair_torn_tail,
 )
+from sottovoce.server.journal import Journal
 
 RUN_META = "run.json"
 JOURNAL = "journal.jsonl"
@@ -154,6 +160,7 @@ class RunState:
     step_size: float | None = None
     bits_total: float = 0.0
     bits_per_holder: dict[str, float] = field(default_factory=dict)
+    refusal_codes: dict[str, int] = field(default_factory=dict)  # code -> refusals journaled
     rounds: list[RoundRecord] = field(default_factory=list)
     open_round_answers: list[AnswerRecord] = field(default_factory=list)
     answered_task_ids: set[str] = field(default_factory=set)
@@ -164,6 +171,10 @@ class RunState:
     evictions: list[Eviction] = field(default_factory=list)
     finished_reason: str | None = None
     repaired: list[str] = field(default_factory=list)
+    journal: Journal = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.journal = Journal(self.run_dir / JOURNAL)
 
     # -- creating and resuming ---------------------------------------------------------
     @classmethod
@@ -232,7 +243,7 @@ class RunState:
             kind = record.get("type")
             if kind == "answer":
                 answer = _answer_from_json(record)
-                self._count_bits(answer.holder_id, answer.bits)
+                self._count_answer(answer)
                 self.answered_task_ids.add(answer.task_id)
                 if answer.round_index >= self.next_round:
                     pending.append(answer)
@@ -267,16 +278,25 @@ class RunState:
             self.repaired.append(f"log step {self.log.version - 1} restored from journal")
 
     # -- recording -----------------------------------------------------------------------
+    def sync(self) -> None:
+        """Block until every record journaled so far is on disk (one fsync for them all)."""
+        self.journal.sync()
+
+    def close(self) -> None:
+        """Make the journal durable and close it (the state is not used afterwards)."""
+        self.journal.close()
+
     def record_answer(self, answer: AnswerRecord) -> None:
-        """Journal an arriving answer (fsync'd) and count its bits."""
-        append_json_line(self.run_dir / JOURNAL, answer.to_json())
-        self._count_bits(answer.holder_id, answer.bits)
+        """Journal an arriving answer (durable at the next sync) and count its bits."""
+        self.journal.append(answer.to_json())
+        self._count_answer(answer)
         self.answered_task_ids.add(answer.task_id)
 
     def record_round(self, closed: RoundRecord) -> None:
         """Journal a closed round, then append its step to the log (in that order)."""
-        append_json_line(self.run_dir / JOURNAL, closed.to_json())
+        seq = self.journal.append(closed.to_json())
         if closed.step is not None:
+            self.journal.sync(seq)  # on disk before the log: never a log ahead of it
             self.log.append(closed.step)
         self.rounds.append(closed)
         self.next_round = closed.round_index + 1
@@ -285,16 +305,16 @@ class RunState:
         self._count_misses(closed)
 
     def record_delivered(self, round_index: int, holders: list[str]) -> None:
-        """Journal (fsync'd) that ``holders`` are handed round ``round_index``'s task, before
-        it leaves: after a restart, their answers to it are still recognised as theirs."""
+        """Journal that ``holders`` are handed round ``round_index``'s task (durable before
+        it leaves): after a restart, their answers to it are still recognised as theirs."""
         if not holders:
             return
         record = {"type": "delivered", "round": round_index, "holders": sorted(holders)}
-        append_json_line(self.run_dir / JOURNAL, {**record, "time": time.time()})
+        self.journal.append({**record, "time": time.time()})
         self.last_delivered.update(dict.fromkeys(holders, round_index))
 
     def record_eviction(self, eviction: Eviction) -> None:
-        append_json_line(self.run_dir / JOURNAL, eviction.to_json())
+        self.journal.append(eviction.to_json())
         self.evictions.append(eviction)
 
     def _count_misses(self, closed: RoundRecord) -> None:
@@ -310,7 +330,7 @@ class RunState:
                 self.missed_rounds[holder] = self.missed_rounds.get(holder, 0) + 1
 
     def record_finished(self, reason: str) -> None:
-        append_json_line(self.run_dir / JOURNAL, {"type": "finished", "reason": reason})
+        self.journal.append({"type": "finished", "reason": reason})
         self.finished_reason = reason
 
     def write_report(self, report: dict[str, Any]) -> Path:
@@ -318,9 +338,13 @@ class RunState:
         atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True), mode=SHARED)
         return path
 
-    def _count_bits(self, holder_id: str, bits: float) -> None:
-        self.bits_total += bits
-        self.bits_per_holder[holder_id] = self.bits_per_holder.get(holder_id, 0.0) + bits
+    def _count_answer(self, answer: AnswerRecord) -> None:
+        """The same on a live answer and on replay, so the figures survive a restart."""
+        self.bits_total += answer.bits
+        holder = answer.holder_id
+        self.bits_per_holder[holder] = self.bits_per_holder.get(holder, 0.0) + answer.bits
+        if answer.refusal is not None:
+            self.refusal_codes[answer.refusal] = self.refusal_codes.get(answer.refusal, 0) + 1
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``sottovoce`` command: server, client, export, simulate, fingerprint, ledger.
+"""The ``sottovoce`` command: server, client, status, export, simulate, fingerprint, ledger.
 
 Every user error ends as one line on stderr (``error: <file/field/message>: <problem>``)
 and a non-zero exit; tracebacks are for bugs only.
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+HOLDER_ROWS = 20  # rows of the holders table `sottovoce status` shows
 
 
 def path_option(*names: str, **settings: Any) -> Callable[[F], F]:
@@ -105,6 +106,11 @@ def main(verbose: bool) -> None:
 )
 @click.option("--cert-name", default="coordinator", show_default=True)
 @click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
+@click.option(
+    "--metrics-address",
+    default=None,
+    help="Serve Prometheus metrics on HOST:PORT (default 127.0.0.1:9464; 'off' for none).",
+)
 @user_errors
 def server(
     config_path: Path,
@@ -113,10 +119,12 @@ def server(
     certs: Path | None,
     cert_name: str,
     insecure: bool,
+    metrics_address: str | None,
 ) -> None:
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
     from sottovoce.api import open_coordinator, read_config
     from sottovoce.server.grpc_service import serve
+    from sottovoce.server.metrics import DEFAULT_METRICS_ADDRESS, CoordinatorMetrics
     from sottovoce.server.run_report import coordinator_report, measure_public_quality
 
     config, _ = read_config(config_path)
@@ -124,7 +132,17 @@ def server(
     listen = address or config.server.address
     tls = _transport_security(listen, certs, cert_name, insecure)
     coordinator = open_coordinator(config_path, run_dir)
-    running = serve(coordinator, listen, tls=tls)
+    metrics = None if metrics_address == "off" else CoordinatorMetrics(coordinator)
+    if metrics is not None:
+        try:
+            port = metrics.serve_http(metrics_address or DEFAULT_METRICS_ADDRESS)
+            host = (metrics_address or DEFAULT_METRICS_ADDRESS).rsplit(":", 1)[0]
+            click.echo(f"metrics on http://{host}:{port}/metrics", err=True)
+        except ConfigError as exc:
+            if metrics_address is not None:
+                raise  # asked for explicitly: an error; the default busy: say so, run on
+            click.secho(f"WARNING: {exc}; serving without metrics", fg="yellow", err=True)
+    running = serve(coordinator, listen, tls=tls, observer=metrics)
     click.echo(
         f"coordinator {coordinator.state.run_id} listening on port {running.port}; "
         f"run dir {run_dir}",
@@ -191,6 +209,11 @@ def server(
     help="Name to check the coordinator's certificate against (default: the --server host).",
 )
 @click.option("--insecure", is_flag=True, help="Plain TCP (loopback only).")
+@click.option(
+    "--metrics-address",
+    default=None,
+    help="Serve this holder's own metrics on a loopback HOST:PORT (off unless given).",
+)
 @user_errors
 def client(
     address: str,
@@ -205,6 +228,7 @@ def client(
     certs: Path | None,
     server_name: str | None,
     insecure: bool,
+    metrics_address: str | None,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
     import torch
@@ -224,6 +248,11 @@ def client(
         dtype=dtype,
         status_path=status_path,
     )
+    if metrics_address is not None:  # off by default: these figures are the holder's own
+        from sottovoce.client.metrics import serve_holder_metrics
+
+        port = serve_holder_metrics(holder, metrics_address)
+        click.echo(f"{holder_id}: local metrics on port {port} (this machine only)", err=True)
     traffic = WireTraffic()
     finished = run_holder(holder, address, tls=tls, traffic=traffic)
     if report_path is not None and holder.spec is not None:
@@ -419,23 +448,171 @@ def fingerprint(model_name: str) -> None:
 @main.command()
 @path_option("--policy", "policy_path", required=True)
 @path_option("--data", "data_path", required=True)
+@path_option(
+    "--html",
+    "html_path",
+    default=None,
+    help="Also write the ledger as one self-contained page (for a data-protection officer).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
 @user_errors
-def ledger(policy_path: Path, data_path: Path) -> None:
+def ledger(policy_path: Path, data_path: Path, html_path: Path | None, as_json: bool) -> None:
     """Show a data set's lifetime ledger: every release, its cost, what remains, refusals."""
     from sottovoce.api import open_ledger
+    from sottovoce.client.ledger_report import render_html
     from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+    from sottovoce.common.storage import atomic_write_text
 
     with open_ledger(policy_path, data_path, read_only=True) as book:
-        if book.inherited is not None:
-            click.echo(f"data set {book.dataset_id[:12]} {book.inherited.describe()}")
-        for line in book.audit_lines():
-            click.echo(line)
         refusals = read_refusals(refusal_log_path(book.path))
-        for note in refusals[-20:]:
-            click.echo(f"refused {note.get('task_id')} ({note.get('code')}): {note.get('message')}")
         summary = book.summary()
         summary["refusals"] = len(refusals)
-        click.echo(json.dumps(summary, indent=2))
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            _print_ledger(book, refusals)
+        if html_path is not None:
+            atomic_write_text(html_path, render_html(book, refusals))  # 0600: the holder's own
+            click.echo(f"wrote {html_path}", err=True)
+
+
+def _print_ledger(book: Any, refusals: list[dict[str, Any]]) -> None:
+    """The ledger as tables: per run, every release, the last refusals, the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sottovoce.client.ledger_report import release_rows, run_rows
+
+    console = Console(highlight=False)
+    if book.inherited is not None:
+        console.print(f"data set {book.dataset_id[:12]} {book.inherited.describe()}")
+    runs = Table(title="Per run", title_justify="left")
+    for name in ("run", "first answer", "last answer", "answers", "bits", "epsilon"):
+        runs.add_column(name, justify="right" if name in ("answers", "bits", "epsilon") else "left")
+    for run in run_rows(book):
+        epsilon = "-" if run.epsilon is None else f"{run.epsilon:.3f}"
+        runs.add_row(run.run_id, run.first, run.last, str(run.answers), f"{run.bits:.2f}", epsilon)
+    console.print(runs)
+    releases = Table(title="Every release", title_justify="left")
+    for name in ("#", "when", "run", "task", "kind", "released", "bits", "total", "dp"):
+        releases.add_column(name, justify="right" if name in ("#", "bits", "total") else "left")
+    for row in release_rows(book):
+        releases.add_row(
+            str(row.number), row.time, row.run_id, row.task_id, row.kind, row.released,
+            f"{row.bits:.3f}", f"{row.total_bits:.3f}", row.dp or "-",
+        )  # fmt: skip
+    console.print(releases)
+    for note in refusals[-20:]:
+        console.print(
+            f"refused {note.get('task_id')} ({note.get('code')}): {note.get('message')}",
+            markup=False,
+        )
+    line = f"{book.spent_bits:.2f} of {book.max_bits:g} bits spent, {book.remaining_bits:.2f} left"
+    if book.privacy is not None:
+        line += (
+            f"; epsilon {book.spent_epsilon():.3f} of {book.privacy.max_epsilon:g} "
+            f"at delta {book.privacy.delta:g}"
+        )
+    console.print(f"{len(book.records)} releases, {len(refusals)} refusals; {line}", markup=False)
+
+
+@main.command()
+@path_option("--run-dir", "run_dir", required=True, help="The coordinator's run directory.")
+@click.option("--watch", is_flag=True, help="Keep the summary live until the run is over.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON once.")
+@user_errors
+def status(run_dir: Path, watch: bool, interval: float, as_json: bool) -> None:
+    """Where a run stands (rounds, bits, holders), read from its run directory."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from sottovoce.server.run_summary import dumps, read_summary
+
+    summary = read_summary(run_dir)
+    if as_json:
+        click.echo(dumps(summary))
+        return
+    console = Console(highlight=False)
+    if not watch:
+        console.print(_status_view(summary))
+        return
+    import time
+
+    with Live(_status_view(summary), console=console, refresh_per_second=4) as live:
+        while not summary.finished:
+            time.sleep(max(0.1, interval))
+            summary = read_summary(run_dir)
+            live.update(_status_view(summary))
+
+
+def _status_view(summary: Any) -> Any:
+    """The summary as a rich renderable: a header, two progress bars, the holders."""
+    from rich.console import Group
+    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.table import Table
+    from rich.text import Text
+
+    from sottovoce.server.run_summary import age
+
+    state = f"finished: {summary.finished_reason}" if summary.finished else "running"
+    eta = summary.eta_s
+    facts = [f"last round {age(summary.last_round_time)}"]
+    if summary.rounds_per_minute:
+        facts.append(f"{summary.rounds_per_minute:.1f} rounds/min")
+    if eta is not None:
+        facts.append(f"about {eta / 60:.1f} min left")
+    if summary.step_size is not None:
+        facts.append(f"step size {summary.step_size:.4g}")
+    header = Text.assemble(
+        (f"run {summary.run_id}", "bold"),
+        f"  {summary.algorithm} on {summary.model}  ",
+        (state, "green" if not summary.finished else "cyan"),
+        "\n" + " · ".join(facts),
+    )
+    bars = Progress(
+        TextColumn("{task.description}", justify="right"),
+        BarColumn(bar_width=40),
+        TextColumn("{task.fields[figure]}"),
+        auto_refresh=False,
+    )
+    bars.add_task(
+        "rounds",
+        total=max(summary.max_rounds, 1),
+        completed=summary.rounds,
+        figure=f"{summary.rounds} / {summary.max_rounds} ({summary.accepted_steps} steps accepted)",
+    )
+    bars.add_task(
+        "bits heard",
+        total=max(summary.bit_budget, 1e-9),
+        completed=summary.bits_total,
+        figure=f"{summary.bits_total:.1f} / {summary.bit_budget:g}",
+    )
+    evicted = {str(e.get("holder")) for e in summary.evictions}
+    asked = set(summary.holders_last_round)
+    waiting = set(summary.waiting_for)
+    known = sorted({*summary.bits_per_holder, *asked, *evicted})
+    # waiting first, then the most heard; a federation of thousands shows its first rows
+    known.sort(key=lambda h: (h not in waiting, -summary.bits_per_holder.get(h, 0.0), h))
+    holders = Table(title=f"holders ({len(known)})", title_justify="left")
+    for name in ("holder", "bits heard", "last round", "evicted"):
+        holders.add_column(name, justify="right" if name == "bits heard" else "left")
+    for holder in known[:HOLDER_ROWS]:
+        if holder in waiting:
+            last = "waiting for its answer"
+        else:
+            last = "asked" if holder in asked else "not asked"
+        bits = summary.bits_per_holder.get(holder, 0.0)
+        holders.add_row(holder, f"{bits:.1f}", last, "yes" if holder in evicted else "")
+    if len(known) > HOLDER_ROWS:
+        holders.caption = f"and {len(known) - HOLDER_ROWS} more (sottovoce status --json lists all)"
+    notes = []
+    if summary.refusal_codes:
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(summary.refusal_codes.items()))
+        notes.append(f"refusals by code: {codes}")
+    if summary.evictions:
+        notes.append(f"evictions: {len(summary.evictions)}")
+    return Group(header, bars, holders, *notes)
 
 
 @main.command()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
 from sottovoce.common.protocol.messages import JoinRequest
 from sottovoce.common.transport import wire
 from sottovoce.server.coordinator import Coordinator, task_id_for
-from sottovoce.server.grpc_service import SERVICE_NAME, CoordinatorServicer, add_to_server
+from sottovoce.server.grpc_service import SERVICE_NAME, CoordinatorServicer, start_server
 from sottovoce.server.limits import RateLimit, ServiceLimits
 from sottovoce.server.run_state import JOURNAL, RunState
 
@@ -209,16 +208,13 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
     generous = RateLimit(per_s=1e6, burst=1_000_000)  # the limits are not what is fuzzed here
     limits = ServiceLimits(calls=generous, joins=generous, max_polls_per_holder=8, max_workers=8)
     servicer = CoordinatorServicer(coordinator, limits=limits, max_poll_s=0.0)
-    server = grpc.server(ThreadPoolExecutor(max_workers=8))
-    add_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    running = start_server(servicer, "127.0.0.1:0")
+    channel = grpc.insecure_channel(running.address)
     try:
         yield Service(coordinator, servicer, channel)
     finally:
         channel.close()
-        server.stop(0)
+        running.stop(grace_s=0)
 
 
 def test_no_request_crashes_the_coordinator_or_changes_it_when_refused(

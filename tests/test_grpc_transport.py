@@ -47,6 +47,7 @@ from sottovoce.server.grpc_service import (
     CoordinatorServicer,
     RunningServer,
     serve,
+    start_server,
 )
 
 FINGERPRINT = "sha256:" + "0f" * 32
@@ -282,21 +283,21 @@ class LosesFirstPushReply(CoordinatorServicer):
 
     lost = False
 
-    def PushAnswer(self, request: pb.PushAnswerRequest, context: Any) -> pb.PushAnswerReply:  # noqa: N802
-        reply = super().PushAnswer(request, context)
+    async def PushAnswer(self, request: pb.PushAnswerRequest, context: Any) -> pb.PushAnswerReply:  # noqa: N802
+        reply = await super().PushAnswer(request, context)
         if not self.lost:
             self.lost = True
-            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (simulated)")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (simulated)")
         return reply
 
 
 def test_lost_push_reply_is_resent_and_the_duplicate_ignored(coordinator: FakeCoordinator) -> None:
-    server, address = start_custom_server(LosesFirstPushReply(coordinator))
+    running = start_server(LosesFirstPushReply(coordinator), "127.0.0.1:0")
     try:
         holder = FakeHolder()
-        finished = run_holder(holder, address, poll_timeout_s=1.0, retry=FAST_RETRY)
+        finished = run_holder(holder, running.address, poll_timeout_s=1.0, retry=FAST_RETRY)
     finally:
-        server.stop(0)
+        running.stop(grace_s=0)
     pushes = [c[2] for c in coordinator.calls if c[0] == "push"]
     assert [a.task_id for a in pushes] == ["run-1:r0", "run-1:r0", "run-1:r1", "run-1:r2"]
     assert pushes[0] == pushes[1]  # the same answer resent, not a fresh one
@@ -305,13 +306,13 @@ def test_lost_push_reply_is_resent_and_the_duplicate_ignored(coordinator: FakeCo
 
 def test_coordinator_that_lost_its_sessions_is_joined_again(coordinator: FakeCoordinator) -> None:
     servicer = CoordinatorServicer(coordinator)
-    server, address = start_custom_server(servicer)
+    running = start_server(servicer, "127.0.0.1:0")
     holder = FakeHolder()
     holder.on_answer = lambda task: servicer._sessions.clear() if task.round_index == 1 else None
     try:
-        finished = run_holder(holder, address, poll_timeout_s=1.0, retry=FAST_RETRY)
+        finished = run_holder(holder, running.address, poll_timeout_s=1.0, retry=FAST_RETRY)
     finally:
-        server.stop(0)
+        running.stop(grace_s=0)
     assert finished.reason == "rounds done"
     assert coordinator.kinds().count("join") == 2
     assert sorted(coordinator.answers) == ["run-1:r0", "run-1:r1", "run-1:r2"]

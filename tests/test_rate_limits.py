@@ -35,9 +35,10 @@ from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.grpc_service import (
     SERVICE_NAME,
     CoordinatorServicer,
-    add_to_server,
+    RunningServer,
     limits_for,
     serve,
+    start_server,
 )
 from sottovoce.server.limits import (
     ConcurrencyCap,
@@ -195,19 +196,16 @@ class Spy:
 @pytest.fixture
 def custom_server() -> Iterator[Any]:
     """Start a servicer on a loopback port (the service's own clock can then be faked)."""
-    servers: list[grpc.Server] = []
+    servers: list[RunningServer] = []
 
     def start(servicer: CoordinatorServicer) -> str:
-        server = grpc.server(ThreadPoolExecutor(max_workers=8))
-        add_to_server(servicer, server)  # as serve() does: the servicer parses the bytes
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
+        running = start_server(servicer, "127.0.0.1:0")  # as serve() does, on its own loop
+        servers.append(running)
+        return running.address
 
     yield start
-    for server in servers:
-        server.stop(0)
+    for running in servers:
+        running.stop(grace_s=0)
 
 
 def limits(*, per_s: float = 1.0, burst: int = 3, joins: int = 10, polls: int = 4) -> ServiceLimits:
