@@ -17,6 +17,11 @@ releases of every ledger that holds it, and the data set starts at the worst suc
 own records on every open, so spending on either side later is seen by the other the next
 time it opens. The operator is told (``Inheritance.describe``).
 
+The same key assigns records to the secret chunks of chunk-vote answers
+(:func:`chunk_assignment`): a record's chunk is a keyed hash of its digest, so it depends on
+that record alone (adding or removing one record moves no other) and, without the key,
+nobody can tell which records share a chunk.
+
 Normalization: field names and string values in Unicode NFC with surrounding whitespace
 removed; integers, floats and booleans as their canonical text (so ``1`` in JSON and
 ``"1"`` in TSV are the same label); anything nested as canonical JSON.
@@ -38,6 +43,7 @@ import numpy as np
 from sottovoce.client.ledger import Inheritance, Ledger, PrivacyLimit
 from sottovoce.common.accounting import events_curve
 from sottovoce.common.errors import ConfigError, LogIntegrityError
+from sottovoce.common.protocol.limits import MAX_CHUNKS
 from sottovoce.common.storage import PRIVATE, atomic_write_text, canonical_json
 
 KEY_FILE = "holder.key"
@@ -45,6 +51,7 @@ INDEX_SUFFIX = ".records"
 LEDGER_SUFFIX = ".ledger.jsonl"
 DIGEST_BYTES = 32
 _KEY_HEX = 64
+_CHUNK_LABEL = b"sottovoce-chunk-v1\n"
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,35 @@ def _value(value: object) -> str:
     return canonical_json(value, ensure_ascii=False)
 
 
+def record_digest(record: Mapping[str, object], key: bytes) -> bytes:
+    """The record's keyed digest: ``HMAC-SHA256(key, normalized record)``."""
+    return hmac.new(key, normalized_record(record), hashlib.sha256).digest()
+
+
+def chunk_assignment(
+    records: Sequence[Mapping[str, object]], key: bytes, chunks: int
+) -> np.ndarray:
+    """Each record's chunk in ``0 .. chunks - 1``, from the holder's key: an int64 array.
+
+    ``HMAC-SHA256(key, "sottovoce-chunk-v1" + digest)`` read as a 64-bit integer, mod K: a
+    function of the record alone, so one record added or removed changes its own chunk and
+    no other (equal-size chunks cut from a permutation would shift every boundary). The
+    label is a domain separation from the data set id, under the same single secret. The
+    bias of a 64-bit value mod K <= 2**20 is below 2**-44. Two copies of one record share a
+    chunk (they are one record twice, and the ledger counts them so).
+    """
+    if not 1 <= chunks <= MAX_CHUNKS:
+        raise ValueError(f"chunks must be in 1..{MAX_CHUNKS} (got {chunks})")
+    assigned = np.empty(len(records), dtype=np.int64)
+    for index, record in enumerate(records):
+        tag = hmac.new(key, _CHUNK_LABEL + record_digest(record, key), hashlib.sha256).digest()
+        assigned[index] = int.from_bytes(tag[:8], "big") % chunks
+    return assigned
+
+
 def identify(records: Iterable[Mapping[str, object]], key: bytes) -> DatasetIdentity:
     """The data set's id (keyed hash of its sorted record digests) and its digests."""
-    digests = [hmac.new(key, normalized_record(r), hashlib.sha256).digest() for r in records]
+    digests = [record_digest(r, key) for r in records]
     mac = hmac.new(key, b"sottovoce-dataset-v1", hashlib.sha256)
     for digest in sorted(digests):  # a multiset: a duplicated record counts twice
         mac.update(digest)

@@ -156,6 +156,25 @@ class CandidateEvaluator:
         self.divergence: DivergenceReference | None = None
         self._moved = False
 
+    @property
+    def head_inputs(self) -> dict[str, torch.Tensor] | None:
+        """The head-input cache (record key -> the final norm's input at the last position),
+        or None when this evaluator keeps none (see the module docstring)."""
+        return self._head_cache
+
+    def share_head_inputs(self, cache: dict[str, torch.Tensor]) -> None:
+        """Read and fill ``cache`` as this evaluator's head-input cache.
+
+        Its entries depend only on the base model below the final norm and on the record,
+        never on a run's steps, so evaluators of one base model (a benchmark's runs one
+        after another) may share one: the holder computes each example's prefix once, not
+        once a run. Entries computed in other batches equal the holder's own up to float
+        rounding (padding changes the shapes of the matrix products).
+        """
+        if self._head_cache is None:
+            raise ValueError("this evaluator keeps no head-input cache")
+        self._head_cache = cache
+
     # -- the log ---------------------------------------------------------------------------
     def apply_steps(self, steps: Sequence[Step]) -> None:
         """Move the incumbent by the given log steps, in order (the canonical replay)."""

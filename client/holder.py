@@ -51,6 +51,7 @@ from sottovoce.client.ledger import Ledger
 from sottovoce.client.mechanisms import Mechanism, Release, build_mechanism
 from sottovoce.client.policy import (
     HolderPolicy,
+    check_answer_epsilon,
     check_run,
     check_steps,
     check_task,
@@ -264,7 +265,7 @@ class DataHolder:
             log=StepLog(spec.log_genesis),
             schedule=SeedSchedule(spec.direction_seed, self.policy.max_lambda),
             drift=DriftTracker(parametrization.direction_blocks()),
-            mechanism=build_mechanism(spec, self._rng),
+            mechanism=build_mechanism(spec, self._rng, self._record_key(spec)),
         )
         self._take_divergence_reference(self.run)
         self.status = HolderStatus(
@@ -275,6 +276,16 @@ class DataHolder:
         )
         self._note_epsilon()
         self._write_status()
+
+    def _record_key(self, spec: RunSpec) -> bytes | None:
+        """The holder's secret key, for mechanisms that need it (chunk votes): the one this
+        data set's ledger id is keyed with, so a holder keeps a single secret."""
+        if spec.mechanism != "chunk-vote":
+            return None
+        key = holder_key(self.ledger.path.parent, create=not self.ledger.read_only)
+        if key is None:
+            raise ConfigError(f"{self.ledger.path.parent}: no holder key for chunk votes")
+        return key
 
     def _take_divergence_reference(self, run: _RunState) -> None:
         """The base's next-token distributions on the secret prompts, while it is the base.
@@ -523,6 +534,7 @@ class DataHolder:
         )
         bits = run.spec.answer_bits(len(task.candidates))
         event = run.mechanism.event(len(task.candidates), self._declared_rate(task.batch))
+        check_answer_epsilon(self.policy, event, f"task {task.task_id}")
         self.ledger.check_affordable(bits, event)
         return _Admission(bits, event, rounds, drift)
 

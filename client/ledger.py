@@ -57,6 +57,7 @@ import numpy as np
 from sottovoce.common.accounting import (
     ACCOUNTANT_NAME,
     DpEvent,
+    Gaussian,
     PoissonGaussian,
     PrivacyAccountant,
     event_from_json,
@@ -603,6 +604,8 @@ def _record_from_json(raw: Mapping[str, object]) -> LedgerRecord:
 def _describe_event(event: DpEvent) -> str:
     if isinstance(event, PoissonGaussian):
         return f"gaussian sigma={event.noise_multiplier:.4g} q={event.sampling_rate:.4g}"
+    if isinstance(event, Gaussian):
+        return f"gaussian std={event.noise_std:.4g} sensitivity={event.sensitivity:.4g}"
     return f"randomized-response eps={event.epsilon:.4g} k={event.outcomes}"
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sottovoce.client.ledger import Ledger, LedgerRecord
-from sottovoce.common.accounting import PoissonGaussian, PrivacyAccountant
+from sottovoce.common.accounting import Gaussian, PoissonGaussian, PrivacyAccountant
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,11 @@ def describe_event(record: LedgerRecord) -> str:
         return (
             f"Gaussian noise (multiplier {event.noise_multiplier:.4g}) on a secret "
             f"{event.sampling_rate:.2%} sample"
+        )
+    if isinstance(event, Gaussian):
+        return (
+            f"noisy vote of secret chunks (Gaussian noise std {event.noise_std:.4g}, "
+            f"sensitivity {event.sensitivity:.4g})"
         )
     return f"randomized response (epsilon {event.epsilon:.4g} over {event.outcomes} outcomes)"
 

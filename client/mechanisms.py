@@ -9,8 +9,10 @@ This is the plug point for private answers. A mechanism knows three things:
   depend on the data, and it goes through the same randomization as a real answer, so a
   coordinator cannot tell a failure from an answer, nor learn anything from either.
 
-A policy names the mechanisms it allows (``answer_mechanisms``, ``require_dp``); the run
-spec's answer kind and DP settings pick one
+The mechanisms: the plain choice, the choice under randomized response, DPZero's noised
+scalar, and chunk votes (the noisy arg-max of K secret chunks' votes, :class:`ChunkVote`).
+A policy names the mechanisms it allows (``answer_mechanisms``, ``require_dp``,
+``min_chunks``, ``max_answer_epsilon``); the run spec's answer kind and DP settings pick one
 (:func:`sottovoce.common.protocol.answers.answer_mechanism`).
 """
 
@@ -24,16 +26,23 @@ from typing import ClassVar
 
 import numpy as np
 
+from sottovoce.client.dataset_identity import chunk_assignment
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.private_answers import (
     SecureRandomness,
+    noisy_argmax,
     noisy_mean,
     quantize,
     randomized_response,
 )
 from sottovoce.common.accounting import DpEvent, RandomizedResponse, answer_event
 from sottovoce.common.data import Record
-from sottovoce.common.protocol.answers import AnswerKind, AnswerMechanism
+from sottovoce.common.protocol.answers import (
+    KEEP_INCUMBENT,
+    AnswerKind,
+    AnswerMechanism,
+    choice_outcomes,
+)
 from sottovoce.common.protocol.limits import MAX_ABS_SCALE
 from sottovoce.common.protocol.messages import RunSpec, Task
 from sottovoce.common.steplog import as_float32
@@ -53,13 +62,18 @@ class ScoringFailed(RuntimeError):
 
 
 class Mechanism(ABC):
-    """One way of answering a run's tasks (see the module docstring)."""
+    """One way of answering a run's tasks (see the module docstring).
+
+    ``record_key`` is the holder's secret key (``holder.key``, the one its ledger ids are
+    keyed with); only chunk votes use it, to assign records to chunks.
+    """
 
     name: ClassVar[AnswerMechanism]
 
-    def __init__(self, spec: RunSpec, rng: SecureRandomness):
+    def __init__(self, spec: RunSpec, rng: SecureRandomness, record_key: bytes | None = None):
         self.spec = spec
         self.rng = rng
+        self.record_key = record_key
 
     @abstractmethod
     def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
@@ -152,11 +166,113 @@ class DpScalar(Mechanism):
         return Release(choice=None, value=as_float32(clamped), stats=stats)
 
 
+class ChunkVote(Mechanism):
+    """The choice as the noisy arg-max of K secret chunks' votes (PATE's GNMax).
+
+    Every record belongs to one of K chunks by a keyed hash of the record
+    (:func:`~sottovoce.client.dataset_identity.chunk_assignment`). The candidates are scored
+    once per record, exactly as for a plain choice (one forward pass per candidate and
+    record, none more); each chunk then sums its records' scores per model and votes for
+    the candidate with the largest sum if it beats the incumbent's sum, else for keeping
+    the incumbent (ties: the lowest index, then "keep"; an empty chunk votes "keep"). The
+    holder adds N(0, vote_noise^2) to each count of the K votes, then ``keep_margin`` to the
+    keep count (post-processing), and releases the arg-max.
+
+    One record added or removed changes its own chunk's vote only: the histogram moves by
+    at most (-1, +1) in two bins, L2 sensitivity sqrt(2), so an answer is the Gaussian event
+    :func:`~sottovoce.common.accounting.chunk_vote_event` whatever the coordinator asks.
+    """
+
+    name: ClassVar[AnswerMechanism] = "chunk-vote"
+
+    def __init__(self, spec: RunSpec, rng: SecureRandomness, record_key: bytes | None = None):
+        super().__init__(spec, rng, record_key)
+        if record_key is None:
+            raise ValueError("chunk votes need the holder's record key")
+        self._key = record_key
+        # The chunk of each record of the last example list (the holder passes its one
+        # record list in full mode, so the hashes are computed once a run).
+        self._assigned: tuple[Sequence[Record], np.ndarray] | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self.spec.dp.chunks
+
+    def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
+        return answer_event(self.spec.dp, self.spec.answer_kind, n_candidates, None)
+
+    def assign(self, examples: Sequence[Record]) -> np.ndarray:
+        """Each example's chunk (a keyed hash of the record; see the class docstring)."""
+        if self._assigned is None or self._assigned[0] is not examples:
+            self._assigned = (examples, chunk_assignment(examples, self._key, self.chunks))
+        return self._assigned[1]
+
+    def votes(
+        self, incumbent: np.ndarray, per_candidate: Sequence[np.ndarray], chunk_of: np.ndarray
+    ) -> np.ndarray:
+        """Each chunk's vote (a choice: 0 keeps the incumbent, k is candidate k-1)."""
+        return chunk_votes(incumbent, per_candidate, chunk_of, self.chunks)
+
+    def histogram(self, votes: np.ndarray, task: Task) -> np.ndarray:
+        """How many chunks voted for each choice: what the noise is added to."""
+        outcomes = choice_outcomes(task.answer_kind, len(task.candidates))
+        return np.bincount(votes, minlength=outcomes).astype(np.float64)
+
+    def release(
+        self, evaluator: CandidateEvaluator, examples: Sequence[Record], task: Task
+    ) -> Release:
+        incumbent, per_candidate = evaluator.score(examples, task.candidates)
+        scores = [incumbent, *per_candidate]
+        if not all(np.isfinite(s).all() for s in scores):
+            raise ScoringFailed("non-finite scores")
+        counts = self.histogram(self.votes(incumbent, per_candidate, self.assign(examples)), task)
+        stats = {
+            "incumbent_mean_score": float(incumbent.mean()) if len(incumbent) else 0.0,
+            "best_candidate_mean": max(float(s.mean()) if len(s) else 0.0 for s in per_candidate),
+        }
+        return Release(choice=self.noisy_choice(counts), stats=stats)
+
+    def default(self, task: Task) -> Release:
+        """Every chunk votes "keep the incumbent", then the same noise: data-independent."""
+        outcomes = choice_outcomes(task.answer_kind, len(task.candidates))
+        counts = np.zeros(outcomes)
+        counts[KEEP_INCUMBENT] = self.chunks
+        return Release(choice=self.noisy_choice(counts))
+
+    def noisy_choice(self, counts: np.ndarray) -> int:
+        """GNMax on the vote counts, noise from the holder's secure randomness, then the
+        keep margin (so noise alone seldom accepts a candidate)."""
+        dp = self.spec.dp
+        return noisy_argmax(counts, dp.vote_noise, self.rng, first_margin=dp.keep_margin)
+
+
+def chunk_votes(
+    incumbent: np.ndarray,
+    per_candidate: Sequence[np.ndarray],
+    chunk_of: np.ndarray,
+    chunks: int,
+) -> np.ndarray:
+    """The vote of each of ``chunks`` chunks from per-example scores (see :class:`ChunkVote`).
+
+    Scores are summed per chunk (``np.bincount``), so gathering the chunks' scores costs no
+    forward pass beyond the per-example scores a plain choice needs. Candidate k's sum must
+    be strictly above the incumbent's to get the vote; among equal best sums the lowest
+    index wins.
+    """
+    sums = [np.bincount(chunk_of, weights=s, minlength=chunks) for s in (incumbent, *per_candidate)]
+    candidates = np.stack(sums[1:])  # (lambda, K)
+    best = np.argmax(candidates, axis=0)  # first of equal maxima
+    better = candidates[best, np.arange(chunks)] > sums[0]
+    return np.where(better, best + 1, KEEP_INCUMBENT).astype(np.int64)
+
+
 MECHANISMS: dict[AnswerMechanism, type[Mechanism]] = {
-    cls.name: cls for cls in (PlainChoice, RandomizedResponseChoice, DpScalar)
+    cls.name: cls for cls in (PlainChoice, RandomizedResponseChoice, DpScalar, ChunkVote)
 }
 
 
-def build_mechanism(spec: RunSpec, rng: SecureRandomness) -> Mechanism:
+def build_mechanism(
+    spec: RunSpec, rng: SecureRandomness, record_key: bytes | None = None
+) -> Mechanism:
     """The mechanism a run's answers use (its spec has passed the policy's check)."""
-    return MECHANISMS[spec.mechanism](spec, rng)
+    return MECHANISMS[spec.mechanism](spec, rng, record_key)

@@ -5,7 +5,8 @@ even a malicious one, may send any run spec and any task. The coordinator contro
 everything the policy does not pin, so the policy pins the whole question:
 
 * the base model (by fingerprint), the algorithms and hence the answer kinds, and the
-  answer mechanisms (plain, randomized response, DPZero): a policy can require a private one;
+  answer mechanisms (plain, randomized response, DPZero, chunk votes): a policy can
+  require a private one, a smallest number of chunks and a largest ε for any one answer;
 * the parametrization, every field of it (kind, patterns, granularity, blocks, dimension,
   projection seed), as one of the exact specs the policy lists;
 * the fitness itself (prompt template, label words, data fields), so a coordinator cannot
@@ -45,6 +46,8 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from sottovoce.client.ledger import PrivacyLimit
+from sottovoce.client.privacy_budget import declared_sampling_rate
+from sottovoce.common.accounting import DpEvent, answer_epsilon, answer_event
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
@@ -107,6 +110,8 @@ class HolderPolicy:
     max_epsilon: Annotated[_StrictFloat, Field(gt=0)] | None = None
     delta: Annotated[_StrictFloat, Field(gt=0, lt=1)] | None = None
     require_dp: bool = False
+    min_chunks: Annotated[_StrictInt, Field(ge=1)] = 1
+    max_answer_epsilon: Annotated[_StrictFloat, Field(gt=0)] | None = None
 
     @property
     def declared_examples(self) -> int:
@@ -137,6 +142,11 @@ class HolderPolicy:
             )
         if self.require_dp and self.max_epsilon is None:
             raise ValueError("require_dp: needs max_epsilon and delta")
+        if self.max_answer_epsilon is not None and self.delta is None:
+            raise ValueError(
+                "max_answer_epsilon: needs max_epsilon and delta (an answer's epsilon is "
+                "measured at the policy's delta)"
+            )
         if self.min_examples < self.min_batch_size:
             raise ValueError(
                 f"min_examples: {self.min_examples} is below min_batch_size "
@@ -347,6 +357,25 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
             f"run's answers would be {spec.mechanism!r}; policy allows {allowed}"
             + (" (require_dp)" if policy.require_dp else "")
         )
+    rate = declared_sampling_rate(spec.batch, policy.declared_examples)
+    check_answer_epsilon(policy, answer_event(spec.dp, spec.answer_kind, 1, rate), "run")
+
+
+def check_answer_epsilon(policy: HolderPolicy, event: DpEvent | None, who: str) -> None:
+    """Refuse an answer whose own ε (at the policy's delta) passes ``max_answer_epsilon``.
+
+    The lifetime budget bounds what all answers reveal together; this bounds what any
+    single one may, so one question can never spend a large share of it (nor be one that
+    a membership attacker could read with high confidence).
+    """
+    if policy.max_answer_epsilon is None or event is None or policy.delta is None:
+        return
+    epsilon = answer_epsilon(event, policy.delta)
+    if epsilon > policy.max_answer_epsilon * (1 + 1e-9):
+        raise PolicyViolation(
+            f"{who}'s answers would each cost epsilon {epsilon:.4g} at delta {policy.delta:g}; "
+            f"policy allows max_answer_epsilon {policy.max_answer_epsilon:g}"
+        )
 
 
 def _check_parametrization(policy: HolderPolicy, asked: ParametrizationSpec) -> None:
@@ -387,6 +416,8 @@ def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
             )
         if dp.randomized_response_epsilon:
             raise PolicyViolation("run mixes randomized response into dp-scalar answers")
+        if dp.chunks or dp.vote_noise or dp.keep_margin:
+            raise PolicyViolation("run mixes chunk votes into dp-scalar answers")
         if policy.require_dp and dp.noise_multiplier <= 0:
             raise PolicyViolation("policy requires DP answers; this DPZero run adds no noise")
         return
@@ -394,9 +425,34 @@ def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
         raise PolicyViolation(
             f"run sets DPZero noise or quantization on {_kind(spec.answer_kind)!r}"
         )
-    if policy.require_dp and dp.randomized_response_epsilon <= 0:
+    if dp.chunks:
+        _check_chunk_votes(policy, spec)
+    elif dp.vote_noise or dp.keep_margin:
         raise PolicyViolation(
-            "policy requires DP answers; this run's choices have no randomized response"
+            "run sets vote noise or a keep margin without chunk votes", RefusalCode.MALFORMED
+        )
+    private = dp.randomized_response_epsilon > 0 or (dp.chunks > 0 and dp.vote_noise > 0)
+    if policy.require_dp and not private:
+        raise PolicyViolation(
+            "policy requires DP answers; this run's choices have no randomized response and "
+            "no noisy chunk votes"
+        )
+
+
+def _check_chunk_votes(policy: HolderPolicy, spec: RunSpec) -> None:
+    """Chunk votes partition the whole split into at least ``min_chunks`` chunks."""
+    dp = spec.dp
+    if dp.randomized_response_epsilon:
+        raise PolicyViolation("run mixes randomized response into chunk votes")
+    if spec.batch.mode != "full":
+        raise PolicyViolation(
+            f"run wants chunk votes on {spec.batch.mode!r} batches; the chunks partition the "
+            "whole split (batch mode 'full')"
+        )
+    if dp.chunks < policy.min_chunks:
+        raise PolicyViolation(
+            f"run wants chunk votes over {dp.chunks} chunks; policy needs at least min_chunks "
+            f"{policy.min_chunks}"
         )
 
 
@@ -638,6 +694,8 @@ def policy_summary(policy: HolderPolicy) -> dict[str, str]:
         "max_epsilon": repr(policy.max_epsilon),
         "delta": repr(policy.delta),
         "require_dp": str(policy.require_dp).lower(),
+        "min_chunks": str(policy.min_chunks),
+        "max_answer_epsilon": repr(policy.max_answer_epsilon),
     }
 
 

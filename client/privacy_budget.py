@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sottovoce.client.ledger import Ledger
 from sottovoce.common.accounting import (
+    Gaussian,
     PoissonGaussian,
     PrivacyAccountant,
     RandomizedResponse,
@@ -70,16 +71,21 @@ def check_run_affordable(spec: RunSpec, ledger: Ledger, declared_examples: int) 
                 RefusalCode.OVER_BUDGET,
             )
         return
-    if spec.answer_kind is AnswerKind.BEST_OF:
+    if isinstance(event, RandomizedResponse) and spec.answer_kind is AnswerKind.BEST_OF:
         return  # the number of candidates is per task; each answer is checked then
-    assert isinstance(event, RandomizedResponse)
+    # A chunk vote's event does not depend on the number of candidates: check it whole.
     total = PrivacyAccountant(prior, base_curve=base).epsilon_with(
         event, limit.delta, spec.max_rounds
     )
     if total > limit.max_epsilon:
         raise PolicyViolation(
-            f"run {spec.run_id}: {spec.max_rounds} randomized-response answers at epsilon "
-            f"{event.epsilon:g} would bring this data set to epsilon {total:.3g} > "
-            f"max_epsilon {limit.max_epsilon:g}",
+            f"run {spec.run_id}: {spec.max_rounds} {_describe(event)} would bring this data "
+            f"set to epsilon {total:.3g} > max_epsilon {limit.max_epsilon:g}",
             RefusalCode.OVER_BUDGET,
         )
+
+
+def _describe(event: RandomizedResponse | Gaussian) -> str:
+    if isinstance(event, RandomizedResponse):
+        return f"randomized-response answers at epsilon {event.epsilon:g}"
+    return f"chunk-vote answers with noise std {event.noise_std:.4g} votes"

@@ -2,11 +2,11 @@
 
 Every random draw that protects privacy (the Poisson minibatch, the Gaussian noise of a
 DPZero scalar, the stochastic rounding of a quantized one, the coin of randomized
-response) comes from :class:`SecureRandomness`: ``secrets.SystemRandom``, i.e. the
-operating system's entropy. It has no seed and no way to set one, so no configuration,
-coordinator message or test can make the noise predictable, and two holders given the
-same task draw independent noise. Direction seeds (which the coordinator chooses) never
-reach it.
+response, the Gaussian noise on a chunk-vote histogram) comes from
+:class:`SecureRandomness`: ``secrets.SystemRandom``, i.e. the operating system's entropy.
+It has no seed and no way to set one, so no configuration, coordinator message or test can
+make the noise predictable, and two holders given the same task draw independent noise.
+Direction seeds (which the coordinator chooses) never reach it.
 
 A caveat a privacy engineer will ask about: the Gaussian is sampled in floating point
 (``random.normalvariate`` over 53-bit uniforms), not by an exact discrete sampler, so the
@@ -109,3 +109,33 @@ def randomized_response(choice: int, mechanism: RandomizedResponse, rng: SecureR
     if rng.uniform() < mechanism.uniform_probability:
         return rng.below(mechanism.outcomes)
     return choice
+
+
+def noisy_argmax(
+    counts: Sequence[float] | np.ndarray,
+    std: float,
+    rng: SecureRandomness,
+    *,
+    first_margin: float = 0.0,
+) -> int:
+    """GNMax: the index of the largest count after adding N(0, std^2) to each count.
+
+    ``first_margin`` is added to the first noisy count ("keep the incumbent" in a choice
+    histogram) after the noise: a function of the noisy counts only, so it costs no
+    epsilon. Ties (only possible without noise, or at float resolution) go to the lowest
+    index, keep first: a fixed rule. With ``std`` = 0 this is the plain arg-max.
+    """
+    noisy = noisy_counts(counts, std, rng)
+    if len(noisy):
+        noisy[0] += first_margin
+    return int(np.argmax(noisy))  # np.argmax returns the first of equal maxima
+
+
+def noisy_counts(
+    counts: Sequence[float] | np.ndarray, std: float, rng: SecureRandomness
+) -> np.ndarray:
+    """``counts`` plus independent N(0, std^2) noise on each one, from secure randomness."""
+    values = np.asarray(counts, dtype=np.float64)
+    noise = np.array([rng.gaussian(std) for _ in range(len(values))], dtype=np.float64)
+    noisy: np.ndarray = values + noise
+    return noisy

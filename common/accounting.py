@@ -1,7 +1,7 @@
 """Differential-privacy accounting: what one DP answer costs, and what a lifetime of them does.
 
-Two kinds of DP answer exist (docs/architecture.md), each described by a small event record that
-the holder's ledger stores next to the answer:
+Three kinds of DP answer exist (docs/architecture.md), each described by a small event record
+that the holder's ledger stores next to the answer:
 
 * :class:`PoissonGaussian`: a DPZero scalar. The holder Poisson-samples its examples at
   rate ``q`` with a secret RNG, sums the clipped per-example finite differences, divides
@@ -13,6 +13,12 @@ the holder's ledger stores next to the answer:
   probability ``e^ε / (e^ε + outcomes - 1)``, else replaced by one of the others
   uniformly. Its ε holds for *any* two data sets, so for either neighbouring relation and
   whatever examples the choice was computed on (no amplification is claimed).
+* :class:`Gaussian`: a Gaussian mechanism without subsampling on a statistic of known L2
+  sensitivity: a chunk-vote answer's histogram of K chunk votes, noised with ``noise_std``
+  on every count, of which only the arg-max is released (post-processing). One record
+  added or removed changes only its own chunk's vote, so the histogram moves by -1 in one
+  bin and +1 in another: ``sensitivity = sqrt(2)`` (:data:`CHUNK_VOTE_SENSITIVITY`), and the
+  event is dp-accounting's ``GaussianDpEvent(noise_std / sqrt(2))``.
 
 The accounting itself is Google's ``dp-accounting`` RDP accountant (a maintained library:
 no privacy formula is written here); tests cross-check it against Opacus's. RDP composes
@@ -20,7 +26,8 @@ additively over its orders, so a lifetime of events costs one vector of numbers,
 "would one more answer cross the budget?" is a copy and one more composition.
 
 dp-accounting computes randomized response's RDP only under replace-one neighbours and
-Poisson-subsampled Gaussians only under add/remove-one. They are composed by adding the
+Poisson-subsampled Gaussians only under add/remove-one (a plain Gaussian's curve is the same
+under both; its sensitivity is stated for add/remove-one). They are composed by adding the
 two RDP curves (RDP composes additively across mechanisms): randomized response's curve
 bounds the divergence between its outputs on *any* two inputs, so it holds for add/remove
 neighbours too, and the sum is a valid add/remove-one RDP curve of the whole ledger.
@@ -34,7 +41,7 @@ import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +69,9 @@ RDP_ORDERS: tuple[float, ...] = (
     1024.0,
 )
 MAX_CALIBRATED_NOISE_MULTIPLIER = 1e4
+# A chunk-vote histogram under add/remove-one: one record moves one chunk's vote from one
+# bin to another, (-1, +1) in two bins.
+CHUNK_VOTE_SENSITIVITY = math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,44 @@ class RandomizedResponse:
         }
 
 
-DpEvent = PoissonGaussian | RandomizedResponse
+@dataclass(frozen=True)
+class Gaussian:
+    """One Gaussian mechanism on all the data: noise of std ``noise_std`` on a statistic
+    whose L2 sensitivity under add/remove-one is ``sensitivity``."""
+
+    noise_std: float
+    sensitivity: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_std) and self.noise_std > 0):
+            raise AccountingError(f"noise_std must be a finite number > 0 (got {self.noise_std!r})")
+        if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
+            raise AccountingError(
+                f"sensitivity must be a finite number > 0 (got {self.sensitivity!r})"
+            )
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Noise std in units of the sensitivity: what dp-accounting's Gaussian takes."""
+        return self.noise_std / self.sensitivity
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mechanism": "gaussian",
+            "noise_std": self.noise_std,
+            "sensitivity": self.sensitivity,
+        }
+
+
+DpEvent = PoissonGaussian | RandomizedResponse | Gaussian
+
+
+def chunk_vote_event(noise_std: float) -> Gaussian:
+    """One chunk-vote answer: the noisy histogram of the chunks' votes (see the module doc)."""
+    return Gaussian(noise_std, CHUNK_VOTE_SENSITIVITY)
 
 
 def answer_event(
@@ -143,13 +190,16 @@ def answer_event(
     """What one answer of a run is in DP terms; None when it is not DP at all.
 
     A dp-scalar with noise is a Poisson-subsampled Gaussian at ``sampling_rate`` (the
-    answering holder's own rate; None if unknown); a compare or best-of choice under
-    randomized response is RR over its ``2`` or ``n_candidates + 1`` possible answers.
+    answering holder's own rate; None if unknown); a compare or best-of choice by noisy
+    chunk votes is a Gaussian on the vote histogram, whatever ``n_candidates``; under
+    randomized response it is RR over its ``2`` or ``n_candidates + 1`` possible answers.
     """
     if kind is AnswerKind.DP_SCALAR:
         if dp.noise_multiplier <= 0 or sampling_rate is None:
             return None
         return PoissonGaussian(dp.noise_multiplier, sampling_rate)
+    if dp.chunks > 0:
+        return chunk_vote_event(dp.vote_noise) if dp.vote_noise > 0 else None
     if dp.randomized_response_epsilon > 0:
         outcomes = choice_outcomes(kind, n_candidates)
         return RandomizedResponse(dp.randomized_response_epsilon, outcomes)
@@ -178,6 +228,10 @@ def event_from_json(raw: Mapping[str, Any]) -> DpEvent:
             if isinstance(outcomes, bool) or not isinstance(outcomes, int):
                 raise AccountingError(f"outcomes {outcomes!r} is not an integer")
             return RandomizedResponse(epsilon=_real(raw["epsilon"]), outcomes=outcomes)
+        if mechanism == "gaussian" and set(raw) == {"mechanism", "noise_std", "sensitivity"}:
+            return Gaussian(
+                noise_std=_real(raw["noise_std"]), sensitivity=_real(raw["sensitivity"])
+            )
     except TypeError as exc:
         raise AccountingError(str(exc)) from None
     raise AccountingError(f"unknown DP event {dict(raw)!r}")
@@ -248,7 +302,7 @@ def events_curve(events: Iterable[DpEvent]) -> np.ndarray:
 @functools.lru_cache(maxsize=1024)
 def _event_rdp(event: DpEvent) -> np.ndarray:
     """One event's RDP curve over ``RDP_ORDERS``, by dp-accounting (see the module doc)."""
-    relation = _ADD_OR_REMOVE if isinstance(event, PoissonGaussian) else _REPLACE_ONE
+    relation = _REPLACE_ONE if isinstance(event, RandomizedResponse) else _ADD_OR_REMOVE
     accountant = RdpAccountant(list(RDP_ORDERS), relation)
     with _quiet_absl():
         accountant.compose(event.to_dp_event())
@@ -279,6 +333,68 @@ def calibrate_noise_multiplier(
     :class:`AccountingError` if even ``MAX_CALIBRATED_NOISE_MULTIPLIER`` does not fit, e.g. because
     ``prior`` events already spent the target.
     """
+    return _calibrate(
+        lambda sigma: PoissonGaussian(sigma, sampling_rate),
+        target_epsilon,
+        delta,
+        steps,
+        prior,
+        base_curve,
+        f"at sampling rate {sampling_rate:g} ",
+    )
+
+
+def calibrate_vote_noise(
+    target_epsilon: float,
+    delta: float,
+    answers: int,
+    prior: Iterable[DpEvent] = (),
+    *,
+    base_curve: np.ndarray | None = None,
+) -> float:
+    """Smallest noise std on each vote count with which ``answers`` chunk-vote answers (after
+    ``prior``) fit the target: the same bisection on the same accountant as
+    :func:`calibrate_noise_multiplier`, for :func:`chunk_vote_event`."""
+    multiplier = _calibrate(
+        lambda m: chunk_vote_event(m * CHUNK_VOTE_SENSITIVITY),
+        target_epsilon,
+        delta,
+        answers,
+        prior,
+        base_curve,
+        "",
+    )
+    return multiplier * CHUNK_VOTE_SENSITIVITY
+
+
+def calibrate_randomized_response(
+    target_epsilon: float, delta: float, answers: int, outcomes: int
+) -> float:
+    """Largest per-answer ε with which ``answers`` randomized-response choices among
+    ``outcomes`` fit the target at ``delta``: the same bisection, on 1/ε."""
+    inverse = _calibrate(
+        lambda m: RandomizedResponse(1.0 / m, outcomes),
+        target_epsilon,
+        delta,
+        answers,
+        (),
+        None,
+        f"of randomized response over {outcomes} outcomes ",
+    )
+    return 1.0 / inverse
+
+
+def _calibrate(
+    make_event: Callable[[float], DpEvent],
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    prior: Iterable[DpEvent],
+    base_curve: np.ndarray | None,
+    where: str,
+) -> float:
+    """The smallest noise multiplier ``m`` with which ``steps`` copies of ``make_event(m)``
+    fit the target after ``prior`` (see :func:`calibrate_noise_multiplier`)."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise AccountingError(f"epsilon must be a finite number > 0 (got {target_epsilon!r})")
     _check_delta(delta)
@@ -290,23 +406,27 @@ def calibrate_noise_multiplier(
         raise AccountingError(
             f"epsilon {base.epsilon(delta):.3f} is already spent, target is {target_epsilon:g}"
         )
-
-    if base.epsilon_with(
-        PoissonGaussian(MAX_CALIBRATED_NOISE_MULTIPLIER, sampling_rate), delta, steps
-    ) > (target_epsilon):
+    if base.epsilon_with(make_event(MAX_CALIBRATED_NOISE_MULTIPLIER), delta, steps) > (
+        target_epsilon
+    ):
         raise AccountingError(
-            f"no noise multiplier up to {MAX_CALIBRATED_NOISE_MULTIPLIER:g} keeps {steps} steps at "
-            f"sampling rate {sampling_rate:g} within epsilon {target_epsilon:g}"
+            f"no noise multiplier up to {MAX_CALIBRATED_NOISE_MULTIPLIER:g} keeps {steps} steps "
+            f"{where}within epsilon {target_epsilon:g}"
         )
     sigma = dp_accounting.calibrate_dp_mechanism(
         lambda: _Trial(base),
-        lambda sigma: _Batch(PoissonGaussian(sigma, sampling_rate), steps),
+        lambda sigma: _Batch(make_event(sigma), steps),
         target_epsilon,
         delta,
         dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
         tol=1e-4,
     )
     return float(sigma)
+
+
+def answer_epsilon(event: DpEvent, delta: float) -> float:
+    """ε of one answer alone at ``delta``: what a policy's ``max_answer_epsilon`` bounds."""
+    return PrivacyAccountant([event]).epsilon(delta)
 
 
 @dataclass(frozen=True)

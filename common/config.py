@@ -20,7 +20,13 @@ from sottovoce.common.dtypes import DtypeName
 from sottovoce.common.errors import AccountingError, ConfigError
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.protocol.answers import ALGORITHM_ANSWER_KINDS, Algorithm, AnswerKind
-from sottovoce.common.protocol.limits import FINGERPRINT_REGEX, MAX_QUANTIZATION_BITS
+from sottovoce.common.protocol.limits import (
+    FINGERPRINT_REGEX,
+    MAX_CHUNKS,
+    MAX_KEEP_MARGIN,
+    MAX_QUANTIZATION_BITS,
+    MAX_VOTE_NOISE,
+)
 from sottovoce.common.protocol.messages import BatchSpec, DpSpec, FitnessSpec, check_fitness_spec
 from sottovoce.common.storage import canonical_json
 from sottovoce.common.transport.wire import (
@@ -102,13 +108,21 @@ class PrivacySection(_Section):
     DPZero: ``epsilon`` is the target over ``run.max_rounds`` steps at ``delta``; the noise
     multiplier is calibrated for the sampling rate ``evaluation.batch_size /
     examples_per_holder``. Leave ``epsilon`` out for non-private DPZero. BBoxER:
-    ``randomized_response_epsilon`` makes each choice ε-DP.
+    ``randomized_response_epsilon`` makes each choice ε-DP; or ``chunks = K`` makes each
+    choice the noisy arg-max of K secret chunks' votes, with ``vote_noise`` (the noise std
+    on each vote count) given, or calibrated from ``epsilon`` over ``run.max_rounds``
+    answers at ``delta``; neither: non-private chunk votes. ``keep_margin``: votes added to
+    "keep the incumbent" after the noise (post-processing: free in ε), so that noise alone
+    rarely accepts a candidate.
     """
 
     epsilon: float | None = Field(default=None, gt=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
     examples_per_holder: int | None = Field(default=None, ge=1)
     randomized_response_epsilon: float | None = Field(default=None, gt=0)
+    chunks: int | None = Field(default=None, ge=1, le=MAX_CHUNKS)
+    vote_noise: float | None = Field(default=None, gt=0, le=MAX_VOTE_NOISE)
+    keep_margin: float | None = Field(default=None, ge=0, le=MAX_KEEP_MARGIN)
 
 
 class ServerSection(_Section):
@@ -216,10 +230,17 @@ class RunConfig(_Section):
                     "DP accounting does not cover a fixed set of prompts read every round"
                 )
             self._check_dpzero()
+        elif self.privacy.chunks is not None:
+            self._check_chunk_votes()
         elif self.privacy.epsilon is not None:
             raise ValueError(
-                "privacy.epsilon calibrates DPZero's noise; for BBoxER use "
-                "privacy.randomized_response_epsilon"
+                "privacy.epsilon calibrates DPZero's or chunk votes' noise; for BBoxER set "
+                "privacy.chunks too, or use privacy.randomized_response_epsilon"
+            )
+        elif self.privacy.vote_noise is not None or self.privacy.keep_margin is not None:
+            raise ValueError(
+                "privacy.vote_noise and privacy.keep_margin need privacy.chunks (the number "
+                "of chunks)"
             )
         n = self.privacy.examples_per_holder
         if self.evaluation.mode == "poisson" and n is not None and self.evaluation.batch_size > n:
@@ -237,6 +258,11 @@ class RunConfig(_Section):
             )
         if self.privacy.randomized_response_epsilon is not None:
             raise ValueError("privacy.randomized_response_epsilon is for BBoxER, not dpzero")
+        chunk_keys = (self.privacy.chunks, self.privacy.vote_noise, self.privacy.keep_margin)
+        if any(value is not None for value in chunk_keys):
+            raise ValueError(
+                "privacy.chunks, vote_noise and keep_margin are for BBoxER, not dpzero"
+            )
         if self.privacy.epsilon is None:
             return
         n = self.privacy.examples_per_holder
@@ -252,6 +278,29 @@ class RunConfig(_Section):
                 f"{1.0 / n:.3g} (a delta of 1/n allows releasing one example outright)"
             )
 
+    def _check_chunk_votes(self) -> None:
+        privacy = self.privacy
+        if self.evaluation.mode != "full":
+            raise ValueError(
+                f"evaluation.mode must be 'full' for chunk votes (got {self.evaluation.mode!r}): "
+                "the chunks partition the holder's whole split"
+            )
+        if privacy.randomized_response_epsilon is not None:
+            raise ValueError(
+                "privacy.randomized_response_epsilon and privacy.chunks are two answer "
+                "mechanisms; choose one"
+            )
+        if privacy.epsilon is not None and privacy.vote_noise is not None:
+            raise ValueError(
+                "privacy.vote_noise is calibrated from privacy.epsilon; set one of them"
+            )
+        if self.fitness.penalizes_divergence:
+            raise ValueError(
+                "fitness.kl_weight: a divergence penalty reads the same secret prompts in every "
+                "chunk's score, so one of those records could move every chunk's vote, not one; "
+                "chunk votes' sensitivity of sqrt(2) would not hold"
+            )
+
     @property
     def answer_kind(self) -> AnswerKind:
         return ALGORITHM_ANSWER_KINDS[self.run.algorithm]
@@ -265,6 +314,8 @@ class RunConfig(_Section):
     def dp_spec(self) -> DpSpec:
         """What the run asks of holders' answers; calibrates DPZero's noise (once)."""
         privacy, dpzero = self.privacy, self.dpzero
+        if self.run.algorithm != "dpzero" and privacy.chunks is not None:
+            return self._chunk_vote_spec(privacy.chunks)
         if self.run.algorithm != "dpzero":
             return DpSpec(
                 delta=privacy.delta if privacy.randomized_response_epsilon else 0.0,
@@ -290,6 +341,35 @@ class RunConfig(_Section):
             clip=dpzero.clip,
             quantization_bits=dpzero.quantization_bits,
             quantization_range=dpzero.quantization_range or dpzero.clip,
+        )
+
+    def _chunk_vote_spec(self, chunks: int) -> DpSpec:
+        """Chunk votes: the vote noise as given, or calibrated for ``run.max_rounds`` answers."""
+        # dp_accounting (scipy) takes seconds to import: only when a run calibrates.
+        from sottovoce.common.accounting import (
+            PrivacyAccountant,
+            calibrate_vote_noise,
+            chunk_vote_event,
+        )
+
+        privacy, rounds = self.privacy, self.run.max_rounds
+        noise, margin = privacy.vote_noise or 0.0, privacy.keep_margin or 0.0
+        if privacy.epsilon is not None:
+            try:
+                noise = calibrate_vote_noise(privacy.epsilon, privacy.delta, rounds)
+            except AccountingError as exc:
+                raise ConfigError(f"privacy.epsilon: {exc}") from None
+        if noise <= 0:
+            return DpSpec(chunks=chunks, keep_margin=margin)
+        epsilon = privacy.epsilon
+        if epsilon is None:
+            epsilon = PrivacyAccountant([chunk_vote_event(noise)] * rounds).epsilon(privacy.delta)
+        return DpSpec(
+            epsilon=epsilon,
+            delta=privacy.delta,
+            chunks=chunks,
+            vote_noise=noise,
+            keep_margin=margin,
         )
 
     def fingerprint(self) -> str:

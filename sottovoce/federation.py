@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sottovoce.api import read_config
 from sottovoce.client.policy import HolderPolicy, policy_toml
-from sottovoce.common.accounting import PrivacyAccountant, answer_event
+from sottovoce.common.accounting import PrivacyAccountant, answer_epsilon, answer_event
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import (
     Record,
@@ -136,6 +137,16 @@ def simulated_policy(
         lanes, max_scale = config.optimizer.candidates, config.optimizer.max_step
     max_lambda = max(lanes, max_lambda or 0)
     epsilon = _policy_epsilon(config)
+    # A chunk-vote run pins its own mechanism (and never carries a divergence penalty: the
+    # run config refuses that pair).
+    chunk_votes = {
+        "answer_mechanisms": (
+            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
+            if config.fitness.penalizes_divergence
+            else ANSWER_MECHANISMS
+        ),
+        **_chunk_vote_pins(config, epsilon),
+    }
     return HolderPolicy(
         max_bits=config.simulate.max_holder_policy_bits,
         expected_model_fingerprint=fingerprint,
@@ -149,11 +160,6 @@ def simulated_policy(
         max_steps_per_run=config.run.max_rounds,
         max_new_steps_per_task=config.run.max_rounds,
         fitness=config.fitness,
-        answer_mechanisms=(
-            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
-            if config.fitness.penalizes_divergence
-            else ANSWER_MECHANISMS
-        ),
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),
         min_examples=min_examples,
@@ -161,7 +167,21 @@ def simulated_policy(
         max_epsilon=epsilon,
         delta=None if epsilon is None else config.privacy.delta,
         require_dp=epsilon is not None,
+        **chunk_votes,
     )
+
+
+def _chunk_vote_pins(config: RunConfig, epsilon: float | None) -> dict[str, Any]:
+    """For a chunk-vote run, what its holders pin: the mechanism itself, at least the run's
+    number of chunks, and no single answer dearer than one of the run's own."""
+    dp = config.dp_spec()
+    if config.run.algorithm == "dpzero" or dp.chunks == 0:
+        return {}
+    pins: dict[str, Any] = {"answer_mechanisms": ("chunk-vote",), "min_chunks": dp.chunks}
+    event = answer_event(dp, config.answer_kind, config.optimizer.candidates, None)
+    if event is not None and epsilon is not None:
+        pins["max_answer_epsilon"] = answer_epsilon(event, config.privacy.delta) * (1 + 1e-6)
+    return pins
 
 
 def _policy_epsilon(config: RunConfig) -> float | None:
@@ -171,10 +191,12 @@ def _policy_epsilon(config: RunConfig) -> float | None:
         return config.simulate.max_holder_policy_epsilon
     if config.run.algorithm == "dpzero" and dp.epsilon is not None:
         return dp.epsilon * (1 + 1e-4)  # calibration's tolerance
-    if dp.randomized_response_epsilon is not None:
+    if dp.randomized_response_epsilon is not None or (
+        dp.chunks is not None and (dp.epsilon is not None or dp.vote_noise is not None)
+    ):
         event = answer_event(
             config.dp_spec(), config.answer_kind, config.optimizer.candidates, None
         )
-        assert event is not None  # randomized response is on
+        assert event is not None  # randomized response or noisy chunk votes are on
         return PrivacyAccountant([event] * config.run.max_rounds).epsilon(dp.delta) * (1 + 1e-4)
     return None

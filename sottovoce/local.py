@@ -65,13 +65,15 @@ def open_local_holders(
     shards: Sequence[Sequence[Record]],
     root: Path,
     *,
+    max_batch: int = 32,
     max_lambda: int | None = None,
 ) -> list[DataHolder]:
     """One in-process holder per shard, each with the policy `simulate` would write.
 
     For tests and benchmarks that want the demo's holders without processes; ledgers go
-    under ``root`` (a scratch folder), one per shard. ``max_lambda``: see
-    :func:`~sottovoce.federation.simulated_policy`.
+    under ``root`` (a scratch folder), one per shard. ``max_batch`` is the holders'
+    sub-batch size (a benchmark whose head inputs are cached scores whole splits at once).
+    ``max_lambda``: see :func:`~sottovoce.federation.simulated_policy`.
     """
     holders = []
     smallest = min(len(records) for records in shards)
@@ -83,6 +85,13 @@ def open_local_holders(
             policy.ledger_dir, records, policy.max_bits, privacy=policy.privacy_limit()
         )
         holders.append(
-            DataHolder(f"h{index}", records, policy, ledger, lambda: load_model(config.model.name))
+            DataHolder(
+                f"h{index}",
+                records,
+                policy,
+                ledger,
+                lambda: load_model(config.model.name),
+                max_batch=max_batch,
+            )
         )
     return holders

@@ -55,7 +55,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if privacy:
         sigma = privacy["noise_multiplier"]
         rr = privacy.get("randomized_response_epsilon")
+        chunks = privacy.get("chunks")
         mechanism = f"randomized response, eps {rr:g} an answer" if rr else f"sigma {sigma:.4g}"
+        if chunks:
+            mechanism = f"chunk votes, K {chunks}, noise std {privacy['vote_noise']:.4g} votes"
         table.add_row("differential privacy", f"{mechanism}; delta {privacy['delta']:g}")
         for holder, spent in privacy["per_holder"].items():
             epsilon = spent.get("epsilon_this_run")

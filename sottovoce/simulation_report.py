@@ -95,7 +95,7 @@ def _dp_report(
 ) -> dict[str, Any]:
     """ε per holder from the holders' own ledgers (read as their operator), and the curve
     of the holders' local training fitness, for DP runs."""
-    if config.run.algorithm != "dpzero" and config.privacy.randomized_response_epsilon is None:
+    if config.run.algorithm != "dpzero" and not spec.private:
         return {}
     holders: dict[str, Any] = {}
     curves = []
@@ -123,6 +123,8 @@ def _dp_report(
             "delta": config.privacy.delta,
             "noise_multiplier": spec.noise_multiplier,
             "randomized_response_epsilon": spec.randomized_response_epsilon or None,
+            "chunks": spec.chunks or None,
+            "vote_noise": spec.vote_noise or None,
             "sampling_rate": config.sampling_rate,
             "clip": spec.clip if config.run.algorithm == "dpzero" else None,
             "quantization_bits": spec.quantization_bits,

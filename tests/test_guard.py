@@ -17,8 +17,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -38,7 +40,13 @@ from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.grpc_loop import RetryPolicy, run_holder
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.mechanisms import PlainChoice
-from sottovoce.common.accounting import PoissonGaussian, PrivacyAccountant, RandomizedResponse
+from sottovoce.common.accounting import (
+    PoissonGaussian,
+    PrivacyAccountant,
+    RandomizedResponse,
+    answer_epsilon,
+    chunk_vote_event,
+)
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel, load_model
@@ -293,12 +301,14 @@ def find_isolating_direction(spec: RunSpec, lanes: int = 4, rounds: int = 12) ->
     return best
 
 
-def ask_many(holder: DataHolder, spec: RunSpec, question: Question, count: int) -> list[int]:
+def ask_many(
+    holder: DataHolder, spec: RunSpec, question: Question, count: int, prefix: str = "q"
+) -> list[int]:
     answers = []
     for number in range(count):
         round_index = _round_of(spec, question.candidate.seed)
         task = make_task(
-            spec, f"{holder.holder_id}-q{number}", candidates=(question.candidate,),
+            spec, f"{holder.holder_id}-{prefix}{number}", candidates=(question.candidate,),
             round_index=round_index,
         )  # fmt: skip
         answer = holder.answer(task)
@@ -368,6 +378,53 @@ def test_randomized_response_bounds_the_same_attack_by_its_epsilon(tmp_path: Pat
     bound = RandomizedResponse(epsilon, 2).truth_probability  # e / (1 + e) = 0.731
     assert success <= bound + 3 * math.sqrt(bound * (1 - bound) / (2 * trials))
     assert success > 0.6  # the question does isolate the record: RR is what protects it
+
+
+def test_chunk_votes_bound_the_same_attack_by_their_epsilon(tmp_path: Path) -> None:
+    """The holders' policy requires chunk votes (so a plain comparison is refused); the
+    coordinator asks K = 1 chunk, where the one chunk's vote is the plain comparison the
+    target decides: the attacker's best case, since no partition can hide the target. The
+    answer is the noisy arg-max of (1, 0) against (0, 1): a Gaussian of sensitivity
+    sqrt(2). Success stays under (e^eps + delta) / (1 + e^eps) for one answer's eps (and at
+    what the Gaussian itself allows, Phi(sqrt(2) / (2 sigma))); with the noise switched off
+    behind the accountant's back, the same question reads membership every time."""
+    sigma, delta = 4.0, 1e-5
+    spec = spec_for(max_rounds=100, dp=DpSpec(delta=delta, chunks=1, vote_noise=sigma))
+    question = find_isolating_question(spec)
+    epsilon = answer_epsilon(chunk_vote_event(sigma), delta)
+    privacy = {
+        "max_epsilon": 1e4,
+        "delta": delta,
+        "answer_mechanisms": ["chunk-vote"],
+        "require_dp": True,
+        "max_answer_epsilon": epsilon,
+    }
+    member = holder_on(tmp_path / "in", [*others(), TARGET], name="in", **privacy)
+    outsider = holder_on(tmp_path / "out", others(), name="out", **privacy)
+    plain = dataclasses.replace(spec, dp=DpSpec())
+    for holder in (member, outsider):
+        with pytest.raises(PolicyViolation, match="policy requires DP answers"):
+            holder.accept_run(plain)
+        holder.accept_run(spec)
+
+    def success(trials: int, prefix: str) -> tuple[float, float]:
+        rate = membership_success(
+            ask_many(member, spec, question, trials, prefix),
+            ask_many(outsider, spec, question, trials, prefix),
+            question,
+        )
+        return rate, 3 * math.sqrt(0.25 / (2 * trials))
+
+    bound = (math.exp(epsilon) + delta) / (1 + math.exp(epsilon))  # 0.81 at sigma 4
+    gaussian = float(NormalDist().cdf(math.sqrt(2) / (2 * sigma)))  # 0.57
+    measured, tolerance = success(100, "q")
+    assert measured <= bound + tolerance
+    assert abs(measured - gaussian) <= tolerance
+    for holder in (member, outsider):  # planted: the accountant is told sigma, no noise added
+        assert holder.run is not None
+        holder.run.mechanism.noisy_choice = lambda counts: int(np.argmax(counts))  # type: ignore[attr-defined]
+    planted, tolerance = success(50, "planted")
+    assert planted > bound + tolerance
 
 
 def test_dpzero_bounds_the_same_attack_by_its_epsilon(tmp_path: Path) -> None:

@@ -115,3 +115,19 @@ def test_the_ledger_page_renders_in_a_real_browser(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     assert "5.00 of 50 bits" in text and "run-b:r0:x" in text
+
+
+def test_a_chunk_vote_release_is_described_as_such() -> None:
+    """The report names each DP mechanism: a chunk vote's Gaussian event (sensitivity
+    sqrt(2)) is not randomized response."""
+    from sottovoce.client.ledger import LedgerRecord
+    from sottovoce.client.ledger_report import describe_event
+    from sottovoce.common.accounting import chunk_vote_event
+
+    record = LedgerRecord(
+        seq=0, time=0.0, run_id="r", task_id="t", kind="compare", bits=1.0, choice=0,
+        prev_hash="", hash="", dp=chunk_vote_event(14.1),
+    )  # fmt: skip
+    assert describe_event(record) == (
+        "noisy vote of secret chunks (Gaussian noise std 14.1, sensitivity 1.414)"
+    )

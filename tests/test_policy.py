@@ -899,7 +899,7 @@ def test_policy_summary_declares_caps_only() -> None:
         "max_new_steps_per_task": "1000",
         "max_steps_per_run": "10000",
         "max_rounds_per_run": "10000",
-        "answer_mechanisms": "plain,randomized-response,dp-scalar",
+        "answer_mechanisms": "plain,randomized-response,dp-scalar,chunk-vote",
         "min_batch_size": "16",
         "min_examples": "100",
         "allowed_batch_modes": "minibatch,full,poisson",
@@ -907,6 +907,8 @@ def test_policy_summary_declares_caps_only() -> None:
         "max_epsilon": "None",
         "delta": "None",
         "require_dp": "false",
+        "min_chunks": "1",
+        "max_answer_epsilon": "None",
     }
     assert all(isinstance(value, str) for value in summary.values())
     other = make_policy(fitness=FitnessSpec(label_words=(" bad", " good")))

@@ -38,6 +38,20 @@ def test_examples_are_valid_and_agree() -> None:
     assert config.optimizer.max_step <= policy.max_perturbation_scale
 
 
+@pytest.mark.parametrize(
+    "example", ["examples/chunkvote-demo-data.toml", "examples/chunkvote-data-rich.toml"]
+)
+def test_the_chunk_vote_examples_are_valid_and_their_holders_require_them(example: str) -> None:
+    from sottovoce.federation import simulated_policy
+
+    config = load_config(ROOT / example)
+    spec = config.dp_spec()
+    assert spec.chunks > 0 and spec.vote_noise > 0 and spec.epsilon == config.privacy.epsilon
+    policy = simulated_policy(config, "sha256:" + "0" * 64, ROOT / "unused", min_examples=500)
+    assert policy.answer_mechanisms == ("chunk-vote",) and policy.min_chunks == spec.chunks
+    assert policy.require_dp and policy.max_answer_epsilon is not None
+
+
 def test_the_dpzero_example_is_valid_and_calibrates() -> None:
     config = load_config(ROOT / "examples/dpzero.toml")
     spec = config.dp_spec()

@@ -157,6 +157,13 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
         replace(SPEC, dp=DpSpec(delta=1e-6, randomized_response_epsilon=0.5)),
         RUN_SPEC,
     ),
+    "run-spec-chunk-votes": (
+        replace(
+            SPEC,
+            dp=DpSpec(epsilon=6.0, delta=1e-5, chunks=256, vote_noise=14.25, keep_margin=7.5),
+        ),
+        RUN_SPEC,
+    ),
     "refusal": (REFUSAL, ANSWER_CODEC),
     "run-finished": (FINISHED, FINISHED_CODEC),
     "join-request": (JOIN, JOIN_CODEC),
@@ -297,6 +304,13 @@ SPEC_BAD: list[tuple[str, RunSpec]] = [
     ("fitness.label_words[0]", _fitness(label_words=("",))),
     ("fitness.text_field", _fitness(text_field="")),
     ("fitness.target_field", _fitness(target_field="x" * 65)),
+    ("dp.chunks", replace(SPEC, dp=DpSpec(chunks=2**20 + 1))),
+    ("dp.chunks", replace(SPEC, dp=DpSpec(chunks=-1))),
+    ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=math.nan))),
+    ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=-1.0))),
+    ("dp.vote_noise", replace(SPEC, dp=DpSpec(chunks=8, vote_noise=2e6))),
+    ("dp.keep_margin", replace(SPEC, dp=DpSpec(chunks=8, keep_margin=-1.0))),
+    ("dp.keep_margin", replace(SPEC, dp=DpSpec(chunks=8, keep_margin=math.inf))),
 ]
 PUSH_BAD: list[tuple[str, PushAnswerCall]] = [
     ("answer.task_id", _push(task_id="t" * 200)),

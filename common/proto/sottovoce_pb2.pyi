@@ -260,6 +260,9 @@ class DpSpec(_message.Message):
     QUANTIZATION_BITS_FIELD_NUMBER: _builtins.int
     QUANTIZATION_RANGE_FIELD_NUMBER: _builtins.int
     RANDOMIZED_RESPONSE_EPSILON_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    VOTE_NOISE_FIELD_NUMBER: _builtins.int
+    KEEP_MARGIN_FIELD_NUMBER: _builtins.int
     epsilon: _builtins.float
     """the run's target; >= 0"""
     delta: _builtins.float
@@ -274,6 +277,12 @@ class DpSpec(_message.Message):
     """DPZero: the quantized answer's range [-r, r], > 0"""
     randomized_response_epsilon: _builtins.float
     """BBoxER: 0 = exact choices"""
+    chunks: _builtins.int
+    """BBoxER chunk votes: K secret chunks, 0 = none; <= 2^20"""
+    vote_noise: _builtins.float
+    """chunk votes: noise std on each vote count; 0 = non-private"""
+    keep_margin: _builtins.float
+    """chunk votes: votes added to "keep" after the noise; >= 0"""
     def __init__(
         self,
         *,
@@ -284,10 +293,13 @@ class DpSpec(_message.Message):
         quantization_bits: _builtins.int = ...,
         quantization_range: _builtins.float = ...,
         randomized_response_epsilon: _builtins.float = ...,
+        chunks: _builtins.int = ...,
+        vote_noise: _builtins.float = ...,
+        keep_margin: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "delta", b"delta", "epsilon", b"epsilon", "noise_multiplier", b"noise_multiplier", "quantization_bits", b"quantization_bits", "quantization_range", b"quantization_range", "randomized_response_epsilon", b"randomized_response_epsilon"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "clip", b"clip", "delta", b"delta", "epsilon", b"epsilon", "keep_margin", b"keep_margin", "noise_multiplier", b"noise_multiplier", "quantization_bits", b"quantization_bits", "quantization_range", b"quantization_range", "randomized_response_epsilon", b"randomized_response_epsilon", "vote_noise", b"vote_noise"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,8 @@ coordinator, ledger, reports and bounds alike:
 
 * ``compare``: choice 1 if the candidate beat the incumbent, else 0: 1 bit;
 * ``best-of``: choice 0 ("keep the incumbent") or 1 + the index of the best candidate:
-  log2(lambda + 1) bits;
+  log2(lambda + 1) bits (whichever mechanism computed the choice: plain, randomized
+  response or chunk votes release one choice all the same);
 * ``dp-scalar``: a float32 (32 bits) or, quantized, one of 2**k levels (k bits).
 
 Which kinds an algorithm asks for is part of what a holder agrees to, so the algorithm
@@ -38,15 +39,23 @@ ALGORITHM_ANSWER_KINDS: dict[str, AnswerKind] = {
     "dpzero": AnswerKind.DP_SCALAR,
 }
 
-AnswerMechanism = Literal["plain", "randomized-response", "dp-scalar"]
+AnswerMechanism = Literal["plain", "randomized-response", "dp-scalar", "chunk-vote"]
 """How a holder turns its scores into what it releases; a policy names those it allows.
 
 * ``plain``: the true compare / best-of choice. Bounded in bits, but not record-private:
   one record can decide a close comparison.
 * ``randomized-response``: the choice under k-ary randomized response (epsilon-DP).
 * ``dp-scalar``: DPZero's clipped, Poisson-subsampled, Gaussian-noised finite difference.
+* ``chunk-vote``: the compare / best-of choice as the noisy arg-max of K secret, disjoint
+  chunks' votes (PATE's GNMax): one record moves one vote, so Gaussian noise on the
+  histogram makes the choice (epsilon, delta)-DP. Same bits as a plain choice.
 """
-ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = ("plain", "randomized-response", "dp-scalar")
+ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = (
+    "plain",
+    "randomized-response",
+    "dp-scalar",
+    "chunk-vote",
+)
 
 DIVERGENCE_PENALTY_MECHANISMS: frozenset[AnswerMechanism] = frozenset(
     {"plain", "randomized-response"}
@@ -56,14 +65,24 @@ DIVERGENCE_PENALTY_MECHANISMS: frozenset[AnswerMechanism] = frozenset(
 The penalty reads the same fixed prompts on every answer. A choice's cost does not care
 (bits are bits; randomized response is epsilon-DP whatever was computed), but dp-scalar's
 accounting assumes each example enters one Poisson-sampled, clipped term of one answer:
-a fixed subset read every round breaks that, so it is not allowed there.
+a fixed subset read every round breaks that, so it is not allowed there. Nor with chunk
+votes: the prompts enter every chunk's score, so one of those records could move every
+chunk's vote, where the accounting assumes it moves one (sensitivity sqrt(2)).
 """
 
 
-def answer_mechanism(kind: AnswerKind, randomized_response_epsilon: float) -> AnswerMechanism:
-    """The mechanism a run's answers use, from its answer kind and DP settings."""
+def answer_mechanism(
+    kind: AnswerKind, randomized_response_epsilon: float, chunks: int = 0
+) -> AnswerMechanism:
+    """The mechanism a run's answers use, from its answer kind and DP settings.
+
+    A spec that sets both chunks and randomized response is refused by the holder's policy
+    (``client/policy.py``); here chunk votes win.
+    """
     if kind is AnswerKind.DP_SCALAR:
         return "dp-scalar"
+    if chunks > 0:
+        return "chunk-vote"
     return "randomized-response" if randomized_response_epsilon > 0 else "plain"
 
 

@@ -51,3 +51,8 @@ MAX_EPSILON = 1e6  # a run's DP target (reported, never used in arithmetic by a 
 # Randomized response at epsilon 64 keeps the truth with probability 1 - 1e-27: past it
 # the mechanism is plain comparison in all but name, and exp() stays far from overflow.
 MAX_RANDOMIZED_RESPONSE_EPSILON = 64.0
+# Chunk votes: K chunks of a holder's records (a histogram of K votes, allocated per task)
+# and the noise std on each count, in votes.
+MAX_CHUNKS = 2**20
+MAX_VOTE_NOISE = 1e6
+MAX_KEEP_MARGIN = float(MAX_CHUNKS)  # votes; more than K votes always keeps the incumbent

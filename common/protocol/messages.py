@@ -135,7 +135,13 @@ class DpSpec:
     ``2**k`` levels, so an answer costs k bits.
 
     BBoxER: ``randomized_response_epsilon > 0`` makes every compare / best-of choice
-    ε-DP by k-ary randomized response.
+    ε-DP by k-ary randomized response. Or, with ``chunks = K > 0``, every choice is a chunk
+    vote: the holder splits its records into K secret chunks (a keyed hash of each record),
+    each chunk votes for its best choice, and the holder releases the arg-max of the vote
+    histogram with Gaussian noise of standard deviation ``vote_noise`` (in votes) on every
+    count (GNMax); ``vote_noise = 0`` is non-private chunk voting. ``keep_margin`` votes are
+    added to "keep the incumbent" after the noise, so a candidate is accepted only when it
+    leads by that much: post-processing of the noisy histogram, free in epsilon.
 
     ``epsilon`` and ``delta`` are the run's target (what the coordinator calibrated
     ``noise_multiplier`` for); every holder accounts at its own policy's delta and refuses
@@ -149,10 +155,17 @@ class DpSpec:
     quantization_bits: int = 0
     quantization_range: float = 1.0
     randomized_response_epsilon: float = 0.0
+    chunks: int = 0
+    vote_noise: float = 0.0
+    keep_margin: float = 0.0
 
     @property
     def private(self) -> bool:
-        return self.noise_multiplier > 0 or self.randomized_response_epsilon > 0
+        return (
+            self.noise_multiplier > 0
+            or self.randomized_response_epsilon > 0
+            or (self.chunks > 0 and self.vote_noise > 0)
+        )
 
 
 @dataclass(frozen=True)
@@ -178,7 +191,9 @@ class RunSpec:
 
     @property
     def mechanism(self) -> AnswerMechanism:
-        return answer_mechanism(self.answer_kind, self.dp.randomized_response_epsilon)
+        return answer_mechanism(
+            self.answer_kind, self.dp.randomized_response_epsilon, self.dp.chunks
+        )
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,12 @@ from sottovoce.common.protocol.limits import (
     MAX_BATCH_SIZE,
     MAX_BITS,
     MAX_CHOICE,
+    MAX_CHUNKS,
     MAX_COUNT,
     MAX_DEADLINE_UNIX,
     MAX_EPSILON,
     MAX_ID_LENGTH,
+    MAX_KEEP_MARGIN,
     MAX_KL_PROMPTS,
     MAX_KL_WEIGHT,
     MAX_LABEL_WORD_LENGTH,
@@ -58,6 +60,7 @@ from sottovoce.common.protocol.limits import (
     MAX_REASON_LENGTH,
     MAX_SUBSPACE_DIMENSION,
     MAX_TEXT_LENGTH,
+    MAX_VOTE_NOISE,
     MAX_WAIT_MS,
     SESSION_PATTERN,
     UINT64_MAX,
@@ -386,6 +389,9 @@ def _check_dp(where: str, spec: DpSpec) -> None:
         0.0,
         MAX_RANDOMIZED_RESPONSE_EPSILON,
     )
+    _check_int(f"{where}.chunks", spec.chunks, 0, MAX_CHUNKS)
+    _check_real(f"{where}.vote_noise", spec.vote_noise, 0.0, MAX_VOTE_NOISE)
+    _check_real(f"{where}.keep_margin", spec.keep_margin, 0.0, MAX_KEEP_MARGIN)
 
 
 def dp_to_proto(spec: DpSpec, where: str = "DpSpec") -> pb.DpSpec:
@@ -398,6 +404,9 @@ def dp_to_proto(spec: DpSpec, where: str = "DpSpec") -> pb.DpSpec:
         quantization_bits=int(spec.quantization_bits),
         quantization_range=float(spec.quantization_range),
         randomized_response_epsilon=float(spec.randomized_response_epsilon),
+        chunks=int(spec.chunks),
+        vote_noise=float(spec.vote_noise),
+        keep_margin=float(spec.keep_margin),
     )
 
 
@@ -410,6 +419,9 @@ def dp_from_proto(message: pb.DpSpec, where: str = "DpSpec") -> DpSpec:
         quantization_bits=message.quantization_bits,
         quantization_range=message.quantization_range,
         randomized_response_epsilon=message.randomized_response_epsilon,
+        chunks=message.chunks,
+        vote_noise=message.vote_noise,
+        keep_margin=message.keep_margin,
     )
     _check_dp(where, spec)
     return spec
