@@ -1,0 +1,338 @@
+"""BBoxER's toolbox on the demo task: (1+lambda) vs CMA-ES vs diagonal CMA vs (mu/mu_w, lambda).
+
+The demo's federation (3 holders of the bundled movie-review sentences, SmolLM2-135M,
+full-split answers) runs in one process on the real Coordinator, DataHolder, policies and
+ledgers (`sottovoce.local`, no transport), once per (parametrization, optimizer, budget):
+
+* **budget-matched**: the same bits per holder. lambda = 8: a full ranking costs
+  log2(8!) = 15.3 bits an answer, best-of-8 log2(9) = 3.17, so (1+8) gets 4.8x the rounds;
+* **equal rounds**: every optimizer the same number of rounds (then (1+8) hears less).
+
+Every run's model is scored on the dev split (the choice of step size is made there) and,
+once, on the fixed test split (1,000 sentences, never seen by a holder): accuracy with its
+Wilson 95% interval and the exact McNemar p against the base; the bundled Amazon sentences
+(out of domain); the perplexity ratio to the base on a general text (issue 11's bundled
+text when `sottovoce.common.quality` is present, else the Amazon sentences joined, and the
+JSON says which); bits heard per holder; accepted steps; wall seconds. One JSON line a run.
+Each run's log is written to `--logs` so its figures can be recomputed without rerunning
+(`--rescore`).
+
+    python bench/bench_toolbox.py --parametrization norm-scale --rounds 40
+    python bench/bench_toolbox.py --parametrization lora-blocks --rounds 20 --train-size 300
+    python bench/bench_toolbox.py --rescore runs/toolbox-logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sottovoce.client.evaluator import PrefixCache
+from sottovoce.common.config import RunConfig, parse_config
+from sottovoce.common.data import Record, sentiment_records, shard, split_sentiment
+from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.protocol.answers import ranking_bits
+from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
+from sottovoce.common.steplog import Step
+from sottovoce.heldout import HeldOut
+from sottovoce.local import drive_locally, open_local_holders
+from sottovoce.server.coordinator import Coordinator
+from sottovoce.server.run_state import RunState
+
+NORM = "model.norm.weight"
+PARAMETRIZATIONS: dict[str, dict[str, Any]] = {
+    # BBoxER's 576 per-channel log-scales of the final norm (the holders' head cache applies)
+    "norm-scale": {"kind": "scale", "patterns": [NORM], "dimension": 576},
+    # rank-1 LoRA B factors of the attention output of the last 3 blocks: 3 x 576 = 1728
+    "lora-blocks": {
+        "kind": "lora",
+        "rank": 1,
+        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (27, 28, 29)],
+        "dimension": 1728,
+        "projection_seed": 1,
+    },
+    # EGGROLL-style seeded rank-1 moves of the same three matrices (seeded optimizers only)
+    "lowrank-blocks": {
+        "kind": "lowrank",
+        "rank": 1,
+        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (27, 28, 29)],
+    },
+}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    algorithm: str
+    mirrored: bool = False
+    explicit: bool = False  # CMA: needs explicit coordinates
+
+
+OPTIMIZERS = [
+    Optimizer("(1+8)-ES", "bboxer-1+lambda", mirrored=True),
+    Optimizer("CMA-ES", "cma-es", explicit=True),
+    Optimizer("diagonal CMA", "cma-diagonal", explicit=True),
+    Optimizer("(4/4_w,8)-ES", "es-mu-lambda", mirrored=True),
+]
+LAMBDA = 8
+
+
+def config_for(
+    parametrization: str, optimizer: Optimizer, rounds: int, step: float, seed: int
+) -> RunConfig:
+    spec = dict(PARAMETRIZATIONS[parametrization])
+    if not optimizer.explicit:
+        spec.pop("dimension", None)
+    bits = ranking_bits(LAMBDA) if optimizer.algorithm != "bboxer-1+lambda" else math.log2(9)
+    return parse_config(
+        {
+            "run": {
+                "name": "toolbox",
+                "algorithm": optimizer.algorithm,
+                "max_rounds": rounds,
+                "bit_budget": 3 * rounds * bits + 1.0,
+                "seed": seed,
+            },
+            "parametrization": spec,
+            "optimizer": {
+                "initial_step": step,
+                "min_step": min(step, 1e-4),
+                "max_step": max(4 * step, 0.05),
+                "candidates": LAMBDA,
+                "mirrored": optimizer.mirrored,
+                "rank_depth": 0,
+            },
+            "evaluation": {"mode": "full", "batch_size": 32},
+            "server": {"min_holders": 3, "quorum": 3, "round_timeout_s": 3600.0},
+            "simulate": {"max_holder_drift_linf": 4.0},
+        },
+        "bench_toolbox",
+    )
+
+
+class Scorer:
+    """Held-out figures of a parametrization's models (base computed once)."""
+
+    def __init__(self, parametrization: str, splits: Any, amazon: list[Record], text: Any):
+        self.parametrization = parametrization
+        self.splits = splits
+        self.amazon = amazon
+        self.text = text
+        self.base: dict[str, np.ndarray] = {}
+        self.base_ppl: float | None = None
+        # the frozen prefix of each held-out set, shared by the base and every tuned model
+        self.caches = {name: PrefixCache() for name in ("dev", "test", "amazon")}
+
+    def held_out(self, config: RunConfig, steps: list[Step]) -> tuple[HeldOut, LoadedModel]:
+        loaded = load_model(config.model.name)
+        held = HeldOut(config, loaded)
+        held.evaluator.apply_steps(steps)
+        return held, loaded
+
+    def figures(self, config: RunConfig, steps: list[Step]) -> dict[str, Any]:
+        if not self.base:
+            base, _ = self.held_out(config, [])
+            for name, records in self.sets().items():
+                self.base[name] = self.correct(base, name, records)
+            self.base_ppl = perplexity(base.evaluator.model, self.text)
+        held, _ = self.held_out(config, steps)
+        out: dict[str, Any] = {}
+        for name, records in self.sets().items():
+            after = self.correct(held, name, records)
+            acc, low, high = accuracy_interval(after.tolist())
+            test = mcnemar_pvalue(self.base[name].tolist(), after.tolist())
+            out[name] = {
+                "before": round(float(self.base[name].mean()), 4),
+                "after": round(acc, 4),
+                "ci95": [round(low, 4), round(high, 4)],
+                "mcnemar_p": test.p_value,
+                "fixed": test.improved,
+                "broken": test.worsened,
+            }
+        ppl = perplexity(held.evaluator.model, self.text)
+        assert self.base_ppl is not None
+        out["perplexity_ratio"] = round(ppl / self.base_ppl, 4)
+        return out
+
+    def correct(self, held: HeldOut, name: str, records: list[Record]) -> np.ndarray:
+        _, correct = held.evaluator.score_incumbent(records, self.caches[name])
+        return correct
+
+    def sets(self) -> dict[str, list[Record]]:
+        return {"dev": self.splits.dev, "test": self.splits.test, "amazon": self.amazon}
+
+
+def general_text(tokenizer: Any) -> tuple[Any, str]:
+    """Issue 11's bundled general text if present, else the Amazon sentences joined."""
+    try:
+        from sottovoce.common.quality import text_windows
+
+        return text_windows(tokenizer), "bundled general text (common/quality.py)"
+    except ImportError:
+        sentences = " ".join(str(r["text"]) for r in sentiment_records("amazon"))
+        ids = tokenizer(sentences, add_special_tokens=False)["input_ids"][: 16 * 512]
+        rows = torch.tensor(ids[: (len(ids) // 512) * 512]).view(-1, 512)
+        return rows, "the Amazon sentences joined (16 windows of 512 tokens)"
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, text: Any) -> float:
+    try:
+        from sottovoce.common.quality import forward_perplexity
+
+        return float(forward_perplexity(model, text).value)
+    except ImportError:
+        total, count = 0.0, 0
+        for row in text:
+            ids = row.unsqueeze(0)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            total -= float(log_probs.gather(-1, ids[0, 1:].unsqueeze(-1)).sum())
+            count += ids.shape[1] - 1
+        return math.exp(total / count)
+
+
+def run_one(
+    parametrization: str,
+    optimizer: Optimizer,
+    rounds: int,
+    step: float,
+    matching: str,
+    args: argparse.Namespace,
+    splits: Any,
+    scorer: Scorer,
+) -> dict[str, Any]:
+    config = config_for(parametrization, optimizer, rounds, step, args.seed)
+    train = list(splits.train[: args.train_size])
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = load_model(config.model.name)
+        holders = open_local_holders(config, base.fingerprint, shard(train, 3), root)
+        state = RunState.open(root / "run", config, "bench", base.fingerprint)
+        coordinator = Coordinator(config, state, base.fingerprint)
+        drive_locally(coordinator, holders)
+        seconds = time.time() - started
+        steps = list(state.log)
+        for holder in holders:
+            holder.ledger.close()
+        refused = sum(h.status.refused for h in holders)
+    name = f"{parametrization}|{optimizer.name}|{matching}|step{step:g}"
+    log_path = Path(args.logs) / (name.replace("|", "__").replace("/", "_") + ".json")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(
+        json.dumps(
+            {"config": config.model_dump(mode="json"), "steps": [s.to_json() for s in steps]}
+        )
+    )
+    result = {
+        "parametrization": parametrization,
+        "optimizer": optimizer.name,
+        "algorithm": optimizer.algorithm,
+        "matching": matching,
+        "initial_step": step,
+        "lambda": LAMBDA,
+        "rounds": rounds,
+        "bits_per_holder": round(state.bits_total / 3, 2),
+        "accepted_steps": len(steps),
+        "refused": refused,
+        "run_seconds": round(seconds, 1),
+        "log": str(log_path),
+    }
+    result.update(scorer.figures(config, steps))
+    return result
+
+
+def rescore(folder: Path, scorer_for: Any) -> None:
+    for path in sorted(folder.glob("*.json")):
+        saved = json.loads(path.read_text())
+        config = parse_config(saved["config"], str(path))
+        steps = [Step.from_json(s) for s in saved["steps"]]
+        parametrization = path.name.split("__")[0]
+        print(json.dumps({"log": str(path), **scorer_for(parametrization).figures(config, steps)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parametrization", choices=sorted(PARAMETRIZATIONS), default="norm-scale")
+    parser.add_argument("--rounds", type=int, default=40, help="rank rounds (budget and equal)")
+    parser.add_argument("--steps", type=float, nargs="+", default=[0.005])
+    parser.add_argument("--train-size", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=20261123)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="optimizer names")
+    parser.add_argument("--matching", nargs="*", default=["budget", "rounds"])
+    parser.add_argument("--logs", default="runs/toolbox-logs")
+    parser.add_argument("--rescore", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    splits = split_sentiment(sentiment_records())
+    tokenizer = load_model("smollm2-135m-instruct").tokenizer
+    text, text_name = general_text(tokenizer)
+    amazon = _amazon()
+    if args.rescore is not None:
+        scorers: dict[str, Scorer] = {}
+
+        def scorer_for(name: str) -> Scorer:
+            return scorers.setdefault(name, Scorer(name, splits, amazon, text))
+
+        rescore(args.rescore, scorer_for)
+        return
+    scorer = Scorer(args.parametrization, splits, amazon, text)
+    print(
+        json.dumps(
+            {
+                "setting": f"SmolLM2-135M-Instruct float32, {args.threads} threads, 3 holders x "
+                f"{args.train_size // 3} train sentences, full-split answers, lambda {LAMBDA}, "
+                f"rank rounds {args.rounds}; dev 500, test 1000, Amazon {len(amazon)}; "
+                f"perplexity on {text_name}",
+            }
+        ),
+        flush=True,
+    )
+    budget_rounds = round(args.rounds * ranking_bits(LAMBDA) / math.log2(LAMBDA + 1))
+    for optimizer in OPTIMIZERS:
+        if args.only and optimizer.name not in args.only:
+            continue
+        if optimizer.explicit and args.parametrization == "lowrank-blocks":
+            continue  # millions of coordinates: CMA's explicit space cannot reach them
+        for step in args.steps:
+            plans = []
+            if optimizer.algorithm == "bboxer-1+lambda":
+                if "budget" in args.matching:
+                    plans.append(("budget", budget_rounds))
+                if "rounds" in args.matching:
+                    plans.append(("rounds", args.rounds))
+            else:
+                plans.append(("budget=rounds", args.rounds))
+            for matching, rounds in plans:
+                result = run_one(
+                    args.parametrization, optimizer, rounds, step, matching, args, splits, scorer
+                )
+                print(json.dumps(result), flush=True)
+
+
+def _amazon() -> list[Record]:
+    try:
+        from sottovoce.common.quality import ood_records
+
+        return ood_records()["amazon"]
+    except ImportError:
+        import random
+
+        records = sentiment_records("amazon")
+        random.Random(0).shuffle(records)
+        return records[:1000]
+
+
+if __name__ == "__main__":
+    main()
