@@ -247,7 +247,11 @@ class CandidateEvaluator:
             return [result.score[g * size : (g + 1) * size] for g in range(groups)]
         prefix_rows = None if prefix is None else repeat_prefix(prefix, batch.size, groups)
         logits = self._logits(repeated, prefix_rows)
-        return [self.fitness.score(part, batch).score for part in logits.split(batch.size, dim=0)]
+        size = batch.size
+        return [
+            self.fitness.score(logits[g * size : (g + 1) * size], batch).score
+            for g in range(groups)
+        ]
 
     def _score_batches(
         self, batches: Sequence[PreparedBatch], prefixes: Sequence[Prefix | None], n: int

@@ -644,15 +644,16 @@ def check_steps(
                     f"{name} new step {index} is seeded; {algorithm!r} logs explicit steps"
                 )
             after = previous - 1 if shared_rounds else previous
-            found = schedule.first_round_of(step.seed, after, before_round)
-            if found == previous and step.seed in used:  # a seed once a round
-                found = schedule.first_round_of(step.seed, previous, before_round)
-            if found is None:
+            scheduled = schedule.first_round_of(step.seed, after, before_round)
+            if scheduled == previous and step.seed in used:  # a seed once a round
+                scheduled = schedule.first_round_of(step.seed, previous, before_round)
+            if scheduled is None:
                 raise PolicyViolation(
                     f"{name} new step {index} has seed {step.seed}, which is not a candidate of "
                     f"any round {after + 1}..{before_round - 1} of the run's seed schedule"
                     + (" (each seed once a round)" if shared_rounds else "")
                 )
+            found = scheduled
         if found >= before_round:
             raise PolicyViolation(
                 f"{name} new step {index} would belong to round {found}, not before round "

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -87,15 +87,16 @@ def write_peft_adapter(
         target_modules=sorted(factors),
         init_lora_weights=False,
     )
-    wrapped = get_peft_model(base, config)
+    wrapped = get_peft_model(base, config)  # injects peft's LoRA layers into base in place
     try:
         with torch.no_grad():
-            for name, module in wrapped.base_model.model.named_modules():
+            for name, module in base.named_modules():
                 if name in factors:
                     a, b = factors[name]
-                    module.lora_A["default"].weight.copy_(a)
-                    module.lora_B["default"].weight.copy_(b)
-        wrapped.save_pretrained(out_dir)
+                    for factor, value in (("lora_A", a), ("lora_B", b)):
+                        layer = cast(torch.nn.ModuleDict, getattr(module, factor))["default"]
+                        cast(torch.nn.Linear, layer).weight.copy_(value)
+        wrapped.save_pretrained(str(out_dir))
     finally:
         wrapped.unload()
 

@@ -498,13 +498,17 @@ def _check_delta(
     _check_length(f"{where}.delta", delta, 1, MAX_EXPLICIT_DIMENSION)
     if seed != 0 or factor != 1.0:
         _fail(where, f"an explicit delta needs seed 0 and {factor_name} 1")
-    values = tuple(float(np.float32(v)) for v in delta)  # what a proto float carries
-    for i, (raw, value) in enumerate(zip(delta, values, strict=True)):
-        if not isinstance(raw, float | int | np.floating) or not math.isfinite(value):
+    values = []
+    for i, raw in enumerate(delta):
+        if isinstance(raw, bool) or not isinstance(raw, float | int | np.floating):
+            _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not a number")
+        value = float(np.float32(raw))  # what a proto float carries
+        if not math.isfinite(value):
             _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not a finite float32")
+        values.append(value)
         if float(raw) != value:
             _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not exactly a float32")
-    return values
+    return tuple(values)
 
 
 def _check_delta_total(where: str, items: Sequence[Step] | Sequence[Candidate]) -> None:
