@@ -36,15 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sottovoce.client.evaluator import PrefixCache
+from sottovoce.client.evaluator import Prefix, PrefixCache, suffix_hidden
+from sottovoce.client.holder import DataHolder
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.data import Record, sentiment_records, shard, split_sentiment
-from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.fitness import PreparedBatch
+from sottovoce.common.models import load_model
 from sottovoce.common.protocol.answers import ranking_bits
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.common.steplog import Step
 from sottovoce.heldout import HeldOut
-from sottovoce.local import drive_locally, open_local_holders
+from sottovoce.local import drive_locally, join_all, open_local_holders
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RunState
 
@@ -52,21 +54,35 @@ NORM = "model.norm.weight"
 PARAMETRIZATIONS: dict[str, dict[str, Any]] = {
     # BBoxER's 576 per-channel log-scales of the final norm (the holders' head cache applies)
     "norm-scale": {"kind": "scale", "patterns": [NORM], "dimension": 576},
-    # rank-1 LoRA B factors of the attention output of the last 3 blocks: 3 x 576 = 1728
+    # rank-1 LoRA B factors of the attention output of the last 2 blocks: 2 x 576 = 1152
     "lora-blocks": {
         "kind": "lora",
         "rank": 1,
-        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (27, 28, 29)],
-        "dimension": 1728,
+        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (28, 29)],
+        "dimension": 1152,
         "projection_seed": 1,
     },
-    # EGGROLL-style seeded rank-1 moves of the same three matrices (seeded optimizers only)
+    # EGGROLL-style seeded rank-1 moves of the same two matrices (seeded optimizers only)
     "lowrank-blocks": {
         "kind": "lowrank",
         "rank": 1,
-        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (27, 28, 29)],
+        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (28, 29)],
     },
 }
+
+
+TINY_PARAMETRIZATIONS: dict[str, dict[str, Any]] = {  # --tiny: a smoke run of this script
+    "norm-scale": {"kind": "scale", "patterns": [NORM], "dimension": 32},
+    "lora-blocks": {
+        "kind": "lora",
+        "rank": 1,
+        "patterns": [f"model.layers.{b}.self_attn.o_proj.weight" for b in (0, 1)],
+        "dimension": 64,
+        "projection_seed": 1,
+    },
+    "lowrank-blocks": {"kind": "lowrank", "rank": 1, "last_k_blocks": 1},
+}
+MODEL = {"name": "smollm2-135m-instruct"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,8 @@ LAMBDA = 8
 def config_for(
     parametrization: str, optimizer: Optimizer, rounds: int, step: float, seed: int
 ) -> RunConfig:
-    spec = dict(PARAMETRIZATIONS[parametrization])
+    table = TINY_PARAMETRIZATIONS if MODEL["name"].startswith("tiny") else PARAMETRIZATIONS
+    spec = dict(table[parametrization])
     if not optimizer.explicit:
         spec.pop("dimension", None)
     bits = ranking_bits(LAMBDA) if optimizer.algorithm != "bboxer-1+lambda" else math.log2(9)
@@ -102,6 +119,10 @@ def config_for(
                 "bit_budget": 3 * rounds * bits + 1.0,
                 "seed": seed,
             },
+            "model": dict(MODEL),
+            **(
+                {"fitness": {"label_words": ["n", "p"]}} if MODEL["name"].startswith("tiny") else {}
+            ),
             "parametrization": spec,
             "optimizer": {
                 "initial_step": step,
@@ -120,31 +141,57 @@ def config_for(
 
 
 class Scorer:
-    """Held-out figures of a parametrization's models (base computed once)."""
+    """Held-out figures of one parametrization's models, every frozen prefix computed once.
 
-    def __init__(self, parametrization: str, splits: Any, amazon: list[Record], text: Any):
-        self.parametrization = parametrization
+    The base model is scored once. Everything before the first touched module (the final
+    norm, or block 28) is the same for the base and every tuned model, so it is captured
+    once per held-out batch, per perplexity window and per holder's training batch, and
+    every later model runs only the suffix: what makes a block-level run affordable on
+    two shared cores. The reuse is exact (the same modules on the same inputs).
+    """
+
+    def __init__(self, config: RunConfig, splits: Any, amazon: list[Record], args: Any):
         self.splits = splits
-        self.amazon = amazon
-        self.text = text
-        self.base: dict[str, np.ndarray] = {}
-        self.base_ppl: float | None = None
-        # the frozen prefix of each held-out set, shared by the base and every tuned model
-        self.caches = {name: PrefixCache() for name in ("dev", "test", "amazon")}
+        self.amazon = amazon[: args.amazon_size]
+        self.base_loaded = load_model(config.model.name)
+        base = HeldOut(config, self.base_loaded)
+        self.caches = {name: PrefixCache() for name in self.sets()}
+        self.base = {name: self.correct(base, name, recs) for name, recs in self.sets().items()}
+        self.windows = text_batches(self.base_loaded.tokenizer, args.perplexity_tokens)
+        self.window_prefixes: list[Prefix | None] = [
+            None if base.evaluator.split is None else base.evaluator._prefix(batch)
+            for batch in self.windows
+        ]
+        self.base_ppl = self.perplexity(base)
+        self.donors: dict[int, Any] = {}
 
-    def held_out(self, config: RunConfig, steps: list[Step]) -> tuple[HeldOut, LoadedModel]:
-        loaded = load_model(config.model.name)
-        held = HeldOut(config, loaded)
-        held.evaluator.apply_steps(steps)
-        return held, loaded
+    def correct(self, held: HeldOut, name: str, records: list[Record]) -> np.ndarray:
+        _, correct = held.evaluator.score_incumbent(records, self.caches[name])
+        return correct
+
+    def sets(self) -> dict[str, list[Record]]:
+        return {"dev": self.splits.dev, "test": self.splits.test, "amazon": self.amazon}
+
+    @torch.inference_mode()
+    def perplexity(self, held: HeldOut) -> float:
+        """exp(mean NLL) of every window token after the first, from the cached prefixes."""
+        evaluator = held.evaluator
+        total, count = 0.0, 0
+        for batch, prefix in zip(self.windows, self.window_prefixes, strict=True):
+            if prefix is None or evaluator.parts is None or evaluator.split is None:
+                logits = evaluator.model(**batch.model_inputs()).logits
+            else:
+                hidden = suffix_hidden(evaluator.parts, evaluator.split, prefix, 0)
+                logits = evaluator.parts.head(hidden)
+            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            targets = batch.input_ids[:, 1:].unsqueeze(-1)
+            total -= float(log_probs.gather(-1, targets).sum())
+            count += int(targets.numel())
+        return math.exp(total / count)
 
     def figures(self, config: RunConfig, steps: list[Step]) -> dict[str, Any]:
-        if not self.base:
-            base, _ = self.held_out(config, [])
-            for name, records in self.sets().items():
-                self.base[name] = self.correct(base, name, records)
-            self.base_ppl = perplexity(base.evaluator.model, self.text)
-        held, _ = self.held_out(config, steps)
+        held = HeldOut(config, load_model(config.model.name))
+        held.evaluator.apply_steps(steps)
         out: dict[str, Any] = {}
         for name, records in self.sets().items():
             after = self.correct(held, name, records)
@@ -158,47 +205,55 @@ class Scorer:
                 "fixed": test.improved,
                 "broken": test.worsened,
             }
-        ppl = perplexity(held.evaluator.model, self.text)
-        assert self.base_ppl is not None
-        out["perplexity_ratio"] = round(ppl / self.base_ppl, 4)
+        out["perplexity_ratio"] = round(self.perplexity(held) / self.base_ppl, 4)
         return out
 
-    def correct(self, held: HeldOut, name: str, records: list[Record]) -> np.ndarray:
-        _, correct = held.evaluator.score_incumbent(records, self.caches[name])
-        return correct
+    def prefill(self, holders: list[DataHolder], config: RunConfig) -> None:
+        """Give each holder the caches its first round would fill (computed once per shard)."""
+        for index, holder in enumerate(holders):
+            evaluator = holder.evaluator
+            assert evaluator is not None
+            if index not in self.donors:
+                donor = HeldOut(config, self.base_loaded).evaluator
+                donor._prefix_cache = {} if donor.split is not None else None
+                donor.score_incumbent(holder.records)
+                self.donors[index] = (donor._head_cache, donor._prefix_cache)
+            head, prefixes = self.donors[index]
+            if evaluator._head_cache is not None and head is not None:
+                evaluator._head_cache.update(head)
+            if evaluator._prefix_cache is not None and prefixes is not None:
+                evaluator._prefix_cache.update(prefixes)
 
-    def sets(self) -> dict[str, list[Record]]:
-        return {"dev": self.splits.dev, "test": self.splits.test, "amazon": self.amazon}
 
-
-def general_text(tokenizer: Any) -> tuple[Any, str]:
-    """Issue 11's bundled general text if present, else the Amazon sentences joined."""
+def text_batches(tokenizer: Any, tokens: int) -> list[PreparedBatch]:
+    """Windows of 512 tokens of issue 11's bundled general text, or of Amazon sentences."""
     try:
-        from sottovoce.common.quality import text_windows
+        from sottovoce.common.quality import general_text
 
-        return text_windows(tokenizer), "bundled general text (common/quality.py)"
+        text = general_text()
     except ImportError:
-        sentences = " ".join(str(r["text"]) for r in sentiment_records("amazon"))
-        ids = tokenizer(sentences, add_special_tokens=False)["input_ids"][: 16 * 512]
-        rows = torch.tensor(ids[: (len(ids) // 512) * 512]).view(-1, 512)
-        return rows, "the Amazon sentences joined (16 windows of 512 tokens)"
+        text = " ".join(str(r["text"]) for r in sentiment_records("amazon"))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    rows = torch.tensor(ids[: (len(ids) // 512) * 512], dtype=torch.long).view(-1, 512)
+    return [
+        PreparedBatch(
+            input_ids=row.unsqueeze(0),
+            attention_mask=torch.ones(1, 512, dtype=torch.long),
+            position_ids=torch.arange(512).unsqueeze(0),
+            logits_to_keep=0,
+            example_index=torch.tensor([i]),
+        )
+        for i, row in enumerate(rows)
+    ]
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, text: Any) -> float:
+def text_name() -> str:
     try:
-        from sottovoce.common.quality import forward_perplexity
+        from sottovoce.common.quality import GENERAL_TEXT_NAME
 
-        return float(forward_perplexity(model, text).value)
+        return str(GENERAL_TEXT_NAME)
     except ImportError:
-        total, count = 0.0, 0
-        for row in text:
-            ids = row.unsqueeze(0)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            total -= float(log_probs.gather(-1, ids[0, 1:].unsqueeze(-1)).sum())
-            count += ids.shape[1] - 1
-        return math.exp(total / count)
+        return "the bundled Amazon sentences joined (issue 11's general text not merged yet)"
 
 
 def run_one(
@@ -220,6 +275,8 @@ def run_one(
         holders = open_local_holders(config, base.fingerprint, shard(train, 3), root)
         state = RunState.open(root / "run", config, "bench", base.fingerprint)
         coordinator = Coordinator(config, state, base.fingerprint)
+        join_all(coordinator, holders)
+        scorer.prefill(holders, config)
         drive_locally(coordinator, holders)
         seconds = time.time() - started
         steps = list(state.log)
@@ -273,28 +330,37 @@ def main() -> None:
     parser.add_argument("--matching", nargs="*", default=["budget", "rounds"])
     parser.add_argument("--logs", default="runs/toolbox-logs")
     parser.add_argument("--rescore", type=Path, default=None)
+    parser.add_argument("--amazon-size", type=int, default=1000)
+    parser.add_argument("--perplexity-tokens", type=int, default=2048)
+    parser.add_argument("--tiny", action="store_true", help="smoke run on the tiny test model")
     args = parser.parse_args()
+    if args.tiny:
+        MODEL["name"] = "tiny-llama"
     torch.set_num_threads(args.threads)
     splits = split_sentiment(sentiment_records())
-    tokenizer = load_model("smollm2-135m-instruct").tokenizer
-    text, text_name = general_text(tokenizer)
     amazon = _amazon()
+    started = time.time()
     if args.rescore is not None:
         scorers: dict[str, Scorer] = {}
 
         def scorer_for(name: str) -> Scorer:
-            return scorers.setdefault(name, Scorer(name, splits, amazon, text))
+            config = config_for(name, OPTIMIZERS[0], 1, 0.01, args.seed)
+            return scorers.setdefault(name, Scorer(config, splits, amazon, args))
 
         rescore(args.rescore, scorer_for)
         return
-    scorer = Scorer(args.parametrization, splits, amazon, text)
+    scorer = Scorer(
+        config_for(args.parametrization, OPTIMIZERS[0], 1, 0.01, args.seed), splits, amazon, args
+    )
     print(
         json.dumps(
             {
                 "setting": f"SmolLM2-135M-Instruct float32, {args.threads} threads, 3 holders x "
                 f"{args.train_size // 3} train sentences, full-split answers, lambda {LAMBDA}, "
-                f"rank rounds {args.rounds}; dev 500, test 1000, Amazon {len(amazon)}; "
-                f"perplexity on {text_name}",
+                f"rank rounds {args.rounds}; dev 500, test 1000, Amazon {len(scorer.amazon)}; "
+                f"perplexity on {args.perplexity_tokens // 512 * 512} tokens of {text_name()}",
+                "base_perplexity": round(scorer.base_ppl, 3),
+                "setup_seconds": round(time.time() - started, 1),
             }
         ),
         flush=True,
