@@ -7,15 +7,25 @@ import itertools
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import make_policy, make_task, run_spec, scheduled_candidates, tiny_records
+from helpers import (
+    DIRECTION_SEED,
+    make_policy,
+    make_task,
+    run_spec,
+    scheduled_candidates,
+    tiny_records,
+)
 
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.ledger import Ledger
-from sottovoce.common.errors import RefusalCode
+from sottovoce.client.policy import check_steps
+from sottovoce.common.errors import PolicyViolation, RefusalCode
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
+from sottovoce.common.parametrizations.drift import DriftTracker
 from sottovoce.common.protocol.answers import (
     AnswerKind,
     answer_bits,
@@ -25,7 +35,8 @@ from sottovoce.common.protocol.answers import (
     rank_candidates,
 )
 from sottovoce.common.protocol.messages import Answer, Candidate, RunSpec
-from sottovoce.common.steplog import genesis_hash
+from sottovoce.common.protocol.seeds import SeedSchedule, candidate_seed
+from sottovoce.common.steplog import Step, genesis_hash
 from sottovoce.common.transport.wire import (
     WireError,
     answer_from_proto,
@@ -178,3 +189,43 @@ def test_a_ranking_task_the_policy_does_not_allow_is_refused(tmp_path: Path) -> 
     assert holder.answer(lone).refusal is RefusalCode.MALFORMED  # fewer than rank_depth
     assert holder.ledger.spent_bits == 0.0
     assert genesis_hash(holder.fingerprint, RANK_SPEC.canonical_id()) == holder.log_head
+
+
+# -- the guard on rank runs' steps ---------------------------------------------------------------
+def _steps(steps: list[Step], algorithm: str, **policy: Any) -> list[int]:
+    tracker = DriftTracker([(0, 4)])
+    rounds, _ = check_steps(
+        make_policy(Path("/nonexistent"), **policy),
+        steps,
+        SeedSchedule(DIRECTION_SEED, 4),
+        last_round=-1,
+        before_round=10,
+        drift=tracker,
+        name="task t",
+        algorithm=algorithm,
+    )
+    return rounds
+
+
+def test_es_mu_lambda_steps_share_a_round_each_seed_once() -> None:
+    s = [candidate_seed(DIRECTION_SEED, 2, lane) for lane in range(3)]
+    assert _steps([Step(s[0], 0.125), Step(s[2], 0.0625)], "es-mu-lambda") == [2, 2]
+    with pytest.raises(PolicyViolation, match="each seed once"):
+        _steps([Step(s[0], 0.125), Step(s[0], 0.0625)], "es-mu-lambda")
+    with pytest.raises(PolicyViolation, match="not a candidate"):  # one-step algorithms
+        _steps([Step(s[0], 0.125), Step(s[2], 0.0625)], "bboxer-1+lambda")
+
+
+def test_explicit_steps_only_for_cma_within_the_cap_one_a_round() -> None:
+    delta = Step.explicit((0.25, -0.25, 0.0, 0.125))
+    assert _steps([delta, delta], "cma-es") == [0, 1]
+    with pytest.raises(PolicyViolation, match="seeded steps only"):
+        _steps([delta], "es-mu-lambda")
+    with pytest.raises(PolicyViolation, match="max_perturbation_scale"):
+        _steps([Step.explicit((0.75, 0.0, 0.0, 0.0))], "cma-es")
+    with pytest.raises(PolicyViolation, match="coordinates"):
+        _steps([Step.explicit((0.25, 0.0))], "cma-diagonal")
+    with pytest.raises(PolicyViolation, match="logs explicit steps"):
+        _steps([Step(candidate_seed(DIRECTION_SEED, 0, 0), 0.125)], "cma-es")
+    with pytest.raises(PolicyViolation, match="not before round"):
+        _steps([delta] * 11, "cma-es")
