@@ -229,3 +229,10 @@ def test_explicit_steps_only_for_cma_within_the_cap_one_a_round() -> None:
         _steps([Step(candidate_seed(DIRECTION_SEED, 0, 0), 0.125)], "cma-es")
     with pytest.raises(PolicyViolation, match="not before round"):
         _steps([delta] * 11, "cma-es")
+
+
+def test_a_ranking_crosses_flower_records_too() -> None:
+    flower = pytest.importorskip("sottovoce.common.transport.flower_records")
+    state = flower.HolderState(log_version=0, log_head="0" * 64)
+    answer = Answer(task_id="t1", choice=None, ranking=(1, 0, 3))
+    assert flower.read_answer(flower.answer_content(answer, state)) == (answer, state)
