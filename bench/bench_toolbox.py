@@ -153,6 +153,7 @@ class Scorer:
     def __init__(self, config: RunConfig, splits: Any, amazon: list[Record], args: Any):
         self.splits = splits
         self.amazon = amazon[: args.amazon_size]
+        self.dev = splits.dev[: args.dev_size]
         self.base_loaded = load_model(config.model.name)
         base = HeldOut(config, self.base_loaded)
         self.caches = {name: PrefixCache() for name in self.sets()}
@@ -170,7 +171,7 @@ class Scorer:
         return correct
 
     def sets(self) -> dict[str, list[Record]]:
-        return {"dev": self.splits.dev, "test": self.splits.test, "amazon": self.amazon}
+        return {"dev": self.dev, "test": self.splits.test, "amazon": self.amazon}
 
     @torch.inference_mode()
     def perplexity(self, held: HeldOut) -> float:
@@ -331,6 +332,7 @@ def main() -> None:
     parser.add_argument("--logs", default="runs/toolbox-logs")
     parser.add_argument("--rescore", type=Path, default=None)
     parser.add_argument("--amazon-size", type=int, default=1000)
+    parser.add_argument("--dev-size", type=int, default=500, help="the first n of dev")
     parser.add_argument("--perplexity-tokens", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="smoke run on the tiny test model")
     args = parser.parse_args()
@@ -357,7 +359,8 @@ def main() -> None:
             {
                 "setting": f"SmolLM2-135M-Instruct float32, {args.threads} threads, 3 holders x "
                 f"{args.train_size // 3} train sentences, full-split answers, lambda {LAMBDA}, "
-                f"rank rounds {args.rounds}; dev 500, test 1000, Amazon {len(scorer.amazon)}; "
+                f"rank rounds {args.rounds}; dev {len(scorer.dev)}, test 1000, Amazon "
+                f"{len(scorer.amazon)}; "
                 f"perplexity on {args.perplexity_tokens // 512 * 512} tokens of {text_name()}",
                 "base_perplexity": round(scorer.base_ppl, 3),
                 "setup_seconds": round(time.time() - started, 1),
