@@ -9,6 +9,7 @@ import pytest
 
 from sottovoce.client.policy import load_policy
 from sottovoce.common.config import load_config
+from sottovoce.common.protocol.answers import ranking_bits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,3 +39,11 @@ def test_the_dpzero_example_is_valid_and_calibrates() -> None:
     spec = config.dp_spec()
     assert config.run.algorithm == "dpzero" and spec.noise_multiplier > 0
     assert config.sampling_rate == config.evaluation.batch_size / 500
+
+
+def test_the_cma_example_is_a_rank_run_within_its_budget() -> None:
+    config = load_config(ROOT / "examples/cma.toml")
+    per_answer = ranking_bits(config.optimizer.candidates, config.optimizer.rank_depth)
+    answers = config.run.max_rounds * config.simulate.holders
+    assert config.run.bit_budget >= answers * per_answer
+    assert config.parametrization.dimension == 576
