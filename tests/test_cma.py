@@ -14,9 +14,10 @@ from helpers import TINY, run_config_data, tiny_records
 
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.data import shard
-from sottovoce.common.errors import ConfigError
+from sottovoce.common.errors import ConfigError, RequestRefused
 from sottovoce.common.models import load_model
 from sottovoce.common.protocol.answers import encode_ranking
+from sottovoce.common.protocol.messages import Answer, Task
 from sottovoce.common.steplog import Step
 from sottovoce.local import drive_locally, open_local_holders
 from sottovoce.server.coordinator import Coordinator
@@ -199,3 +200,27 @@ def test_the_weighted_es_logs_one_seeded_step_per_selected_seed() -> None:
     assert outcome.steps[0].coefficient == pytest.approx(0.125 * (w[0] - w[1]), rel=1e-6)
     assert all(isinstance(s, Step) and s.delta is None for s in outcome.steps)
     assert sum(abs(s.coefficient) for s in outcome.steps) <= 0.125
+
+
+def test_the_coordinator_refuses_rankings_of_the_wrong_shape(tmp_path: Path) -> None:
+    config = _config("cma-es", NORM, candidates=4, rank_depth=2)
+    base = load_model(TINY)
+    state = RunState.open(tmp_path / "run", config, "t", base.fingerprint)
+    coordinator = Coordinator(config, state, base.fingerprint)
+    holders = open_local_holders(config, base.fingerprint, shard(tiny_records(48), 3), tmp_path)
+    for holder in holders:
+        holder.accept_run(coordinator.join(holder.join_request()))
+    first = holders[0]
+    task = coordinator.pull_task(first.holder_id, 0, first.log_head, timeout_s=0.0)
+    assert isinstance(task, Task) and all(c.delta is not None for c in task.candidates)
+    for bad in [
+        Answer(task_id=task.task_id, choice=None, ranking=(0, 1, 2)),  # depth is 2
+        Answer(task_id=task.task_id, choice=None, ranking=(0, 4)),  # only 4 candidates
+        Answer(task_id=task.task_id, choice=1),  # a choice, not a ranking
+    ]:
+        with pytest.raises(RequestRefused):
+            coordinator.push_answer(first.holder_id, bad)
+    answer = first.answer(task)
+    assert answer.ranking is not None
+    assert coordinator.push_answer(first.holder_id, answer)
+    assert state.bits_total == pytest.approx(np.log2(12))  # log2(4 * 3): one answer heard
