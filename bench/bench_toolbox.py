@@ -154,6 +154,7 @@ class Scorer:
         self.splits = splits
         self.amazon = amazon[: args.amazon_size]
         self.dev = splits.dev[: args.dev_size]
+        self.test = splits.test[: args.test_size]
         self.base_loaded = load_model(config.model.name)
         base = HeldOut(config, self.base_loaded)
         self.caches = {name: PrefixCache() for name in self.sets()}
@@ -171,7 +172,7 @@ class Scorer:
         return correct
 
     def sets(self) -> dict[str, list[Record]]:
-        return {"dev": self.dev, "test": self.splits.test, "amazon": self.amazon}
+        return {"dev": self.dev, "test": self.test, "amazon": self.amazon}
 
     @torch.inference_mode()
     def perplexity(self, held: HeldOut) -> float:
@@ -333,6 +334,7 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, default=None)
     parser.add_argument("--amazon-size", type=int, default=1000)
     parser.add_argument("--dev-size", type=int, default=500, help="the first n of dev")
+    parser.add_argument("--test-size", type=int, default=1000, help="the first n of test")
     parser.add_argument("--perplexity-tokens", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="smoke run on the tiny test model")
     args = parser.parse_args()
@@ -359,7 +361,8 @@ def main() -> None:
             {
                 "setting": f"SmolLM2-135M-Instruct float32, {args.threads} threads, 3 holders x "
                 f"{args.train_size // 3} train sentences, full-split answers, lambda {LAMBDA}, "
-                f"rank rounds {args.rounds}; dev {len(scorer.dev)}, test 1000, Amazon "
+                f"rank rounds {args.rounds}; dev {len(scorer.dev)}, test {len(scorer.test)} "
+                "(the first of the fixed split), Amazon "
                 f"{len(scorer.amazon)}; "
                 f"perplexity on {args.perplexity_tokens // 512 * 512} tokens of {text_name()}",
                 "base_perplexity": round(scorer.base_ppl, 3),
