@@ -33,6 +33,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.protocol.messages import FitnessSpec
+from sottovoce.common.quality import cap_records
 from sottovoce.federation import bundled_split
 
 DEFAULT_SELECTION = 500
@@ -158,20 +159,13 @@ def read_ood(
     sets: dict[str, list[Record]] = {}
     for name in names:
         if name in SENTIMENT_SOURCES:
-            records = sentiment_records(name)
-            label = name
-        else:
-            path = Path(name)
-            if not path.exists():
-                raise ConfigError(
-                    f"--ood {name}: neither a bundled set ({', '.join(SENTIMENT_SOURCES)}) "
-                    "nor an existing file"
-                )
-            records = load_records(path, fitness.record_fields)
-            label = path.stem
-        if len(records) > cap:
-            records = list(records)
-            random.Random(seed).shuffle(records)
-            records = records[:cap]
-        sets[label] = records
+            sets[name] = cap_records(sentiment_records(name), cap, seed)
+            continue
+        path = Path(name)
+        if not path.exists():
+            raise ConfigError(
+                f"--ood {name}: neither a bundled set ({', '.join(SENTIMENT_SOURCES)}) "
+                "nor an existing file"
+            )
+        sets[path.stem] = cap_records(load_records(path, fitness.record_fields), cap, seed)
     return sets

@@ -32,6 +32,7 @@ from sottovoce.common.data import Record, canonical_line, load_records
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.fitness import ExampleScores, build_fitness
 from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.quality import TextWindows, quality_section, text_windows
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
 from sottovoce.common.storage import read_json_object
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train
@@ -45,6 +46,7 @@ from sottovoce.evidence.datasets import (
     read_members,
     read_ood,
 )
+from sottovoce.evidence.drift import DriftMeter
 from sottovoce.evidence.membership import (
     AttackResult,
     evaluate_attack,
@@ -157,6 +159,8 @@ def evaluate(
         progress(f"  {name}: {len(records)} examples")
         scorer.add(name, records)
     names = list(sets)
+    progress("measuring the base on the general text and the prompts' next-token distributions ...")
+    meter, windows = _drift_meter(scorer, loaded, data)
     scores = {BASE: _score_all(scorer, loaded.model, names)}
     for name, model in run_models.items():
         scores[name] = _score_all(scorer, model, names)
@@ -178,6 +182,13 @@ def evaluate(
         )
         baseline, baseline_cost = train_in_own_process(job, loaded.model)
         scores[BASELINE] = _score_all(scorer, baseline.model, names)
+    quality = {
+        name: _quality(meter, model, windows, data)
+        for name, model in [
+            *run_models.items(),
+            *([(BASELINE, baseline.model)] if baseline else []),
+        ]
+    }
     references = _reference_scores(loaded.model, scorer, options, baseline, progress)
     progress("attacking ...")
     attacks = {
@@ -191,6 +202,7 @@ def evaluate(
         "fitness": json.loads(json.dumps(fitness_spec.__dict__, default=list)),
         "data": data.summary(),
         "utility": _utility(scores, data),
+        "quality": quality,
         "membership_inference": {
             "members": len(data.members),
             "nonmembers": len(data.nonmembers),
@@ -270,6 +282,28 @@ def exported_weights(checkpoint: Path, fingerprint: str, log_head: str) -> dict[
 
 
 # -- scoring ---------------------------------------------------------------------------------
+def _drift_meter(
+    scorer: SharedPrefixScorer, loaded: LoadedModel, data: EvaluationData
+) -> tuple[DriftMeter, TextWindows]:
+    """The base's side of the quality measures, on the held-out and out-of-domain sets."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    windows = text_windows(loaded.tokenizer, max_positions=positions)
+    prompt_sets = ["heldout", *[f"ood:{name}" for name in data.ood]]
+    return DriftMeter(scorer, loaded.model, prompt_sets=prompt_sets, windows=windows), windows
+
+
+def _quality(
+    meter: DriftMeter, model: nn.Module, windows: TextWindows, data: EvaluationData
+) -> dict[str, Any]:
+    """Is ``model`` still a language model: perplexity ratio, out-of-domain accuracy, KL."""
+    sets = {"heldout": data.heldout, **{f"ood:{n}": r for n, r in data.ood.items()}}
+    roles = {"heldout": f"in-domain held-out ({data.heldout_name})"}
+    roles |= {f"ood:{name}": "out-of-domain" for name in data.ood}
+    return quality_section(
+        meter.base, meter.measure(model), windows=windows, sets=sets, roles=roles
+    )
+
+
 def _named_sets(data: EvaluationData) -> dict[str, list[Record]]:
     return {
         "members": data.members,

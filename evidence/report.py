@@ -78,6 +78,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     """The report's tables as (title, header, rows) of strings, for Markdown and HTML alike."""
     return [
         _utility_table(report),
+        _quality_table(report),
         _attack_table(report),
         _bound_table(report),
         _cost_table(report),
@@ -141,6 +142,36 @@ def _utility_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[st
             row.append(cell)
         rows.append(row)
     return "Utility (accuracy, 95% Wilson; McNemar p vs base)", ["model", *set_names], rows
+
+
+def _quality_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    """Is each tuned model still a language model (perplexity ratio, KL, OOD change)?"""
+    quality = report.get("quality", {})
+    header = ["model", "perplexity (base → tuned)", "ratio", "KL on held-out (nats)"]
+    ood_names = sorted(
+        {n for q in quality.values() for n, e in q["sets"].items() if e["role"] == "out-of-domain"}
+    )
+    header += [
+        f"{name[4:] if name.startswith('ood:') else name} accuracy change" for name in ood_names
+    ]
+    rows = []
+    for model, section in quality.items():
+        ppl = section["perplexity"]
+        sets = section["sets"]
+        held = next((e for e in sets.values() if e["role"].startswith("in-domain")), None)
+        kl = held.get("kl_base_to_tuned_nats") if held else None
+        row = [
+            model,
+            f"{ppl['base']:.4g} → {ppl['tuned']:.4g}",
+            f"{ppl['ratio']:.4g}",
+            "" if kl is None else f"{kl:.4g}",
+        ]
+        for name in ood_names:
+            entry = sets[name]
+            row.append(f"{entry['accuracy_change']:+.3f} (p={entry['mcnemar']['p_value']:.2g})")
+        rows.append(row)
+    title = "Still a language model? (perplexity on the bundled general text; KL(base || tuned))"
+    return title, header, rows
 
 
 def _attack_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:

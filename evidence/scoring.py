@@ -73,6 +73,16 @@ class SharedPrefixScorer:
             self.forward_passes += len(batches)
         self._sets[name] = ExampleSet(list(records), batches, prefixes)
 
+    def add_batches(self, name: str, batches: Sequence[PreparedBatch]) -> None:
+        """Batches that are not fitness examples (general-text windows), prefix run once."""
+        prefixes = None
+        if self.split is not None:
+            entry = self._entry(decoder_layout(self.base))
+            with torch.no_grad():
+                prefixes = [capture_prefix(self.base, entry, batch) for batch in batches]
+            self.forward_passes += len(batches)
+        self._sets[name] = ExampleSet([], list(batches), prefixes)
+
     def add_subset(self, name: str, of: str, batch_indices: Sequence[int]) -> None:
         """A set made of some of ``of``'s batches, sharing their prefixes (no new forwards).
 
@@ -118,6 +128,25 @@ class SharedPrefixScorer:
         parts = decoder_layout(model)
         hidden = suffix_hidden(parts, self.split, prefix, batch.logits_to_keep)
         return cast(torch.Tensor, parts.head(hidden))
+
+    def head_inputs(
+        self, model: nn.Module, batch: PreparedBatch, prefix: Prefix | None
+    ) -> torch.Tensor:
+        """What ``model``'s output head reads (after the final norm) at the kept positions.
+
+        From the prefix if given; otherwise the decoder runs in full (without the head).
+        """
+        self.forward_passes += 1
+        parts = decoder_layout(model)
+        if prefix is not None and self.split is not None:
+            return suffix_hidden(parts, self.split, prefix, batch.logits_to_keep)
+        inner = getattr(_unwrapped(model), "model", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"{type(model).__name__} has no inner decoder to run")
+        inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
+        hidden: torch.Tensor = inner(**inputs).last_hidden_state
+        keep = batch.logits_to_keep
+        return hidden[:, -keep:, :] if keep > 0 else hidden
 
     def _entry(self, parts: DecoderParts) -> nn.Module:
         assert self.split is not None

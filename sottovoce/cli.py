@@ -117,7 +117,7 @@ def server(
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
     from sottovoce.api import open_coordinator, read_config
     from sottovoce.server.grpc_service import serve
-    from sottovoce.server.run_report import coordinator_report
+    from sottovoce.server.run_report import coordinator_report, measure_public_quality
 
     config, _ = read_config(config_path)
     run_dir = run_dir or Path("runs") / config.run.name
@@ -141,11 +141,16 @@ def server(
     )
     try:
         coordinator.wait_finished()
-        report = coordinator_report(config, coordinator.state, coordinator.spec)
-        path = coordinator.state.write_report(report)
-        click.echo(f"run finished: {coordinator.state.finished_reason}; report {path}", err=True)
-        # Keep serving until every holder has collected the final steps and left.
+        state = coordinator.state
+        path = state.write_report(coordinator_report(config, state, coordinator.spec))
+        click.echo(f"run finished: {state.finished_reason}; report {path}", err=True)
+        # Keep serving until every holder has collected the final steps and left; then
+        # measure the model on the public sets (it loads the base model and replays the log).
         coordinator.wait_holders_left(timeout_s=60.0)
+        quality = measure_public_quality(config, state)
+        state.write_report(
+            coordinator_report(config, state, coordinator.spec, public_quality=quality)
+        )
     finally:
         running.stop(grace_s=5.0)
 

@@ -123,14 +123,24 @@ def holder_policy_toml(
 
 
 def simulated_policy(
-    config: RunConfig, fingerprint: str, state_dir: Path, *, min_examples: int
+    config: RunConfig,
+    fingerprint: str,
+    state_dir: Path,
+    *,
+    min_examples: int,
+    max_lambda: int | None = None,
 ) -> HolderPolicy:
-    """The policy of a simulated holder with ``min_examples`` or more records."""
+    """The policy of a simulated holder with ``min_examples`` or more records.
+
+    ``max_lambda``: the seed lanes a round may use, if more than its candidates (a study
+    strategy that picks its candidates among more directions).
+    """
     if config.run.algorithm == "dpzero":
-        max_lambda = 1
+        lanes = 1
         max_scale = max(config.dpzero.smoothing, config.dpzero.max_coefficient)
     else:
-        max_lambda, max_scale = config.optimizer.candidates, config.optimizer.max_step
+        lanes, max_scale = config.optimizer.candidates, config.optimizer.max_step
+    max_lambda = max(lanes, max_lambda or 0)
     epsilon = _policy_epsilon(config)
     # es-mu-lambda logs one step for each of a round's selected seeds
     steps = config.run.max_rounds * (max_lambda if config.run.algorithm == "es-mu-lambda" else 1)

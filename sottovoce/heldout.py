@@ -11,13 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache
+from sottovoce.client.evaluator import CandidateEvaluator, PrefixCache, suffix_start
 from sottovoce.common.config import RunConfig
 from sottovoce.common.data import Record
 from sottovoce.common.dtypes import torch_dtype
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.quality import TextWindows, text_windows
+from sottovoce.evidence.drift import DriftMeter
+from sottovoce.evidence.scoring import SharedPrefixScorer
+
+HELDOUT = "heldout"
 
 
 class HeldOut:
@@ -32,7 +37,24 @@ class HeldOut:
         fitness = build_fitness(config.fitness, loaded.tokenizer)
         self.evaluator = CandidateEvaluator(model, self.parametrization, fitness)
         self.cache = PrefixCache()
+        self.tokenizer = loaded.tokenizer
 
     def correct(self, examples: list[Record], *, reuse: bool = True) -> np.ndarray:
         _, correct = self.evaluator.score_incumbent(examples, self.cache if reuse else None)
         return correct
+
+    def quality_meter(
+        self, heldout: list[Record], ood: dict[str, list[Record]]
+    ) -> tuple[DriftMeter, TextWindows]:
+        """Measure the base (the model at x = 0) on the held-out split, the out-of-domain sets
+        and the general text, keeping the prefix the run's model shares with it."""
+        model = self.evaluator.model
+        split = suffix_start(model, self.parametrization.touched_modules())
+        scorer = SharedPrefixScorer(model, self.evaluator.fitness, split)
+        scorer.add(HELDOUT, heldout)
+        for name, records in ood.items():
+            scorer.add(name, records)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        windows = text_windows(self.tokenizer, max_positions=positions)
+        meter = DriftMeter(scorer, model, prompt_sets=[HELDOUT, *ood], windows=windows)
+        return meter, windows

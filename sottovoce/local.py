@@ -64,16 +64,21 @@ def open_local_holders(
     fingerprint: str,
     shards: Sequence[Sequence[Record]],
     root: Path,
+    *,
+    max_lambda: int | None = None,
 ) -> list[DataHolder]:
     """One in-process holder per shard, each with the policy `simulate` would write.
 
     For tests and benchmarks that want the demo's holders without processes; ledgers go
-    under ``root`` (a scratch folder), one per shard.
+    under ``root`` (a scratch folder), one per shard. ``max_lambda``: see
+    :func:`~sottovoce.federation.simulated_policy`.
     """
     holders = []
     smallest = min(len(records) for records in shards)
     for index, records in enumerate(shards):
-        policy = simulated_policy(config, fingerprint, root / "ledgers", min_examples=smallest)
+        policy = simulated_policy(
+            config, fingerprint, root / "ledgers", min_examples=smallest, max_lambda=max_lambda
+        )
         ledger = open_dataset_ledger(
             policy.ledger_dir, records, policy.max_bits, privacy=policy.privacy_limit()
         )

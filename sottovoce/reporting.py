@@ -27,6 +27,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         "paired McNemar",
         f"p = {mc['p_value']:.3g} ({mc['improved']} fixed, {mc['worsened']} broken)",
     )
+    for label, value in quality_rows(report.get("quality")):
+        table.add_row(label, value)
     table.add_row("rounds / accepted steps", f"{report['rounds']} / {report['accepted_steps']}")
     table.add_row("bits spent", f"{report['bits_spent_total']:.1f} of {report['bit_budget']:g}")
     for holder, bits in report["bits_spent_per_holder"].items():
@@ -53,3 +55,32 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         table.add_row("  accountant", privacy["accountant"])
     table.add_row("wall time", f"{report['wall_seconds']:.0f} s")
     console.print(table)
+
+
+def quality_rows(quality: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Rows for the quality section: perplexity ratio, out-of-domain change, KL."""
+    if not quality:
+        return []
+    rows = []
+    ppl = quality.get("perplexity")
+    if ppl:
+        rows.append(
+            (
+                f"perplexity, general text ({ppl['scored_tokens']} tokens)",
+                f"{ppl['base']:.4g} → {ppl['tuned']:.4g} (ratio {ppl['ratio']:.4g})",
+            )
+        )
+    for name, entry in quality.get("sets", {}).items():
+        kl = entry.get("kl_base_to_tuned_nats")
+        kl_text = "" if kl is None else f"; KL(base || tuned) {kl:.4g} nats"
+        if entry["role"] == "out-of-domain":
+            rows.append(
+                (
+                    f"{name} accuracy (out-of-domain, {entry['examples']})",
+                    f"{entry['accuracy_base']:.4f} → {entry['accuracy_tuned']:.4f}, McNemar p = "
+                    f"{entry['mcnemar']['p_value']:.3g}{kl_text}",
+                )
+            )
+        elif kl is not None:
+            rows.append((f"KL to the base, {entry['role']}", f"{kl:.4g} nats"))
+    return rows

@@ -5,7 +5,9 @@ split, a dev split and training shards (one per holder), writes each holder a da
 and a policy, serves the coordinator over real gRPC on loopback, starts every holder as
 its own process (``sottovoce client ...``, exactly what a real deployment runs), and
 finally reports held-out accuracy before and after with confidence intervals, a paired
-McNemar test, the bits spent and the generalization bound.
+McNemar test, the bits spent and the generalization bound, and whether the model is still a
+language model: perplexity ratio on the bundled general text, out-of-domain accuracy and
+the KL to the base on the held-out prompts (:mod:`sottovoce.common.quality`).
 
 The simulation plays the operator of every party, so it may read the holders' data for
 the report (the held-out test split is never seen by any holder, and nothing here is
@@ -31,12 +33,13 @@ from sottovoce.api import read_config
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.models import load_model
+from sottovoce.common.quality import ood_records, quality_section
 from sottovoce.federation import Federation, default_state_dir, prepare_federation
-from sottovoce.heldout import HeldOut
+from sottovoce.heldout import HELDOUT, HeldOut
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
-from sottovoce.server.run_report import coordinator_report
+from sottovoce.server.run_report import coordinator_report, public_quality_section
 from sottovoce.server.run_state import RoundRecord, RunState
 from sottovoce.simulation_report import build_report, mean_holder_score, pooled_train_errors
 
@@ -194,7 +197,10 @@ def simulate(
     console.print(
         f"held-out split: {len(federation.test)} examples, sha256 {federation.test_hash[:16]}"
     )
-    before = held_out.correct(federation.test)
+    ood = ood_records()
+    console.print("measuring the base model: held-out, out-of-domain, general text ...")
+    meter, windows = held_out.quality_meter(federation.test, ood)
+    before = meter.base.correct[HELDOUT]
     console.print(f"accuracy before: {before.mean():.4f}")
 
     state = RunState.open(run_dir / "coordinator", config, config_text, loaded.fingerprint)
@@ -214,13 +220,28 @@ def simulate(
             server.stop()
 
     held_out.evaluator.apply_steps(list(state.log))
-    after = held_out.correct(federation.test)
+    tuned = meter.measure(held_out.evaluator.model)
+    after = tuned.correct[HELDOUT]
     train_errors = pooled_train_errors(federation, state.log.head)
     if train_errors is None:  # a holder wrote no report: score the training data here
         train_errors = int((~held_out.correct(federation.train, reuse=False)).sum())
     export = export_run(run_dir / "coordinator", run_dir / "model")
     report = build_report(config, coordinator.spec, state, federation, before, after, train_errors)
-    coordinator_view = coordinator_report(config, state, coordinator.spec)
+    sets = {HELDOUT: federation.test, **ood}
+    roles = {HELDOUT: f"in-domain held-out ({config.simulate.eval_split} split)"}
+    report["quality"] = quality_section(
+        meter.base,
+        tuned,
+        windows=windows,
+        sets=sets,
+        roles={**roles, **dict.fromkeys(ood, "out-of-domain")},
+    )
+    coordinator_view = coordinator_report(
+        config,
+        state,
+        coordinator.spec,
+        public_quality=public_quality_section(meter.base, tuned, windows, ood),
+    )
     state.write_report(coordinator_view)  # what `sottovoce server` writes, too
     if "privacy" in report:
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(

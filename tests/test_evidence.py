@@ -22,11 +22,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sottovoce.cli import main
-from sottovoce.common.data import canonical_line, sentiment_records
+from sottovoce.common.data import canonical_line, records_hash, sentiment_records
 from sottovoce.common.errors import ConfigError, DataError
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.protocol.messages import FitnessSpec
+from sottovoce.common.quality import ood_records
 from sottovoce.evidence.baseline import BaselineConfig, train
 from sottovoce.evidence.datasets import bundled_sentiment_data
 from sottovoce.evidence.membership import (
@@ -268,6 +269,22 @@ def test_evaluate_a_simulated_run_end_to_end(tmp_path: Path) -> None:
     run_report = simulate(config, run_dir=run_dir, state_dir=tmp_path / "ledgers")
     holder_report = json.loads((run_dir / "holders" / "holder-0" / "report.json").read_text())
     assert holder_report["cost"]["bytes_sent"] > 0 and holder_report["cost"]["forward_passes"] > 0
+    # Still a language model? simulate measures the held-out split, Amazon and the text ...
+    quality = run_report["quality"]
+    assert quality["sets"]["heldout"]["sha256"] == run_report["heldout_sha256"]
+    assert quality["sets"]["heldout"]["accuracy_tuned"] == run_report["heldout_metric_after"]
+    assert quality["sets"]["amazon"]["sha256"] == records_hash(ood_records()["amazon"])
+    assert {e["role"] for e in quality["sets"].values()} == {
+        "in-domain held-out (test split)",
+        "out-of-domain",
+    }
+    assert quality["sets"]["heldout"]["kl_base_to_tuned_nats"] >= 0.0
+    assert quality["perplexity"]["ratio"] > 0 and quality["perplexity"]["scored_tokens"] > 1000
+    # ... and the coordinator's own report has the public sets only, with the same figures.
+    served = json.loads((run_dir / "coordinator" / "report.json").read_text())
+    public = served["quality_on_public_sets"]
+    assert set(public["sets"]) == {"amazon"} and "kl_definition" not in public
+    assert public["perplexity"] == quality["perplexity"]
 
     out = tmp_path / "evaluation"
     args = ["evaluate", "--run", str(run_dir), "--out", str(out), "--ood", "amazon",
@@ -281,6 +298,18 @@ def test_evaluate_a_simulated_run_end_to_end(tmp_path: Path) -> None:
     run_name = next(m for m in models if m.startswith("bboxer"))
     for row in report["utility"].values():
         assert set(row) == {"test (in-domain)", "amazon (out-of-domain)", "members (train)"}
+    assert set(report["quality"]) == {run_name, "backprop baseline"}
+    measured = report["quality"][run_name]
+    assert set(measured["sets"]) == {"heldout", "ood:amazon"}
+    assert measured["sets"]["ood:amazon"]["examples"] == 100
+    held = measured["sets"]["heldout"]
+    assert held["accuracy_tuned"] == report["utility"][run_name]["test (in-domain)"]["accuracy"]
+    # The same log measured by simulate and by evaluate: the same perplexity and KL.
+    assert measured["perplexity"]["ratio"] == pytest.approx(quality["perplexity"]["ratio"])
+    assert held["kl_base_to_tuned_nats"] == pytest.approx(
+        quality["sets"]["heldout"]["kl_base_to_tuned_nats"], rel=1e-6, abs=1e-12
+    )
+    assert "Still a language model?" in (out / "report.md").read_text()
     assert [a["attack"] for a in report["membership_inference"]["results"][run_name]] == [
         "loss-threshold",
         "offline-LiRA",

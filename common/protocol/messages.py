@@ -173,7 +173,7 @@ class RunSpec:
     max_rounds: int
     log_genesis: str
     dp: DpSpec = DpSpec()
-    direction_seed: int = 0  # seeds follow common.seeds.candidate_seed(direction_seed, ...)
+    direction_seed: int = 0  # seeds follow protocol.seeds.candidate_seed(direction_seed, ...)
     rank_depth: int = 0  # ranking answers: how many candidates each names (0: all of them)
 
     def answer_bits(self, n_candidates: int) -> float:
