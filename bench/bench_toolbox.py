@@ -159,12 +159,8 @@ class Scorer:
         base = HeldOut(config, self.base_loaded)
         self.caches = {name: PrefixCache() for name in self.sets()}
         self.base = {name: self.correct(base, name, recs) for name, recs in self.sets().items()}
-        self.windows = text_batches(self.base_loaded.tokenizer, args.perplexity_tokens)
-        self.window_prefixes: list[Prefix | None] = [
-            None if base.evaluator.split is None else base.evaluator._prefix(batch)
-            for batch in self.windows
-        ]
-        self.base_ppl = self.perplexity(base)
+        self.meter = PerplexityMeter(base, args.perplexity_tokens)
+        self.base_ppl = self.meter.base
         self.donors: dict[int, Any] = {}
 
     def correct(self, held: HeldOut, name: str, records: list[Record]) -> np.ndarray:
@@ -173,23 +169,6 @@ class Scorer:
 
     def sets(self) -> dict[str, list[Record]]:
         return {"dev": self.dev, "test": self.test, "amazon": self.amazon}
-
-    @torch.inference_mode()
-    def perplexity(self, held: HeldOut) -> float:
-        """exp(mean NLL) of every window token after the first, from the cached prefixes."""
-        evaluator = held.evaluator
-        total, count = 0.0, 0
-        for batch, prefix in zip(self.windows, self.window_prefixes, strict=True):
-            if prefix is None or evaluator.parts is None or evaluator.split is None:
-                logits = evaluator.model(**batch.model_inputs()).logits
-            else:
-                hidden = suffix_hidden(evaluator.parts, evaluator.split, prefix, 0)
-                logits = evaluator.parts.head(hidden)
-            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            targets = batch.input_ids[:, 1:].unsqueeze(-1)
-            total -= float(log_probs.gather(-1, targets).sum())
-            count += int(targets.numel())
-        return math.exp(total / count)
 
     def figures(self, config: RunConfig, steps: list[Step]) -> dict[str, Any]:
         held = HeldOut(config, load_model(config.model.name))
@@ -207,7 +186,7 @@ class Scorer:
                 "fixed": test.improved,
                 "broken": test.worsened,
             }
-        out["perplexity_ratio"] = round(self.perplexity(held) / self.base_ppl, 4)
+        out["perplexity_ratio"] = round(self.meter.perplexity(held) / self.base_ppl, 4)
         return out
 
     def prefill(self, holders: list[DataHolder], config: RunConfig) -> None:
@@ -225,6 +204,53 @@ class Scorer:
                 evaluator._head_cache.update(head)
             if evaluator._prefix_cache is not None and prefixes is not None:
                 evaluator._prefix_cache.update(prefixes)
+
+
+class PerplexityMeter:
+    """Perplexity on fixed 512-token windows, the frozen prefix of each computed once."""
+
+    def __init__(self, base: HeldOut, tokens: int):
+        self.windows = text_batches(base.evaluator.fitness.tokenizer, tokens)
+        self.prefixes: list[Prefix | None] = [
+            None if base.evaluator.split is None else base.evaluator._prefix(batch)
+            for batch in self.windows
+        ]
+        self.base = self.perplexity(base)
+
+    @torch.inference_mode()
+    def perplexity(self, held: HeldOut) -> float:
+        """exp(mean NLL) of every window token after the first."""
+        evaluator = held.evaluator
+        total, count = 0.0, 0
+        for batch, prefix in zip(self.windows, self.prefixes, strict=True):
+            if prefix is None or evaluator.parts is None or evaluator.split is None:
+                logits = evaluator.model(**batch.model_inputs()).logits
+            else:
+                hidden = suffix_hidden(evaluator.parts, evaluator.split, prefix, 0)
+                logits = evaluator.parts.head(hidden)
+            log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            targets = batch.input_ids[:, 1:].unsqueeze(-1)
+            total -= float(log_probs.gather(-1, targets).sum())
+            count += int(targets.numel())
+        return math.exp(total / count)
+
+
+def rescore_perplexity(folder: Path, tokens: int) -> None:
+    """Saved runs' perplexity ratios on the current text (a run made before the merge)."""
+    meters: dict[str, PerplexityMeter] = {}
+    for path in sorted(folder.glob("*.json")):
+        saved = json.loads(path.read_text())
+        config = parse_config(saved["config"], str(path))
+        parametrization = path.name.split("__")[0]
+        if parametrization not in meters:
+            meters[parametrization] = PerplexityMeter(
+                HeldOut(config, load_model(config.model.name)), tokens
+            )
+        meter = meters[parametrization]
+        held = HeldOut(config, load_model(config.model.name))
+        held.evaluator.apply_steps([Step.from_json(s) for s in saved["steps"]])
+        ratio = meter.perplexity(held) / meter.base
+        print(json.dumps({"log": str(path), "text": text_name(), "perplexity_ratio": ratio}))
 
 
 def text_batches(tokenizer: Any, tokens: int) -> list[PreparedBatch]:
@@ -337,6 +363,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=1000, help="the first n of test")
     parser.add_argument("--perplexity-tokens", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="smoke run on the tiny test model")
+    parser.add_argument("--rescore-perplexity", type=Path, default=None)
     args = parser.parse_args()
     if args.tiny:
         MODEL["name"] = "tiny-llama"
@@ -344,6 +371,9 @@ def main() -> None:
     splits = split_sentiment(sentiment_records())
     amazon = _amazon()
     started = time.time()
+    if args.rescore_perplexity is not None:
+        rescore_perplexity(args.rescore_perplexity, args.perplexity_tokens)
+        return
     if args.rescore is not None:
         scorers: dict[str, Scorer] = {}
 
