@@ -16,26 +16,36 @@ def _acc(figure: dict[str, object]) -> str:
 
 
 def main() -> None:
+    """Rows in file order; the step size chosen on dev (per optimizer and matching) is bold."""
+    rows = [
+        json.loads(line)
+        for path in sys.argv[1:]
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+    ]
+    runs = [row for row in rows if "test" in row]
+    best: dict[tuple[str, str, str], float] = {}
+    for row in runs:
+        key = (row["parametrization"], row["optimizer"], row["matching"])
+        best[key] = max(best.get(key, -1.0), row["dev"]["after"])
     print(
         "| parametrization | optimizer | matching | step | rounds | bits/holder | steps | "
         "dev acc | test acc (95% CI) | McNemar p (test) | Amazon acc | ppl ratio | run s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in sys.argv[1:]:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if "setting" in row:
-                print(f"| *{row['setting']}; base perplexity {row.get('base_perplexity')}* |")
-                continue
-            if "test" not in row:
-                continue
-            print(
-                f"| {row['parametrization']} | {row['optimizer']} | {row['matching']} | "
-                f"{row['initial_step']:g} | {row['rounds']} | {row['bits_per_holder']:.0f} | "
-                f"{row['accepted_steps']} | {row['dev']['after']:.3f} | {_acc(row['test'])} | "
-                f"{row['test']['mcnemar_p']:.2g} | {row['amazon']['after']:.3f} | "
-                f"{row['perplexity_ratio']:.4f} | {row['run_seconds']:.0f} |"
-            )
+    for row in runs:
+        key = (row["parametrization"], row["optimizer"], row["matching"])
+        chosen = row["dev"]["after"] == best[key]
+        mark = "**" if chosen else ""
+        print(
+            f"| {row['parametrization']} | {mark}{row['optimizer']}{mark} | {row['matching']} | "
+            f"{row['initial_step']:g} | {row['rounds']} | {row['bits_per_holder']:.0f} | "
+            f"{row['accepted_steps']} | {row['dev']['after']:.3f} | {_acc(row['test'])} | "
+            f"{row['test']['mcnemar_p']:.2g} | {row['amazon']['after']:.3f} | "
+            f"{row['perplexity_ratio']:.4f} | {row['run_seconds']:.0f} |"
+        )
+    for row in rows:
+        if "setting" in row:
+            print(f"\nSetting: {row['setting']}; base perplexity {row.get('base_perplexity')}.")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def test_pycma_defaults_would_read_the_tie() -> None:
     )
 
 
+def test_clipped_candidates_stay_within_the_holders_cap_after_float32_rounding() -> None:
+    strategy = CMAStrategy(
+        dimension=6, candidates=6, sigma=1.0, rank_depth=0, max_scale=0.05, diagonal=False, seed=1
+    )
+    deltas = [v for c in strategy.ask(0) for v in c.delta or ()]
+    assert max(abs(v) for v in deltas) <= 0.05  # 0.05 itself rounds up to 0.0500000007
+    assert any(abs(v) == strategy.max_scale for v in deltas)  # sigma 1: many are clipped
+
+
 def test_explicit_steps_keep_the_log_and_pycma_together() -> None:
     strategy = _cma()
     rng = np.random.default_rng(2)

@@ -42,7 +42,7 @@ from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.protocol.answers import AnswerKind, ranked_count
 from sottovoce.common.protocol.messages import Candidate
-from sottovoce.common.steplog import Step
+from sottovoce.common.steplog import Step, float32_toward_zero
 from sottovoce.server.strategies.base import RoundAnswers, RoundOutcome, Strategy, register
 from sottovoce.server.strategies.ranks import aggregate_choices, derived_losses
 
@@ -67,7 +67,8 @@ class CMAStrategy(Strategy):
         mu = ranked_count(candidates, rank_depth)
         self.candidates = candidates
         self.rank_depth = rank_depth
-        self.max_scale = max_scale
+        # the largest float32 within the cap: a holder compares float32 deltas with it
+        self.max_scale = float32_toward_zero(max_scale)
         self.weights = dict(weights or {})
         self._rng = np.random.default_rng(seed)
         options: dict[str, object] = {
