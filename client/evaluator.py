@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sottovoce.client.divergence import DivergenceReference
 from sottovoce.common.fitness import Fitness, GenerationFitness, PreparedBatch
 from sottovoce.common.parametrizations.base import Parametrization
 from sottovoce.common.protocol.answers import AnswerKind, encode_choice, rank_candidates
@@ -173,15 +174,47 @@ class CandidateEvaluator:
             {} if cache_head_inputs and head_only and _last_position_only(fitness) else None
         )
         self.forward_passes = 0
+        self.divergence: DivergenceReference | None = None
+        self._moved = False
 
     # -- the log ---------------------------------------------------------------------------
     def apply_steps(self, steps: Sequence[Step]) -> None:
         """Move the incumbent by the given log steps, in order (the canonical replay)."""
         for step in steps:
             self.parametrization.apply_step(step)
+            self._moved = True
+
+    # -- the divergence reference ----------------------------------------------------------
+    @torch.inference_mode()
+    def take_divergence_reference(self, prompts: Sequence[Record]) -> DivergenceReference:
+        """Keep the base model's last-position logits on ``prompts`` (see client/divergence).
+
+        Only on the base: once a log step has moved the weights the base is gone.
+        """
+        if self._moved:
+            raise RuntimeError("the divergence reference must be taken before any log step")
+        batches = self.fitness.prepare_prompts(prompts, max_batch=self.max_batch)
+        prefixes = tuple(self._batch_prefix(batch, prompts) for batch in batches)
+        base = tuple(
+            self._last_logits(batch, prefix).float()
+            for batch, prefix in zip(batches, prefixes, strict=True)
+        )
+        self.divergence = DivergenceReference(tuple(batches), prefixes, base)
+        return self.divergence
+
+    @torch.inference_mode()
+    def divergence_now(self) -> float:
+        """Mean KL(base || current model) in nats on the reference's prompts."""
+        reference = self.divergence
+        if reference is None:
+            raise RuntimeError("no divergence reference was taken for this run")
+        logits = [
+            self._last_logits(batch, prefix)
+            for batch, prefix in zip(reference.batches, reference.prefixes, strict=True)
+        ]
+        return reference.mean_kl(logits)
 
     # -- scoring ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(
         self,
         examples: Sequence[Record],
@@ -194,8 +227,24 @@ class CandidateEvaluator:
         With ``with_incumbent=False`` the incumbent is not scored (an empty array stands
         for it): DPZero needs only the two perturbed models.
         """
+        incumbent, per_candidate, _ = self._score_models(
+            examples, candidates, with_incumbent=with_incumbent, with_divergence=False
+        )
+        return incumbent, per_candidate
+
+    @torch.inference_mode()
+    def _score_models(
+        self,
+        examples: Sequence[Record],
+        candidates: Sequence[Candidate],
+        *,
+        with_incumbent: bool,
+        with_divergence: bool,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+        """Scores as :meth:`score`, and with ``with_divergence`` each model's mean KL to the
+        base (incumbent first), read while that model's perturbation is in place."""
         if not examples:
-            return np.empty(0), [np.empty(0) for _ in candidates]
+            return np.empty(0), [np.empty(0) for _ in candidates], []
         batches = self.fitness.prepare(examples, max_batch=self.max_batch)
         # Prefixes first, then one perturbation per candidate around all batches: entering
         # and leaving a perturbation costs a little, so it happens once per candidate.
@@ -206,15 +255,39 @@ class CandidateEvaluator:
             scored = self._score_population(batches, prefixes, len(examples), models)
             if scored is not None:
                 incumbent = scored[0] if with_incumbent else np.empty(0)
-                return incumbent, scored[1:] if with_incumbent else scored
-        incumbent = (
-            self._score_batches(batches, prefixes, len(examples)) if with_incumbent else np.empty(0)
-        )
+                return (
+                    incumbent,
+                    scored[1:] if with_incumbent else scored,
+                    self._divergences(models) if with_divergence else [],
+                )
+        divergences: list[float] = []
+        incumbent = np.empty(0)
+        if with_incumbent:
+            incumbent = self._score_batches(batches, prefixes, len(examples))
+            if with_divergence:
+                divergences.append(self.divergence_now())
         per_candidate = []
         for candidate in candidates:
             with self.parametrization.perturbed_candidate(candidate):
                 per_candidate.append(self._score_batches(batches, prefixes, len(examples)))
-        return incumbent, per_candidate
+                if with_divergence:
+                    divergences.append(self.divergence_now())
+        return incumbent, per_candidate, divergences
+
+    def _divergences(self, models: Sequence[Candidate | None]) -> list[float]:
+        """Each model's KL to the base, one model at a time (None: the incumbent).
+
+        The batched population scores the fitness; the few KL prompts are read with each
+        candidate's perturbation in place, exactly as the one-at-a-time path reads them.
+        """
+        divergences = []
+        for model in models:
+            if model is None:
+                divergences.append(self.divergence_now())
+                continue
+            with self.parametrization.perturbed_candidate(model):
+                divergences.append(self.divergence_now())
+        return divergences
 
     def _score_population(
         self,
@@ -266,31 +339,55 @@ class CandidateEvaluator:
     ) -> tuple[int, dict[str, float]]:
         """The answer choice (0 = keep the incumbent, k = candidate k-1) and local stats.
 
-        The stats (mean scores) stay on the holder: they are for its own report only.
+        A model's fitness is its mean score, less ``kl_weight`` times its KL to the base
+        when the fitness penalizes divergence. The stats (mean scores, KLs) stay on the
+        holder: they are for its own report only.
         """
-        incumbent, per_candidate = self.score(examples, candidates)
+        weight = self.fitness.spec.kl_weight
+        penalized = self.fitness.spec.penalizes_divergence
+        incumbent, per_candidate, kls = self._score_models(
+            examples, candidates, with_incumbent=True, with_divergence=penalized
+        )
         means = [float(s.mean()) for s in per_candidate]
-        best = int(np.argmax(means))
-        better = means[best] > float(incumbent.mean())
+        fitness = [float(incumbent.mean()), *means]
+        if penalized:
+            fitness = [value - weight * kl for value, kl in zip(fitness, kls, strict=True)]
+        best = int(np.argmax(fitness[1:]))
+        better = fitness[1 + best] > fitness[0]
         choice = encode_choice(best if better else None)  # compare: 1 = better, 0 = not
         stats = {
             "incumbent_mean_score": float(incumbent.mean()),
             "best_candidate_mean": means[best],
         }
+        if penalized:
+            stats["incumbent_kl"] = kls[0]
+            stats["best_candidate_kl"] = kls[1 + best]
         return choice, stats
 
     def rank(
         self, examples: Sequence[Record], candidates: Sequence[Candidate], rank_depth: int
     ) -> tuple[tuple[int, ...], dict[str, float]]:
-        """The top ``rank_depth`` candidates by mean score (0: all), ties to the lower index.
+        """The top ``rank_depth`` candidates by fitness (0: all), ties to the lower index.
 
-        The incumbent is not scored: a rank answer orders the candidates among themselves.
-        The stats stay on the holder.
+        A candidate's fitness is the one :meth:`choose` compares: its mean score, less
+        ``kl_weight`` times its KL to the base when the fitness penalizes divergence, so a
+        ranking orders exactly what a choice would pick among. The incumbent is not scored:
+        a rank answer orders the candidates among themselves. The stats stay on the holder.
         """
-        _, per_candidate = self.score(examples, candidates, with_incumbent=False)
+        penalized = self.fitness.spec.penalizes_divergence
+        _, per_candidate, kls = self._score_models(
+            examples, candidates, with_incumbent=False, with_divergence=penalized
+        )
         means = [float(s.mean()) for s in per_candidate]
-        ranking = rank_candidates(means, rank_depth)  # ValueError on a non-finite mean
-        return ranking, {"best_candidate_mean": means[ranking[0]]}
+        fitness = means
+        if penalized:
+            weight = self.fitness.spec.kl_weight
+            fitness = [value - weight * kl for value, kl in zip(means, kls, strict=True)]
+        ranking = rank_candidates(fitness, rank_depth)  # ValueError on a non-finite value
+        stats = {"best_candidate_mean": means[ranking[0]]}
+        if penalized:
+            stats["best_candidate_kl"] = kls[ranking[0]]
+        return ranking, stats
 
     def finite_differences(
         self, examples: Sequence[Record], candidate: Candidate
@@ -333,6 +430,15 @@ class CandidateEvaluator:
         return scores, correct
 
     # -- forward passes --------------------------------------------------------------------
+    def _last_logits(self, batch: PreparedBatch, prefix: Prefix | None) -> torch.Tensor:
+        """The full next-token logits (rows, vocab) at the last position of ``batch``."""
+        if prefix is None:
+            self.forward_passes += 1
+            return cast(torch.Tensor, self.model(**batch.model_inputs()).logits[:, -1, :])
+        assert self.split is not None and self.parts is not None
+        hidden = suffix_hidden(self.parts, self.split, prefix, 1)
+        return cast(torch.Tensor, self.parts.head(hidden)[:, -1, :])
+
     def _scores(self, batch: PreparedBatch, prefix: Prefix | None) -> np.ndarray:
         if isinstance(self.fitness, GenerationFitness):
             self.forward_passes += 1

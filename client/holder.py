@@ -34,6 +34,7 @@ fails before it dials, with a one-line error naming what is wrong.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ from typing import Any
 
 import torch
 
+from sottovoce.client.dataset_identity import holder_key
+from sottovoce.client.divergence import secret_prompts
 from sottovoce.client.evaluator import CandidateEvaluator
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.mechanisms import Mechanism, Release, build_mechanism
@@ -86,6 +89,7 @@ from sottovoce.common.protocol.answers import (
     encode_ranking,
     ranking_bits,
 )
+from sottovoce.common.protocol.limits import MAX_KL_PROMPTS
 from sottovoce.common.protocol.messages import (
     Answer,
     BatchSpec,
@@ -167,6 +171,9 @@ class DataHolder:
         self._rng = SecureRandomness()
         self._answering = threading.Lock()
         self._refusals = RefusalLog(None if ledger.read_only else refusal_log_path(ledger.path))
+        # The key that picks the divergence prompts: the ledger folder's (the same set in
+        # every run), or, for a ledger made without one, a secret of this process.
+        self._prompt_key = holder_key(ledger.path.parent, create=False) or secrets.token_bytes(32)
         self.loaded = self._fresh_model()
         self._check_offline()
         self.run: _RunState | None = None
@@ -279,6 +286,7 @@ class DataHolder:
             ),
             mechanism=build_mechanism(spec, self._rng),
         )
+        self._take_divergence_reference(self.run)
         self.status = HolderStatus(
             run_id=spec.run_id,
             lifetime_bits_spent=self.ledger.spent_bits,
@@ -287,6 +295,21 @@ class DataHolder:
         )
         self._note_epsilon()
         self._write_status()
+
+    def _take_divergence_reference(self, run: _RunState) -> None:
+        """The base's next-token distributions on the secret prompts, while it is the base.
+
+        This reads the data, but acceptance does not depend on it: if it fails, a fitness
+        with a divergence penalty has no reference and every answer is the default one.
+        """
+        fitness = run.spec.fitness
+        size = fitness.kl_prompts if fitness.penalizes_divergence else MAX_KL_PROMPTS
+        try:
+            run.evaluator.take_divergence_reference(
+                secret_prompts(self.records, self._prompt_key, size)
+            )
+        except Exception as exc:
+            log.error("the divergence reference could not be taken (%r)", exc)
 
     def answer(self, task: Task) -> Answer:
         """The answer to one task, or a refusal code; never raises (see the module doc)."""
@@ -412,11 +435,26 @@ class DataHolder:
             "drift_linf": run.drift.drift.linf,
             "drift_l2": run.drift.drift.l2,
             "drift_exact": run.drift.drift.exact,
+            **self._divergence_report(run),
             "delta": delta,
             "slack": slack,
             "test_risk_bound": train_risk + slack,
             "transcript_bound": bound,
             "cost": self.cost_report(),
+        }
+
+    def _divergence_report(self, run: _RunState) -> dict[str, Any]:
+        """KL(base || this model) on the holder's secret prompts: its own reading of how far
+        the run moved the model's next-token distributions (issue 11's measure)."""
+        reference = run.evaluator.divergence
+        if reference is None:
+            return {"kl_to_base_nats": None}
+        return {
+            "kl_to_base_nats": run.evaluator.divergence_now(),
+            "kl_prompts": reference.prompts,
+            "kl_definition": "mean KL(base || tuned) of the full next-token distribution at "
+            "the last position of this holder's secret prompts (keyed subset of its records)",
+            "kl_weight": run.spec.fitness.kl_weight,
         }
 
     def _own_complexity(self, run: _RunState, bits_heard: float) -> Complexity:

@@ -51,6 +51,7 @@ from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.protocol.answers import (
     ALGORITHM_ANSWER_KINDS,
     ANSWER_MECHANISMS,
+    DIVERGENCE_PENALTY_MECHANISMS,
     EXPLICIT_ALGORITHMS,
     Algorithm,
     AnswerKind,
@@ -145,6 +146,15 @@ class HolderPolicy:
             )
         if len(set(self.parametrizations)) != len(self.parametrizations):
             raise ValueError("parametrizations: lists the same spec twice")
+        unpenalizable = [
+            m for m in self.answer_mechanisms if m not in DIVERGENCE_PENALTY_MECHANISMS
+        ]
+        if self.fitness.penalizes_divergence and unpenalizable:
+            raise ValueError(
+                f"fitness.kl_weight: a divergence penalty reads fixed prompts on every answer, "
+                f"which {unpenalizable} accounting does not cover; list only "
+                f"{sorted(DIVERGENCE_PENALTY_MECHANISMS)} in answer_mechanisms"
+            )
 
     @field_validator("expected_model_fingerprint")
     @classmethod
@@ -273,7 +283,8 @@ def _describe(error: ErrorDetails) -> str:
     if kind in messages:
         return f"{field}: {messages[kind]} (got {value!r})"
     message = error["msg"].removeprefix("Value error, ")
-    if kind == "value_error" and ": " in message and message.split(": ")[0].isidentifier():
+    named = message.split(": ")[0].split(".")
+    if kind == "value_error" and ": " in message and all(part.isidentifier() for part in named):
         # A validator that names a sub-field (e.g. fitness's label_words) names it first.
         sub, message = message.split(": ", 1)
         return f"{sub if field == '(top level)' else f'{field}.{sub}'}: {message}"
@@ -325,6 +336,11 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
             f"{policy.max_rounds_per_run}"
         )
     _check_fitness(policy.fitness, spec.fitness)
+    if spec.fitness.penalizes_divergence and spec.mechanism not in DIVERGENCE_PENALTY_MECHANISMS:
+        # The policy cannot pin such a pair; checked again so no later change can let it by.
+        raise PolicyViolation(
+            f"run's fitness penalizes divergence, which {spec.mechanism!r} answers cannot carry"
+        )
     _check_batch_policy(policy, spec.batch, "run")
     _check_dp_shape(policy, spec)
     _check_ranking_shape(policy, spec)

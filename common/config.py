@@ -231,6 +231,11 @@ class RunConfig(_Section):
         if self.server.quorum > self.server.min_holders:
             raise ValueError("server.quorum cannot exceed server.min_holders")
         if self.run.algorithm == "dpzero":
+            if self.fitness.penalizes_divergence:
+                raise ValueError(
+                    "fitness.kl_weight: a divergence penalty is for choice answers; dpzero's "
+                    "DP accounting does not cover a fixed set of prompts read every round"
+                )
             self._check_dpzero()
         elif self.privacy.epsilon is not None:
             raise ValueError(

@@ -186,6 +186,24 @@ class Fitness(ABC):
         chunks = [order[start : start + max_batch] for start in range(0, len(order), max_batch)]
         return [self._collate([encoded[i] for i in chunk], chunk) for chunk in chunks]
 
+    def prepare_prompts(
+        self, examples: Sequence[Record], max_batch: int = DEFAULT_MAX_BATCH
+    ) -> list[PreparedBatch]:
+        """The rendered prompts alone (no label, no target), left-padded so each ends at the
+        last position: what a next-token distribution "after the prompt" is read from."""
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        token_ids = self._tokenize(self._render_prompts(examples), special=True)
+        for index, ids in enumerate(token_ids):
+            if not ids:
+                raise DataError(f"{_where(examples[index], index)}: the prompt has no tokens")
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        chunks = [order[start : start + max_batch] for start in range(0, len(order), max_batch)]
+        return [
+            replace(self._collate([_Encoded(token_ids[i]) for i in chunk], chunk), logits_to_keep=1)
+            for chunk in chunks
+        ]
+
     @abstractmethod
     def score(self, logits: torch.Tensor, batch: PreparedBatch) -> ExampleScores:
         """Per-example scores of one sub-batch from the model's logits (B, positions, vocab)."""

@@ -27,6 +27,7 @@ from sottovoce.common.data import (
 )
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.models import load_model
+from sottovoce.common.protocol.answers import ANSWER_MECHANISMS, DIVERGENCE_PENALTY_MECHANISMS
 
 
 @dataclass
@@ -157,6 +158,11 @@ def simulated_policy(
         max_steps_per_run=steps,
         max_new_steps_per_task=steps,
         fitness=config.fitness,
+        answer_mechanisms=(
+            tuple(sorted(DIVERGENCE_PENALTY_MECHANISMS))
+            if config.fitness.penalizes_divergence
+            else ANSWER_MECHANISMS
+        ),
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),
         min_examples=min_examples,

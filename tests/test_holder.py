@@ -88,9 +88,10 @@ def assert_refused_without_trace(
 # -- answering and charging ------------------------------------------------------------------
 def test_compare_answer_charges_one_bit_durably(tmp_path: Path) -> None:
     holder = joined(tmp_path)
+    joining = holder.forward_passes  # the divergence reference's prompts, scored at join
     answer = holder.answer(make_task(run_spec(), "t1"))
     assert not answer.refused and answer.choice in (0, 1)
-    assert holder.forward_passes == 2  # the incumbent and one candidate on one batch of 16
+    assert holder.forward_passes - joining == 2  # incumbent and candidate on one batch of 16
     assert holder.ledger.spent_bits == 1.0
     holder.ledger.close()
     with Ledger.open(tmp_path / "ledger", DATASET, 100.0) as reopened:
@@ -103,10 +104,11 @@ def test_compare_answer_charges_one_bit_durably(tmp_path: Path) -> None:
 def test_best_of_three_charges_two_bits(tmp_path: Path) -> None:
     spec = run_spec(algorithm="bboxer-1+lambda")
     holder = joined(tmp_path, spec)
+    joining = holder.forward_passes
     three = scheduled_candidates(spec, 0, (0.05, 0.05, 0.05))
     answer = holder.answer(make_task(spec, "t1", candidates=three))
     assert not answer.refused and answer.choice in (0, 1, 2, 3)
-    assert holder.forward_passes == 4
+    assert holder.forward_passes - joining == 4
     (record,) = holder.ledger.records
     assert record.bits == math.log2(3 + 1) == 2.0
     assert record.kind == "best-of"

@@ -151,6 +151,7 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
     "step-explicit": (Step.explicit((0.5, -0.25, 0.0)), STEP),
     "candidate-explicit": (Candidate.explicit((0.125, 1.5)), CANDIDATE),
     "answer-ranking": (Answer(task_id="t", choice=None, ranking=(2, 0, 1)), ANSWER_CODEC),
+    "fitness-penalized": (FitnessSpec(kl_weight=0.25, kl_prompts=16), FITNESS),
     "batch": (BatchSpec(mode="minibatch", batch_size=1_000_000), BATCH),
     "run-spec": (SPEC, RUN_SPEC),
     "step": (STEPS[0], STEP),

@@ -205,6 +205,8 @@ class FitnessSpec(_message.Message):
     TEXT_FIELD_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_FIELD_NUMBER: _builtins.int
+    KL_WEIGHT_FIELD_NUMBER: _builtins.int
+    KL_PROMPTS_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     ANSWER_EXTRACTOR_FIELD_NUMBER: _builtins.int
     ANSWER_MATCH_FIELD_NUMBER: _builtins.int
@@ -215,6 +217,10 @@ class FitnessSpec(_message.Message):
     """1..64 chars"""
     label_field: _builtins.str
     target_field: _builtins.str
+    kl_weight: _builtins.float
+    """0 (no divergence penalty) .. 1e6, finite"""
+    kl_prompts: _builtins.int
+    """0 .. 128; >= 1 exactly when kl_weight > 0"""
     max_new_tokens: _builtins.int
     """generation only: greedy decoding of at most max_new_tokens (1..4096), the answer read
     from the decoded text and the target by a named extractor, compared by match.
@@ -236,13 +242,15 @@ class FitnessSpec(_message.Message):
         text_field: _builtins.str = ...,
         label_field: _builtins.str = ...,
         target_field: _builtins.str = ...,
+        kl_weight: _builtins.float = ...,
+        kl_prompts: _builtins.int = ...,
         max_new_tokens: _builtins.int = ...,
         answer_extractor: _builtins.str = ...,
         answer_match: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_extractor", b"answer_extractor", "answer_match", b"answer_match", "kind", b"kind", "label_field", b"label_field", "label_words", b"label_words", "max_new_tokens", b"max_new_tokens", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_extractor", b"answer_extractor", "answer_match", b"answer_match", "kind", b"kind", "kl_prompts", b"kl_prompts", "kl_weight", b"kl_weight", "label_field", b"label_field", "label_words", b"label_words", "max_new_tokens", b"max_new_tokens", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

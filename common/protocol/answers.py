@@ -67,6 +67,19 @@ AnswerMechanism = Literal["plain", "randomized-response", "dp-scalar"]
 """
 ANSWER_MECHANISMS: tuple[AnswerMechanism, ...] = ("plain", "randomized-response", "dp-scalar")
 
+DIVERGENCE_PENALTY_MECHANISMS: frozenset[AnswerMechanism] = frozenset(
+    {"plain", "randomized-response"}
+)
+"""The mechanisms a fitness with a divergence penalty (``FitnessSpec.kl_weight``) may use.
+
+The penalty reads the same fixed prompts on every answer. A choice's cost does not care
+(bits are bits; randomized response is epsilon-DP whatever was computed), but dp-scalar's
+accounting assumes each example enters one Poisson-sampled, clipped term of one answer:
+a fixed subset read every round breaks that, so it is not allowed there. A ranking is a
+"plain" answer, and it may carry the penalty: its bits are exact whatever it orders, and it
+orders the same penalized fitness a choice compares (``CandidateEvaluator.rank``).
+"""
+
 
 def answer_mechanism(kind: AnswerKind, randomized_response_epsilon: float) -> AnswerMechanism:
     """The mechanism a run's answers use, from its answer kind and DP settings."""

@@ -26,6 +26,7 @@ MAX_BATCH_SIZE = 1_000_000
 MAX_TEXT_LENGTH = 4096  # prompt template, patterns, policy values
 MAX_LABEL_WORDS = 16
 MAX_LABEL_WORD_LENGTH = 64
+MAX_KL_PROMPTS = 128  # the divergence penalty's secret prompts (issue 11: at most 128)
 MAX_NAME_LENGTH = 64  # algorithm name, record field names, policy keys
 MAX_REASON_LENGTH = 512  # why a run finished
 MAX_PATTERNS = 256
@@ -43,6 +44,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a task with MAX_NEW_STEPS steps is about 
 
 # -- numbers -----------------------------------------------------------------------------------
 MAX_ABS_SCALE = 1e3  # candidate scales and step coefficients (finite float32s)
+MAX_KL_WEIGHT = 1e6  # the divergence penalty's weight (score units per nat)
 MAX_BITS = 1e12  # bit budgets and totals
 MAX_DEADLINE_UNIX = 1e11  # year ~5138: any larger "time" is garbage
 FLOAT32_BITS = 32  # what an unquantized dp-scalar answer costs

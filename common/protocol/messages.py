@@ -7,6 +7,7 @@ records; the algorithms and the holder's policy only ever see these types.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,8 +39,15 @@ class FitnessSpec:
     at most ``max_new_tokens`` tokens after the prompt, the answer read from the decoded
     text and from the record's ``target_field`` by the named ``answer_extractor``, and
     compared by ``answer_match`` (score 1 if equal, else 0). The extractor is a name the
-    holder's code knows (``common/protocol/extractors.py``), never a pattern the coordinator sends,
-    and the holder pins every one of these fields.
+    holder's code knows (``common/protocol/extractors.py``), never a pattern the coordinator
+    sends, and the holder pins every one of these fields.
+
+    ``kl_weight`` > 0 adds a divergence penalty to choice and ranking answers (a ranking
+    orders the penalized fitness, the same one a choice compares): a model's fitness is its
+    mean score minus ``kl_weight`` times its mean KL(base || model), in nats, of the
+    next-token distribution at the last position of ``kl_prompts`` of the holder's own
+    prompts, a fixed subset only the holder knows (``client/divergence.py``). The score
+    then also rewards staying a language model, which label-word scores alone never see.
     """
 
     kind: FitnessKind = "classification"
@@ -51,6 +59,12 @@ class FitnessSpec:
     max_new_tokens: int = 0  # generation only
     answer_extractor: str = ""  # generation only: e.g. "gsm8k" (the number after "#### ")
     answer_match: str = ""  # generation only: "exact" or "numeric"
+    kl_weight: float = 0.0
+    kl_prompts: int = 0
+
+    @property
+    def penalizes_divergence(self) -> bool:
+        return self.kl_weight > 0
 
     @property
     def record_fields(self) -> list[str]:
@@ -106,6 +120,12 @@ def check_fitness_spec(spec: FitnessSpec) -> None:
             raise ValueError("answer_match: must be 'exact' or 'numeric'")
     elif spec.max_new_tokens or spec.answer_extractor or spec.answer_match:
         raise ValueError("max_new_tokens, answer_extractor, answer_match: generation only")
+    if not (math.isfinite(spec.kl_weight) and spec.kl_weight >= 0):
+        raise ValueError(f"kl_weight: must be a finite number >= 0 (got {spec.kl_weight!r})")
+    if spec.penalizes_divergence and spec.kl_prompts < 1:
+        raise ValueError("kl_prompts: a divergence penalty (kl_weight > 0) needs >= 1 prompt")
+    if not spec.penalizes_divergence and spec.kl_prompts:
+        raise ValueError("kl_prompts: set only with a divergence penalty (kl_weight > 0)")
 
 
 @dataclass(frozen=True)

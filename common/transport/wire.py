@@ -45,6 +45,8 @@ from sottovoce.common.protocol.limits import (
     MAX_EPSILON,
     MAX_EXPLICIT_DIMENSION,
     MAX_ID_LENGTH,
+    MAX_KL_PROMPTS,
+    MAX_KL_WEIGHT,
     MAX_LABEL_WORD_LENGTH,
     MAX_LABEL_WORDS,
     MAX_LAMBDA,
@@ -325,6 +327,8 @@ def check_fitness(where: str, spec: FitnessSpec) -> None:
     _check_int(f"{where}.max_new_tokens", spec.max_new_tokens, 0, MAX_NEW_TOKENS)
     for name in ("answer_extractor", "answer_match"):
         _check_text(f"{where}.{name}", getattr(spec, name), max_len=MAX_NAME_LENGTH)
+    _check_real(f"{where}.kl_weight", spec.kl_weight, 0.0, MAX_KL_WEIGHT)
+    _check_int(f"{where}.kl_prompts", spec.kl_prompts, 0, MAX_KL_PROMPTS)
 
 
 def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.FitnessSpec:
@@ -339,6 +343,8 @@ def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.Fitnes
         max_new_tokens=int(spec.max_new_tokens),
         answer_extractor=spec.answer_extractor,
         answer_match=spec.answer_match,
+        kl_weight=spec.kl_weight,
+        kl_prompts=spec.kl_prompts,
     )
 
 
@@ -353,6 +359,8 @@ def fitness_from_proto(message: pb.FitnessSpec, where: str = "FitnessSpec") -> F
         max_new_tokens=message.max_new_tokens,
         answer_extractor=message.answer_extractor,
         answer_match=message.answer_match,
+        kl_weight=message.kl_weight,
+        kl_prompts=message.kl_prompts,
     )
     check_fitness(where, spec)
     return spec
