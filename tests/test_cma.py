@@ -233,3 +233,24 @@ def test_the_coordinator_refuses_rankings_of_the_wrong_shape(tmp_path: Path) -> 
     assert answer.ranking is not None
     assert coordinator.push_answer(first.holder_id, answer)
     assert state.bits_total == pytest.approx(np.log2(12))  # log2(4 * 3): one answer heard
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_an_unanswered_round_is_asked_again_and_sigma_is_csa_at_any_dimension(
+    diagonal: bool,
+) -> None:
+    """576 coordinates (the final norm) would get pycma's TPA, whose next ask fails after
+    an ask nobody told; here CSA is set and the untold samples are the next round's."""
+    strategy = CMAStrategy(
+        dimension=576, candidates=8, sigma=0.002, rank_depth=0, max_scale=0.05,
+        diagonal=diagonal, seed=4,
+    )  # fmt: skip
+    assert isinstance(strategy.es.adapt_sigma, cma.sigma_adaptation.CMAAdaptSigmaCSA)
+    rng = np.random.default_rng(0)
+    for round_index in range(3):
+        strategy.tell(RoundAnswers(strategy.ask(round_index), _choices(strategy, rng)))
+    unanswered = strategy.ask(3)  # every holder refused round 3: it is never told
+    assert strategy.ask(4) == unanswered
+    outcome = strategy.tell(RoundAnswers(unanswered, _choices(strategy, rng)))
+    assert len(outcome.steps) == 1
+    assert strategy.ask(5) != unanswered

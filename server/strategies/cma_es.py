@@ -18,7 +18,10 @@ within it (its termination checks read the values, and are never consulted here)
   mean, the covariance nor the step size depends on the order among the unnamed (tested).
   A full ranking keeps pycma's defaults (active CMA included). Tied losses cannot inflate
   the step size either: pycma 4.5's step-size rule (CSA) reads only the weighted selected
-  steps, and its "flat fitness" check only stops a loop, which this strategy never runs.
+  steps (CSA is set at every dimension: pycma's default from 300 coordinates on, TPA,
+  injects mirrored samples across ask and tell), and its "flat fitness" check only stops a
+  loop, which this strategy never runs. A round no holder answered is never told, so its
+  samples are asked again in the next round (pycma's one ask per tell; replayed alike).
 * **Explicit candidates and steps.** A sample ``x_k`` becomes the candidate
   ``delta_k = float32(x_k - x)``, clipped to ``optimizer.max_step`` per coordinate (the
   holders' ``max_perturbation_scale``), where x is the log's float32 position; a clipped
@@ -80,6 +83,10 @@ class CMAStrategy(Strategy):
             "verb_disp": 0,
             "CMA_diagonal": diagonal,
             "tolflatfitness": float("inf"),
+            # CSA at every dimension: from 300 coordinates on pycma would pick TPA, whose
+            # two mirrored samples are injected by one ask for the next tell, so a round no
+            # holder answered breaks its next ask; and TPA reads the mirrors' losses.
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
         }
         if mu < candidates:  # top-mu: never read the tie among the unnamed
             options["CMA_active"] = False
@@ -104,7 +111,10 @@ class CMAStrategy(Strategy):
         if round_index not in self._asked:
             if self._asked and round_index < max(self._asked):
                 raise ConfigError(f"CMA cannot ask round {round_index} again after a later one")
-            self._asked = {round_index: self._sample()}  # older rounds are never told
+            # pycma wants one tell per ask: a round nobody answered (all refused, or
+            # timed out) is never told, so its samples are asked again in the next round.
+            untold = list(self._asked.values())
+            self._asked = {round_index: untold[-1] if untold else self._sample()}
         return self._asked[round_index][0]
 
     def _sample(self) -> tuple[tuple[Candidate, ...], list[np.ndarray]]:
