@@ -16,26 +16,32 @@ def _acc(figure: dict[str, object]) -> str:
 
 
 def main() -> None:
-    """Rows in file order; the step size chosen on dev (per optimizer and matching) is bold."""
+    """Rows in file order; the step size chosen on dev (per optimizer and matching) is bold,
+    a dev tie going to the smaller step."""
     rows = [
         json.loads(line)
         for path in sys.argv[1:]
         for line in Path(path).read_text(encoding="utf-8").splitlines()
     ]
     runs = [row for row in rows if "test" in row]
-    best: dict[tuple[str, str, str], float] = {}
-    for row in runs:
+    chosen: dict[tuple[str, str, str], int] = {}  # the run chosen on dev, by its index
+    for index, row in enumerate(runs):
         key = (row["parametrization"], row["optimizer"], row["matching"])
-        best[key] = max(best.get(key, -1.0), row["dev"]["after"])
+        held = chosen.get(key)
+        # the best dev accuracy; a tie goes to the smaller step (it moves the model less)
+        if held is None or (row["dev"]["after"], -row["initial_step"]) > (
+            runs[held]["dev"]["after"],
+            -runs[held]["initial_step"],
+        ):
+            chosen[key] = index
     print(
         "| parametrization | optimizer | matching | step | rounds | bits/holder | steps | "
         "dev acc | test acc (95% CI) | McNemar p (test) | Amazon acc | ppl ratio | run s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for row in runs:
+    for index, row in enumerate(runs):
         key = (row["parametrization"], row["optimizer"], row["matching"])
-        chosen = row["dev"]["after"] == best[key]
-        mark = "**" if chosen else ""
+        mark = "**" if chosen[key] == index else ""
         print(
             f"| {row['parametrization']} | {mark}{row['optimizer']}{mark} | {row['matching']} | "
             f"{row['initial_step']:g} | {row['rounds']} | {row['bits_per_holder']:.0f} | "
