@@ -49,9 +49,9 @@ def main() -> None:
             f"{row['test']['mcnemar_p']:.2g} | {row['amazon']['after']:.3f} | "
             f"{row['perplexity_ratio']:.4f} | {row['run_seconds']:.0f} |"
         )
-    for row in rows:
-        if "setting" in row:
-            print(f"\nSetting: {row['setting']}; base perplexity {row.get('base_perplexity')}.")
+    settings = {(row["setting"], row.get("base_perplexity")) for row in rows if "setting" in row}
+    for setting, perplexity in sorted(settings, key=str):  # one line per distinct setting
+        print(f"\nSetting: {setting}; base perplexity {perplexity}.")
 
 
 if __name__ == "__main__":
