@@ -16,14 +16,28 @@ k blocks, the final norm), both exact in what they reuse:
   after it. It is computed once per example and kept, so later tasks cost a norm and a
   few rows of the output head per example. The cache stays on the holder, like the data.
 
+* **Prefix reuse across tasks** (``cache_prefixes``, for full-split runs): the same batch
+  of the same examples has the same prefix in every round, so it is computed once per run.
+
 When the output head is not touched, the logits are computed only for the tokens the
 fitness reads (the label words); the logits tensor stops at the largest label id and the
 other entries are -inf, which the fitness never looks at. These label logits equal a
 full forward's up to float rounding (a smaller matrix product may sum in another order).
+
+**The population in one batch.** A parametrization that can evaluate several candidates
+in one forward (``Parametrization.population``: ``lowrank``, ``lora``) gets all of a
+task's models (the incumbent, when it is scored, and every candidate) as groups of rows of
+one batch: the batch's rows are repeated once per model, the shared base matmuls run once
+over all of them, and each group's own low-rank term is added to its rows. Scores equal
+one-at-a-time evaluation up to float rounding (stated where each kind defines it).
+
+A generation fitness (``common/fitness.py``) scores by greedy decoding with the KV
+cache; the evaluator hands it the model and never the logits, with no prefix reuse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Sequence
@@ -35,9 +49,9 @@ import torch
 from torch import nn
 
 from sottovoce.client.divergence import DivergenceReference
-from sottovoce.common.fitness import Fitness, PreparedBatch
+from sottovoce.common.fitness import Fitness, GenerationFitness, PreparedBatch
 from sottovoce.common.parametrizations.base import Parametrization
-from sottovoce.common.protocol.answers import AnswerKind, encode_choice
+from sottovoce.common.protocol.answers import AnswerKind, encode_choice, rank_candidates
 from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step
 from sottovoce.common.storage import canonical_json
@@ -139,15 +153,22 @@ class CandidateEvaluator:
         max_batch: int = 32,
         reuse_prefix: bool = True,
         cache_head_inputs: bool = True,
+        cache_prefixes: bool = False,
+        batch_population: bool = True,
     ):
         self.model = model
         self.parametrization = parametrization
         self.fitness = fitness
         self.max_batch = max_batch
+        self.batch_population = batch_population
         touched = parametrization.touched_modules()
         self.parts = decoder_parts(model)
-        self.split = suffix_start(model, touched) if reuse_prefix else None
-        self._label_rows = _label_rows(model, fitness, touched)
+        generates = isinstance(fitness, GenerationFitness)
+        self.split = suffix_start(model, touched) if reuse_prefix and not generates else None
+        self._label_rows = None if generates else _label_rows(model, fitness, touched)
+        self._prefix_cache: dict[tuple[str, ...], Prefix] | None = (
+            {} if cache_prefixes and self.split is not None else None
+        )
         head_only = self.parts is not None and self.split == len(self.parts.layers)
         self._head_cache: dict[str, torch.Tensor] | None = (
             {} if cache_head_inputs and head_only and _last_position_only(fitness) else None
@@ -247,6 +268,17 @@ class CandidateEvaluator:
         # Prefixes first, then one perturbation per candidate around all batches: entering
         # and leaving a perturbation costs a little, so it happens once per candidate.
         prefixes = [self._batch_prefix(batch, examples) for batch in batches]
+        models: list[Candidate | None] = [None] if with_incumbent else []
+        models += list(candidates)
+        if self.batch_population and len(models) > 1:
+            scored = self._score_population(batches, prefixes, len(examples), models)
+            if scored is not None:
+                incumbent = scored[0] if with_incumbent else np.empty(0)
+                return (
+                    incumbent,
+                    scored[1:] if with_incumbent else scored,
+                    self._divergences(models) if with_divergence else [],
+                )
         divergences: list[float] = []
         incumbent = np.empty(0)
         if with_incumbent:
@@ -255,11 +287,63 @@ class CandidateEvaluator:
                 divergences.append(self.divergence_now())
         per_candidate = []
         for candidate in candidates:
-            with self.parametrization.perturbed(candidate.seed, candidate.scale):
+            with self.parametrization.perturbed_candidate(candidate):
                 per_candidate.append(self._score_batches(batches, prefixes, len(examples)))
                 if with_divergence:
                     divergences.append(self.divergence_now())
         return incumbent, per_candidate, divergences
+
+    def _divergences(self, models: Sequence[Candidate | None]) -> list[float]:
+        """Each model's KL to the base, one model at a time (None: the incumbent).
+
+        The batched population scores the fitness; the few KL prompts are read with each
+        candidate's perturbation in place, exactly as the one-at-a-time path reads them.
+        """
+        divergences = []
+        for model in models:
+            if model is None:
+                divergences.append(self.divergence_now())
+                continue
+            with self.parametrization.perturbed_candidate(model):
+                divergences.append(self.divergence_now())
+        return divergences
+
+    def _score_population(
+        self,
+        batches: Sequence[PreparedBatch],
+        prefixes: Sequence[Prefix | None],
+        n: int,
+        models: Sequence[Candidate | None],
+    ) -> list[np.ndarray] | None:
+        """Every model's scores from one forward per batch, or None if the kind cannot."""
+        population = self.parametrization.population(models)
+        if population is None:
+            return None
+        groups = len(models)
+        scores = [np.empty(n, dtype=np.float64) for _ in models]
+        with population:
+            for batch, prefix in zip(batches, prefixes, strict=True):
+                for group, values in enumerate(self._population_scores(batch, prefix, groups)):
+                    scores[group][batch.example_index.numpy()] = values
+        return scores
+
+    def _population_scores(
+        self, batch: PreparedBatch, prefix: Prefix | None, groups: int
+    ) -> list[np.ndarray]:
+        """One forward of ``groups`` copies of the batch's rows; each copy's scores."""
+        repeated = repeat_batch(batch, groups)
+        if isinstance(self.fitness, GenerationFitness):
+            self.forward_passes += 1
+            result = self.fitness.score_model(self.model, repeated)
+            size = batch.size
+            return [result.score[g * size : (g + 1) * size] for g in range(groups)]
+        prefix_rows = None if prefix is None else repeat_prefix(prefix, batch.size, groups)
+        logits = self._logits(repeated, prefix_rows)
+        size = batch.size
+        return [
+            self.fitness.score(logits[g * size : (g + 1) * size], batch).score
+            for g in range(groups)
+        ]
 
     def _score_batches(
         self, batches: Sequence[PreparedBatch], prefixes: Sequence[Prefix | None], n: int
@@ -299,6 +383,31 @@ class CandidateEvaluator:
             stats["best_candidate_kl"] = kls[1 + best]
         return choice, stats
 
+    def rank(
+        self, examples: Sequence[Record], candidates: Sequence[Candidate], rank_depth: int
+    ) -> tuple[tuple[int, ...], dict[str, float]]:
+        """The top ``rank_depth`` candidates by fitness (0: all), ties to the lower index.
+
+        A candidate's fitness is the one :meth:`choose` compares: its mean score, less
+        ``kl_weight`` times its KL to the base when the fitness penalizes divergence, so a
+        ranking orders exactly what a choice would pick among. The incumbent is not scored:
+        a rank answer orders the candidates among themselves. The stats stay on the holder.
+        """
+        penalized = self.fitness.spec.penalizes_divergence
+        _, per_candidate, kls = self._score_models(
+            examples, candidates, with_incumbent=False, with_divergence=penalized
+        )
+        means = [float(s.mean()) for s in per_candidate]
+        fitness = means
+        if penalized:
+            weight = self.fitness.spec.kl_weight
+            fitness = [value - weight * kl for value, kl in zip(means, kls, strict=True)]
+        ranking = rank_candidates(fitness, rank_depth)  # ValueError on a non-finite value
+        stats = {"best_candidate_mean": means[ranking[0]]}
+        if penalized:
+            stats["best_candidate_kl"] = kls[ranking[0]]
+        return ranking, stats
+
     def finite_differences(
         self, examples: Sequence[Record], candidate: Candidate
     ) -> tuple[np.ndarray, float | None]:
@@ -331,7 +440,10 @@ class CandidateEvaluator:
                     prefix = self._batch_prefix(batch, examples)
                     if cache is not None and prefix is not None:
                         cache.entries[number] = prefix
-                result = self.fitness.score(self._logits(batch, prefix), batch)
+                if isinstance(self.fitness, GenerationFitness):
+                    result = self.fitness.score_model(self.model, batch)
+                else:
+                    result = self.fitness.score(self._logits(batch, prefix), batch)
                 scores[result.example_index] = result.score
                 correct[result.example_index] = result.correct
         return scores, correct
@@ -347,6 +459,9 @@ class CandidateEvaluator:
         return cast(torch.Tensor, self.parts.head(hidden)[:, -1, :])
 
     def _scores(self, batch: PreparedBatch, prefix: Prefix | None) -> np.ndarray:
+        if isinstance(self.fitness, GenerationFitness):
+            self.forward_passes += 1
+            return self.fitness.score_model(self.model, batch).score
         return self.fitness.score(self._logits(batch, prefix), batch).score
 
     def _logits(self, batch: PreparedBatch, prefix: Prefix | None) -> torch.Tensor:
@@ -360,7 +475,12 @@ class CandidateEvaluator:
         if self.split is None:
             return None
         if self._head_cache is None:
-            return self._prefix(batch)
+            if self._prefix_cache is None:
+                return self._prefix(batch)
+            key = tuple(record_key(examples[int(i)]) for i in batch.example_index)
+            if key not in self._prefix_cache:
+                self._prefix_cache[key] = self._prefix(batch)
+            return self._prefix_cache[key]
         keys = [record_key(examples[int(i)]) for i in batch.example_index]
         missing = {
             key: int(i)
@@ -444,6 +564,49 @@ def suffix_hidden(parts: DecoderParts, split: int, prefix: Prefix, keep: int) ->
     if keep > 0:
         hidden = hidden[:, -keep:, :]
     return cast(torch.Tensor, parts.norm(hidden))
+
+
+def repeat_batch(batch: PreparedBatch, groups: int) -> PreparedBatch:
+    """The batch's rows ``groups`` times over, group-major (rows ``g*B .. g*B+B-1``)."""
+    return dataclasses.replace(
+        batch,
+        input_ids=batch.input_ids.repeat(groups, 1),
+        attention_mask=batch.attention_mask.repeat(groups, 1),
+        position_ids=batch.position_ids.repeat(groups, 1),
+        example_index=batch.example_index.repeat(groups),
+        labels=None if batch.labels is None else batch.labels.repeat(groups),
+        target_lengths=None
+        if batch.target_lengths is None
+        else batch.target_lengths.repeat(groups),
+        targets=None if batch.targets is None else batch.targets * groups,
+    )
+
+
+_NOT_PER_ROW = frozenset({"cache_position"})  # kwargs indexed by position, not by row
+
+
+def repeat_prefix(prefix: Prefix, rows: int, groups: int) -> Prefix:
+    """A captured prefix for ``groups`` copies of its ``rows`` rows, group-major.
+
+    Every tensor whose first dimension is the batch's (hidden states, position embeddings,
+    position ids, a 4-D attention mask) is repeated; anything else (a broadcast mask, the
+    cache positions) is per position, not per row, and kept as it is.
+    """
+
+    def repeat(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.dim() >= 1 and value.shape[0] == rows:
+                return value.repeat(groups, *([1] * (value.dim() - 1)))
+            return value
+        if isinstance(value, tuple):
+            return tuple(repeat(item) for item in value)
+        return value
+
+    kwargs = {
+        name: value if name in _NOT_PER_ROW else repeat(value)
+        for name, value in prefix.kwargs.items()
+    }
+    return Prefix(args=tuple(repeat(arg) for arg in prefix.args), kwargs=kwargs)
 
 
 def _label_rows(model: nn.Module, fitness: Fitness, touched: Sequence[str]) -> torch.Tensor | None:

@@ -83,7 +83,13 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel
 from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import (
+    EXPLICIT_ALGORITHMS,
+    AnswerKind,
+    decode_ranking,
+    encode_ranking,
+    ranking_bits,
+)
 from sottovoce.common.protocol.limits import MAX_KL_PROMPTS
 from sottovoce.common.protocol.messages import (
     Answer,
@@ -123,6 +129,7 @@ class _RunState:
     drift: DriftTracker
     mechanism: Mechanism
     last_step_round: int = -1
+    last_round_seeds: frozenset[int] = frozenset()  # seeds logged for last_step_round
     step_rounds: list[int] = field(default_factory=list)  # the round of each log step
     broken: str | None = None  # why the weights can no longer be trusted, if they cannot
 
@@ -256,15 +263,28 @@ class DataHolder:
             self.loaded = self._fresh_model()
         parametrization = build_parametrization(spec.parametrization)
         parametrization.attach(self.loaded.model)
+        if spec.algorithm in EXPLICIT_ALGORITHMS and not parametrization.explicit_coordinates:
+            parametrization.detach()
+            raise PolicyViolation(
+                f"run {spec.run_id}: {spec.algorithm!r} needs explicit coordinates; "
+                f"{spec.parametrization.kind} has {parametrization.dimension}"
+            )
         fitness = build_fitness(spec.fitness, self.loaded.tokenizer)
         self.run = _RunState(
             spec=spec,
             evaluator=CandidateEvaluator(
-                self.loaded.model, parametrization, fitness, max_batch=self._max_batch
+                self.loaded.model,
+                parametrization,
+                fitness,
+                max_batch=self._max_batch,
+                # a full-split run scores the same batches every round: their prefixes once
+                cache_prefixes=spec.batch.mode == "full",
             ),
             log=StepLog(spec.log_genesis),
             schedule=SeedSchedule(spec.direction_seed, self.policy.max_lambda),
-            drift=DriftTracker(parametrization.direction_blocks()),
+            drift=DriftTracker(
+                parametrization.direction_blocks(), add=parametrization.add_direction_
+            ),
             mechanism=build_mechanism(spec, self._rng, self._record_key(spec)),
         )
         self._take_divergence_reference(self.run)
@@ -311,7 +331,7 @@ class DataHolder:
         try:
             cached = self.ledger.cached_answer(task.task_id, task.run_id)
             if cached is not None:  # a re-sent question: same answer, never charged twice
-                return Answer(task_id=task.task_id, choice=cached.choice, value=cached.value)
+                return self._cached(task, cached.choice, cached.value, cached.kind)
             run = self._current_run()
             admission = self._admit(run, task)
             self._apply(run, task.new_steps, admission)
@@ -322,21 +342,39 @@ class DataHolder:
             log.exception("task %s: unexpected failure before reading data", task.task_id)
             return self._refuse(task, RefusalCode.INTERNAL, f"unexpected failure: {exc!r}")
         release = self._release(run, task)
+        choice, detail = release.choice, None
+        if release.ranking is not None:  # the ledger keeps a ranking as its index
+            choice = encode_ranking(release.ranking, len(task.candidates), run.spec.rank_depth)
+            detail = {"ranking": list(release.ranking)}
         try:
             self.ledger.charge(
                 task.task_id,
                 task.run_id,
                 admission.bits,
-                release.choice,
+                choice,
                 answer_kind=task.answer_kind.value,
                 value=release.value,
                 dp=admission.event,
+                detail=detail,
             )
         except Exception as exc:
             log.exception("task %s: the ledger could not be charged", task.task_id)
             return self._refuse(task, RefusalCode.INTERNAL, f"ledger not charged: {exc!r}")
         self._note_answer(admission.bits, release.stats)
-        return Answer(task_id=task.task_id, choice=release.choice, value=release.value)
+        return Answer(
+            task_id=task.task_id,
+            choice=release.choice,
+            value=release.value,
+            ranking=release.ranking,
+        )
+
+    def _cached(self, task: Task, choice: int | None, value: float | None, kind: str) -> Answer:
+        """The recorded answer of a re-sent task, as it left the first time."""
+        if kind == AnswerKind.RANKING.value and choice is not None:
+            depth = self.run.spec.rank_depth if self.run is not None else 0
+            ranking = decode_ranking(choice, len(task.candidates), depth)
+            return Answer(task_id=task.task_id, choice=None, ranking=ranking)
+        return Answer(task_id=task.task_id, choice=choice, value=value)
 
     def _release(self, run: _RunState, task: Task) -> Release:
         """The mechanism's answer on the data; its default answer if anything fails."""
@@ -438,6 +476,10 @@ class DataHolder:
         if run.spec.answer_kind is AnswerKind.DP_SCALAR:
             bits = fixed_rate_transcript_bits(rounds, 32.0)
             code = "fixed rate, 32 bits a round"
+        elif run.spec.answer_kind is AnswerKind.RANKING:
+            per_round = ranking_bits(self.policy.max_lambda, run.spec.rank_depth)
+            bits = fixed_rate_transcript_bits(rounds, per_round)
+            code = f"fixed rate, log2(lambda!/(lambda-mu)!) = {per_round:.3g} bits a round"
         else:
             taken = set(run.step_rounds)
             accepted = [r in taken for r in range(max(rounds, len(taken)))]
@@ -495,6 +537,8 @@ class DataHolder:
             before_round=run.spec.max_rounds,
             drift=run.drift,
             name="the run's final steps",
+            algorithm=run.spec.algorithm,
+            last_round_seeds=run.last_round_seeds,
         )
         self._apply(run, finished.new_steps, _Admission(0.0, None, rounds, drift))
         self.status.log_version = run.log.version
@@ -531,6 +575,8 @@ class DataHolder:
             before_round=task.round_index,
             drift=run.drift,
             name=f"task {task.task_id}",
+            algorithm=run.spec.algorithm,
+            last_round_seeds=run.last_round_seeds,
         )
         bits = run.spec.answer_bits(len(task.candidates))
         event = run.mechanism.event(len(task.candidates), self._declared_rate(task.batch))
@@ -552,7 +598,12 @@ class DataHolder:
             run.log.append(step)
         run.drift.commit(admission.drift)
         run.step_rounds.extend(admission.rounds)
-        run.last_step_round = admission.rounds[-1]
+        last = admission.rounds[-1]
+        seeds = {s.seed for s, r in zip(steps, admission.rounds, strict=True) if r == last}
+        if last == run.last_step_round:
+            seeds |= run.last_round_seeds
+        run.last_step_round = last
+        run.last_round_seeds = frozenset(seeds)
 
     def _declared_rate(self, batch: BatchSpec) -> float:
         return declared_sampling_rate(batch, self.policy.declared_examples)

@@ -42,6 +42,7 @@ from sottovoce.common.protocol.answers import (
     AnswerKind,
     AnswerMechanism,
     choice_outcomes,
+    ranked_count,
 )
 from sottovoce.common.protocol.limits import MAX_ABS_SCALE
 from sottovoce.common.protocol.messages import RunSpec, Task
@@ -50,11 +51,12 @@ from sottovoce.common.steplog import as_float32
 
 @dataclass(frozen=True)
 class Release:
-    """What leaves the holder (``choice`` or ``value``) and what stays (``stats``)."""
+    """What leaves the holder (``choice``, ``value`` or ``ranking``) and what stays (``stats``)."""
 
     choice: int | None
     value: float | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    ranking: tuple[int, ...] | None = None
 
 
 class ScoringFailed(RuntimeError):
@@ -266,6 +268,33 @@ def chunk_votes(
     return np.where(better, best + 1, KEEP_INCUMBENT).astype(np.int64)
 
 
+class PlainRanking(Mechanism):
+    """The true top-mu ranking of a task's candidates (ties to the lower index).
+
+    Bits-only, like :class:`PlainChoice`: log2(lambda!/(lambda-mu)!) bits an answer and no
+    DP event (a policy refuses randomized response on rankings). The default after a
+    failure is the identity order ``0, 1, ..., mu-1``, which depends on nothing.
+    """
+
+    name: ClassVar[AnswerMechanism] = "plain"
+
+    def event(self, n_candidates: int, sampling_rate: float) -> DpEvent | None:
+        return None
+
+    def release(
+        self, evaluator: CandidateEvaluator, examples: Sequence[Record], task: Task
+    ) -> Release:
+        try:
+            ranking, stats = evaluator.rank(examples, task.candidates, self.spec.rank_depth)
+        except ValueError as exc:  # a non-finite mean score
+            raise ScoringFailed(str(exc)) from None
+        return Release(choice=None, ranking=ranking, stats=stats)
+
+    def default(self, task: Task) -> Release:
+        mu = ranked_count(len(task.candidates), self.spec.rank_depth)
+        return Release(choice=None, ranking=tuple(range(mu)))
+
+
 MECHANISMS: dict[AnswerMechanism, type[Mechanism]] = {
     cls.name: cls for cls in (PlainChoice, RandomizedResponseChoice, DpScalar, ChunkVote)
 }
@@ -275,4 +304,6 @@ def build_mechanism(
     spec: RunSpec, rng: SecureRandomness, record_key: bytes | None = None
 ) -> Mechanism:
     """The mechanism a run's answers use (its spec has passed the policy's check)."""
+    if spec.answer_kind is AnswerKind.RANKING:
+        return PlainRanking(spec, rng, record_key)
     return MECHANISMS[spec.mechanism](spec, rng, record_key)

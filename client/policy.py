@@ -55,6 +55,7 @@ from sottovoce.common.protocol.answers import (
     ALGORITHM_ANSWER_KINDS,
     ANSWER_MECHANISMS,
     DIVERGENCE_PENALTY_MECHANISMS,
+    EXPLICIT_ALGORITHMS,
     Algorithm,
     AnswerKind,
     AnswerMechanism,
@@ -62,6 +63,7 @@ from sottovoce.common.protocol.answers import (
 from sottovoce.common.protocol.limits import (
     FINGERPRINT_PATTERN,
     ID_PATTERN,
+    MAX_EXPLICIT_DIMENSION,
     MAX_ID_LENGTH,
     MAX_SUBSPACE_DIMENSION,
     UINT64_MAX,
@@ -351,6 +353,7 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
         )
     _check_batch_policy(policy, spec.batch, "run")
     _check_dp_shape(policy, spec)
+    _check_ranking_shape(policy, spec)
     if not policy.allows_mechanism(spec.mechanism):
         allowed = [m for m in policy.answer_mechanisms if policy.allows_mechanism(m)]
         raise PolicyViolation(
@@ -403,6 +406,31 @@ def _differing(pinned: object, asked: object) -> list[str]:
         for f in fields(pinned)  # type: ignore[arg-type]
         if getattr(pinned, f.name) != getattr(asked, f.name)
     ]
+
+
+def _check_ranking_shape(policy: HolderPolicy, spec: RunSpec) -> None:
+    """Rank answers: a depth within max_lambda, no randomized response (not implemented
+    for rankings), and explicit-coordinate algorithms only on a space of stated size."""
+    if spec.answer_kind is not AnswerKind.RANKING:
+        if spec.rank_depth:
+            raise PolicyViolation(f"run sets rank_depth on {_kind(spec.answer_kind)!r} answers")
+        return
+    if spec.rank_depth > policy.max_lambda:
+        raise PolicyViolation(
+            f"run wants rankings of depth {spec.rank_depth}; policy allows max_lambda "
+            f"{policy.max_lambda}"
+        )
+    if spec.dp.randomized_response_epsilon:
+        raise PolicyViolation("randomized response is not implemented for ranking answers")
+    if spec.dp.chunks:
+        raise PolicyViolation("chunk votes are not implemented for ranking answers")
+    if spec.algorithm in EXPLICIT_ALGORITHMS and not (
+        1 <= spec.parametrization.dimension <= MAX_EXPLICIT_DIMENSION
+    ):
+        raise PolicyViolation(
+            f"algorithm {spec.algorithm!r} searches explicit coordinates: the parametrization "
+            f"must state its dimension (1..{MAX_EXPLICIT_DIMENSION})"
+        )
 
 
 def _check_dp_shape(policy: HolderPolicy, spec: RunSpec) -> None:
@@ -542,12 +570,56 @@ def check_task(
             RefusalCode.MALFORMED,
         )
     _check_batch_policy(policy, task.batch, name)  # again: do not rely on check_run's caller
-    _check_candidates(policy, task, schedule, name)
+    if spec.algorithm in EXPLICIT_ALGORITHMS:
+        _check_explicit_candidates(policy, spec, task, name)
+    else:
+        _check_candidates(policy, task, schedule, name)
+    if task.answer_kind is AnswerKind.RANKING and len(task.candidates) < max(2, spec.rank_depth):
+        raise PolicyViolation(
+            f"{name} asks to rank {len(task.candidates)} candidates (needs >= 2 and >= the "
+            f"run's rank_depth {spec.rank_depth})",
+            RefusalCode.MALFORMED,
+        )
     clock = time.time() if now is None else now
     if clock > task.deadline_unix:
         raise PolicyViolation(
             f"{name} deadline passed {clock - task.deadline_unix:.1f} s ago", RefusalCode.EXPIRED
         )
+
+
+def _check_explicit_candidates(policy: HolderPolicy, spec: RunSpec, task: Task, name: str) -> None:
+    """Explicit candidates (CMA): each a delta of the stated dimension within the scale cap.
+
+    They are the coordinator's choice of direction (no schedule can cover them); what the
+    policy bounds is how far each moves any coordinate, in a space it pinned in full.
+    """
+    if len(task.candidates) > policy.max_lambda:
+        raise PolicyViolation(
+            f"{name} has {len(task.candidates)} candidates; policy allows at most max_lambda "
+            f"{policy.max_lambda}"
+        )
+    for index, candidate in enumerate(task.candidates):
+        delta = candidate.delta
+        if delta is None or candidate.seed != 0 or candidate.scale != 1.0:
+            raise PolicyViolation(
+                f"{name} candidate {index} is not an explicit delta ({spec.algorithm!r} runs "
+                "send explicit candidates only)",
+                RefusalCode.MALFORMED,
+            )
+        if len(delta) != spec.parametrization.dimension:
+            raise PolicyViolation(
+                f"{name} candidate {index} has {len(delta)} coordinates; the parametrization "
+                f"has {spec.parametrization.dimension}",
+                RefusalCode.MALFORMED,
+            )
+        largest = max((abs(v) for v in delta), default=0.0)
+        if not math.isfinite(largest):
+            raise PolicyViolation(f"{name} candidate {index}: not finite", RefusalCode.MALFORMED)
+        if largest > policy.max_perturbation_scale:
+            raise PolicyViolation(
+                f"{name} candidate {index} moves a coordinate by {largest:g} > "
+                f"max_perturbation_scale {policy.max_perturbation_scale:g}"
+            )
 
 
 def _check_candidates(policy: HolderPolicy, task: Task, schedule: SeedSchedule, name: str) -> None:
@@ -565,6 +637,12 @@ def _check_candidates(policy: HolderPolicy, task: Task, schedule: SeedSchedule, 
         )
     scales: dict[int, list[float]] = {}
     for index, candidate in enumerate(task.candidates):
+        if candidate.delta is not None:
+            raise PolicyViolation(
+                f"{name} candidate {index} is an explicit delta; this run's algorithm uses "
+                "seeded candidates only",
+                RefusalCode.MALFORMED,
+            )
         if not (isinstance(candidate.seed, int) and 0 <= candidate.seed <= UINT64_MAX):
             raise PolicyViolation(
                 f"{name} candidate {index} has seed {candidate.seed!r}: not a uint64",
@@ -606,6 +684,8 @@ def check_steps(
     before_round: int,
     drift: DriftTracker,
     name: str,
+    algorithm: str = "",
+    last_round_seeds: frozenset[int] = frozenset(),
 ) -> tuple[list[int], PendingDrift]:
     """Check new log steps before they are applied: size, seeds, and the total drift.
 
@@ -613,21 +693,49 @@ def check_steps(
     of the step before it (``last_round``) and earlier than ``before_round``; each
     ``|coefficient|`` at most ``max_perturbation_scale``; and x after them within the drift
     caps. Returns the steps' rounds and the drift to commit once they are applied.
+
+    Rank-answer algorithms take several steps a round: ``es-mu-lambda`` logs each of a
+    round's mu best seeds, so its steps may share a round, each seed once
+    (``last_round_seeds``: those already logged for ``last_round``). CMA's explicit steps
+    (``x += delta``, whose direction no schedule covers) come one a round, each of the
+    parametrization's dimension, every ``|delta_i|`` within ``max_perturbation_scale``.
     """
     rounds: list[int] = []
     previous = last_round
+    shared_rounds = ALGORITHM_ANSWER_KINDS.get(algorithm) is AnswerKind.RANKING
+    used = set(last_round_seeds)
     for index, step in enumerate(steps):
-        if not abs(step.coefficient) <= policy.max_perturbation_scale:
+        if step.delta is not None:
+            found = _explicit_step_round(policy, step, algorithm, drift, previous, name, index)
+        else:
+            if not abs(step.coefficient) <= policy.max_perturbation_scale:
+                raise PolicyViolation(
+                    f"{name} new step {index} has |coefficient| {abs(step.coefficient):g} > "
+                    f"max_perturbation_scale {policy.max_perturbation_scale:g}"
+                )
+            if algorithm in EXPLICIT_ALGORITHMS:
+                raise PolicyViolation(
+                    f"{name} new step {index} is seeded; {algorithm!r} logs explicit steps"
+                )
+            after = previous - 1 if shared_rounds else previous
+            scheduled = schedule.first_round_of(step.seed, after, before_round)
+            if scheduled == previous and step.seed in used:  # a seed once a round
+                scheduled = schedule.first_round_of(step.seed, previous, before_round)
+            if scheduled is None:
+                raise PolicyViolation(
+                    f"{name} new step {index} has seed {step.seed}, which is not a candidate of "
+                    f"any round {after + 1}..{before_round - 1} of the run's seed schedule"
+                    + (" (each seed once a round)" if shared_rounds else "")
+                )
+            found = scheduled
+        if found >= before_round:
             raise PolicyViolation(
-                f"{name} new step {index} has |coefficient| {abs(step.coefficient):g} > "
-                f"max_perturbation_scale {policy.max_perturbation_scale:g}"
+                f"{name} new step {index} would belong to round {found}, not before round "
+                f"{before_round}"
             )
-        found = schedule.first_round_of(step.seed, previous, before_round)
-        if found is None:
-            raise PolicyViolation(
-                f"{name} new step {index} has seed {step.seed}, which is not a candidate of "
-                f"any round {previous + 1}..{before_round - 1} of the run's seed schedule"
-            )
+        if found != previous:
+            used = set()
+        used.add(step.seed)
         rounds.append(found)
         previous = found
     pending = drift.preview(steps)
@@ -644,6 +752,36 @@ def check_steps(
             f"policy allows max_drift_l2 {policy.max_drift_l2:g}"
         )
     return rounds, pending
+
+
+def _explicit_step_round(
+    policy: HolderPolicy,
+    step: Step,
+    algorithm: str,
+    drift: DriftTracker,
+    previous: int,
+    name: str,
+    index: int,
+) -> int:
+    """The round of an explicit step (the one after ``previous``), once it is checked."""
+    assert step.delta is not None
+    if algorithm not in EXPLICIT_ALGORITHMS:
+        raise PolicyViolation(
+            f"{name} new step {index} is an explicit delta; algorithm {algorithm!r} logs "
+            "seeded steps only"
+        )
+    if len(step.delta) != drift.dimension:
+        raise PolicyViolation(
+            f"{name} new step {index} has {len(step.delta)} coordinates, x has {drift.dimension}",
+            RefusalCode.MALFORMED,
+        )
+    largest = max(abs(value) for value in step.delta)
+    if largest > policy.max_perturbation_scale:
+        raise PolicyViolation(
+            f"{name} new step {index} moves a coordinate by {largest:g} > "
+            f"max_perturbation_scale {policy.max_perturbation_scale:g}"
+        )
+    return previous + 1
 
 
 def _check_id(what: str, value: str) -> None:

@@ -19,10 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sottovoce.common.dtypes import DtypeName
 from sottovoce.common.errors import AccountingError, ConfigError
 from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.protocol.answers import ALGORITHM_ANSWER_KINDS, Algorithm, AnswerKind
+from sottovoce.common.protocol.answers import (
+    ALGORITHM_ANSWER_KINDS,
+    EXPLICIT_ALGORITHMS,
+    Algorithm,
+    AnswerKind,
+)
 from sottovoce.common.protocol.limits import (
     FINGERPRINT_REGEX,
     MAX_CHUNKS,
+    MAX_EXPLICIT_DIMENSION,
     MAX_KEEP_MARGIN,
     MAX_QUANTIZATION_BITS,
     MAX_VOTE_NOISE,
@@ -71,13 +77,21 @@ class ModelSection(_Section):
 
 
 class OptimizerSection(_Section):
-    """Step-size control of the comparison-based ES (one-fifth success rule)."""
+    """The optimizer's population and step sizes.
+
+    Comparison ES: ``initial_step`` adapted by the one-fifth rule within ``[min_step,
+    max_step]``. Rank algorithms: ``initial_step`` is CMA's sigma0 and the (mu/mu_w,
+    lambda)-ES's fixed sigma, ``max_step`` caps every candidate's move per coordinate
+    (CMA's samples are clipped to it), and ``rank_depth`` is how many candidates each
+    holder ranks (0: all ``candidates``; an answer costs log2(lambda!/(lambda-mu)!) bits).
+    """
 
     initial_step: float = Field(default=0.05, gt=0)
     min_step: float = Field(default=1e-4, gt=0)
     max_step: float = Field(default=0.5, gt=0)
     candidates: int = Field(default=1, ge=1, le=64)
     mirrored: bool = False
+    rank_depth: int = Field(default=0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> OptimizerSection:
@@ -221,6 +235,10 @@ class RunConfig(_Section):
     def _consistent(self) -> RunConfig:
         if self.run.algorithm == "bboxer-1+1" and self.optimizer.candidates != 1:
             raise ValueError("optimizer.candidates must be 1 for bboxer-1+1")
+        if self.answer_kind is AnswerKind.RANKING:
+            self._check_ranking()
+        elif self.optimizer.rank_depth:
+            raise ValueError("optimizer.rank_depth is for rank algorithms (cma-*, es-mu-lambda)")
         if self.server.quorum > self.server.min_holders:
             raise ValueError("server.quorum cannot exceed server.min_holders")
         if self.run.algorithm == "dpzero":
@@ -249,6 +267,25 @@ class RunConfig(_Section):
                 f"privacy.examples_per_holder {n}: the expected batch must fit in the data"
             )
         return self
+
+    def _check_ranking(self) -> None:
+        opt = self.optimizer
+        if opt.candidates < 2:
+            raise ValueError(f"optimizer.candidates must be >= 2 for {self.run.algorithm}")
+        if opt.rank_depth > opt.candidates:
+            raise ValueError("optimizer.rank_depth cannot exceed optimizer.candidates")
+        if self.privacy.randomized_response_epsilon is not None:
+            raise ValueError("randomized response is not implemented for ranking answers")
+        if self.privacy.chunks is not None:
+            raise ValueError("privacy.chunks: chunk votes are not implemented for ranking answers")
+        if self.run.algorithm in EXPLICIT_ALGORITHMS:
+            if not 1 <= self.parametrization.dimension <= MAX_EXPLICIT_DIMENSION:
+                raise ValueError(
+                    f"parametrization.dimension: {self.run.algorithm} searches explicit "
+                    f"coordinates; state their number (1..{MAX_EXPLICIT_DIMENSION})"
+                )
+            if opt.mirrored:
+                raise ValueError("optimizer.mirrored: CMA samples its own candidates")
 
     def _check_dpzero(self) -> None:
         if self.evaluation.mode != "poisson":

@@ -12,6 +12,19 @@ full forward, a cached prompt prefix plus suffix, perturbations in forward hooks
 
 The fitness itself (template, label words, fields) comes from a :class:`FitnessSpec` that
 the holder pins in its policy, so a coordinator cannot craft the question it asks.
+
+**Generation** (:class:`GenerationFitness`), for reasoning tasks (GSM8K), asks whether the
+model's own continuation reaches the right answer, not how likely the reference text is.
+A holder renders the pinned prompt, decodes greedily (``do_sample=False``, one beam,
+Hugging Face's ``generate`` with its KV cache) at most the pinned ``max_new_tokens`` tokens
+for a whole left-padded batch at once, reads the answer from the decoded text with the
+pinned extractor (:mod:`sottovoce.common.protocol.extractors`) and compares it with the one
+the same extractor reads from the record's target: score 1.0 if they match, else 0.0. The
+text never leaves the holder; only the answer mechanism's choice or ranking does. Every row
+decodes until the end-of-sequence token or ``max_new_tokens`` (a finished row is padded
+while the others go on, so a batch costs its longest row). Greedy argmax can flip between
+devices or batch layouts when two logits tie to rounding: exact-match scores are
+reproducible on one device and batch size.
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sottovoce.common.data import Record
 from sottovoce.common.errors import ConfigError, DataError
-from sottovoce.common.protocol.messages import FitnessSpec, template_fields
+from sottovoce.common.protocol.extractors import EXTRACTORS, answers_match
+from sottovoce.common.protocol.messages import FitnessSpec, check_fitness_spec, template_fields
 
 DEFAULT_MAX_BATCH = 32
 
@@ -53,6 +67,7 @@ class PreparedBatch:
     example_index: torch.Tensor
     labels: torch.Tensor | None = None
     target_lengths: torch.Tensor | None = None
+    targets: tuple[str, ...] | None = None  # generation: each row's target text
 
     @property
     def size(self) -> int:
@@ -132,6 +147,7 @@ class _Encoded:
     token_ids: list[int]
     label: int = -1
     target_length: int = 0
+    target: str | None = None  # generation: the target text the extractor reads
 
 
 class Fitness(ABC):
@@ -235,6 +251,7 @@ class Fitness(ABC):
             target_lengths=_optional_tensor(
                 [row.target_length for row in rows], valid=lambda x: x > 0
             ),
+            targets=None if rows[0].target is None else tuple(str(row.target) for row in rows),
         )
 
 
@@ -346,12 +363,90 @@ class CompletionFitness(Fitness):
         return _scores(score, hits.all(dim=-1), batch)
 
 
+class GenerationFitness(Fitness):
+    """Score = 1 if the greedy continuation's extracted answer matches the target's."""
+
+    def __init__(self, spec: FitnessSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+        if spec.kind != "generation":
+            raise ConfigError(f"GenerationFitness got a fitness of kind {spec.kind!r}")
+        try:
+            check_fitness_spec(spec)
+        except ValueError as err:
+            raise ConfigError(f"fitness.{err}") from None
+        super().__init__(spec, tokenizer)
+        self.extract = EXTRACTORS[spec.answer_extractor]
+        eos = tokenizer.eos_token_id
+        self.eos_id = None if eos is None else int(eos)
+
+    def _encode_all(self, examples: Sequence[Record]) -> list[_Encoded]:
+        for index, record in enumerate(examples):
+            target = _field(record, index, self.spec.target_field)
+            if not isinstance(target, str) or self.extract(target) is None:
+                raise DataError(
+                    f"{_where(record, index)}: field {self.spec.target_field!r} has no answer the "
+                    f"{self.spec.answer_extractor!r} extractor can read"
+                )
+        prompts = self._tokenize(self._render_prompts(examples), special=True)
+        for index, ids in enumerate(prompts):
+            if not ids:
+                raise DataError(f"{_where(examples[index], index)}: the prompt has no tokens")
+        return [
+            _Encoded(ids, target=str(examples[i][self.spec.target_field]))
+            for i, ids in enumerate(prompts)
+        ]
+
+    def _logits_to_keep(self, rows: Sequence[_Encoded]) -> int:
+        return 1
+
+    def score(self, logits: torch.Tensor, batch: PreparedBatch) -> ExampleScores:
+        raise ConfigError("a generation fitness scores a model (score_model), not logits")
+
+    @torch.inference_mode()
+    def generate(self, model: torch.nn.Module, batch: PreparedBatch) -> list[str]:
+        """The greedy continuations of the batch's prompts, decoded (special tokens dropped)."""
+        device = next(model.parameters()).device
+        on_device = batch.to(device)
+        output = model.generate(  # type: ignore[operator]
+            input_ids=on_device.input_ids,
+            attention_mask=on_device.attention_mask,
+            max_new_tokens=self.spec.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        new_tokens = output[:, on_device.input_ids.shape[1] :]
+        return list(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+
+    def score_model(self, model: torch.nn.Module, batch: PreparedBatch) -> ExampleScores:
+        """Decode every row and score it: 1.0 if its answer matches the target's, else 0.0."""
+        if batch.targets is None:
+            raise ValueError("a generation batch needs its targets")
+        texts = self.generate(model, batch)
+        correct = [
+            answers_match(self.extract(text), self.extract(target), self.spec.answer_match)
+            for text, target in zip(texts, batch.targets, strict=True)
+        ]
+        flags = torch.tensor(correct, dtype=torch.bool)
+        return ExampleScores(
+            score=flags.double().numpy(),
+            correct=flags.numpy(),
+            example_index=batch.example_index.numpy().astype("int64"),
+        )
+
+
 def build_fitness(spec: FitnessSpec, tokenizer: PreTrainedTokenizerBase) -> Fitness:
     """The fitness a spec names, bound to a tokenizer (checks label words and template)."""
     if spec.kind == "classification":
         return ClassificationFitness(spec, tokenizer)
     if spec.kind == "completion":
         return CompletionFitness(spec, tokenizer)
+    if spec.kind == "generation":
+        return GenerationFitness(spec, tokenizer)
     raise ConfigError(f"unknown fitness kind {spec.kind!r}")
 
 

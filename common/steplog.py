@@ -1,9 +1,13 @@
 """The model is a log: base model + parametrization + an ordered, hash-chained list of steps.
 
 A step ``(seed, coefficient)`` means ``x <- x + coefficient * z(seed)`` in the
-parametrization's coordinates. Each step's hash covers the previous hash, so a holder
-that has applied steps ``0..v-1`` can check that the steps a coordinator sends next
-extend exactly the log it already has, and a coordinator cannot quietly rewrite history.
+parametrization's coordinates; an *explicit* step (what CMA's mean moves by, whose direction
+is no ``z(seed)``) carries its delta vector instead: ``x <- x + delta``, one float32 add a
+coordinate, for parametrizations of at most ``MAX_EXPLICIT_DIMENSION`` coordinates.
+
+Each step's hash covers the previous hash, so a holder that has applied steps ``0..v-1``
+can check that the steps a coordinator sends next extend exactly the log it already has,
+and a coordinator cannot quietly rewrite history.
 
 On disk the log is JSON lines, appended and fsync'd one step at a time. A torn last line
 (a crash in the middle of a write) is detected on load and reported, never silently used.
@@ -13,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sottovoce.common.errors import LogIntegrityError
-from sottovoce.common.protocol.limits import UINT64_MAX
+from sottovoce.common.protocol.limits import MAX_EXPLICIT_DIMENSION, UINT64_MAX
 from sottovoce.common.storage import append_json_line, read_json_lines
 
 
@@ -41,12 +45,20 @@ def float32_toward_zero(value: float) -> float:
     return float(rounded)
 
 
+EXPLICIT_TAG = b"sottovoce-explicit-step"
+
+
 @dataclass(frozen=True)
 class Step:
-    """One accepted update: ``x <- x + coefficient * z(seed)``."""
+    """One accepted update: ``x <- x + coefficient * z(seed)``, or ``x <- x + delta``.
+
+    An explicit step (``delta`` set, made with :meth:`explicit`) has seed 0 and coefficient 1;
+    its delta holds float32 values in the parametrization's coordinate order.
+    """
 
     seed: int
     coefficient: float
+    delta: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= UINT64_MAX:
@@ -57,10 +69,63 @@ class Step:
             raise LogIntegrityError(
                 f"step coefficient {self.coefficient!r} is not exactly a float32"
             )
+        if self.delta is not None:
+            check_explicit_delta("explicit step", self.delta)
+            if self.seed != 0 or self.coefficient != 1.0:
+                raise LogIntegrityError("an explicit step has seed 0 and coefficient 1")
+
+    @classmethod
+    def explicit(cls, delta: Sequence[float]) -> Step:
+        """The step ``x <- x + delta`` (values rounded to float32)."""
+        return cls(seed=0, coefficient=1.0, delta=tuple(as_float32(v) for v in delta))
+
+    @property
+    def is_explicit(self) -> bool:
+        return self.delta is not None
 
     def payload(self) -> bytes:
-        """The 12 bytes that define a step: uint64 seed and float32 coefficient, little-endian."""
-        return struct.pack("<Qf", self.seed, self.coefficient)
+        """What the hash chain covers.
+
+        A seeded step: its 12 bytes, uint64 seed and float32 coefficient, little-endian
+        (unchanged since the first log). An explicit step: a tag, the uint32 length and the
+        float32 values little-endian; its length differs from 12 bytes, so no explicit
+        step hashes like a seeded one.
+        """
+        if self.delta is None:
+            return struct.pack("<Qf", self.seed, self.coefficient)
+        values = np.asarray(self.delta, dtype="<f4").tobytes()
+        return EXPLICIT_TAG + struct.pack("<I", len(self.delta)) + values
+
+    def to_json(self) -> dict[str, object]:
+        """The step as JSON fields (the log's lines, the journal, exports)."""
+        record: dict[str, object] = {"seed": self.seed, "coefficient": self.coefficient}
+        if self.delta is not None:
+            record["delta"] = list(self.delta)
+        return record
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, object]) -> Step:
+        """Inverse of :meth:`to_json`; LogIntegrityError (or KeyError/TypeError) if malformed."""
+        delta = record.get("delta")
+        seed, coefficient = record["seed"], record["coefficient"]
+        if not isinstance(seed, int) or not isinstance(coefficient, int | float):
+            raise TypeError("a step's seed is an int and its coefficient a number")
+        if delta is None:
+            return cls(seed=seed, coefficient=float(coefficient))
+        if not isinstance(delta, list) or not all(isinstance(v, int | float) for v in delta):
+            raise TypeError("an explicit step's delta is a list of numbers")
+        return cls(seed=seed, coefficient=float(coefficient), delta=tuple(float(v) for v in delta))
+
+
+def check_explicit_delta(what: str, delta: Sequence[float]) -> None:
+    """LogIntegrityError unless ``delta`` is 1..MAX_EXPLICIT_DIMENSION finite float32s."""
+    if not 1 <= len(delta) <= MAX_EXPLICIT_DIMENSION:
+        raise LogIntegrityError(
+            f"{what}: {len(delta)} coordinates, expected 1..{MAX_EXPLICIT_DIMENSION}"
+        )
+    for value in delta:
+        if not (isinstance(value, float) and np.isfinite(value) and as_float32(value) == value):
+            raise LogIntegrityError(f"{what}: {value!r} is not a finite float32")
 
 
 def genesis_hash(base_fingerprint: str, parametrization_id: str) -> str:
@@ -130,12 +195,7 @@ class StepLog:
         """Append a step (durably, if file-backed) and return the new head hash."""
         head = chain_hash(self.head, len(self._steps), step)
         if self._path is not None:
-            record = {
-                "index": len(self._steps),
-                "seed": step.seed,
-                "coefficient": step.coefficient,
-                "hash": head,
-            }
+            record = {"index": len(self._steps), **step.to_json(), "hash": head}
             append_json_line(self._path, record)
         self._steps.append(step)
         self._hashes.append(head)
@@ -152,7 +212,7 @@ class StepLog:
         log = cls(genesis, path=None)
         for number, record in enumerate(read_json_lines(path)):
             try:
-                step = Step(seed=int(record["seed"]), coefficient=float(record["coefficient"]))
+                step = Step.from_json(record)
                 recorded_index, recorded_hash = int(record["index"]), str(record["hash"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise LogIntegrityError(f"{path}: line {number + 1} is not a step: {exc}") from exc
@@ -167,6 +227,6 @@ class StepLog:
     def to_records(self) -> list[dict[str, object]]:
         """The log as plain records (what export writes next to the weights)."""
         return [
-            {"index": i, "seed": s.seed, "coefficient": s.coefficient, "hash": h}
+            {"index": i, **s.to_json(), "hash": h}
             for i, (s, h) in enumerate(zip(self._steps, self._hashes, strict=True))
         ]

@@ -56,8 +56,13 @@ from typing import TypeVar
 
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import LogIntegrityError, NotJoined, RequestRefused
-from sottovoce.common.protocol.answers import AnswerKind, choice_outcomes
-from sottovoce.common.protocol.limits import MAX_NEW_STEPS, MAX_REASON_LENGTH
+from sottovoce.common.protocol.answers import (
+    AnswerKind,
+    check_ranking,
+    choice_outcomes,
+    encode_ranking,
+)
+from sottovoce.common.protocol.limits import MAX_DELTA_FLOATS, MAX_NEW_STEPS, MAX_REASON_LENGTH
 from sottovoce.common.protocol.messages import (
     Answer,
     Candidate,
@@ -157,6 +162,17 @@ class Coordinator:
         self._waiters: dict[str, list[Wake]] = {}  # holder -> wake-ups of its waiting polls
         self._delivered_at: dict[str, float] = {}  # task id -> when it left (answer latency)
         self.strategy: Strategy = build_strategy(config, state.step_size)
+        self.strategy.resume(
+            [
+                (
+                    closed.round_index,
+                    RoundAnswers(closed.candidates, closed.choices, closed.values)
+                    if closed.told
+                    else None,
+                )
+                for closed in state.rounds
+            ]
+        )
         self.spec = RunSpec(
             run_id=state.run_id,
             algorithm=config.run.algorithm,
@@ -170,6 +186,9 @@ class Coordinator:
             log_genesis=state.genesis,
             dp=config.dp_spec(),
             direction_seed=config.run.seed,
+            rank_depth=config.optimizer.rank_depth
+            if config.answer_kind is AnswerKind.RANKING
+            else 0,
         )
 
     # -- observers -------------------------------------------------------------------------
@@ -378,6 +397,9 @@ class Coordinator:
         early = current is None and round_index == self.state.next_round
         n_candidates = self._candidates_of(round_index)
         value = self._check_answer(answer, n_candidates)
+        choice = answer.choice
+        if answer.ranking is not None:  # journaled as its index among the rankings
+            choice = encode_ranking(answer.ranking, n_candidates, self.spec.rank_depth)
         bits = 0.0 if answer.refused else self.spec.answer_bits(n_candidates)
         if not self._fits_locked(answer.task_id, bits):
             logger.warning(
@@ -392,7 +414,7 @@ class Coordinator:
             round_index=round_index,
             holder_id=holder_id,
             task_id=answer.task_id,
-            choice=answer.choice,
+            choice=choice,
             refusal=answer.refusal,
             bits=bits,
             late=not (on_time or early),
@@ -513,13 +535,15 @@ class Coordinator:
             choices=dict(current.choices),
             refusals=dict(current.refusals),
             winner=None if outcome is None else outcome.winner,
-            step=None if outcome is None else outcome.step,
+            steps=() if outcome is None else outcome.steps,
             step_size_after=self.strategy.step_size,
             bits=self.spec.answer_bits(len(current.candidates)) * current.heard,
             closed_by=reason if quorum_met else f"{reason}; no quorum",
             values=dict(current.values),
             estimate=None if outcome is None else outcome.estimate,
             asked=tuple(sorted(current.task_ids)),
+            ranking=None if outcome is None else outcome.ranking,
+            told=outcome is not None,
         )
         self.state.record_round(record)
         for holder, task_id in current.task_ids.items():
@@ -666,7 +690,14 @@ class Coordinator:
                 f"holder {holder_id!r} is {behind} steps behind (log version {have_version}); "
                 f"a message carries at most {MAX_NEW_STEPS}: start it from a newer checkpoint"
             )
-        return tuple(self.state.log.steps_since(have_version))
+        steps = tuple(self.state.log.steps_since(have_version))
+        floats = sum(len(step.delta or ()) for step in steps)
+        if floats > MAX_DELTA_FLOATS:
+            raise LogIntegrityError(
+                f"holder {holder_id!r} is {behind} explicit steps behind ({floats} delta floats); "
+                f"a message carries at most {MAX_DELTA_FLOATS}: start it from a newer checkpoint"
+            )
+        return steps
 
     def _task_for(self, current: OpenRound, holder_id: str, have_version: int) -> Task:
         return Task(
@@ -711,6 +742,16 @@ class Coordinator:
             if answer.value is None or not math.isfinite(answer.value):
                 raise RequestRefused(f"{where}: a dp-scalar answer needs a finite value")
             return answer.value
+        if kind is AnswerKind.RANKING:
+            if answer.ranking is None:
+                raise RequestRefused(f"{where}: this run's answers are rankings")
+            try:
+                check_ranking(answer.ranking, n_candidates, self.spec.rank_depth)
+            except ValueError as exc:
+                raise RequestRefused(f"{where}: {exc}") from None
+            return None
+        if answer.ranking is not None:
+            raise RequestRefused(f"{where}: this run's answers are not rankings")
         if answer.value is not None:
             raise RequestRefused(f"{where}: this run's answers are choices, not values")
         limit = choice_outcomes(kind, n_candidates, dp.quantization_bits) - 1

@@ -5,6 +5,11 @@ config) and loads with ``AutoModelForCausalLM.from_pretrained``. Next to the wei
 carries the log itself (a few bytes per step) and a model card naming the base model's
 fingerprint, the log's hash, the bits spent and the parametrization, so anyone can check
 the weights against base + log.
+
+A ``lora`` run is also written as a ``peft`` adapter (``adapter/``: ``adapter_config.json``
+and ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained`` on the base
+model), built by peft itself from the run's A and B factors; the merged checkpoint beside
+it folds them in (``W + B A``, float32 math), equal to the adapter up to float rounding.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import torch
+from peft import LoraConfig, get_peft_model
 
 from sottovoce.common.config import RunConfig, load_config
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.parametrizations.lora import LoraParametrization
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.steplog import StepLog, genesis_hash
 from sottovoce.common.storage import read_json_lines
@@ -33,6 +42,7 @@ from sottovoce.server.run_state import (
 )
 
 LOG_FILE = "sottovoce_log.json"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,58 @@ class ExportResult:
 
 def replay(loaded: LoadedModel, config: RunConfig, log: StepLog) -> dict[str, Any]:
     """Base weights + the log, folded into a plain state dict (the canonical replay)."""
+    return _replayed(loaded, config, log)[0]
+
+
+def _replayed(
+    loaded: LoadedModel, config: RunConfig, log: StepLog
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
+    """The folded state dict, and a lora run's adapter factors (None for other kinds)."""
     parametrization = build_parametrization(config.parametrization)
     parametrization.attach(loaded.model)
     for step in log:
         parametrization.apply_step(step)
     state = parametrization.export_state_dict()
+    adapter = (
+        parametrization.adapter_tensors()
+        if isinstance(parametrization, LoraParametrization)
+        else None
+    )
     parametrization.detach()
-    return state
+    return state, adapter
+
+
+def write_peft_adapter(
+    base: torch.nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    out_dir: Path,
+) -> None:
+    """``factors`` (module name -> (A, B)) as a peft LoRA adapter of ``base`` in ``out_dir``.
+
+    peft builds the adapter (``lora_alpha = r``, so its scaling is 1, no dropout, no bias)
+    and writes it; ``base`` is wrapped and unwrapped again, its weights untouched.
+    """
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=sorted(factors),
+        init_lora_weights=False,
+    )
+    wrapped = get_peft_model(base, config)  # injects peft's LoRA layers into base in place
+    try:
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if name in factors:
+                    a, b = factors[name]
+                    for factor, value in (("lora_A", a), ("lora_B", b)):
+                        layer = cast(torch.nn.ModuleDict, getattr(module, factor))["default"]
+                        cast(torch.nn.Linear, layer).weight.copy_(value)
+        wrapped.save_pretrained(str(out_dir))
+    finally:
+        wrapped.unload()
 
 
 def coordinator_dir(run_dir: Path) -> Path:
@@ -145,10 +200,13 @@ def export_run(run_dir: Path, out_dir: Path, *, cache_dir: Path | None = None) -
     log, bits = read_run_log(run_dir, config, loaded.fingerprint)
     spec = config.parametrization
     genesis = log.genesis
-    loaded.model.load_state_dict(replay(loaded, config, log))
+    state, adapter = _replayed(loaded, config, log)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
     try:
+        if adapter is not None:  # on the base weights, before the merged ones replace them
+            write_peft_adapter(loaded.model, adapter, spec.rank, staging / ADAPTER_DIR)
+        loaded.model.load_state_dict(state)
         loaded.model.save_pretrained(staging, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
         if getattr(loaded.model, "generation_config", None) is not None:

@@ -38,7 +38,7 @@ from sottovoce.common.data import Record
 from sottovoce.common.errors import SottovoceError
 from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
-from sottovoce.common.protocol.answers import AnswerKind, encode_choice
+from sottovoce.common.protocol.answers import AnswerKind, encode_choice, ranking_bits
 from sottovoce.common.protocol.messages import RunSpec
 from sottovoce.common.quality import (
     OOD_DEFAULT,
@@ -123,9 +123,11 @@ def run_complexity(config: RunConfig, spec: RunSpec, state: RunState) -> Complex
     """The code length of the run's aggregated transcript (docs/bound.md).
 
     Comparison runs: each closed round's outcome is the accepted candidate (1 + its index)
-    or none (0: no winner, no quorum). DPZero: each round is its step's float32
-    coefficient, 32 bits, whatever was heard; a quantized run's aggregate of H holders'
-    k-bit levels takes at most H (2^k - 1) + 1 values, counted with H the holders heard.
+    or none (0: no winner, no quorum). Rank runs: each round's aggregated top-mu ranking, one
+    of lambda!/(lambda-mu)! values, log2 of that a round (no compression). DPZero: each round
+    is its step's float32 coefficient, 32 bits, whatever was heard; a quantized run's
+    aggregate of H holders' k-bit levels takes at most H (2^k - 1) + 1 values, counted with H
+    the holders heard.
     """
     rounds = len(state.rounds)
     if spec.answer_kind is AnswerKind.DP_SCALAR:
@@ -136,6 +138,10 @@ def run_complexity(config: RunConfig, spec: RunSpec, state: RunState) -> Complex
             per_round = min(per_round, math.log2(levels) + math.log2(holders + 1))
         bits = fixed_rate_transcript_bits(rounds, per_round)
         code = f"fixed rate, {per_round:.3g} bits a round"
+    elif spec.answer_kind is AnswerKind.RANKING:
+        per_round = ranking_bits(config.optimizer.candidates, spec.rank_depth)
+        bits = fixed_rate_transcript_bits(rounds, per_round)
+        code = f"fixed rate, log2(lambda!/(lambda-mu)!) = {per_round:.3g} bits a round"
     else:
         outcomes = [
             encode_choice(closed.winner) if closed.step is not None else 0

@@ -66,13 +66,20 @@ class RoundRecord:
     choices: dict[str, int]
     refusals: dict[str, str]
     winner: int | None
-    step: Step | None
+    steps: tuple[Step, ...]
     step_size_after: float
     bits: float
     closed_by: str
     values: dict[str, float] = field(default_factory=dict)
     estimate: float | None = None
     asked: tuple[str, ...] = ()  # the holders the round was issued to (sorted)
+    ranking: tuple[int, ...] | None = None  # rank runs: the aggregated ranking
+    told: bool = True  # whether the strategy was told the answers (a quorum was met)
+
+    @property
+    def step(self) -> Step | None:
+        """The round's first step, or None (every strategy but es-mu-lambda takes at most one)."""
+        return self.steps[0] if self.steps else None
 
     @property
     def answered(self) -> set[str]:
@@ -83,16 +90,22 @@ class RoundRecord:
         extra: dict[str, Any] = {}
         if self.values or self.estimate is not None:
             extra = {"values": self.values, "estimate": self.estimate}
+        if self.ranking is not None:
+            extra["ranking"] = list(self.ranking)
+        if len(self.steps) > 1:
+            extra["steps"] = [_step_json(step) for step in self.steps]
+        if not self.told:
+            extra["told"] = False
         return {
             **extra,
             "type": "round",
             "asked": list(self.asked),
             "round": self.round_index,
-            "candidates": [[c.seed, c.scale] for c in self.candidates],
+            "candidates": [_candidate_json(c) for c in self.candidates],
             "choices": self.choices,
             "refusals": self.refusals,
             "winner": self.winner,
-            "step": None if self.step is None else [self.step.seed, self.step.coefficient],
+            "step": None if self.step is None else _step_json(self.step),
             "step_size_after": self.step_size_after,
             "bits": self.bits,
             "closed_by": self.closed_by,
@@ -253,8 +266,7 @@ class RunState:
                 self.next_round = closed.round_index + 1
                 self.step_size = closed.step_size_after
                 self._count_misses(closed)
-                if closed.step is not None:
-                    accepted.append(closed.step)
+                accepted.extend(closed.steps)
                 pending = [a for a in pending if a.round_index > closed.round_index]
             elif kind == "delivered":
                 round_index, holders = _delivered_from_json(record)
@@ -293,11 +305,12 @@ class RunState:
         self.answered_task_ids.add(answer.task_id)
 
     def record_round(self, closed: RoundRecord) -> None:
-        """Journal a closed round, then append its step to the log (in that order)."""
+        """Journal a closed round, then append its steps to the log (in that order)."""
         seq = self.journal.append(closed.to_json())
-        if closed.step is not None:
+        if closed.steps:
             self.journal.sync(seq)  # on disk before the log: never a log ahead of it
-            self.log.append(closed.step)
+        for step in closed.steps:
+            self.log.append(step)
         self.rounds.append(closed)
         self.next_round = closed.round_index + 1
         self.step_size = closed.step_size_after
@@ -378,27 +391,56 @@ def journal_steps(run_dir: Path) -> list[Step]:
     rounds = [
         _round_from_json(r) for r in read_json_lines(run_dir / JOURNAL) if r.get("type") == "round"
     ]
-    return [closed.step for closed in rounds if closed.step is not None]
+    return [step for closed in rounds for step in closed.steps]
+
+
+def _step_json(step: Step) -> list[Any]:
+    """A step in the journal: ``[seed, coefficient]``, an explicit one with its delta too."""
+    if step.delta is None:
+        return [step.seed, step.coefficient]
+    return [step.seed, step.coefficient, list(step.delta)]
+
+
+def _step_from_json(raw: list[Any]) -> Step:
+    delta = None if len(raw) < 3 else tuple(float(v) for v in raw[2])
+    return Step(seed=int(raw[0]), coefficient=float(raw[1]), delta=delta)
+
+
+def _candidate_json(candidate: Candidate) -> list[Any]:
+    if candidate.delta is None:
+        return [candidate.seed, candidate.scale]
+    return [candidate.seed, candidate.scale, list(candidate.delta)]
+
+
+def _candidate_from_json(raw: list[Any]) -> Candidate:
+    delta = None if len(raw) < 3 else tuple(float(v) for v in raw[2])
+    return Candidate(seed=int(raw[0]), scale=float(raw[1]), delta=delta)
 
 
 def _round_from_json(record: dict[str, Any]) -> RoundRecord:
     try:
         step = record["step"]
+        if "steps" in record:
+            steps = tuple(_step_from_json(raw) for raw in record["steps"])
+        else:
+            steps = () if step is None else (_step_from_json(step),)
+        closed_by = str(record.get("closed_by", ""))
+        ranking = record.get("ranking")
         return RoundRecord(
             round_index=int(record["round"]),
-            candidates=tuple(
-                Candidate(seed=int(s), scale=float(c)) for s, c in record["candidates"]
-            ),
+            candidates=tuple(_candidate_from_json(raw) for raw in record["candidates"]),
             choices={str(k): int(v) for k, v in record["choices"].items()},
             refusals={str(k): str(v) for k, v in record.get("refusals", {}).items()},
             winner=None if record["winner"] is None else int(record["winner"]),
-            step=None if step is None else Step(seed=int(step[0]), coefficient=float(step[1])),
+            steps=steps,
             step_size_after=float(record["step_size_after"]),
             bits=float(record["bits"]),
-            closed_by=str(record.get("closed_by", "")),
+            closed_by=closed_by,
             values={str(k): float(v) for k, v in record.get("values", {}).items()},
             estimate=None if record.get("estimate") is None else float(record["estimate"]),
             asked=tuple(str(h) for h in record.get("asked", ())),  # older journals: none
+            ranking=None if ranking is None else tuple(int(i) for i in ranking),
+            told=bool(record.get("told", not closed_by.endswith("no quorum"))),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LogIntegrityError(f"journal: bad round record: {exc}") from None

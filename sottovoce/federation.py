@@ -147,6 +147,8 @@ def simulated_policy(
         ),
         **_chunk_vote_pins(config, epsilon),
     }
+    # es-mu-lambda logs one step for each of a round's selected seeds
+    steps = config.run.max_rounds * (max_lambda if config.run.algorithm == "es-mu-lambda" else 1)
     return HolderPolicy(
         max_bits=config.simulate.max_holder_policy_bits,
         expected_model_fingerprint=fingerprint,
@@ -157,8 +159,8 @@ def simulated_policy(
         max_drift_linf=config.simulate.max_holder_drift_linf,
         max_drift_l2=config.simulate.max_holder_drift_l2,
         max_rounds_per_run=config.run.max_rounds,
-        max_steps_per_run=config.run.max_rounds,
-        max_new_steps_per_task=config.run.max_rounds,
+        max_steps_per_run=steps,
+        max_new_steps_per_task=steps,
         fitness=config.fitness,
         ledger_dir=state_dir,
         min_batch_size=min(16, config.evaluation.batch_size),

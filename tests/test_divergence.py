@@ -18,6 +18,7 @@ from helpers import (
     policy_data,
     run_config_data,
     run_spec,
+    scheduled_candidates,
     scheduled_seed,
     tiny_records,
     write_policy,
@@ -35,7 +36,7 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
-from sottovoce.common.protocol.answers import AnswerKind
+from sottovoce.common.protocol.answers import AnswerKind, rank_candidates
 from sottovoce.common.protocol.messages import Candidate, FitnessSpec, check_fitness_spec
 from sottovoce.common.quality import last_position_kl
 from sottovoce.common.steplog import Step, as_float32
@@ -246,3 +247,63 @@ def test_an_unpenalized_holder_still_reports_kl_on_its_prompts(tmp_path: Path) -
     report = holder.local_report(0.0)
     assert report["kl_to_base_nats"] == 0.0 and report["kl_prompts"] == 64
     assert np.isfinite(report["train_risk"])
+
+
+# -- rankings carry the penalty too ----------------------------------------------------------
+LOWRANK_LAST = ParametrizationSpec(kind="lowrank", rank=1, last_k_blocks=1)
+
+
+@pytest.mark.parametrize("spec", [NORM_SCALES, LOWRANK_LAST], ids=["one-at-a-time", "batched"])
+def test_a_ranking_orders_the_penalized_fitness_a_choice_compares(
+    spec: ParametrizationSpec,
+) -> None:
+    """A rank answer is a choice-like answer: it orders mean score - kl_weight x KL, each
+    KL read with that candidate in place, whether the population runs batched or not."""
+    examples = RECORDS[:24]
+    candidates = [Candidate(seed=s, scale=as_float32(0.4)) for s in range(1, 7)]
+    heavy = dataclasses.replace(PENALIZED, kl_weight=50.0)
+    ranker = evaluator(spec, heavy)
+    ranker.take_divergence_reference(examples[:8])
+    ranking, stats = ranker.rank(examples, candidates, 0)
+
+    check = evaluator(spec, heavy)
+    check.batch_population = False
+    check.take_divergence_reference(examples[:8])
+    _, scores = check.score(examples, candidates, with_incumbent=False)
+    kls = []
+    for candidate in candidates:
+        with check.parametrization.perturbed_candidate(candidate):
+            kls.append(check.divergence_now())
+    fitness = [float(s.mean()) - 50.0 * kl for s, kl in zip(scores, kls, strict=True)]
+    assert ranking == rank_candidates(fitness, 0)
+    assert stats["best_candidate_kl"] == pytest.approx(kls[ranking[0]], rel=1e-4, abs=1e-9)
+    unpenalized = rank_candidates([float(s.mean()) for s in scores], 0)
+    assert ranking != unpenalized, "the penalty changed no order: pick a larger weight"
+
+
+def test_a_penalized_ranking_without_a_reference_fails_to_the_default() -> None:
+    unreferenced = evaluator(NORM_SCALES)
+    candidates = [Candidate(seed=s, scale=as_float32(0.1)) for s in (3, 4)]
+    with pytest.raises(RuntimeError, match="no divergence reference"):
+        unreferenced.rank(RECORDS, candidates, 0)
+
+
+def test_a_holder_answers_a_penalized_ranking_run(tmp_path: Path) -> None:
+    """The policy lets a ranking (plain answers) carry the pinned penalty; the holder
+    computes it rather than failing over to the default answer."""
+    policy = penalized_policy(
+        tmp_path,
+        allowed_algorithms=["es-mu-lambda"],
+        parametrizations=[dataclasses.asdict(NORM_SCALES)],
+    )
+    holder = make_holder(tmp_path, policy)
+    base = run_spec(algorithm="bboxer-1+lambda", parametrization=NORM_SCALES, fitness=PENALIZED)
+    spec = dataclasses.replace(
+        base, algorithm="es-mu-lambda", answer_kind=AnswerKind.RANKING, rank_depth=2
+    )
+    holder.accept_run(spec)
+    answer = holder.answer(
+        make_task(spec, "r0", candidates=scheduled_candidates(spec, 0, (0.3, -0.3, 0.2)))
+    )
+    assert answer.ranking is not None and len(answer.ranking) == 2 and not answer.refused
+    assert holder.status.defaulted == 0

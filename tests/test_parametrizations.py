@@ -311,7 +311,7 @@ def test_bad_specs_are_config_errors() -> None:
         build_parametrization(ParametrizationSpec(kind="select", last_k_blocks=3)).attach(
             build_tiny_llama(seed=0)
         )
-    assert PARAMETRIZATION_KINDS == ("full", "select", "subspace", "scale")
+    assert PARAMETRIZATION_KINDS == ("full", "select", "subspace", "scale", "lowrank", "lora")
 
 
 def test_scale_rejects_tensors_it_cannot_apply_as_output_scaling() -> None:

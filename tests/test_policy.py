@@ -226,7 +226,8 @@ BAD_TABLES: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown algorithm",
         good_table() | {"allowed_algorithms": ["bboxer-1+1", "evil"]},
-        "allowed_algorithms[1]: must be one of 'bboxer-1+1', 'bboxer-1+lambda' or 'dpzero'",
+        "allowed_algorithms[1]: must be one of 'bboxer-1+1', 'bboxer-1+lambda', 'dpzero', "
+        "'cma-es', 'cma-diagonal' or 'es-mu-lambda'",
     ),
     (
         "empty algorithms",
@@ -240,7 +241,7 @@ BAD_TABLES: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "unknown parametrization",
-        good_table() | {"parametrizations": [{"kind": "scale"}, {"kind": "lora"}]},
+        good_table() | {"parametrizations": [{"kind": "scale"}, {"kind": "adapter"}]},
         "parametrizations[1].kind: must be one of",
     ),
     (

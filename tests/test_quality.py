@@ -148,7 +148,7 @@ def test_a_served_runs_report_measures_public_sets_only(tmp_path: Path) -> None:
         choices={},
         refusals={},
         winner=0,
-        step=step,
+        steps=(step,),
         step_size_after=0.05,
         bits=0.0,
         closed_by="test",

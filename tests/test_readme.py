@@ -14,6 +14,7 @@ import pytest
 
 from sottovoce.client.policy import load_policy
 from sottovoce.common.config import load_config
+from sottovoce.common.protocol.answers import ranking_bits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,3 +120,11 @@ def test_readme_slow_shell_blocks_run_in_a_fresh_clone(tmp_path: Path) -> None:
         script = "\n".join(line for line in body.splitlines() if not line.startswith("make test"))
         done = run_block(script, clone, timeout_s=3600)
         assert done.returncode == 0, f"{body}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+def test_the_cma_example_is_a_rank_run_within_its_budget() -> None:
+    config = load_config(ROOT / "examples/cma.toml")
+    per_answer = ranking_bits(config.optimizer.candidates, config.optimizer.rank_depth)
+    answers = config.run.max_rounds * config.simulate.holders
+    assert config.run.bit_budget >= answers * per_answer
+    assert config.parametrization.dimension == 576

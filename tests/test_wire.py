@@ -130,6 +130,27 @@ ROUND_TRIPS: dict[str, tuple[object, Codec]] = {
     "parametrization-subspace": (SUBSPACE, PARAMETRIZATION),
     "fitness": (SPEC.fitness, FITNESS),
     "fitness-completion": (FitnessSpec(kind="completion", label_words=()), FITNESS),
+    "fitness-generation": (
+        FitnessSpec(
+            kind="generation",
+            label_words=(),
+            max_new_tokens=256,
+            answer_extractor="gsm8k",
+            answer_match="numeric",
+        ),
+        FITNESS,
+    ),
+    "parametrization-lora": (
+        ParametrizationSpec(kind="lora", patterns=("*o_proj*",), rank=1, dimension=64),
+        PARAMETRIZATION,
+    ),
+    "run-spec-ranking": (
+        replace(SPEC, algorithm="es-mu-lambda", answer_kind=AnswerKind.RANKING, rank_depth=3),
+        RUN_SPEC,
+    ),
+    "step-explicit": (Step.explicit((0.5, -0.25, 0.0)), STEP),
+    "candidate-explicit": (Candidate.explicit((0.125, 1.5)), CANDIDATE),
+    "answer-ranking": (Answer(task_id="t", choice=None, ranking=(2, 0, 1)), ANSWER_CODEC),
     "fitness-penalized": (FitnessSpec(kl_weight=0.25, kl_prompts=16), FITNESS),
     "batch": (BatchSpec(mode="minibatch", batch_size=1_000_000), BATCH),
     "run-spec": (SPEC, RUN_SPEC),
@@ -270,7 +291,7 @@ TASK_BAD: list[tuple[str, Task]] = [
     ("candidates[0].scale", _candidate(scale=-math.inf)),
     ("candidates[0].scale", _candidate(scale=1024.0)),
     ("candidates[0].scale", _candidate(scale=0.1)),  # not exactly a float32
-    ("answer_kind", replace(TASK, answer_kind="ranking")),
+    ("answer_kind", replace(TASK, answer_kind="rank")),
     ("batch.batch_size", replace(TASK, batch=BatchSpec(batch_size=0))),
     ("batch.batch_size", replace(TASK, batch=BatchSpec(batch_size=1_000_001))),
     ("batch.mode", replace(TASK, batch=BatchSpec(mode="all"))),  # type: ignore[arg-type]
@@ -288,7 +309,7 @@ SPEC_BAD: list[tuple[str, RunSpec]] = [
     ("bit_budget", replace(SPEC, bit_budget=math.inf)),
     ("max_rounds", replace(SPEC, max_rounds=-3)),
     ("log_genesis", replace(SPEC, log_genesis="abc")),
-    ("parametrization.kind", _param(kind="lora")),
+    ("parametrization.kind", _param(kind="adapter")),
     ("parametrization.patterns", _param(patterns=("*",) * 257)),
     ("parametrization.patterns[0]", _param(patterns=("*" * 4097,))),
     ("parametrization.patterns[0]", _param(patterns=("",))),

@@ -11,14 +11,20 @@ Exact where it is cheap: for up to :data:`EXPLICIT_LIMIT` coordinates (every ``s
 replayed with the parametrization's own direction layout (``direction_blocks``) and the
 same float32 adds, so the figures are x's own. Above it (``full`` on a real model, where x
 is as large as the model) it keeps only ``S = sum_i |c_i|`` and reports the exact
-worst cases ``||x||_inf <= S`` and ``||x||_2 <= sqrt(d) S`` (every z is +-1): O(1) a step
+worst cases ``||x||_inf <= S`` and ``||x||_2 <= sqrt(d) S`` (every entry of z is in
+[-1, 1]: Rademacher signs, or ``lowrank``'s scaled outer products of them): O(1) a step
 instead of replaying the log, and never an underestimate.
+
+An explicit step (CMA's, ``x <- x + delta``) is added as it is, one float32 add a coordinate,
+as the parametrizations replay it; in the bound it counts ``max |delta_i|`` towards S.
+A parametrization whose z is not one Rademacher stream per block passes its own ``add``
+(:meth:`Parametrization.add_direction_`), so the exact figures stay x's own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,9 @@ from sottovoce.common.directions import add_scaled_direction_
 from sottovoce.common.steplog import Step
 
 EXPLICIT_LIMIT = 1 << 22  # coordinates kept explicitly (16 MiB of float32)
+
+DirectionAdder = Callable[[torch.Tensor, int, float], None]
+"""``add(x, seed, coefficient)``: ``x += coefficient * z(seed)`` on a flat float32 x."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,15 @@ class PendingDrift:
 class DriftTracker:
     """x's distance from the base, updated as steps are applied (see the module doc)."""
 
-    def __init__(self, blocks: Sequence[tuple[int, int]], *, explicit_limit: int = EXPLICIT_LIMIT):
+    def __init__(
+        self,
+        blocks: Sequence[tuple[int, int]],
+        *,
+        explicit_limit: int = EXPLICIT_LIMIT,
+        add: DirectionAdder | None = None,
+    ):
         self.blocks = [(int(index), int(size)) for index, size in blocks]
+        self._add_direction = add
         self.dimension = sum(size for _, size in self.blocks)
         if self.dimension < 1:
             raise ValueError("a drift tracker needs at least one coordinate")
@@ -67,7 +83,7 @@ class DriftTracker:
     def preview(self, steps: Sequence[Step]) -> PendingDrift:
         """The drift after ``steps`` on top of the committed ones; nothing changes."""
         state = self._state
-        sum_abs = state.sum_abs + sum(abs(step.coefficient) for step in steps)
+        sum_abs = state.sum_abs + sum(_largest_move(step) for step in steps)
         count = state.drift.steps + len(steps)
         if state.x is None:
             bound = Drift(sum_abs, math.sqrt(self.dimension) * sum_abs, count, exact=False)
@@ -82,9 +98,26 @@ class DriftTracker:
         self._state = pending
 
     def _add(self, x: torch.Tensor, step: Step) -> None:
+        if step.delta is not None:
+            if len(step.delta) != self.dimension:
+                raise ValueError(
+                    f"an explicit step has {len(step.delta)} coordinates, x has {self.dimension}"
+                )
+            x.add_(torch.tensor(step.delta, dtype=torch.float32))
+            return
+        if self._add_direction is not None:
+            self._add_direction(x, step.seed, step.coefficient)
+            return
         offset = 0
         for tensor_index, size in self.blocks:
             add_scaled_direction_(
                 x[offset : offset + size], step.seed, tensor_index, step.coefficient
             )
             offset += size
+
+
+def _largest_move(step: Step) -> float:
+    """The most one coordinate of x can move in ``step``: |c|, or max |delta_i|."""
+    if step.delta is None:
+        return abs(step.coefficient)
+    return max(abs(value) for value in step.delta)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.parametrizations.base import Parametrization, ParametrizationSpec
 from sottovoce.common.parametrizations.full import FullParametrization
+from sottovoce.common.parametrizations.lora import LoraParametrization
+from sottovoce.common.parametrizations.lowrank import LowRankParametrization
 from sottovoce.common.parametrizations.scale import ScaleParametrization
 from sottovoce.common.parametrizations.select import SelectParametrization
 from sottovoce.common.parametrizations.subspace import SubspaceParametrization
@@ -14,6 +16,8 @@ _CLASSES: dict[str, type[Parametrization]] = {
     "select": SelectParametrization,
     "subspace": SubspaceParametrization,
     "scale": ScaleParametrization,
+    "lowrank": LowRankParametrization,
+    "lora": LoraParametrization,
 }
 
 PARAMETRIZATION_KINDS: tuple[str, ...] = tuple(_CLASSES)

@@ -32,7 +32,7 @@ rounding: ``(W x)_r * e_r`` and ``(W_r * e_r) x`` round differently.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -94,7 +94,12 @@ class _Slot:
 
 
 class ScaleParametrization(Parametrization):
-    """Per-tensor or per-channel log-scales applied to module outputs by forward hooks."""
+    """Per-tensor or per-channel log-scales applied to module outputs by forward hooks.
+
+    An explicit delta (CMA) is added to x directly, one float32 add a coordinate.
+    """
+
+    _supports_delta = True
 
     def __init__(self, spec: ParametrizationSpec):
         if spec.granularity not in ("tensor", "channel"):
@@ -122,6 +127,7 @@ class ScaleParametrization(Parametrization):
         self._use(self._x)
         self._model = model
         self._install_hooks()
+        self.check_dimension()
 
     def _layout(self, tensors: list[SelectedTensor]) -> list[_Slot]:
         slots, start = [], 0
@@ -167,15 +173,26 @@ class ScaleParametrization(Parametrization):
     def apply_step(self, step: Step) -> None:
         """Canonical replay: ``x += coefficient * rademacher(seed, 0, dimension)``."""
         self._check_idle("apply_step")
-        add_scaled_direction_(self._x, step.seed, 0, step.coefficient)
+        if step.delta is not None:
+            self._x.add_(self._delta_tensor(step.delta).to(self._x.device))
+        else:
+            add_scaled_direction_(self._x, step.seed, 0, step.coefficient)
         self._use(self._x)
 
-    @contextmanager
-    def perturbed(self, seed: int, scale: float) -> Iterator[None]:
+    def perturbed(self, seed: int, scale: float) -> AbstractContextManager[None]:
         """Hooks use ``x + scale * z(seed)`` (``scale`` rounded to float32); no weight changes."""
         self._check_idle("perturbed")
         candidate = self._x.clone()
         add_scaled_direction_(candidate, seed, 0, as_float32(scale))
+        return self._using(candidate)
+
+    def _perturbed_delta(self, delta: torch.Tensor) -> AbstractContextManager[None]:
+        """Hooks use ``x + delta``: the bits of x after ``apply_step(Step.explicit(delta))``."""
+        self._check_idle("perturbed")
+        return self._using(self._x + delta.to(self._x.device))
+
+    @contextmanager
+    def _using(self, candidate: torch.Tensor) -> Iterator[None]:
         self._busy = True
         self._use(candidate)
         try:

@@ -26,14 +26,14 @@ import functools
 import re
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sottovoce.common.directions import add_scaled_direction_
+from sottovoce.common.directions import add_float32_, add_scaled_direction_
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.parametrizations.base import (
     Parametrization,
@@ -286,6 +286,7 @@ class InPlaceParametrization(Parametrization):
     def attach(self, model: nn.Module) -> None:
         self._tensors = self._select(model)
         self._model = model
+        self.check_dimension()
 
     def _select(self, model: nn.Module) -> list[SelectedTensor]:
         return select_tensors(model, self.spec)
@@ -311,10 +312,17 @@ class InPlaceParametrization(Parametrization):
     def _mover(self, seed: int, coefficient: float) -> Callable[[SelectedTensor], None]:
         """A function moving one tensor (in place) by its part of ``coefficient * z(seed)``."""
 
+    def _delta_mover(self, delta: torch.Tensor) -> Callable[[SelectedTensor], None]:
+        """A function moving one tensor (in place) by its part of an explicit ``delta``."""
+        raise ConfigError(f"parametrization {self.spec.kind} has no explicit coordinates")
+
     def apply_step(self, step: Step) -> None:
         """Canonical replay of one step: each selected tensor in ``tensor_index`` order."""
         self._check_idle("apply_step")
-        move = self._mover(step.seed, step.coefficient)
+        if step.delta is not None:
+            move = self._delta_mover(self._delta_tensor(step.delta))
+        else:
+            move = self._mover(step.seed, step.coefficient)
         for tensor in self._tensors:
             move(tensor)
 
@@ -326,7 +334,16 @@ class InPlaceParametrization(Parametrization):
         after ``apply_step(Step(seed, c))``.
         """
         self._check_idle("perturbed")
-        move = self._mover(seed, as_float32(scale))
+        with self._hooked(self._mover(seed, as_float32(scale))):
+            yield
+
+    def _perturbed_delta(self, delta: torch.Tensor) -> AbstractContextManager[None]:
+        """Evaluate at ``x + delta``: the bits of ``apply_step(Step.explicit(delta))``."""
+        self._check_idle("perturbed")
+        return self._hooked(self._delta_mover(delta))
+
+    @contextmanager
+    def _hooked(self, move: Callable[[SelectedTensor], None]) -> Iterator[None]:
         hooks = _InPlacePerturbation(self._tensors, move, self._meter)
         self._busy = True
         try:
@@ -353,7 +370,14 @@ class InPlaceParametrization(Parametrization):
 
 
 class SelectParametrization(InPlaceParametrization):
-    """Named tensors (``spec.patterns``) and/or the last k blocks; their weights are x."""
+    """Named tensors (``spec.patterns``) and/or the last k blocks; their weights are x.
+
+    An explicit delta (CMA, at most ``MAX_EXPLICIT_DIMENSION`` elements in all) is laid out
+    like z: the selected tensors' elements in ``tensor_index`` order, each added with the
+    same float32 rounding rule as a seeded step.
+    """
+
+    _supports_delta = True
 
     @property
     def dimension(self) -> int:
@@ -365,5 +389,19 @@ class SelectParametrization(InPlaceParametrization):
     def _mover(self, seed: int, coefficient: float) -> Callable[[SelectedTensor], None]:
         def move(tensor: SelectedTensor) -> None:
             add_scaled_direction_(tensor.param, seed, tensor.index, coefficient)
+
+        return move
+
+    def _delta_mover(self, delta: torch.Tensor) -> Callable[[SelectedTensor], None]:
+        offsets, start = {}, 0
+        for tensor in self._tensors:
+            offsets[tensor.index] = start
+            start += tensor.param.numel()
+
+        def move(tensor: SelectedTensor) -> None:
+            begin = offsets[tensor.index]
+            part = delta[begin : begin + tensor.param.numel()].to(tensor.param.device)
+            with torch.no_grad():
+                add_float32_(tensor.param.view(-1), part)
 
         return move

@@ -79,7 +79,14 @@ def add_projected_(
 
 
 class SubspaceParametrization(InPlaceParametrization):
-    """A d-dimensional random subspace of the selected tensors (count-sketch projection)."""
+    """A d-dimensional random subspace of the selected tensors (count-sketch projection).
+
+    Explicit deltas (CMA) are vectors of the subspace itself (d <= MAX_EXPLICIT_DIMENSION):
+    the weights move by ``P delta`` and x by ``delta``, as a seeded step moves them by
+    ``P (c z)`` and ``c z``.
+    """
+
+    _supports_delta = True
 
     def __init__(self, spec: ParametrizationSpec):
         if spec.dimension < 1:
@@ -106,8 +113,19 @@ class SubspaceParametrization(InPlaceParametrization):
 
     def apply_step(self, step: Step) -> None:
         self._check_idle("apply_step")
-        add_scaled_direction_(self._x, step.seed, 0, step.coefficient)
+        if step.delta is not None:
+            self._x.add_(self._delta_tensor(step.delta).to(self._x.device))
+        else:
+            add_scaled_direction_(self._x, step.seed, 0, step.coefficient)
         super().apply_step(step)
+
+    def _delta_mover(self, delta: torch.Tensor) -> Callable[[SelectedTensor], None]:
+        step_vector = delta.to(device=self._x.device, dtype=torch.float32)
+
+        def move(tensor: SelectedTensor) -> None:
+            add_projected_(tensor.param, self.spec.projection_seed, tensor.index, step_vector)
+
+        return move
 
     def _mover(self, seed: int, coefficient: float) -> Callable[[SelectedTensor], None]:
         step_vector = rademacher(seed, 0, self.spec.dimension, device=self._x.device)

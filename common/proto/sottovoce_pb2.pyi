@@ -44,6 +44,8 @@ class _AnswerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnswerKind
     """best of lambda candidates, or none: log2(lambda + 1) bits"""
     ANSWER_KIND_DP_SCALAR: _AnswerKind.ValueType  # 3
     """DPZero: clipped, noised finite difference: 32 or k bits"""
+    ANSWER_KIND_RANKING: _AnswerKind.ValueType  # 4
+    """top mu of lambda candidates in order: log2(lambda!/(lambda-mu)!) bits"""
 
 class AnswerKind(_AnswerKind, metaclass=_AnswerKindEnumTypeWrapper): ...
 
@@ -54,6 +56,8 @@ ANSWER_KIND_BEST_OF: AnswerKind.ValueType  # 2
 """best of lambda candidates, or none: log2(lambda + 1) bits"""
 ANSWER_KIND_DP_SCALAR: AnswerKind.ValueType  # 3
 """DPZero: clipped, noised finite difference: 32 or k bits"""
+ANSWER_KIND_RANKING: AnswerKind.ValueType  # 4
+"""top mu of lambda candidates in order: log2(lambda!/(lambda-mu)!) bits"""
 Global___AnswerKind: _TypeAlias = AnswerKind  # noqa: Y015
 
 class _ParametrizationKind:
@@ -67,6 +71,10 @@ class _ParametrizationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_P
     PARAMETRIZATION_KIND_SELECT: _ParametrizationKind.ValueType  # 2
     PARAMETRIZATION_KIND_SUBSPACE: _ParametrizationKind.ValueType  # 3
     PARAMETRIZATION_KIND_SCALE: _ParametrizationKind.ValueType  # 4
+    PARAMETRIZATION_KIND_LOWRANK: _ParametrizationKind.ValueType  # 5
+    """seeded rank-r products on whole weight matrices"""
+    PARAMETRIZATION_KIND_LORA: _ParametrizationKind.ValueType  # 6
+    """LoRA B factors over fixed seeded A factors"""
 
 class ParametrizationKind(_ParametrizationKind, metaclass=_ParametrizationKindEnumTypeWrapper): ...
 
@@ -75,6 +83,10 @@ PARAMETRIZATION_KIND_FULL: ParametrizationKind.ValueType  # 1
 PARAMETRIZATION_KIND_SELECT: ParametrizationKind.ValueType  # 2
 PARAMETRIZATION_KIND_SUBSPACE: ParametrizationKind.ValueType  # 3
 PARAMETRIZATION_KIND_SCALE: ParametrizationKind.ValueType  # 4
+PARAMETRIZATION_KIND_LOWRANK: ParametrizationKind.ValueType  # 5
+"""seeded rank-r products on whole weight matrices"""
+PARAMETRIZATION_KIND_LORA: ParametrizationKind.ValueType  # 6
+"""LoRA B factors over fixed seeded A factors"""
 Global___ParametrizationKind: _TypeAlias = ParametrizationKind  # noqa: Y015
 
 class _Granularity:
@@ -103,12 +115,16 @@ class _FitnessKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FitnessKi
     FITNESS_KIND_UNSPECIFIED: _FitnessKind.ValueType  # 0
     FITNESS_KIND_CLASSIFICATION: _FitnessKind.ValueType  # 1
     FITNESS_KIND_COMPLETION: _FitnessKind.ValueType  # 2
+    FITNESS_KIND_GENERATION: _FitnessKind.ValueType  # 3
+    """greedy decoding, a pinned answer extractor, exact match"""
 
 class FitnessKind(_FitnessKind, metaclass=_FitnessKindEnumTypeWrapper): ...
 
 FITNESS_KIND_UNSPECIFIED: FitnessKind.ValueType  # 0
 FITNESS_KIND_CLASSIFICATION: FitnessKind.ValueType  # 1
 FITNESS_KIND_COMPLETION: FitnessKind.ValueType  # 2
+FITNESS_KIND_GENERATION: FitnessKind.ValueType  # 3
+"""greedy decoding, a pinned answer extractor, exact match"""
 Global___FitnessKind: _TypeAlias = FitnessKind  # noqa: Y015
 
 class _BatchMode:
@@ -142,15 +158,18 @@ class ParametrizationSpec(_message.Message):
     DIMENSION_FIELD_NUMBER: _builtins.int
     PROJECTION_SEED_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     kind: Global___ParametrizationKind.ValueType
     last_k_blocks: _builtins.int
     """unset = all blocks"""
     dimension: _builtins.int
-    """subspace only"""
+    """subspace: its dimension; others: 0 or the exact one"""
     projection_seed: _builtins.int
-    """subspace only"""
+    """subspace, lora (the A factors)"""
     granularity: Global___Granularity.ValueType
     """scale only"""
+    rank: _builtins.int
+    """lowrank, lora: 1..16 (0 elsewhere)"""
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """<= 256 fnmatch patterns of <= 4096 chars"""
@@ -164,10 +183,11 @@ class ParametrizationSpec(_message.Message):
         dimension: _builtins.int = ...,
         projection_seed: _builtins.int = ...,
         granularity: Global___Granularity.ValueType = ...,
+        rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_last_k_blocks", b"_last_k_blocks", "last_k_blocks", b"last_k_blocks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_k_blocks", b"_last_k_blocks", "dimension", b"dimension", "granularity", b"granularity", "kind", b"kind", "last_k_blocks", b"last_k_blocks", "patterns", b"patterns", "projection_seed", b"projection_seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_k_blocks", b"_last_k_blocks", "dimension", b"dimension", "granularity", b"granularity", "kind", b"kind", "last_k_blocks", b"last_k_blocks", "patterns", b"patterns", "projection_seed", b"projection_seed", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__last_k_blocks: _TypeAlias = _typing.Literal["last_k_blocks"]  # noqa: Y015
     _WhichOneofArgType__last_k_blocks: _TypeAlias = _typing.Literal["_last_k_blocks", b"_last_k_blocks"]  # noqa: Y015
@@ -187,6 +207,9 @@ class FitnessSpec(_message.Message):
     TARGET_FIELD_FIELD_NUMBER: _builtins.int
     KL_WEIGHT_FIELD_NUMBER: _builtins.int
     KL_PROMPTS_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    ANSWER_EXTRACTOR_FIELD_NUMBER: _builtins.int
+    ANSWER_MATCH_FIELD_NUMBER: _builtins.int
     kind: Global___FitnessKind.ValueType
     prompt_template: _builtins.str
     """<= 4096 chars"""
@@ -198,6 +221,14 @@ class FitnessSpec(_message.Message):
     """0 (no divergence penalty) .. 1e6, finite"""
     kl_prompts: _builtins.int
     """0 .. 128; >= 1 exactly when kl_weight > 0"""
+    max_new_tokens: _builtins.int
+    """generation only: greedy decoding of at most max_new_tokens (1..4096), the answer read
+    from the decoded text and the target by a named extractor, compared by match.
+    """
+    answer_extractor: _builtins.str
+    """a name the holder knows (e.g. "gsm8k"), 1..64 chars"""
+    answer_match: _builtins.str
+    """"exact" or "numeric" """
     @_builtins.property
     def label_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """<= 16 words of 1..64 chars"""
@@ -213,10 +244,13 @@ class FitnessSpec(_message.Message):
         target_field: _builtins.str = ...,
         kl_weight: _builtins.float = ...,
         kl_prompts: _builtins.int = ...,
+        max_new_tokens: _builtins.int = ...,
+        answer_extractor: _builtins.str = ...,
+        answer_match: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "kl_prompts", b"kl_prompts", "kl_weight", b"kl_weight", "label_field", b"label_field", "label_words", b"label_words", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_extractor", b"answer_extractor", "answer_match", b"answer_match", "kind", b"kind", "kl_prompts", b"kl_prompts", "kl_weight", b"kl_weight", "label_field", b"label_field", "label_words", b"label_words", "max_new_tokens", b"max_new_tokens", "prompt_template", b"prompt_template", "target_field", b"target_field", "text_field", b"text_field"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +355,7 @@ class RunSpec(_message.Message):
     LOG_GENESIS_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
     DIRECTION_SEED_FIELD_NUMBER: _builtins.int
+    RANK_DEPTH_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """1..64 chars of [A-Za-z0-9._:-]"""
     algorithm: _builtins.str
@@ -335,6 +370,8 @@ class RunSpec(_message.Message):
     """Candidate and step seeds are candidate_seed(direction_seed, round, index): a public
     derivation the holder checks, so no single direction can be chosen by the coordinator.
     """
+    rank_depth: _builtins.int
+    """ranking answers: candidates each ranks (0 = all), <= 64"""
     @_builtins.property
     def parametrization(self) -> Global___ParametrizationSpec: ...
     @_builtins.property
@@ -358,10 +395,11 @@ class RunSpec(_message.Message):
         log_genesis: _builtins.str = ...,
         dp: Global___DpSpec | None = ...,
         direction_seed: _builtins.int = ...,
+        rank_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "dp", b"dp", "fitness", b"fitness", "parametrization", b"parametrization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "direction_seed", b"direction_seed", "dp", b"dp", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "answer_kind", b"answer_kind", "batch", b"batch", "bit_budget", b"bit_budget", "direction_seed", b"direction_seed", "dp", b"dp", "fitness", b"fitness", "log_genesis", b"log_genesis", "max_rounds", b"max_rounds", "model_fingerprint", b"model_fingerprint", "parametrization", b"parametrization", "rank_depth", b"rank_depth", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,24 +407,32 @@ Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
 
 @_typing.final
 class Step(_message.Message):
-    """x <- x + coefficient * z(seed); the 12 bytes that define a step (fixed-width on the wire)."""
+    """x <- x + coefficient * z(seed); the 12 bytes that define a step (fixed-width on the wire).
+    An explicit step (CMA) is x <- x + delta: seed 0, coefficient 1, 1..2048 finite floats.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEED_FIELD_NUMBER: _builtins.int
     COEFFICIENT_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     coefficient: _builtins.float
     """finite, |c| <= 1e3"""
+    @_builtins.property
+    def delta(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """explicit steps only; <= 2^19 delta floats in one message"""
+
     def __init__(
         self,
         *,
         seed: _builtins.int = ...,
         coefficient: _builtins.float = ...,
+        delta: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficient", b"coefficient", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coefficient", b"coefficient", "delta", b"delta", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,28 +440,58 @@ Global___Step: _TypeAlias = Step  # noqa: Y015
 
 @_typing.final
 class Candidate(_message.Message):
-    """The incumbent moved by scale * z(seed)."""
+    """The incumbent moved by scale * z(seed), or (explicit: seed 0, scale 1) by delta."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEED_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     scale: _builtins.float
     """finite, |s| <= 1e3"""
+    @_builtins.property
+    def delta(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """explicit candidates only"""
+
     def __init__(
         self,
         *,
         seed: _builtins.int = ...,
         scale: _builtins.float = ...,
+        delta: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scale", b"scale", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "scale", b"scale", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Candidate: _TypeAlias = Candidate  # noqa: Y015
+
+@_typing.final
+class Ranking(_message.Message):
+    """The top of a holder's ranking of a task's candidates, best first (0-based indexes,
+    distinct, < 64; ties broken before release by the lower index).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        order: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ranking: _TypeAlias = Ranking  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
@@ -481,6 +557,7 @@ class Answer(_message.Message):
     CHOICE_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    RANKING_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     choice: _builtins.int
     """compare: 0/1; best-of: 0 = none, else 1 + candidate index;"""
@@ -492,6 +569,10 @@ class Answer(_message.Message):
     """not-ready, internal): never data-dependent; costs nothing
     unquantized dp-scalar; finite
     """
+    @_builtins.property
+    def ranking(self) -> Global___Ranking:
+        """ranking answers"""
+
     def __init__(
         self,
         *,
@@ -499,12 +580,13 @@ class Answer(_message.Message):
         choice: _builtins.int = ...,
         refusal: _builtins.str = ...,
         value: _builtins.float = ...,
+        ranking: Global___Ranking | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "ranking", b"ranking", "refusal", b"refusal", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "refusal", b"refusal", "task_id", b"task_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "outcome", b"outcome", "ranking", b"ranking", "refusal", b"refusal", "task_id", b"task_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["choice", "refusal", "value"]  # noqa: Y015
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["choice", "refusal", "value", "ranking"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 

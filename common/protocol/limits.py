@@ -35,6 +35,10 @@ MAX_LAST_K_BLOCKS = 65_536
 MAX_COUNT = 2**40  # log versions, round indexes, max_rounds
 # A subspace's x is allocated on the holder (float32): 2**24 coordinates are 64 MiB.
 MAX_SUBSPACE_DIMENSION = 2**24
+# Explicit coordinates (CMA's candidates and steps are delta vectors, not z(seed)): the
+# largest parametrization they may move, and the delta floats one message may carry.
+MAX_EXPLICIT_DIMENSION = 2048
+MAX_DELTA_FLOATS = 1 << 19  # 2 MiB of float32 in one task or RunFinished
 MAX_WAIT_MS = 600_000  # a PullTask's long-poll
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a task with MAX_NEW_STEPS steps is about 1.6 MB
 

@@ -20,9 +20,11 @@ from sottovoce.common.protocol.answers import (
     answer_bits,
     answer_mechanism,
 )
+from sottovoce.common.protocol.extractors import ANSWER_EXTRACTORS, ANSWER_MATCHES
 from sottovoce.common.steplog import Step
 
-FitnessKind = Literal["classification", "completion"]
+FitnessKind = Literal["classification", "completion", "generation"]
+MAX_NEW_TOKENS = 4096  # a generation fitness's longest pinned decode
 BatchMode = Literal["minibatch", "full", "poisson"]
 
 
@@ -33,9 +35,15 @@ class FitnessSpec:
     ``kind = "classification"``: render ``prompt_template`` with the record's fields, score
     each of ``label_words`` as the next token; the record's ``label_field`` holds the index
     of the right label word. ``kind = "completion"``: mean log-likelihood of the record's
-    ``target_field`` after the rendered prompt.
+    ``target_field`` after the rendered prompt. ``kind = "generation"``: greedy decoding of
+    at most ``max_new_tokens`` tokens after the prompt, the answer read from the decoded
+    text and from the record's ``target_field`` by the named ``answer_extractor``, and
+    compared by ``answer_match`` (score 1 if equal, else 0). The extractor is a name the
+    holder's code knows (``common/protocol/extractors.py``), never a pattern the coordinator
+    sends, and the holder pins every one of these fields.
 
-    ``kl_weight`` > 0 adds a divergence penalty to choice answers: a model's fitness is its
+    ``kl_weight`` > 0 adds a divergence penalty to choice and ranking answers (a ranking
+    orders the penalized fitness, the same one a choice compares): a model's fitness is its
     mean score minus ``kl_weight`` times its mean KL(base || model), in nats, of the
     next-token distribution at the last position of ``kl_prompts`` of the holder's own
     prompts, a fixed subset only the holder knows (``client/divergence.py``). The score
@@ -48,6 +56,9 @@ class FitnessSpec:
     text_field: str = "text"
     label_field: str = "label"
     target_field: str = "answer"
+    max_new_tokens: int = 0  # generation only
+    answer_extractor: str = ""  # generation only: e.g. "gsm8k" (the number after "#### ")
+    answer_match: str = ""  # generation only: "exact" or "numeric"
     kl_weight: float = 0.0
     kl_prompts: int = 0
 
@@ -97,6 +108,18 @@ def check_fitness_spec(spec: FitnessSpec) -> None:
     for name in ("text_field", "label_field", "target_field"):
         if not getattr(spec, name):
             raise ValueError(f"{name}: must not be empty")
+    if spec.kind == "generation":
+        if not 1 <= spec.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens: a generation needs 1..{MAX_NEW_TOKENS} tokens")
+        if spec.answer_extractor not in ANSWER_EXTRACTORS:
+            raise ValueError(
+                f"answer_extractor: {spec.answer_extractor!r} is not one of "
+                f"{sorted(ANSWER_EXTRACTORS)}"
+            )
+        if spec.answer_match not in ANSWER_MATCHES:
+            raise ValueError("answer_match: must be 'exact' or 'numeric'")
+    elif spec.max_new_tokens or spec.answer_extractor or spec.answer_match:
+        raise ValueError("max_new_tokens, answer_extractor, answer_match: generation only")
     if not (math.isfinite(spec.kl_weight) and spec.kl_weight >= 0):
         raise ValueError(f"kl_weight: must be a finite number >= 0 (got {spec.kl_weight!r})")
     if spec.penalizes_divergence and spec.kl_prompts < 1:
@@ -184,10 +207,16 @@ class RunSpec:
     log_genesis: str
     dp: DpSpec = DpSpec()
     direction_seed: int = 0  # seeds follow protocol.seeds.candidate_seed(direction_seed, ...)
+    rank_depth: int = 0  # ranking answers: how many candidates each names (0: all of them)
 
     def answer_bits(self, n_candidates: int) -> float:
         """Bit cost of one answer in this run."""
-        return answer_bits(self.answer_kind, n_candidates, self.dp.quantization_bits)
+        return answer_bits(
+            self.answer_kind,
+            n_candidates,
+            self.dp.quantization_bits,
+            rank_depth=self.rank_depth,
+        )
 
     @property
     def mechanism(self) -> AnswerMechanism:
@@ -198,10 +227,23 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Candidate:
-    """The incumbent moved by ``scale * z(seed)`` in the parametrization's coordinates."""
+    """The incumbent moved by ``scale * z(seed)`` in the parametrization's coordinates.
+
+    An explicit candidate (CMA's samples) is the incumbent moved by ``delta`` (float32
+    values in the parametrization's coordinate order) and has seed 0 and scale 1.
+    """
 
     seed: int
     scale: float
+    delta: tuple[float, ...] | None = None
+
+    @classmethod
+    def explicit(cls, delta: tuple[float, ...]) -> Candidate:
+        return cls(seed=0, scale=1.0, delta=delta)
+
+    @property
+    def is_explicit(self) -> bool:
+        return self.delta is not None
 
 
 @dataclass(frozen=True)
@@ -235,7 +277,8 @@ class Answer:
     For ``compare``: ``choice`` is 1 if the candidate is better, else 0. For ``best-of``:
     ``choice`` is 1 + the index of the best candidate, or 0 if none beats the incumbent.
     For ``dp-scalar``: ``value`` is the noised estimate, or, when quantized, ``choice`` is
-    its level (see :func:`sottovoce.common.quantization.dequantize`).
+    its level (see :func:`sottovoce.common.quantization.dequantize`). For ``ranking``:
+    ``ranking`` names the top candidates (0-based), best first.
     A refusal carries ``refusal``, a :class:`RefusalCode` and nothing else: the reason in
     words stays in the holder's own log. It costs nothing.
     """
@@ -244,6 +287,7 @@ class Answer:
     choice: int | None
     refusal: RefusalCode | None = None
     value: float | None = None
+    ranking: tuple[int, ...] | None = None
 
     @property
     def refused(self) -> bool:

@@ -65,7 +65,8 @@ TASK_RECORD = "sottovoce.task"  # ConfigRecord {"proto": bytes}
 RUN_FINISHED = "sottovoce.run_finished"  # ConfigRecord {"proto": bytes}
 JOIN_REQUEST = "sottovoce.join_request"  # ConfigRecord {"proto": bytes}
 REFUSAL = "sottovoce.refusal"  # ConfigRecord {"reason": a RefusalCode}
-ANSWER = "sottovoce.answer"  # MetricRecord {"choice": int} or {"value": float}; not for a refusal
+# MetricRecord {"choice": int}, {"value": float} or {"ranking": [int]}; not for a refusal
+ANSWER = "sottovoce.answer"
 ANSWER_META = "sottovoce.answer_meta"  # ConfigRecord {"task_id": str[, "refusal": code]}
 HOLDER_STATE = "sottovoce.holder_state"  # ConfigRecord {"log_version": int, "log_head": str}
 
@@ -161,6 +162,8 @@ def answer_content(answer: Answer, state: HolderState) -> RecordDict:
         meta["refusal"] = answer.refusal.value
     elif answer.value is not None:
         content[ANSWER] = MetricRecord({"value": float(answer.value)})
+    elif answer.ranking is not None:
+        content[ANSWER] = MetricRecord({"ranking": [int(i) for i in answer.ranking]})
     else:
         assert answer.choice is not None
         content[ANSWER] = MetricRecord({"choice": int(answer.choice)})
@@ -206,12 +209,20 @@ def read_answer(content: RecordDict) -> tuple[Answer, HolderState]:
 
 
 def _answer_metrics(task_id: str, metrics: MetricRecord) -> Answer:
-    """A choice (compare, best-of, quantized dp-scalar) or a dp-scalar value, not both."""
+    """A choice (compare, best-of, quantized dp-scalar), a dp-scalar value or a ranking."""
     keys = set(metrics.keys())
-    if keys not in ({"choice"}, {"value"}):
+    if keys not in ({"choice"}, {"value"}, {"ranking"}):
         raise WireError(
-            f"invalid {ANSWER}: needs exactly one of 'choice', 'value' (got {sorted(keys)})"
+            f"invalid {ANSWER}: needs exactly one of 'choice', 'value', 'ranking' "
+            f"(got {sorted(keys)})"
         )
+    if "ranking" in keys:
+        ranking = metrics["ranking"]
+        if not isinstance(ranking, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ranking
+        ):
+            raise WireError(f"invalid {ANSWER}.ranking: expected a list of integers")
+        return Answer(task_id=task_id, choice=None, ranking=tuple(int(i) for i in ranking))
     if "value" in keys:
         value = metrics["value"]
         if not isinstance(value, float):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sized
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from sottovoce.common.errors import RefusalCode, SottovoceError
 from sottovoce.common.parametrizations.base import (
+    MAX_RANK,
     Granularity,
     ParametrizationKind,
     ParametrizationSpec,
@@ -41,7 +42,9 @@ from sottovoce.common.protocol.limits import (
     MAX_CHUNKS,
     MAX_COUNT,
     MAX_DEADLINE_UNIX,
+    MAX_DELTA_FLOATS,
     MAX_EPSILON,
+    MAX_EXPLICIT_DIMENSION,
     MAX_ID_LENGTH,
     MAX_KEEP_MARGIN,
     MAX_KL_PROMPTS,
@@ -66,6 +69,7 @@ from sottovoce.common.protocol.limits import (
     UINT64_MAX,
 )
 from sottovoce.common.protocol.messages import (
+    MAX_NEW_TOKENS,
     Answer,
     BatchMode,
     BatchSpec,
@@ -123,12 +127,15 @@ _ANSWER_KINDS: dict[AnswerKind, pb.AnswerKind.ValueType] = {
     AnswerKind.COMPARE: pb.ANSWER_KIND_COMPARE,
     AnswerKind.BEST_OF: pb.ANSWER_KIND_BEST_OF,
     AnswerKind.DP_SCALAR: pb.ANSWER_KIND_DP_SCALAR,
+    AnswerKind.RANKING: pb.ANSWER_KIND_RANKING,
 }
 _PARAMETRIZATION_KINDS: dict[ParametrizationKind, pb.ParametrizationKind.ValueType] = {
     "full": pb.PARAMETRIZATION_KIND_FULL,
     "select": pb.PARAMETRIZATION_KIND_SELECT,
     "subspace": pb.PARAMETRIZATION_KIND_SUBSPACE,
     "scale": pb.PARAMETRIZATION_KIND_SCALE,
+    "lowrank": pb.PARAMETRIZATION_KIND_LOWRANK,
+    "lora": pb.PARAMETRIZATION_KIND_LORA,
 }
 _GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
     "tensor": pb.GRANULARITY_TENSOR,
@@ -137,6 +144,7 @@ _GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
 _FITNESS_KINDS: dict[FitnessKind, pb.FitnessKind.ValueType] = {
     "classification": pb.FITNESS_KIND_CLASSIFICATION,
     "completion": pb.FITNESS_KIND_COMPLETION,
+    "generation": pb.FITNESS_KIND_GENERATION,
 }
 _BATCH_MODES: dict[BatchMode, pb.BatchMode.ValueType] = {
     "minibatch": pb.BATCH_MODE_MINIBATCH,
@@ -272,6 +280,7 @@ def check_parametrization(where: str, spec: ParametrizationSpec) -> None:
     _check_int(f"{where}.dimension", spec.dimension, 0, MAX_SUBSPACE_DIMENSION)
     _check_int(f"{where}.projection_seed", spec.projection_seed, 0, UINT64_MAX)
     _enum_to_proto(f"{where}.granularity", _GRANULARITIES, spec.granularity)
+    _check_int(f"{where}.rank", spec.rank, 0, MAX_RANK)
 
 
 def parametrization_to_proto(
@@ -284,6 +293,7 @@ def parametrization_to_proto(
         dimension=int(spec.dimension),
         projection_seed=int(spec.projection_seed),
         granularity=_GRANULARITIES[spec.granularity],
+        rank=int(spec.rank),
     )
     if spec.last_k_blocks is not None:
         message.last_k_blocks = int(spec.last_k_blocks)
@@ -300,6 +310,7 @@ def parametrization_from_proto(
         dimension=message.dimension,
         projection_seed=message.projection_seed,
         granularity=_enum_from_proto(f"{where}.granularity", _GRANULARITIES, message.granularity),
+        rank=message.rank,
     )
     check_parametrization(where, spec)
     return spec
@@ -316,6 +327,9 @@ def check_fitness(where: str, spec: FitnessSpec) -> None:
         _check_text(f"{where}.label_words[{i}]", word, min_len=1, max_len=MAX_LABEL_WORD_LENGTH)
     for name in ("text_field", "label_field", "target_field"):
         _check_text(f"{where}.{name}", getattr(spec, name), min_len=1, max_len=MAX_NAME_LENGTH)
+    _check_int(f"{where}.max_new_tokens", spec.max_new_tokens, 0, MAX_NEW_TOKENS)
+    for name in ("answer_extractor", "answer_match"):
+        _check_text(f"{where}.{name}", getattr(spec, name), max_len=MAX_NAME_LENGTH)
     _check_real(f"{where}.kl_weight", spec.kl_weight, 0.0, MAX_KL_WEIGHT)
     _check_int(f"{where}.kl_prompts", spec.kl_prompts, 0, MAX_KL_PROMPTS)
 
@@ -329,6 +343,9 @@ def fitness_to_proto(spec: FitnessSpec, where: str = "FitnessSpec") -> pb.Fitnes
         text_field=spec.text_field,
         label_field=spec.label_field,
         target_field=spec.target_field,
+        max_new_tokens=int(spec.max_new_tokens),
+        answer_extractor=spec.answer_extractor,
+        answer_match=spec.answer_match,
         kl_weight=spec.kl_weight,
         kl_prompts=spec.kl_prompts,
     )
@@ -342,6 +359,9 @@ def fitness_from_proto(message: pb.FitnessSpec, where: str = "FitnessSpec") -> F
         text_field=message.text_field,
         label_field=message.label_field,
         target_field=message.target_field,
+        max_new_tokens=message.max_new_tokens,
+        answer_extractor=message.answer_extractor,
+        answer_match=message.answer_match,
         kl_weight=message.kl_weight,
         kl_prompts=message.kl_prompts,
     )
@@ -437,6 +457,7 @@ def _check_run_spec_scalars(where: str, spec: RunSpec) -> None:
     _check_int(f"{where}.max_rounds", spec.max_rounds, 0, MAX_COUNT)
     _check_hash(f"{where}.log_genesis", spec.log_genesis)
     _check_int(f"{where}.direction_seed", spec.direction_seed, 0, UINT64_MAX)
+    _check_int(f"{where}.rank_depth", spec.rank_depth, 0, MAX_LAMBDA)
 
 
 def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
@@ -454,6 +475,7 @@ def run_spec_to_proto(spec: RunSpec, where: str = "RunSpec") -> pb.RunSpec:
         log_genesis=spec.log_genesis,
         dp=dp_to_proto(spec.dp, f"{where}.dp"),
         direction_seed=int(spec.direction_seed),
+        rank_depth=int(spec.rank_depth),
     )
 
 
@@ -475,6 +497,7 @@ def run_spec_from_proto(message: pb.RunSpec, where: str = "RunSpec") -> RunSpec:
         log_genesis=message.log_genesis,
         dp=dp_from_proto(message.dp, f"{where}.dp"),
         direction_seed=message.direction_seed,
+        rank_depth=message.rank_depth,
     )
     _check_run_spec_scalars(where, spec)
     return spec
@@ -486,25 +509,64 @@ def _check_seeded(where: str, seed: object, factor: object, factor_name: str) ->
     _check_float32(f"{where}.{factor_name}", factor)
 
 
+def _check_delta(
+    where: str, delta: Sequence[object] | None, seed: object, factor: object, factor_name: str
+) -> tuple[float, ...] | None:
+    """An explicit delta (CMA): seed 0, factor 1, 1..MAX_EXPLICIT_DIMENSION finite float32s."""
+    if delta is None or not len(delta):
+        return None
+    _check_length(f"{where}.delta", delta, 1, MAX_EXPLICIT_DIMENSION)
+    if seed != 0 or factor != 1.0:
+        _fail(where, f"an explicit delta needs seed 0 and {factor_name} 1")
+    values = []
+    for i, raw in enumerate(delta):
+        if isinstance(raw, bool) or not isinstance(raw, float | int | np.floating):
+            _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not a number")
+        value = float(np.float32(raw))  # what a proto float carries
+        if not math.isfinite(value):
+            _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not a finite float32")
+        values.append(value)
+        if float(raw) != value:
+            _fail(f"{where}.delta[{i}]", f"{_show(raw)} is not exactly a float32")
+    return tuple(values)
+
+
+def _check_delta_total(where: str, items: Sequence[Step] | Sequence[Candidate]) -> None:
+    """Explicit deltas in one message stay within MAX_DELTA_FLOATS (a few MiB)."""
+    total = sum(len(item.delta or ()) for item in items)
+    if total > MAX_DELTA_FLOATS:
+        _fail(where, f"{total} explicit delta floats, expected <= {MAX_DELTA_FLOATS}")
+
+
+def _proto_delta_total(where: str, *groups: Sequence[pb.Step] | Sequence[pb.Candidate]) -> None:
+    total = sum(len(item.delta) for group in groups for item in group)
+    if total > MAX_DELTA_FLOATS:
+        _fail(where, f"{total} explicit delta floats, expected <= {MAX_DELTA_FLOATS}")
+
+
 def step_to_proto(step: Step, where: str = "Step") -> pb.Step:
     _check_seeded(where, step.seed, step.coefficient, "coefficient")
-    return pb.Step(seed=int(step.seed), coefficient=float(step.coefficient))
+    delta = _check_delta(where, step.delta, step.seed, step.coefficient, "coefficient")
+    return pb.Step(seed=int(step.seed), coefficient=float(step.coefficient), delta=delta or ())
 
 
 def step_from_proto(message: pb.Step, where: str = "Step") -> Step:
     # Checked before construction: Step's own check would raise a LogIntegrityError.
     _check_seeded(where, message.seed, message.coefficient, "coefficient")
-    return Step(seed=message.seed, coefficient=message.coefficient)
+    delta = _check_delta(where, message.delta, message.seed, message.coefficient, "coefficient")
+    return Step(seed=message.seed, coefficient=message.coefficient, delta=delta)
 
 
 def candidate_to_proto(candidate: Candidate, where: str = "Candidate") -> pb.Candidate:
     _check_seeded(where, candidate.seed, candidate.scale, "scale")
-    return pb.Candidate(seed=int(candidate.seed), scale=float(candidate.scale))
+    delta = _check_delta(where, candidate.delta, candidate.seed, candidate.scale, "scale")
+    return pb.Candidate(seed=int(candidate.seed), scale=float(candidate.scale), delta=delta or ())
 
 
 def candidate_from_proto(message: pb.Candidate, where: str = "Candidate") -> Candidate:
     _check_seeded(where, message.seed, message.scale, "scale")
-    return Candidate(seed=message.seed, scale=message.scale)
+    delta = _check_delta(where, message.delta, message.seed, message.scale, "scale")
+    return Candidate(seed=message.seed, scale=message.scale, delta=delta)
 
 
 # -- Task --------------------------------------------------------------------------------
@@ -519,6 +581,13 @@ def _check_task_scalars(where: str, task: Task, n_steps: int, n_candidates: int)
     if kind is AnswerKind.COMPARE and n_candidates != 1:
         _fail(f"{where}.candidates", f"a compare task has exactly 1 candidate, not {n_candidates}")
     _check_real(f"{where}.deadline_unix", task.deadline_unix, 0.0, MAX_DEADLINE_UNIX)
+    explicit = {candidate.delta is not None for candidate in task.candidates}
+    if len(explicit) > 1:
+        _fail(f"{where}.candidates", "mixes explicit and seeded candidates")
+    _check_delta_total(f"{where}.new_steps", task.new_steps)
+    _check_delta_total(f"{where}.candidates", task.candidates)
+    if kind is AnswerKind.RANKING and n_candidates < 2:
+        _fail(f"{where}.candidates", "a ranking task has >= 2 candidates")
 
 
 def _check_task_lengths(where: str, steps: Sized, candidates: Sized) -> None:
@@ -550,6 +619,7 @@ def task_to_proto(task: Task, where: str = "Task") -> pb.Task:
 
 def task_from_proto(message: pb.Task, where: str = "Task") -> Task:
     _check_task_lengths(where, message.new_steps, message.candidates)
+    _proto_delta_total(where, message.new_steps, message.candidates)
     _required(where, message, "batch")
     task = Task(
         task_id=message.task_id,
@@ -575,15 +645,28 @@ def task_from_proto(message: pb.Task, where: str = "Task") -> Task:
 # -- Answer ------------------------------------------------------------------------------
 def _check_answer(where: str, answer: Answer) -> None:
     _check_id(f"{where}.task_id", answer.task_id)
-    outcomes = [x is not None for x in (answer.choice, answer.value, answer.refusal)]
+    outcomes = [
+        x is not None for x in (answer.choice, answer.value, answer.refusal, answer.ranking)
+    ]
     if sum(outcomes) != 1:
-        _fail(where, "exactly one of choice, value and refusal must be set")
+        _fail(where, "exactly one of choice, value, ranking and refusal must be set")
     if answer.choice is not None:
         _check_int(f"{where}.choice", answer.choice, 0, MAX_CHOICE)
     elif answer.value is not None:
         _check_float32(f"{where}.value", answer.value)
+    elif answer.ranking is not None:
+        _check_ranking(f"{where}.ranking", answer.ranking)
     else:
         _check_refusal(f"{where}.refusal", answer.refusal)
+
+
+def _check_ranking(where: str, ranking: Sequence[object]) -> None:
+    """1..MAX_LAMBDA distinct candidate indexes below MAX_LAMBDA (the task checks the rest)."""
+    _check_length(where, ranking, 1, MAX_LAMBDA)
+    for i, index in enumerate(ranking):
+        _check_int(f"{where}[{i}]", index, 0, MAX_LAMBDA - 1)
+    if len(set(ranking)) != len(ranking):
+        _fail(where, "names a candidate twice")
 
 
 def _check_refusal(where: str, value: object) -> RefusalCode:
@@ -605,6 +688,9 @@ def answer_to_proto(answer: Answer, where: str = "Answer") -> pb.Answer:
         return pb.Answer(task_id=answer.task_id, choice=int(answer.choice))
     if answer.value is not None:
         return pb.Answer(task_id=answer.task_id, value=float(answer.value))
+    if answer.ranking is not None:
+        ranking = pb.Ranking(order=[int(i) for i in answer.ranking])
+        return pb.Answer(task_id=answer.task_id, ranking=ranking)
     return pb.Answer(task_id=answer.task_id, refusal=str(answer.refusal))
 
 
@@ -616,6 +702,10 @@ def answer_from_proto(message: pb.Answer, where: str = "Answer") -> Answer:
         answer = Answer(task_id=message.task_id, choice=message.choice)
     elif outcome == "value":
         answer = Answer(task_id=message.task_id, choice=None, value=message.value)
+    elif outcome == "ranking":
+        _check_length(f"{where}.ranking.order", message.ranking.order, 1, MAX_LAMBDA)
+        ranking = tuple(message.ranking.order)
+        answer = Answer(task_id=message.task_id, choice=None, ranking=ranking)
     else:
         code = _check_refusal(f"{where}.refusal", message.refusal)
         answer = Answer(task_id=message.task_id, choice=None, refusal=code)
@@ -631,6 +721,7 @@ def _check_run_finished(where: str, finished: RunFinished) -> None:
     _check_hash(f"{where}.log_head", finished.log_head)
     _check_real(f"{where}.bits_spent_total", finished.bits_spent_total, 0.0, MAX_BITS)
     _check_int(f"{where}.base_version", finished.base_version, 0, MAX_COUNT)
+    _check_delta_total(f"{where}.new_steps", finished.new_steps)
     if finished.base_version + len(finished.new_steps) != finished.final_version:
         _fail(
             f"{where}.new_steps",
@@ -657,6 +748,7 @@ def run_finished_to_proto(finished: RunFinished, where: str = "RunFinished") -> 
 
 def run_finished_from_proto(message: pb.RunFinished, where: str = "RunFinished") -> RunFinished:
     _check_length(f"{where}.new_steps", message.new_steps, 0, MAX_NEW_STEPS)
+    _proto_delta_total(where, message.new_steps)
     finished = RunFinished(
         run_id=message.run_id,
         reason=message.reason,

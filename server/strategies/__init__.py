@@ -12,16 +12,20 @@ from sottovoce.server.strategies.base import (
     build_strategy,
     register,
 )
+from sottovoce.server.strategies.cma_es import CMAStrategy
 from sottovoce.server.strategies.comparison import ComparisonES, StepSizeRule
 from sottovoce.server.strategies.dpzero import DPZero
+from sottovoce.server.strategies.weighted_es import WeightedES
 
 __all__ = [
+    "CMAStrategy",
     "ComparisonES",
     "DPZero",
     "RoundAnswers",
     "RoundOutcome",
     "StepSizeRule",
     "Strategy",
+    "WeightedES",
     "build_strategy",
     "register",
 ]

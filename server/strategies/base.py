@@ -10,7 +10,7 @@ coordinator asks exactly the same questions again.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sottovoce.common.config import RunConfig
@@ -31,11 +31,28 @@ class RoundAnswers:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a round decided: the step to log (or none), and what led to it."""
+    """What a round decided: the steps to log (often one, or none), and what led to it.
 
-    step: Step | None
+    ``es-mu-lambda`` logs one step for each of a round's mu best seeds; every other
+    strategy at most one.
+    """
+
+    steps: tuple[Step, ...] = ()
     winner: int | None = None  # comparison strategies: the accepted candidate's index
     estimate: float | None = None  # DPZero: the aggregated scalar
+    ranking: tuple[int, ...] | None = None  # rank strategies: the aggregated ranking
+
+    @classmethod
+    def of(
+        cls, step: Step | None, *, winner: int | None = None, estimate: float | None = None
+    ) -> RoundOutcome:
+        """An outcome with one step (or none)."""
+        return cls(steps=() if step is None else (step,), winner=winner, estimate=estimate)
+
+    @property
+    def step(self) -> Step | None:
+        """The first step, or None: what a one-step strategy took."""
+        return self.steps[0] if self.steps else None
 
 
 class Strategy(ABC):
@@ -55,6 +72,15 @@ class Strategy(ABC):
     @abstractmethod
     def step_size(self) -> float:
         """The state a restart needs back (journaled with every round)."""
+
+    def resume(self, history: Sequence[tuple[int, RoundAnswers | None]]) -> None:  # noqa: B027
+        """Rebuild state a restart needs beyond the step size, from the journaled rounds.
+
+        ``history`` is every closed round in order: its index and its answers, or None if it
+        closed without a quorum (nothing was told). The default needs nothing: the seeded
+        strategies' next question depends only on the step size. A library optimizer (CMA)
+        is replayed: asked and told again, which reproduces its state exactly.
+        """
 
 
 Factory = Callable[[RunConfig, float | None], Strategy]

@@ -80,9 +80,9 @@ class ComparisonES(Strategy):
         winner = plurality_winner(answers.choices, self.weights)
         self.step_rule.update(success=winner is not None)
         if winner is None:
-            return RoundOutcome(step=None)
+            return RoundOutcome()
         chosen = answers.candidates[winner]
-        return RoundOutcome(step=Step(seed=chosen.seed, coefficient=chosen.scale), winner=winner)
+        return RoundOutcome.of(Step(seed=chosen.seed, coefficient=chosen.scale), winner=winner)
 
 
 @register("bboxer-1+1", "bboxer-1+lambda")

@@ -62,7 +62,7 @@ class DPZero(Strategy):
         estimate = aggregate_scalars(
             answers.values, self.aggregate, weights=self.weights, trim_fraction=self.trim_fraction
         )
-        return RoundOutcome(step=self.step_for(answers.candidates[0], estimate), estimate=estimate)
+        return RoundOutcome.of(self.step_for(answers.candidates[0], estimate), estimate=estimate)
 
     def step_for(self, candidate: Candidate, estimate: float) -> Step | None:
         """The step for an aggregated estimate; None when it rounds to a zero coefficient."""
