@@ -1,7 +1,7 @@
 """The transcript bound against the old one, on a real run: is it within 2x of the test risk?
 
 Runs ``sottovoce simulate --config examples/bound.toml`` (3 holders x 2,700 training
-sentences, 60 rounds, SmolLM2-135M; about an hour on 2 busy CPU cores, most of it the
+sentences, 30 rounds, SmolLM2-135M; about 40 minutes on 2 busy CPU cores, most of it the
 holders' first pass over their data) unless ``--report`` names a finished run's report, and
 prints, from that one run: the old bound (Hoeffding over every bit heard), the transcript
 bound (Maurer's kl over the aggregated transcript's code length, docs/bound.md), the

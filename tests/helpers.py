@@ -28,6 +28,7 @@ from sottovoce.common.protocol.answers import AnswerKind
 from sottovoce.common.protocol.messages import BatchSpec, Candidate, FitnessSpec, RunSpec, Task
 from sottovoce.common.protocol.seeds import candidate_seed
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
+from sottovoce.server.run_state import RoundRecord
 
 TINY = "tiny-llama"
 TEMPLATE = "{text} ="
@@ -292,3 +293,18 @@ def differing_tensors(expected: Mapping[str, Any], actual: Mapping[str, Any]) ->
     """Names whose tensors are not bit-for-bit equal (or missing); empty if all match."""
     assert set(expected) <= set(actual), sorted(set(expected) - set(actual))
     return [name for name in expected if not torch.equal(expected[name], actual[name])]
+
+
+def accepted_round(index: int, step: Step) -> RoundRecord:
+    """A round that accepted ``step``, as the coordinator journals it before logging it."""
+    return RoundRecord(
+        round_index=index,
+        candidates=(Candidate(seed=step.seed, scale=step.coefficient),),
+        choices={"holder-0": 1},
+        refusals={},
+        winner=0,
+        steps=(step,),
+        step_size_after=abs(step.coefficient),
+        bits=1.0,
+        closed_by="all answered",
+    )

@@ -8,15 +8,19 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import base_plus_steps, differing_tensors, tiny_fingerprint, write_run_config
+from helpers import (
+    accepted_round,
+    base_plus_steps,
+    differing_tensors,
+    tiny_fingerprint,
+    write_run_config,
+)
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from sottovoce.api import open_coordinator
 from sottovoce.common.errors import ConfigError, LogIntegrityError
-from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step, StepLog, as_float32
 from sottovoce.server.export import LOG_FILE, export_run
-from sottovoce.server.run_state import RoundRecord
 
 STEPS = [
     Step(seed=11, coefficient=as_float32(0.01)),
@@ -33,20 +37,6 @@ def make_run(tmp_path: Path, kind: str = "full") -> Path:
     for index, step in enumerate(STEPS):  # journaled, then logged, as the coordinator does
         coordinator.state.record_round(accepted_round(index, step))
     return run_dir
-
-
-def accepted_round(index: int, step: Step) -> RoundRecord:
-    return RoundRecord(
-        round_index=index,
-        candidates=(Candidate(seed=step.seed, scale=step.coefficient),),
-        choices={"holder-0": 1},
-        refusals={},
-        winner=0,
-        step=step,
-        step_size_after=abs(step.coefficient),
-        bits=1.0,
-        closed_by="all answered",
-    )
 
 
 def load_checkpoint(folder: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FITNESS, TINY, tiny_fingerprint, tiny_records, write_run_config
+from helpers import (
+    FITNESS,
+    TINY,
+    accepted_round,
+    tiny_fingerprint,
+    tiny_records,
+    write_run_config,
+)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -120,8 +127,8 @@ def test_a_lora_run_exports_a_peft_adapter_and_merged_weights(tmp_path: Path) ->
         },
     )
     coordinator = open_coordinator(config, tmp_path / "run", model_fingerprint=tiny_fingerprint())
-    for step in STEPS:
-        coordinator.state.log.append(step)
+    for index, step in enumerate(STEPS):  # journaled, then logged, as the coordinator does
+        coordinator.state.record_round(accepted_round(index, step))
     out = tmp_path / "exported"
     export_run(tmp_path / "run", out)
     merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32)
