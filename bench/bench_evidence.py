@@ -9,8 +9,8 @@ on the same data, stopped at the same utility.
     python bench/bench_evidence.py --out /tmp/evidence
     python bench/bench_evidence.py --runs runs/demo runs/dpzero --out /tmp/evidence
 
-Ledgers go to a scratch ``SOTTOVOCE_HOME`` under ``--out``: these are simulated holders,
-and each data set's lifetime budget must not be spent by a benchmark.
+Each simulated holder keeps its ledger inside its run's folder (``simulate`` does so for the
+bundled data), so a benchmark spends no real data set's lifetime budget.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"--out {args.out}: exists and is not empty")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SOTTOVOCE_HOME": str(args.out / "home")}
+    env = dict(os.environ)
     runs = args.runs or [simulate(config, args.out, env) for config in CONFIGS]
     evaluation = args.out / "evaluation"
     command = [sys.executable, "-m", "sottovoce.cli", "evaluate", "--out", str(evaluation)]

@@ -231,7 +231,6 @@ def launch(argv: list[str], folder: Path, home: Path) -> Launched:
     """Start the command in ``folder``; its output goes to files beside it, not into it."""
     env = dict(
         os.environ,
-        SOTTOVOCE_HOME=str(home / "home"),
         SOTTOVOCE_CACHE=str(home / "cache"),
         OMP_NUM_THREADS="1",
     )
