@@ -1,7 +1,8 @@
 """The ``sottovoce`` command as users run it: ``python -m sottovoce.cli ...`` in a subprocess.
 
 Bad input must end with one line on stderr (``error: ...`` naming the file or field), exit
-code 2, no traceback and nothing half-written; ``simulate`` must run a whole federation.
+code 2, no traceback and nothing half-written (``simulate`` end to end:
+tests/test_cli_simulate.py).
 
 Every command starts a fresh interpreter that imports torch and transformers (about 5 s of
 CPU each), so the bad-input commands are launched together by one module fixture and each
@@ -11,8 +12,6 @@ overlap.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,24 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_launch import Launched, files_under, launch
 from helpers import (
     TINY,
-    differing_tensors,
-    replay_with_parametrization,
     tiny_records,
     write_policy,
     write_records,
     write_run_config,
 )
-from transformers import AutoModelForCausalLM
 
-from sottovoce.common.bounds import kl_transcript_bound
 from sottovoce.common.data import write_jsonl
-from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.steplog import StepLog
-from sottovoce.common.storage import read_json_lines
 
-WAIT_S = 240.0
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 
 
@@ -188,64 +180,6 @@ BAD_INPUTS: dict[str, BadInput] = {
 }
 
 
-def simulate_config(folder: Path) -> Path:
-    """Two holders, four rounds of one bit each, on the tiny model and bundled data."""
-    return write_run_config(
-        folder / "run.toml",
-        run={"name": "cli-sim", "max_rounds": 4, "bit_budget": 100.0},
-        simulate={"holders": 2, "test_size": 60, "dev_size": 20, "train_size": 60},
-        server={"min_holders": 2, "quorum": 1},
-    )
-
-
-# -- launching commands ------------------------------------------------------------------------
-@dataclass
-class Launched:
-    """A running ``python -m sottovoce.cli`` and what to judge it by."""
-
-    process: subprocess.Popen[bytes]
-    folder: Path
-    files_before: set[Path]
-    stdout: Path
-    stderr: Path
-
-    def wait(self) -> tuple[int, str, str]:
-        code = self.process.wait(timeout=WAIT_S)
-        return (
-            code,
-            self.stdout.read_text(encoding="utf-8", errors="replace"),
-            self.stderr.read_text(encoding="utf-8", errors="replace"),
-        )
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def files_under(folder: Path) -> set[Path]:
-    return {path.relative_to(folder) for path in folder.rglob("*")}
-
-
-def launch(argv: list[str], folder: Path, home: Path) -> Launched:
-    """Start the command in ``folder``; its output goes to files beside it, not into it."""
-    env = dict(
-        os.environ,
-        SOTTOVOCE_CACHE=str(home / "cache"),
-        OMP_NUM_THREADS="1",
-    )
-    stdout, stderr = folder.with_name(folder.name + ".out"), folder.with_name(folder.name + ".err")
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sottovoce.cli", *argv],
-            stdout=out,
-            stderr=err,
-            env=env,
-            cwd=folder,
-        )
-    return Launched(process, folder, files_under(folder), stdout, stderr)
-
-
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Launched]]:
     """Every bad-input command, all started at once (see the module docstring)."""
@@ -331,88 +265,3 @@ def test_help_and_config_checks_import_nothing_heavy() -> None:
 
 
 # -- a whole federation through the CLI --------------------------------------------------------
-REPORT_FIELDS = {
-    "algorithm",
-    "rounds",
-    "bits_spent_total",
-    "bits_spent_per_holder",
-    "bit_budget",
-    "generalization_bound",
-    "heldout_metric_before",
-    "heldout_metric_after",
-    "wall_seconds",
-}
-
-
-def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
-    folder = tmp_path / "simulate"
-    folder.mkdir()
-    config, report_path = simulate_config(folder), folder / "reports" / "report.json"
-    argv = ["simulate", "--config", str(config), "--run-dir", str(folder / "run")]
-    argv += ["--report", str(report_path)]  # in a folder that does not exist yet
-    run = launch(argv, folder, tmp_path)
-    try:
-        code, stdout, stderr = run.wait()
-    finally:
-        run.kill()
-    assert code == 0, stderr[-2000:]
-    assert "Traceback" not in stderr
-    report = json.loads(report_path.read_text(encoding="utf-8"))
-    assert set(report) >= REPORT_FIELDS
-    assert report["algorithm"] == "bboxer-1+1" and report["rounds"] == 4
-    assert report["bit_budget"] == 100.0
-    assert report["bits_spent_per_holder"] == {"holder-0": 4.0, "holder-1": 4.0}
-    assert report["bits_spent_total"] == sum(report["bits_spent_per_holder"].values()) == 8.0
-    assert report["heldout_examples"] == 60
-    for key in ("heldout_metric_before", "heldout_metric_after"):
-        assert 0.0 <= report[key] <= 1.0
-        assert report[key] * 60 == pytest.approx(round(report[key] * 60))  # k of 60 right
-    bound = report["generalization_bound"]
-    assert bound["n"] == 60 and bound["slack"] > 0
-    assert bound["test_risk_bound"] == pytest.approx(bound["train_risk"] + bound["slack"])
-    # The transcript bound beside the old one: the coordinator's data-free term, this run's
-    # train risk, Maurer's kl inverted; and the assumptions, one line each.
-    coordinator = json.loads((folder / "run" / "coordinator" / "report.json").read_text())
-    complexity = coordinator["generalization_complexity"]
-    assert bound["transcript_bits"] == complexity["transcript_bits"] > 0
-    assert bound["heard_bits"] == 8.0 and complexity["rounds"] == 4
-    assert bound["transcript_bound"] == pytest.approx(
-        kl_transcript_bound(bound["train_risk"], bound["transcript_bits"], 60, bound["delta"])
-    )
-    assert bound["old_bound"] == pytest.approx(bound["test_risk_bound"])
-    assert len(bound["assumptions"]) >= 4 and all("\n" not in a for a in bound["assumptions"])
-    assert report["wall_seconds"] > 0
-    assert "accuracy before" in stdout + stderr
-    # Not on a terminal: plain progress lines, not a live bar's escape codes.
-    assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
-
-    # The holders' own ledgers agree with the coordinator. Simulated holders of the
-    # bundled data keep them in the run, nothing in the home folder.
-    ledgers = sorted((folder / "run" / "holders").glob("holder-*/ledger/*.ledger.jsonl"))
-    assert [len(read_json_lines(path)) for path in ledgers] == [4, 4]
-    assert not (tmp_path / "home").exists()
-    for holder in ("holder-0", "holder-1"):
-        log_text = (folder / "run" / "holders" / holder / "holder.log").read_text()
-        assert (
-            f"{holder}: lifetime ledger {folder / 'run' / 'holders' / holder / 'ledger'}"
-            in log_text
-        )
-
-    # It ends by saying where everything went and what to try next, runnable as printed.
-    assert f"run directory: {folder / 'run'}" in stdout
-    assert f"exported model: {folder / 'run' / 'model'}" in stdout
-    export_line = next(line for line in stdout.splitlines() if " export --run " in line)
-    env = dict(os.environ, SOTTOVOCE_CACHE=str(tmp_path / "cache"))
-    again = subprocess.run(export_line, shell=True, cwd=folder, env=env, capture_output=True)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (folder / "run" / "model-again" / "model.safetensors").exists()
-
-    # The exported model loads and is the run's log replayed on the base model.
-    coordinator_dir = run.folder / "run" / "coordinator"
-    meta = json.loads((coordinator_dir / "run.json").read_text(encoding="utf-8"))
-    log = StepLog.open(coordinator_dir / "log.jsonl", meta["genesis"])
-    assert report["log_head"] == log.head
-    model = AutoModelForCausalLM.from_pretrained(run.folder / "run" / "model")
-    expected = replay_with_parametrization(ParametrizationSpec(kind="scale"), list(log))
-    assert differing_tensors(expected, model.state_dict()) == []
-    assert report["parametrization"]["kind"] == "scale"
