@@ -41,7 +41,12 @@ from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
 from sottovoce.server.run_report import coordinator_report, public_quality_section
 from sottovoce.server.run_state import RoundRecord, RunState
-from sottovoce.simulation_report import build_report, mean_holder_score, pooled_train_errors
+from sottovoce.simulation_report import (
+    build_report,
+    holder_costs,
+    mean_holder_score,
+    pooled_train_errors,
+)
 
 ENGINES = ("native", "flower")
 RUN_LEDGER_DIR = "ledger"  # each simulated holder's, relative to its own folder
@@ -277,6 +282,8 @@ def simulate(
         report["privacy"]["as_computed_by_the_coordinator"] = coordinator_view.get(
             "privacy_as_computed_by_the_coordinator"
         )
+    report["holder_cost"] = holder_costs(federation)
+    _print_holder_cost(console, report["holder_cost"], config.evaluation.batch_size)
     report["run_dir"] = str(run_dir)
     report["exported_model"] = str(export.out_dir)
     report["wall_seconds"] = round(time.time() - started, 1)
@@ -286,6 +293,19 @@ def simulate(
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(text, encoding="utf-8")
     return report
+
+
+def _print_holder_cost(console: Console, costs: dict[str, dict[str, float]], batch: int) -> None:
+    """One line: what the holders computed (each scores its records once per model state;
+    a forward pass is a sub-batch of up to ``batch`` examples)."""
+    if not costs:
+        return
+    passes = sorted(int(cost.get("forward_passes", 0)) for cost in costs.values())
+    seconds = sum(float(cost.get("compute_seconds", 0.0)) for cost in costs.values())
+    console.print(
+        f"holders: {passes[0]}..{passes[-1]} forward passes each (sub-batches of up to "
+        f"{batch} examples), {seconds:.0f} s of compute in all"
+    )
 
 
 def _wait_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

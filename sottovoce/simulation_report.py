@@ -164,3 +164,14 @@ def pooled_train_errors(federation: Federation, log_head: str) -> int | None:
             return None
         errors += int(report["train_errors"])
     return errors
+
+
+def holder_costs(federation: Federation) -> dict[str, dict[str, float]]:
+    """Each simulated holder's own cost figures (its local report's ``cost``): forward
+    passes, compute seconds, bytes on the wire. A holder without a report is left out."""
+    costs: dict[str, dict[str, float]] = {}
+    for holder_dir in federation.holder_dirs:
+        report = read_json_object(holder_dir / "report.json")
+        if report is not None and isinstance(report.get("cost"), dict):
+            costs[str(report.get("holder_id", holder_dir.name))] = report["cost"]
+    return costs

@@ -79,6 +79,11 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert bound["old_bound"] == pytest.approx(bound["test_risk_bound"])
     assert len(bound["assumptions"]) >= 4 and all("\n" not in a for a in bound["assumptions"])
     assert report["wall_seconds"] > 0
+    # What the holders computed, from their own reports, is in the report and on stderr.
+    costs = report["holder_cost"]
+    assert sorted(costs) == ["holder-0", "holder-1"]
+    assert all(cost["forward_passes"] > 0 for cost in costs.values())
+    assert "forward passes each" in stderr
     assert "accuracy before" in stdout + stderr
     # Not on a terminal: plain progress lines, not a live bar's escape codes.
     assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
