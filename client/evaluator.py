@@ -362,23 +362,12 @@ class CandidateEvaluator:
         when the fitness penalizes divergence. The stats (mean scores, KLs) stay on the
         holder: they are for its own report only.
         """
-        weight = self.fitness.spec.kl_weight
-        penalized = self.fitness.spec.penalizes_divergence
-        incumbent, per_candidate, kls = self._score_models(
-            examples, candidates, with_incumbent=True, with_divergence=penalized
-        )
-        means = [float(s.mean()) for s in per_candidate]
-        fitness = [float(incumbent.mean()), *means]
-        if penalized:
-            fitness = [value - weight * kl for value, kl in zip(fitness, kls, strict=True)]
+        means, kls, fitness = self._fitness_of_models(examples, candidates, with_incumbent=True)
         best = int(np.argmax(fitness[1:]))
         better = fitness[1 + best] > fitness[0]
         choice = encode_choice(best if better else None)  # compare: 1 = better, 0 = not
-        stats = {
-            "incumbent_mean_score": float(incumbent.mean()),
-            "best_candidate_mean": means[best],
-        }
-        if penalized:
+        stats = {"incumbent_mean_score": means[0], "best_candidate_mean": means[1 + best]}
+        if kls:
             stats["incumbent_kl"] = kls[0]
             stats["best_candidate_kl"] = kls[1 + best]
         return choice, stats
@@ -393,20 +382,29 @@ class CandidateEvaluator:
         ranking orders exactly what a choice would pick among. The incumbent is not scored:
         a rank answer orders the candidates among themselves. The stats stay on the holder.
         """
-        penalized = self.fitness.spec.penalizes_divergence
-        _, per_candidate, kls = self._score_models(
-            examples, candidates, with_incumbent=False, with_divergence=penalized
-        )
-        means = [float(s.mean()) for s in per_candidate]
-        fitness = means
-        if penalized:
-            weight = self.fitness.spec.kl_weight
-            fitness = [value - weight * kl for value, kl in zip(means, kls, strict=True)]
+        means, kls, fitness = self._fitness_of_models(examples, candidates, with_incumbent=False)
         ranking = rank_candidates(fitness, rank_depth)  # ValueError on a non-finite value
         stats = {"best_candidate_mean": means[ranking[0]]}
-        if penalized:
+        if kls:
             stats["best_candidate_kl"] = kls[ranking[0]]
         return ranking, stats
+
+    def _fitness_of_models(
+        self, examples: Sequence[Record], candidates: Sequence[Candidate], *, with_incumbent: bool
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Each model's mean score, its KL to the base (empty unless the fitness penalizes
+        divergence) and its fitness, mean - kl_weight x KL: what choices and rankings
+        compare (incumbent first when ``with_incumbent``)."""
+        penalized = self.fitness.spec.penalizes_divergence
+        incumbent, per_candidate, kls = self._score_models(
+            examples, candidates, with_incumbent=with_incumbent, with_divergence=penalized
+        )
+        scored = [incumbent, *per_candidate] if with_incumbent else per_candidate
+        means = [float(s.mean()) for s in scored]
+        if not penalized:
+            return means, kls, means
+        weight = self.fitness.spec.kl_weight
+        return means, kls, [mean - weight * kl for mean, kl in zip(means, kls, strict=True)]
 
     def finite_differences(
         self, examples: Sequence[Record], candidate: Candidate
