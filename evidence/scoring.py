@@ -65,23 +65,21 @@ class SharedPrefixScorer:
     def add(self, name: str, records: Sequence[Record]) -> None:
         """Prepare ``records`` under ``name`` and run the shared prefix on them once."""
         batches = self.fitness.prepare(list(records), self.max_batch)
-        prefixes = None
-        if self.split is not None:
-            entry = self._entry(decoder_layout(self.base))
-            with torch.no_grad():
-                prefixes = [capture_prefix(self.base, entry, batch) for batch in batches]
-            self.forward_passes += len(batches)
-        self._sets[name] = ExampleSet(list(records), batches, prefixes)
+        self._sets[name] = ExampleSet(list(records), batches, self._prefixes(batches))
 
     def add_batches(self, name: str, batches: Sequence[PreparedBatch]) -> None:
         """Batches that are not fitness examples (general-text windows), prefix run once."""
-        prefixes = None
-        if self.split is not None:
-            entry = self._entry(decoder_layout(self.base))
-            with torch.no_grad():
-                prefixes = [capture_prefix(self.base, entry, batch) for batch in batches]
-            self.forward_passes += len(batches)
-        self._sets[name] = ExampleSet([], list(batches), prefixes)
+        self._sets[name] = ExampleSet([], list(batches), self._prefixes(batches))
+
+    def _prefixes(self, batches: Sequence[PreparedBatch]) -> list[Prefix] | None:
+        """The shared prefix of every batch, run once on the base (None: no split)."""
+        if self.split is None:
+            return None
+        entry = self._entry(decoder_layout(self.base))
+        with torch.no_grad():
+            prefixes = [capture_prefix(self.base, entry, batch) for batch in batches]
+        self.forward_passes += len(batches)
+        return prefixes
 
     def add_subset(self, name: str, of: str, batch_indices: Sequence[int]) -> None:
         """A set made of some of ``of``'s batches, sharing their prefixes (no new forwards).
