@@ -134,6 +134,44 @@ class _RunState:
     broken: str | None = None  # why the weights can no longer be trusted, if they cannot
 
 
+def check_offline(
+    records: Sequence[Record], policy: HolderPolicy, loaded: LoadedModel, *, max_batch: int
+) -> None:
+    """Everything a holder can check before it dials, or makes a ledger: the data set's size
+    against the policy, the model's fingerprint, every record against the pinned fitness,
+    and the pinned parametrizations against the model.
+
+    Run first, so a misconfigured holder fails at once with one line, and leaves no ledger
+    behind and no coordinator round spent (see :func:`sottovoce.api.open_holder`).
+    """
+    if not records:
+        raise ConfigError("the data set has no examples")
+    if len(records) < policy.declared_examples:
+        raise ConfigError(
+            f"the policy declares min_examples {policy.declared_examples}, but this data "
+            f"set has only {len(records)} examples"
+        )
+    if policy.delta is not None and policy.delta >= 1.0 / len(records):
+        raise ConfigError(
+            f"policy delta {policy.delta:g} must be < 1/n = {1.0 / len(records):.3g} for "
+            f"this data set of {len(records)} examples"
+        )
+    if loaded.fingerprint != policy.expected_model_fingerprint:
+        raise ConfigError(
+            f"the local model's fingerprint {loaded.fingerprint[:19]}... is not the policy's "
+            f"expected_model_fingerprint {policy.expected_model_fingerprint[:19]}..."
+        )
+    fitness = build_fitness(policy.fitness, loaded.tokenizer)
+    fitness.prepare(records, max_batch=max_batch)  # DataError names the record
+    for index, pinned in enumerate(policy.parametrizations):
+        try:
+            parametrization = build_parametrization(pinned)
+            parametrization.attach(loaded.model)
+            parametrization.detach()
+        except SottovoceError as exc:
+            raise ConfigError(f"policy parametrizations[{index}]: {exc}") from None
+
+
 class DataHolder:
     """Implements :class:`~sottovoce.common.transport.endpoints.HolderEndpoint` for one data set."""
 
@@ -148,19 +186,11 @@ class DataHolder:
         compute_dtype: torch.dtype = torch.float32,
         max_batch: int = 32,
         status_path: Path | None = None,
+        checked_offline: bool = False,
     ):
-        if not records:
-            raise ConfigError(f"holder {holder_id!r} has no examples")
-        if len(records) < policy.declared_examples:
-            raise ConfigError(
-                f"the policy declares min_examples {policy.declared_examples}, but this data "
-                f"set has only {len(records)} examples"
-            )
-        if policy.delta is not None and policy.delta >= 1.0 / len(records):
-            raise ConfigError(
-                f"policy delta {policy.delta:g} must be < 1/n = {1.0 / len(records):.3g} for "
-                f"this data set of {len(records)} examples"
-            )
+        """``checked_offline``: the caller already ran :func:`check_offline` on these records,
+        this policy and the model ``load_model`` returns first (as ``open_holder`` does,
+        before it makes the ledger), so it is not run twice."""
         self._holder_id = holder_id
         self.records = list(records)
         self.policy = policy
@@ -176,7 +206,8 @@ class DataHolder:
         # every run), or, for a ledger made without one, a secret of this process.
         self._prompt_key = holder_key(ledger.path.parent, create=False) or secrets.token_bytes(32)
         self.loaded = self._fresh_model()
-        self._check_offline()
+        if not checked_offline:
+            check_offline(self.records, policy, self.loaded, max_batch=max_batch)
         self.run: _RunState | None = None
         self.status = HolderStatus(lifetime_bits_max=policy.max_bits)
 
@@ -221,24 +252,6 @@ class DataHolder:
             model_fingerprint=self.fingerprint,
             policy_summary=policy_summary(self.policy),
         )
-
-    def _check_offline(self) -> None:
-        """What needs no coordinator: the model, the data against the fitness, the pins."""
-        policy = self.policy
-        if self.fingerprint != policy.expected_model_fingerprint:
-            raise ConfigError(
-                f"the local model's fingerprint {self.fingerprint[:19]}... is not the policy's "
-                f"expected_model_fingerprint {policy.expected_model_fingerprint[:19]}..."
-            )
-        fitness = build_fitness(policy.fitness, self.loaded.tokenizer)
-        fitness.prepare(self.records, max_batch=self._max_batch)  # DataError names the record
-        for index, pinned in enumerate(policy.parametrizations):
-            try:
-                parametrization = build_parametrization(pinned)
-                parametrization.attach(self.loaded.model)
-                parametrization.detach()
-            except SottovoceError as exc:
-                raise ConfigError(f"policy parametrizations[{index}]: {exc}") from None
 
     # -- runs ------------------------------------------------------------------------------
     def accept_run(self, spec: RunSpec) -> None:

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from sottovoce.client.dataset_identity import open_dataset_ledger
-from sottovoce.client.holder import DataHolder
+from sottovoce.client.holder import DataHolder, check_offline
 from sottovoce.client.ledger import Ledger
 from sottovoce.client.policy import HolderPolicy, load_policy
 from sottovoce.common.config import RunConfig, parse_config, read_toml
@@ -121,6 +121,8 @@ def open_holder(
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)
 
     preloaded = [load()]  # an unknown model fails here, before a ledger is made
+    with examples_named(lambda index: f"{data_path} line {lines[index]}"):
+        check_offline(records, policy, preloaded[0], max_batch=max_batch)  # before a ledger
 
     def load_once() -> LoadedModel:
         return preloaded.pop() if preloaded else load()
@@ -128,17 +130,17 @@ def open_holder(
     ledger = _dataset_ledger(policy, records, data_path)
     log.info("data set %s: ledger %s", ledger.dataset_id[:12], ledger.path)
     try:
-        with examples_named(lambda index: f"{data_path} line {lines[index]}"):
-            return DataHolder(
-                holder_id,
-                records,
-                policy,
-                ledger,
-                load_once,
-                compute_dtype=torch_dtype(dtype),
-                max_batch=max_batch,
-                status_path=status_path,
-            )
+        return DataHolder(
+            holder_id,
+            records,
+            policy,
+            ledger,
+            load_once,
+            compute_dtype=torch_dtype(dtype),
+            max_batch=max_batch,
+            status_path=status_path,
+            checked_offline=True,
+        )
     except BaseException:
         ledger.close()
         raise

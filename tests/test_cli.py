@@ -153,8 +153,7 @@ BAD_INPUTS: dict[str, BadInput] = {
     "label out of range": BadInput(
         label_out_of_range,
         ("holder.jsonl line 5: field 'label' must be an integer index",),
-        opens_ledger=True,  # the data is checked against the model's tokenizer, after it
-    ),
+    ),  # checked against the model's tokenizer before the ledger is made: no file at all
     "wrong type": BadInput(wrong_type, ("run.toml: run.max_rounds: ", "(got 'x')")),
     "missing policy": BadInput(missing_policy, ("absent-policy.toml: policy file not found",)),
     "malformed policy": BadInput(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from sottovoce.client.ledger import Ledger
 from sottovoce.client.private_answers import SecureRandomness
 from sottovoce.client.refusal_log import read_refusals, refusal_log_path
 from sottovoce.common.bounds import accepted_rounds_bits
-from sottovoce.common.errors import PolicyViolation, RefusalCode
+from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.protocol.messages import Candidate, RunFinished, RunSpec, Task
@@ -381,7 +382,7 @@ def test_finish_with_a_forged_head_applies_nothing(tmp_path: Path) -> None:
 
 def test_a_bad_label_is_named_by_its_file_line_before_any_dial(tmp_path: Path) -> None:
     """Data errors found when the holder is made give the file's 1-based line, as the
-    reader's own errors do (a blank line is skipped but counted)."""
+    reader's own errors do (a blank line is skipped but counted), and leave no ledger."""
     from helpers import write_policy
 
     from sottovoce.api import open_holder
@@ -396,3 +397,39 @@ def test_a_bad_label_is_named_by_its_file_line_before_any_dial(tmp_path: Path) -
     )
     with pytest.raises(DataError, match=rf"^{data} line 3: field 'label' must be an integer"):
         open_holder(data, policy, holder_id="h", model_name="tiny-llama")
+    assert not (tmp_path / "ledger").exists()
+
+
+OFFLINE_REFUSALS = {
+    "model fingerprint": (
+        {"expected_model_fingerprint": "sha256:" + "0" * 64},
+        "is not the policy's expected_model_fingerprint",
+    ),
+    "too few examples": ({"min_examples": 500}, "declares min_examples 500"),
+    "delta too large": ({"delta": 0.25, "max_epsilon": 6.0}, "policy delta 0.25 must be < 1/n"),
+    "parametrization": (
+        {"parametrizations": [{"kind": "scale", "patterns": ["no.such.weight"]}]},
+        "policy parametrizations[0]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFLINE_REFUSALS))
+def test_a_misconfigured_holder_fails_before_it_makes_a_ledger(tmp_path: Path, case: str) -> None:
+    """Issue 18: everything checkable offline is checked before the ledger (or its key,
+    its record index, its lock) is created, so a misconfigured holder leaves no file."""
+    from helpers import write_policy, write_records
+
+    from sottovoce.api import open_holder
+
+    overrides, message = OFFLINE_REFUSALS[case]
+    data = write_records(tmp_path / "data.jsonl", 24)
+    policy = write_policy(tmp_path / "policy.toml", tmp_path / "ledger", **overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        open_holder(data, policy, holder_id="h", model_name="tiny-llama")
+    assert not (tmp_path / "ledger").exists()
+    # the same inputs, fixed, do make the ledger (the check above can fail)
+    write_policy(tmp_path / "policy.toml", tmp_path / "ledger")
+    holder = open_holder(data, policy, holder_id="h", model_name="tiny-llama")
+    holder.ledger.close()
+    assert any((tmp_path / "ledger").glob("*.ledger.jsonl"))
