@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every process the tests start (servers, holders, simulations) runs torch on one thread:
+# make test runs one worker per core, and more threads than cores spin instead of working.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

@@ -152,6 +152,9 @@ def run_config_data(**overrides: Any) -> dict[str, Any]:
         "evaluation": {"mode": "minibatch", "batch_size": 16},
         "fitness": {"prompt_template": TEMPLATE, "label_words": list(LABEL_WORDS)},
         "server": {"min_holders": 2, "quorum": 2, "round_timeout_s": 60.0},
+        # One thread: make test runs a worker per core, and two threads a worker on a
+        # two-core machine cost ~1.6x the CPU for the same work (OpenMP threads spinning).
+        "simulate": {"eval_threads": 1},
     }
     return merged(base, overrides)
 
