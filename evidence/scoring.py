@@ -11,7 +11,7 @@ Without a shared prefix (``split`` None) every model runs full forwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -60,7 +60,15 @@ class SharedPrefixScorer:
         self.split = split
         self.max_batch = max_batch
         self.forward_passes = 0
+        # Called after every forward pass (a progress display: a base model's first
+        # measurement on a real model is minutes of them).
+        self.on_forward: Callable[[], None] | None = None
         self._sets: dict[str, ExampleSet] = {}
+
+    def _counted(self) -> None:
+        self.forward_passes += 1
+        if self.on_forward is not None:
+            self.on_forward()
 
     def add(self, name: str, records: Sequence[Record]) -> None:
         """Prepare ``records`` under ``name`` and run the shared prefix on them once."""
@@ -76,9 +84,11 @@ class SharedPrefixScorer:
         if self.split is None:
             return None
         entry = self._entry(decoder_layout(self.base))
+        prefixes = []
         with torch.no_grad():
-            prefixes = [capture_prefix(self.base, entry, batch) for batch in batches]
-        self.forward_passes += len(batches)
+            for batch in batches:
+                prefixes.append(capture_prefix(self.base, entry, batch))
+                self._counted()
         return prefixes
 
     def add_subset(self, name: str, of: str, batch_indices: Sequence[int]) -> None:
@@ -120,7 +130,7 @@ class SharedPrefixScorer:
 
     def logits(self, model: nn.Module, batch: PreparedBatch, prefix: Prefix | None) -> torch.Tensor:
         """``model``'s logits at the positions the fitness reads, from the prefix if given."""
-        self.forward_passes += 1
+        self._counted()
         if prefix is None or self.split is None:
             return cast(torch.Tensor, model(**batch.model_inputs()).logits)
         parts = decoder_layout(model)
@@ -134,7 +144,7 @@ class SharedPrefixScorer:
 
         From the prefix if given; otherwise the decoder runs in full (without the head).
         """
-        self.forward_passes += 1
+        self._counted()
         parts = decoder_layout(model)
         if prefix is not None and self.split is not None:
             return suffix_hidden(parts, self.split, prefix, batch.logits_to_keep)

@@ -8,6 +8,8 @@ base and trained model differ only above it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -44,13 +46,19 @@ class HeldOut:
         return correct
 
     def quality_meter(
-        self, heldout: list[Record], ood: dict[str, list[Record]]
+        self,
+        heldout: list[Record],
+        ood: dict[str, list[Record]],
+        on_forward: Callable[[], None] | None = None,
     ) -> tuple[DriftMeter, TextWindows]:
         """Measure the base (the model at x = 0) on the held-out split, the out-of-domain sets
-        and the general text, keeping the prefix the run's model shares with it."""
+        and the general text, keeping the prefix the run's model shares with it.
+
+        ``on_forward`` is called after each forward pass (the progress display)."""
         model = self.evaluator.model
         split = suffix_start(model, self.parametrization.touched_modules())
         scorer = SharedPrefixScorer(model, self.evaluator.fitness, split)
+        scorer.on_forward = on_forward
         scorer.add(HELDOUT, heldout)
         for name, records in ood.items():
             scorer.add(name, records)

@@ -36,6 +36,7 @@ from sottovoce.common.models import load_model
 from sottovoce.common.quality import ood_records, quality_section
 from sottovoce.federation import Federation, prepare_federation
 from sottovoce.heldout import HELDOUT, HeldOut
+from sottovoce.progress import counted_phase
 from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.export import export_run
 from sottovoce.server.grpc_service import serve
@@ -232,8 +233,9 @@ def simulate(
         f"held-out split: {len(federation.test)} examples, sha256 {federation.test_hash[:16]}"
     )
     ood = ood_records()
-    console.print("measuring the base model: held-out, out-of-domain, general text ...")
-    meter, windows = held_out.quality_meter(federation.test, ood)
+    label = "measuring the base model (held-out, out-of-domain, general text)"
+    with counted_phase(console, label, "forward passes") as advance:
+        meter, windows = held_out.quality_meter(federation.test, ood, on_forward=advance)
     before = meter.base.correct[HELDOUT]
     console.print(f"accuracy before: {before.mean():.4f}")
 

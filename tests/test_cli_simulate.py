@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert "accuracy before" in stdout + stderr
     # Not on a terminal: plain progress lines, not a live bar's escape codes.
     assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
+    # The base's measurement says how far it got (here it is short: only its closing line).
+    assert re.search(r"measuring the base model .*: [1-9]\d* forward passes, done in", stderr)
 
     # The holders' own ledgers agree with the coordinator. Simulated holders of the
     # bundled data keep them in the run, nothing in the home folder.
