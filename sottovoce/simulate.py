@@ -98,7 +98,8 @@ def run_rounds(
     accepted = [0]
     # Not a terminal (a log file, CI): no live bar, a plain line every 10 s and at the end.
     plain = not console.is_terminal
-    started, last_line = time.monotonic(), [0.0]
+    started = time.monotonic()
+    last_line = [started]
     progress = Progress(
         TextColumn("[bold]round {task.completed:>4.0f}/{task.total:.0f}"),
         BarColumn(bar_width=16),
@@ -136,6 +137,16 @@ def run_rounds(
     )
     with progress:
         while not coordinator.wait_finished(timeout_s=2.0):
+            now = time.monotonic()
+            if plain and now - last_line[0] >= 10.0:  # no round closed for 10 s: say so
+                last_line[0] = now
+                done = len(coordinator.state.rounds)
+                console.print(
+                    f"round {done}/{config.run.max_rounds}  waiting: "
+                    f"{len(coordinator.active_holders)} of {len(federation.holder_dirs)} "
+                    f"holders joined  ({now - started:.0f} s)",
+                    soft_wrap=True,
+                )
             for index, process in enumerate(processes):
                 if process.poll() not in (None, 0):
                     tail = _tail(federation.holder_dirs[index] / "holder.log")
