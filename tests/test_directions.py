@@ -16,6 +16,7 @@ from sottovoce.common.directions import (
     direction_digest,
     hash_words,
     rademacher,
+    rademacher_many,
 )
 from sottovoce.common.steplog import as_float32
 
@@ -107,6 +108,32 @@ def test_values_are_exactly_plus_minus_one_in_every_dtype() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.int8):
         z = rademacher(5, 1, 4099, dtype=dtype)
         assert z.dtype == dtype and torch.equal(z.to(torch.float32), reference)
+
+
+def test_many_streams_at_once_give_each_stream_its_own_bits() -> None:
+    """The vectorized form hashes all streams' words in one pass: each result must equal its
+    own rademacher call (odd lengths, word boundaries, empty, extreme seeds and indices)."""
+    streams = [
+        (0, 0, 1),
+        (2**64 - 1, 2**64 - 1, 33),
+        (7, 3, 0),
+        (7, 3, 4099),
+        (7, 4, 32),
+        (8, 4, 64),
+        (123456789, 2, 1536),
+        (123456789, 3, 31),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        many = rademacher_many(streams, dtype=dtype)
+        assert len(many) == len(streams)
+        for got, (seed, index, numel) in zip(many, streams, strict=True):
+            assert got.dtype == dtype and got.shape == (numel,)
+            assert torch.equal(got, rademacher(seed, index, numel, dtype=dtype)), (seed, index)
+    assert rademacher_many([]) == []
+    with pytest.raises(ValueError):
+        rademacher_many([(1, 0, -1)])
+    with pytest.raises(ValueError):
+        rademacher_many([(2**64, 0, 10)])
 
 
 def test_rejects_bad_seed_and_sizes() -> None:

@@ -26,6 +26,7 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.drift import DriftTracker
+from sottovoce.common.parametrizations.lowrank import add_group_terms, low_rank_factors
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step, as_float32
@@ -35,6 +36,11 @@ LOWRANK = ParametrizationSpec(
     kind="lowrank", rank=1, patterns=("model.layers.*.mlp.*", "model.layers.1.self_attn.*")
 )
 LOWRANK_2 = ParametrizationSpec(kind="lowrank", rank=2, last_k_blocks=1)
+# every Linear of every block (the throughput bench's setting): 14 matrices on the tiny model
+LOWRANK_ALL = ParametrizationSpec(kind="lowrank", rank=1, patterns=("model.layers.*_proj.weight",))
+LOWRANK_ALL_4 = ParametrizationSpec(
+    kind="lowrank", rank=4, patterns=("model.layers.*_proj.weight",)
+)
 LORA = ParametrizationSpec(
     kind="lora",
     rank=1,
@@ -44,7 +50,11 @@ STEPS = [Step(seed=11, coefficient=0.25), Step(seed=12, coefficient=as_float32(-
 CANDIDATES = [Candidate(seed=100 + i, scale=as_float32(0.5 * (-1) ** i)) for i in range(4)]
 
 
-@pytest.mark.parametrize("spec", [LOWRANK, LOWRANK_2, LORA], ids=["lowrank", "lowrank-r2", "lora"])
+@pytest.mark.parametrize(
+    "spec",
+    [LOWRANK, LOWRANK_2, LOWRANK_ALL, LOWRANK_ALL_4, LORA],
+    ids=["lowrank", "lowrank-r2", "lowrank-all", "lowrank-all-r4", "lora"],
+)
 def test_the_population_in_one_batch_scores_as_one_at_a_time(spec: ParametrizationSpec) -> None:
     """Batched low-rank terms (W x + a (b^T x)) give the scores of each candidate evaluated
     alone (allclose; lowrank's one-at-a-time form merges the weights exactly), in one
@@ -74,6 +84,59 @@ def test_the_population_in_one_batch_scores_as_one_at_a_time(spec: Parametrizati
     assert max(np.abs(a - incumbent_a).max() for a in per_a) > 1e-3  # the candidates differ
     after = loaded.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # restored exactly
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_the_population_generates_each_candidates_own_factors(rank: int) -> None:
+    """The population draws every candidate's factors of every matrix in one vectorized
+    pass: each group's A must be exactly its candidate's A times s / r, its B exactly B, as
+    low_rank_factors (the one-at-a-time definition) draws them; the incumbent's are zero."""
+    loaded = load_model(TINY)
+    spec = ParametrizationSpec(kind="lowrank", rank=rank, patterns=("model.layers.*_proj.weight",))
+    parametrization = build_parametrization(spec)
+    parametrization.attach(loaded.model)
+    models: list[Candidate | None] = [None, *CANDIDATES]
+    factors = parametrization._population_factors(models)  # type: ignore[attr-defined]
+    tensors = parametrization.tensors  # type: ignore[attr-defined]
+    assert len(factors) == len(tensors) == 14
+    for tensor, (a_stack, b_stack) in zip(tensors, factors, strict=True):
+        rows, columns = tensor.param.shape
+        assert a_stack.shape == (5, rows, rank) and b_stack.shape == (5, columns, rank)
+        assert not a_stack[0].any() and not b_stack[0].any()
+        for group, candidate in enumerate(CANDIDATES, 1):
+            a, b = low_rank_factors(candidate.seed, tensor.index, (rows, columns), rank, "cpu")
+            assert torch.equal(a_stack[group], a * (as_float32(candidate.scale) / rank))
+            assert torch.equal(b_stack[group], b)
+
+
+def test_group_terms_in_place_and_out_of_place_agree() -> None:
+    """The hook adds each group's term into the Linear's output in place (baddbmm_); an
+    output it cannot write in place (another dtype, not contiguous) gets the same sum out of
+    place. Both equal the explicit per-group sum."""
+    generator = torch.Generator().manual_seed(3)
+    groups, rows, n, m, rank = 3, 5, 7, 6, 2
+    inputs = torch.randn(groups * rows, n, generator=generator)
+    right = torch.randn(groups, n, rank, generator=generator)
+    left_t = torch.randn(groups, rank, m, generator=generator)
+    output = torch.randn(groups * rows, m, generator=generator)
+    expected = torch.cat(
+        [
+            output[g * rows : (g + 1) * rows]
+            + inputs[g * rows : (g + 1) * rows] @ right[g] @ left_t[g]
+            for g in range(groups)
+        ]
+    )
+    in_place = output.clone()
+    result = add_group_terms(inputs, in_place, right, left_t)
+    assert result.data_ptr() == in_place.data_ptr()  # written into the output, no new tensor
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    strided = output.t().contiguous().t()  # same values, not contiguous
+    out_of_place = add_group_terms(inputs, strided, right, left_t)
+    assert out_of_place.data_ptr() != strided.data_ptr()
+    torch.testing.assert_close(out_of_place, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(strided, output)  # left as it was
+    with pytest.raises(ValueError):
+        add_group_terms(inputs[:-1], output[:-1], right, left_t)
 
 
 def test_lowrank_replay_is_its_definition_bit_for_bit() -> None:

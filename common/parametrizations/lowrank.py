@@ -19,9 +19,14 @@ candidate (``perturbed``) computes with exactly these bits, restored from a back
 **The population in one batch** (:meth:`population`): each selected Linear gets a forward
 hook that adds, to each group g of rows, ``(s_g / r) (x B_g) A_g^T``: the base matmul
 ``W x`` runs once over every group's rows, and each candidate's low-rank term costs
-``O((m + n) r)`` a row. This is not bit-equal to the merged weights ``(W + s A B^T / r) x``
-(other rounding and summation order): in float32 the scores agree with one-at-a-time
-evaluation to about 1e-6 relative (``tests/test_population.py`` asserts ``allclose`` with
+``O((m + n) r)`` a row: one thin batched matmul ``x_g B_g`` and one ``baddbmm_`` that adds
+``(x_g B_g) A_g^T`` into the Linear's own output in place (no temporary of the output's
+size, no second pass to add it). Every candidate's factors of every matrix are drawn once
+per population in one vectorized pass (``rademacher_many``: the same bits as
+:func:`low_rank_factors`), not per matrix per candidate.
+This is not bit-equal to the merged weights ``(W + s A B^T / r) x`` (other rounding and
+summation order): in float32 the scores agree with one-at-a-time evaluation to about 1e-6
+relative (``tests/test_population.py`` asserts ``allclose`` with
 rtol 1e-4, atol 1e-5 on the tiny model), and the log and export never use the batched form.
 """
 
@@ -34,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sottovoce.common.directions import add_float32_, rademacher
+from sottovoce.common.directions import add_float32_, rademacher, rademacher_many
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.parametrizations.base import MAX_RANK, ParametrizationSpec
 from sottovoce.common.parametrizations.select import (
@@ -136,10 +141,10 @@ class LowRankParametrization(InPlaceParametrization):
     @contextmanager
     def _population(self, models: list[Candidate | None]) -> Iterator[None]:
         handles = []
-        for tensor in self._tensors:
-            a_stack, b_stack = self._group_factors(tensor, models)
+        factors = self._population_factors(models)
+        for tensor, (a_stack, b_stack) in zip(self._tensors, factors, strict=True):
+            hook = _GroupLowRankHook(a_stack, b_stack)
             for _, module, _ in tensor.owners:
-                hook = _GroupLowRankHook(a_stack, b_stack)
                 handles.append(module.register_forward_hook(hook))
         self._busy = True
         try:
@@ -149,48 +154,86 @@ class LowRankParametrization(InPlaceParametrization):
                 handle.remove()
             self._busy = False
 
-    def _group_factors(
-        self, tensor: SelectedTensor, models: list[Candidate | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G, m, r)`` A factors scaled by ``s_g / r`` and ``(G, n, r)`` B factors."""
-        rows, columns = _shape(tensor)
-        rank, device = self.spec.rank, tensor.param.device
-        a_stack = torch.zeros(len(models), rows, rank, dtype=torch.float32, device=device)
-        b_stack = torch.zeros(len(models), columns, rank, dtype=torch.float32, device=device)
-        for group, model in enumerate(models):
-            if model is None:
-                continue  # the incumbent: no term (zeros)
-            a, b = low_rank_factors(model.seed, tensor.index, (rows, columns), rank, device)
-            a_stack[group] = a * (as_float32(model.scale) / rank)
-            b_stack[group] = b
-        dtype = tensor.param.dtype
-        return a_stack.to(dtype), b_stack.to(dtype)
+    def _population_factors(
+        self, models: list[Candidate | None]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per selected matrix, ``(G, m, r)`` A factors scaled by ``s_g / r`` and ``(G, n, r)``
+        B factors (zeros for the incumbent, None), generated once for the whole population:
+        every candidate's factors of every matrix in one vectorized pass
+        (:func:`rademacher_many`, the same bits as :func:`low_rank_factors`)."""
+        rank, count = self.spec.rank, len(models)
+        streams: dict[torch.device, list[tuple[int, int, int]]] = {}
+        for tensor in self._tensors:
+            rows, columns = _shape(tensor)
+            for model in models:
+                if model is not None:
+                    streams.setdefault(tensor.param.device, []).extend(
+                        [
+                            (model.seed, 2 * tensor.index, rows * rank),
+                            (model.seed, 2 * tensor.index + 1, columns * rank),
+                        ]
+                    )
+        signs = {
+            device: iter(rademacher_many(device_streams, device=device))
+            for device, device_streams in streams.items()
+        }
+        factors = []
+        for tensor in self._tensors:
+            rows, columns = _shape(tensor)
+            device = tensor.param.device
+            a_parts, b_parts = [], []
+            for model in models:
+                if model is None:  # the incumbent: no term (zeros)
+                    a_parts.append(torch.zeros(rows * rank, dtype=torch.float32, device=device))
+                    b_parts.append(torch.zeros(columns * rank, dtype=torch.float32, device=device))
+                else:
+                    a_parts.append(next(signs[device]))
+                    b_parts.append(next(signs[device]))
+            coefficients = torch.tensor(
+                [0.0 if model is None else as_float32(model.scale) / rank for model in models],
+                dtype=torch.float32,
+                device=device,
+            )  # s / r: exact (r is a power of two), so each entry of A is exactly +-s/r
+            a_stack = torch.stack(a_parts).view(count, rows, rank).mul_(coefficients.view(-1, 1, 1))
+            b_stack = torch.stack(b_parts).view(count, columns, rank)
+            dtype = tensor.param.dtype
+            factors.append((a_stack.to(dtype), b_stack.to(dtype)))
+        return factors
 
 
 class _GroupLowRankHook:
     """Adds ``(x_g B_g) A_g^T`` to each group g of a Linear's output rows."""
 
     def __init__(self, a_stack: torch.Tensor, b_stack: torch.Tensor):
-        self.a_stack = a_stack
+        self.left_t = a_stack.transpose(1, 2)  # (G, r, m)
         self.b_stack = b_stack
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return add_group_terms(args[0], output, self.b_stack, self.a_stack)
+        return add_group_terms(args[0], output, self.b_stack, self.left_t)
 
 
 def add_group_terms(
-    inputs: torch.Tensor, output: torch.Tensor, right: torch.Tensor, left: torch.Tensor
+    inputs: torch.Tensor, output: torch.Tensor, right: torch.Tensor, left_t: torch.Tensor
 ) -> torch.Tensor:
-    """``output`` plus ``(x_g right_g) left_g^T`` for each of the G row groups.
+    """``output`` plus ``(x_g right_g) left_t_g`` for each of the G row groups.
 
     ``inputs`` is ``(G*B, ..., n)``, ``output`` ``(G*B, ..., m)``, ``right`` ``(G, n, r)``
-    and ``left`` ``(G, m, r)``. Two small batched matmuls; the base matmul is not redone.
+    and ``left_t`` ``(G, r, m)``. One thin batched matmul projects each group's rows to r
+    values; one ``baddbmm_`` adds their products with ``left_t`` into ``output`` in place
+    (the Linear's own fresh result: one pass over it, no temporary of its size). The base
+    matmul is not redone. An output of another dtype or layout gets the term out of place.
     """
     groups = right.shape[0]
     if inputs.shape[0] % groups:
         raise ValueError(f"{inputs.shape[0]} rows do not split into {groups} groups")
-    grouped = inputs.reshape(groups, -1, inputs.shape[-1]).to(right.dtype)
-    term = torch.bmm(torch.bmm(grouped, right), left.transpose(1, 2))
+    grouped = inputs.reshape(groups, -1, inputs.shape[-1])
+    if grouped.dtype != right.dtype:
+        grouped = grouped.to(right.dtype)
+    projected = torch.bmm(grouped, right)  # (G, rows per group, r)
+    if output.dtype == left_t.dtype and output.is_contiguous():
+        output.view(groups, -1, output.shape[-1]).baddbmm_(projected, left_t)
+        return output
+    term = torch.bmm(projected, left_t)
     return output + term.reshape(output.shape).to(output.dtype)
 
 
