@@ -11,13 +11,24 @@ text, and one JSON line is printed per setting:
     before/after (McNemar p), perplexity ratio to the base, KL(base || tuned) on the dev
     prompts (nats), bits heard, accepted steps, the log-scales' range, seconds.
 
-Nothing here reads the test split. Every setting moves only the final norm, so the holders'
+Nothing here reads the test split. Most settings move only the final norm, so the holders'
 head-input caches apply: each holder's cache is filled once, by the same evaluator code on
 the same batches as its own first round (the cached tensor is the input of the final norm
-at each prompt's last position), and handed to that holder's evaluator in every setting.
-`--check` runs the first setting once more without that hand-over and says whether the
-logs are identical. DPZero settings draw secret Poisson batches and noise, so they vary
-from run to run; BBoxER settings on full splits are deterministic.
+at each prompt's last position), and handed to that holder's evaluator in every such
+setting. `--check` runs the first setting once more without that hand-over and says
+whether the logs are identical.
+
+The block-level settings (the last decoder block's two norms, a low-rank move of its
+``down_proj``) cannot use that cache: the final norm's input changes with every step. The
+holders' evaluators reuse prefixes across tasks instead (``cache_prefixes``, on for every
+full-split run): each batch runs blocks 0-28 once, in the first round, and every later
+round runs only block 29, the final norm and the label rows of the head, for the
+incumbent and each candidate. The measuring side does the same: a second
+:class:`DriftMeter` whose shared prefix stops before block 29 (built only when such a
+setting is chosen). Each row gives the first round's seconds and the mean of the later
+rounds' (all holders together, in this one process). DPZero settings draw secret Poisson
+batches and noise, so they vary from run to run; BBoxER settings on full splits are
+deterministic.
 
     python bench/sweep_drift.py                       # every setting
     python bench/sweep_drift.py --only demo small-steps-0.01
@@ -30,6 +41,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import tempfile
 import time
 import tomllib
@@ -60,6 +72,12 @@ from sottovoce.server.strategies.low_norm import LowNormES
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "run.toml"
 DPZERO = Path(__file__).resolve().parent.parent / "examples" / "dpzero.toml"
 NORM = ["model.norm.weight"]
+LAST_BLOCK = 29  # SmolLM2-135M has 30 decoder blocks
+LAST_BLOCK_NORMS = [
+    f"model.layers.{LAST_BLOCK}.input_layernorm.weight",
+    f"model.layers.{LAST_BLOCK}.post_attention_layernorm.weight",
+]
+LAST_DOWN_PROJ = [f"model.layers.{LAST_BLOCK}.mlp.down_proj.weight"]
 
 
 @dataclass(frozen=True)
@@ -216,6 +234,33 @@ SETTINGS = [
         mirrored=True,
         kl=(10.0, 64),
     ),
+    # Decoder-block settings, at the demo's 10 rounds (reduced rounds: see the README).
+    es(
+        "last block's 2 norms (1152 log-scales), mirrored 8, step 0.002, 10 rounds",
+        0.002,
+        lam=8,
+        rounds=10,
+        mirrored=True,
+        parametrization={"kind": "scale", "granularity": "channel", "patterns": LAST_BLOCK_NORMS},
+    ),
+    # ||dW||_F = c sqrt(576 x 1536 / 4) = 470 c: c = 0.001 moves 0.27 % of the matrix's
+    # norm (172) a step, about the demo's 0.2 % per log-scale
+    es(
+        "last block's down_proj, lowrank rank 4, mirrored 8, step 0.001, 10 rounds",
+        0.001,
+        lam=8,
+        rounds=10,
+        mirrored=True,
+        parametrization={"kind": "lowrank", "rank": 4, "patterns": LAST_DOWN_PROJ},
+    ),
+    es(
+        "last block's down_proj, lowrank rank 4, mirrored 8, step 0.002, 10 rounds",
+        0.002,
+        lam=8,
+        rounds=10,
+        mirrored=True,
+        parametrization={"kind": "lowrank", "rank": 4, "patterns": LAST_DOWN_PROJ},
+    ),
     dpzero("DPZero eps 6: example (lr 0.5, max coef 0.5)", 0.5, 0.5),
     dpzero("DPZero eps 6: lr 0.1, max coef 0.05", 0.1, 0.05),
     dpzero("DPZero eps 6: lr 0.05, max coef 0.02", 0.05, 0.02),
@@ -235,8 +280,26 @@ def config_of(setting: Setting) -> RunConfig:
     return parse_config(data, setting.name)
 
 
+class HeadCaches:
+    """Each holder's head-input cache (:func:`head_caches`), filled when first asked for:
+    a sweep of block-level settings alone never needs it."""
+
+    def __init__(self, base: LoadedModel, shards: list[list[Record]]):
+        self.base = base
+        self.shards = shards
+        self._caches: list[dict] | None = None
+
+    def get(self) -> list[dict]:
+        if self._caches is None:
+            started = time.time()
+            self._caches = head_caches(self.base, config_of(Setting("head caches")), self.shards)
+            print(json.dumps({"head_caches_seconds": round(time.time() - started, 1)}), flush=True)
+        return self._caches
+
+
 def head_caches(base: LoadedModel, config: RunConfig, shards: list[list[Record]]) -> list[dict]:
-    """Each holder's head-input cache, as its first full-split round would fill it."""
+    """Each holder's head-input cache, as its first full-split round would fill it
+    (``config``: the demo's, whose parametrization touches only the final norm)."""
     model = copy.deepcopy(base.model)
     parametrization = build_parametrization(config.parametrization)
     parametrization.attach(model)
@@ -251,15 +314,62 @@ def head_caches(base: LoadedModel, config: RunConfig, shards: list[list[Record]]
     return caches
 
 
+class Meters:
+    """One :class:`DriftMeter` per shared-prefix split, built when a setting first needs it.
+
+    The final norm's settings share the prefix up to the final norm; a setting that moves
+    block k needs a prefix that stops before block k (its base run again, once).
+    """
+
+    def __init__(self, base: LoadedModel, config: RunConfig, dev: list[Record]):
+        self.base = base
+        self.config = config
+        self.dev = dev
+        self._meters: dict[int | None, DriftMeter] = {}
+
+    def at(self, split: int | None) -> DriftMeter:
+        if split not in self._meters:
+            started = time.time()
+            model = copy.deepcopy(self.base.model)
+            fitness = build_fitness(self.config.fitness, self.base.tokenizer)
+            scorer = SharedPrefixScorer(model, fitness, split)
+            scorer.add("heldout", self.dev)
+            scorer.add("amazon", ood_records()["amazon"])
+            windows = text_windows(
+                self.base.tokenizer, max_positions=model.config.max_position_embeddings
+            )
+            meter = DriftMeter(scorer, model, prompt_sets=["heldout", "amazon"], windows=windows)
+            self._meters[split] = meter
+            info = {"meter_split": split, "meter_seconds": round(time.time() - started, 1)}
+            print(json.dumps({**info, **windows.describe()}), flush=True)
+        return self._meters[split]
+
+
+def timed_answers(holder: Any, seconds: list[float]) -> None:
+    """Wrap ``holder.answer`` so each call's wall seconds are appended to ``seconds``."""
+    answer = holder.answer
+
+    def timed(task: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return answer(task)
+        finally:
+            seconds.append(time.perf_counter() - started)
+            print(f"answer {len(seconds)}: {seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+
+    holder.answer = timed
+
+
 def run_setting(
     setting: Setting,
     base: LoadedModel,
     shards: list[list[Record]],
-    caches: list[dict] | None,
-    meter: DriftMeter,
+    caches: HeadCaches | None,
+    meters: Meters,
 ) -> tuple[dict[str, Any], str]:
     config = config_of(setting)
     started = time.time()
+    answer_seconds: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         holders = open_local_holders(
@@ -281,11 +391,16 @@ def run_setting(
                 pool=setting.low_norm_pool,
             )
         join_all(coordinator, holders)
-        if caches is not None:
-            for holder, cache in zip(holders, caches, strict=True):
-                assert holder.evaluator is not None
-                holder.evaluator._head_cache = dict(cache)
+        holder_splits = []
+        for index, holder in enumerate(holders):
+            assert holder.evaluator is not None
+            holder_splits.append(holder.evaluator.split)
+            # Only an evaluator that keeps a head-input cache (the final norm alone) gets one.
+            if caches is not None and holder.evaluator.head_inputs is not None:
+                holder.evaluator._head_cache = dict(caches.get()[index])
+            timed_answers(holder, answer_seconds)
         drive_locally(coordinator, holders)
+        forward_passes = [holder.evaluator.forward_passes for holder in holders]
         for holder in holders:
             holder.ledger.close()
         steps, bits = list(state.log), state.bits_total
@@ -296,10 +411,21 @@ def run_setting(
     parametrization.attach(model)
     for step in steps:
         parametrization.apply_step(step)
+    split = suffix_start(model, parametrization.touched_modules())
+    meter = meters.at(split)
     tuned = meter.measure(model)
     moved = _displacement(base.model, parametrization.export_state_dict())
     parametrization.detach()
     row = _row(setting, config, meter.base, tuned, bits, len(steps), moved, seconds)
+    per_round = [
+        sum(answer_seconds[r : r + len(holders)])
+        for r in range(0, len(answer_seconds), len(holders))
+    ]
+    row["holder_prefix_split"] = holder_splits[0]
+    row["holder_forward_passes"] = forward_passes
+    row["seconds_first_round"] = round(per_round[0], 1) if per_round else None
+    later = per_round[1:]
+    row["seconds_per_later_round"] = round(sum(later) / len(later), 2) if later else None
     for name, label in (("heldout", "dev"), ("amazon", "amazon")):
         labels = np.array([int(str(r["label"])) for r in meter.records(name)])
         for figures, when in ((meter.base, "before"), (tuned, "after")):
@@ -311,15 +437,23 @@ def run_setting(
 
 
 def _displacement(base: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """How far the final norm's weight moved, as factors tuned / base per channel."""
-    before = base.state_dict()["model.norm.weight"].double()
-    factor = state["model.norm.weight"].double() / before
-    log = factor.abs().log()
-    return {
-        "norm_factor_min": float(factor.min()),
-        "norm_factor_max": float(factor.max()),
-        "log_factor_rms": float(log.pow(2).mean().sqrt()),
-    }
+    """How far the moved weights went: factors tuned / base per channel for norm weights
+    (the final norm's, or a block's), and ||tuned - base|| / ||base|| for every moved tensor."""
+    before_state = base.state_dict()
+    moved = [n for n, t in state.items() if not torch.equal(before_state[n], t)]
+    if not moved:
+        return {"relative_change": 0.0}
+    before = torch.cat([before_state[n].double().flatten() for n in moved])
+    after = torch.cat([state[n].double().flatten() for n in moved])
+    result = {"relative_change": float((after - before).norm() / before.norm())}
+    if all(before_state[n].dim() == 1 for n in moved):
+        factor = after / before
+        log = factor.abs().log()
+        prefix = "norm" if moved == NORM else "block_norm"
+        result[f"{prefix}_factor_min"] = float(factor.min())
+        result[f"{prefix}_factor_max"] = float(factor.max())
+        result["log_factor_rms"] = float(log.pow(2).mean().sqrt())
+    return result
 
 
 def _row(
@@ -374,29 +508,18 @@ def main() -> None:
     print(
         f"setting: {demo.model.name} float32, {args.threads} threads, {len(shards)} holders x "
         f"{len(shards[0])} training sentences, dev {len(splits.dev)} (no test data), Amazon "
-        "1,000, general text; final norm only (head-input caches)",
+        "1,000, general text; head-input caches for the final norm's settings, prefix reuse "
+        "for the block-level ones",
         flush=True,
     )
-    started = time.time()
-    model = copy.deepcopy(base.model)
-    split = suffix_start(model, NORM)
-    scorer = SharedPrefixScorer(model, build_fitness(demo.fitness, base.tokenizer), split)
-    scorer.add("heldout", list(splits.dev))
-    ood = ood_records()
-    scorer.add("amazon", ood["amazon"])
-    windows = text_windows(base.tokenizer, max_positions=model.config.max_position_embeddings)
-    meter = DriftMeter(scorer, model, prompt_sets=["heldout", "amazon"], windows=windows)
-    caches = head_caches(base, demo, shards)
-    print(
-        json.dumps({"prepared_seconds": round(time.time() - started, 1), **windows.describe()}),
-        flush=True,
-    )
+    meters = Meters(base, demo, list(splits.dev))
+    caches = HeadCaches(base, shards)
     for setting in chosen:
-        row, _ = run_setting(setting, base, shards, caches, meter)
+        row, _ = run_setting(setting, base, shards, caches, meters)
         print(json.dumps(row), flush=True)
     if args.check:
-        _, again = run_setting(chosen[0], base, shards, None, meter)
-        _, cached = run_setting(chosen[0], base, shards, caches, meter)
+        _, again = run_setting(chosen[0], base, shards, None, meters)
+        _, cached = run_setting(chosen[0], base, shards, caches, meters)
         print(json.dumps({"check": chosen[0].name, "same_log_without_hand_over": again == cached}))
 
 

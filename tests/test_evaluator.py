@@ -109,3 +109,24 @@ def test_held_out_cache_scores_two_models_from_one_prefix() -> None:
     after, correct = ev.score_incumbent(RECORDS, cache)
     assert ev.forward_passes == passes  # only the suffix ran again, from the cached prefix
     assert not np.allclose(before, after) and correct.dtype == bool
+
+
+def test_prefix_cache_across_tasks_runs_the_prefix_once_and_changes_no_bit() -> None:
+    """A full-split run on the last block (``cache_prefixes``, as the holder sets it): later
+    tasks, after log steps, run only the suffix, and score exactly what fresh prefixes do."""
+    cached = evaluator(SPECS["last-block-scale"], cache_prefixes=True, cache_head_inputs=False)
+    fresh = evaluator(SPECS["last-block-scale"], cache_head_inputs=False)
+    assert cached.split == 1  # the tiny model has 2 blocks: block 0 is the shared prefix
+    candidates = [Candidate(seed=21, scale=0.5), Candidate(seed=21, scale=-0.5)]
+    cached.score(RECORDS, candidates)
+    first = cached.forward_passes
+    for seed in (31, 32):
+        for ev in (cached, fresh):
+            ev.apply_steps([Step(seed=seed, coefficient=0.25)])
+        inc_cached, cand_cached = cached.score(RECORDS, candidates)
+        inc_fresh, cand_fresh = fresh.score(RECORDS, candidates)
+        assert np.array_equal(inc_cached, inc_fresh)
+        for a, b in zip(cand_cached, cand_fresh, strict=True):
+            assert np.array_equal(a, b)
+    assert first > 0 and cached.forward_passes == first  # no prefix ran after the first task
+    assert fresh.forward_passes == 2 * first  # ... where the uncached one ran it each task

@@ -60,6 +60,30 @@ def test_the_dpzero_example_is_valid_and_calibrates() -> None:
     assert config.sampling_rate == config.evaluation.batch_size / 500
 
 
+def test_the_dev_chosen_dpzero_example_differs_from_the_example_only_where_it_says() -> None:
+    """examples/dpzero-whole.toml is sweep_drift's dev-chosen DPZero row (25 steps, lr 0.02,
+    max coefficient 0.002, noise for epsilon 6 over those 25 steps) and nothing else."""
+    base = load_config(ROOT / "examples/dpzero.toml").model_dump()
+    whole = load_config(ROOT / "examples/dpzero-whole.toml").model_dump()
+    changed = {
+        (section, key)
+        for section in base
+        for key in base[section]
+        if base[section][key] != whole[section][key]
+    }
+    assert changed == {
+        ("run", "name"),
+        ("run", "max_rounds"),
+        ("run", "bit_budget"),
+        ("dpzero", "learning_rate"),
+        ("dpzero", "max_coefficient"),
+    }
+    assert (whole["run"]["max_rounds"], whole["run"]["bit_budget"]) == (25, 96.0 * 25)
+    assert (whole["dpzero"]["learning_rate"], whole["dpzero"]["max_coefficient"]) == (0.02, 0.002)
+    spec = load_config(ROOT / "examples/dpzero-whole.toml").dp_spec()
+    assert spec.epsilon == 6.0 and spec.noise_multiplier > 0
+
+
 # -- the README's shell blocks, run as a newcomer would copy them ---------------------------
 # ```bash: run by this file's default test; ```bash slow: the demo, DPZero, evaluate and
 # Docker blocks, run in the repository by the slow test, in order (each may use the runs the
