@@ -261,7 +261,6 @@ def test_the_keep_margin_is_post_processing(tmp_path: Path) -> None:
     assert kept == pytest.approx(float(norm.cdf((8 - 11) / (8 * math.sqrt(2)))), abs=0.03)
 
 
-
 @pytest.mark.parametrize(
     ("counts", "lead", "choice"),
     [
@@ -298,6 +297,7 @@ def test_with_mirrored_votes_the_margin_still_filters(tmp_path: Path) -> None:
     counts = np.array([-20.0, 20.0, 20.0])
     released = sum(margined.noisy_choice(counts) != 0 for _ in range(2000)) / 2000
     assert released == pytest.approx(2 * float(norm.cdf(-8 / (8 * math.sqrt(2)))), abs=0.035)
+
 
 # -- the accountant against Opacus, fed from measurements -------------------------------------
 def test_ledger_epsilon_equals_opacus_from_measured_noise_and_sensitivity(tmp_path: Path) -> None:
