@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sottovoce.api import read_config
@@ -151,6 +152,7 @@ def head_cache(
         scorer.evaluator.score(missing[start : start + 100], [])  # fills the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, path)
+    scorer.parametrization.detach()
     print(
         f"head inputs: {len(records) - len(missing)} of {len(records)} records cached, the "
         f"rest computed in {time.time() - started:.0f} s",
@@ -225,6 +227,29 @@ class Drift:
         }
 
 
+def score_held_out(
+    config: RunConfig,
+    base: LoadedModel,
+    cache: dict[str, torch.Tensor],
+    held: list[Record],
+    steps: list[Step],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sentence scores and correctness of the base plus ``steps`` on ``held``.
+
+    HeldOut attaches its parametrization's hooks to the shared base module; they are taken
+    off again here, or every later row would be scored with this row's scales on top of
+    its own (the first version of this bench did that: rows after the first in one
+    invocation were scored as the sum of all rows so far).
+    """
+    scorer = HeldOut(config, base)
+    try:
+        scorer.evaluator.share_head_inputs(cache)
+        scorer.evaluator.apply_steps(steps)
+        return scorer.evaluator.score_incumbent(held, scorer.cache)
+    finally:
+        scorer.parametrization.detach()
+
+
 def run_row(
     config: RunConfig,
     row: Row,
@@ -233,6 +258,7 @@ def run_row(
     baseline: list[bool],
     cache: dict[str, torch.Tensor],
     base: LoadedModel,
+    zero_scores: np.ndarray,
     drift: Drift | None = None,
 ) -> dict[str, Any]:
     started = time.time()
@@ -249,12 +275,12 @@ def run_row(
             assert holder.evaluator is not None
             holder.evaluator.share_head_inputs(cache)
         drive_locally(coordinator, local)
-        trained = HeldOut(config, base)
-        trained.evaluator.share_head_inputs(cache)
-        trained.evaluator.apply_steps(list(state.log))
-        scores, correct = trained.evaluator.score_incumbent(held, trained.cache)
-        after = correct.tolist()
         steps = list(state.log)
+        scores, correct = score_held_out(config, base, cache, held, steps)
+        after = correct.tolist()
+        again, _ = score_held_out(config, base, cache, held, [])
+        if not np.array_equal(again, zero_scores):  # no row may leak into the next
+            raise SystemExit("the base no longer scores as zero-shot after a row")
         reports = [holder.local_report(state.bits_total) for holder in local]
         for holder in local:
             holder.ledger.close()
@@ -337,9 +363,7 @@ def main() -> None:
     base = load_model(config.model.name)
     drift = Drift(config, base) if args.drift else None
     cache = head_cache(args.cache, config, base, [*train, *held])
-    zero = HeldOut(config, base)
-    zero.evaluator.share_head_inputs(cache)
-    zero_scores, zero_correct = zero.evaluator.score_incumbent(held, zero.cache)
+    zero_scores, zero_correct = score_held_out(config, base, cache, held, [])
     baseline = zero_correct.tolist()
     accuracy, low, high = accuracy_interval(baseline)
     emit(
@@ -355,7 +379,15 @@ def main() -> None:
         randomized = row[0] != "plain" and not (row[0] == "cv" and row[1].get("noise") == 0)
         for _ in range(args.repeats if randomized else 1):
             result = run_row(
-                row_config(base_data, row, args), row, shards, held, baseline, cache, base, drift
+                row_config(base_data, row, args),
+                row,
+                shards,
+                held,
+                baseline,
+                cache,
+                base,
+                zero_scores,
+                drift,
             )
             emit(args.out, result)
 
