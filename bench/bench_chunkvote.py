@@ -30,10 +30,13 @@ once (cached under ``--cache`` across rows and invocations) and shared by every 
 holders and by the held-out scoring; a round then costs a norm and two output rows per
 example and candidate. Choose K and noise with ``--split dev``; report with ``--split test``.
 
-    python bench/bench_chunkvote.py --config examples/chunkvote-rich.toml --split dev \\
-        --rows plain cv:eps=6,K=32,lam=1 cv:eps=6,K=64,lam=1
-    python bench/bench_chunkvote.py --config examples/chunkvote-rich.toml --split test \\
-        --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,lam=1 cv:eps=6,K=64,lam=1 \\
+    python bench/bench_chunkvote.py --config examples/chunkvote-demo-data.toml --split dev \\
+        --repeats 2 --rows plain cv:eps=6,K=64,m=1
+    python bench/bench_chunkvote.py --config examples/chunkvote-demo-data.toml --split test \\
+        --drift --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,m=1 cv:eps=6,K=64,m=1 \\
+        dpzero:eps=2 dpzero:eps=6
+    python bench/bench_chunkvote.py --config examples/chunkvote-data-rich.toml --split test \\
+        --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,m=1 cv:eps=6,K=64,m=1 \\
         dpzero:eps=2 dpzero:eps=6
 """
 
