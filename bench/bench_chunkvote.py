@@ -15,40 +15,58 @@ Rows (``--rows``, each ``name[:key=value,...]``):
 * ``cv:eps=E,K=64,lam=1,m=1``: chunk votes, noise calibrated the same way (``noise=S``
   states the std instead, ``noise=0`` is noiseless chunk voting), keep margin ``m`` noise
   stds;
-* ``dpzero:eps=E``: DPZero at the same ε with its own step count and batches
-  (``--dpzero-*``), for reference.
+* ``dpzero:eps=E``: DPZero at the same ε with its own step count, batches, learning rate
+  and coefficient cap (``--dpzero-*``; the defaults are issue 11's dev choice, the one
+  DPZero setting on dev that keeps the model whole: 25 steps, lr 0.02, |coefficient| at
+  most 0.002), for reference.
+
+``--drift`` also measures every row's model as ``sottovoce evaluate`` does
+(:class:`~sottovoce.evidence.drift.DriftMeter`, as ``bench/sweep_drift.py``): accuracy on
+the 1,000 Amazon sentences, the perplexity ratio to the base on the bundled general text
+and the mean KL(base || model) on the held-out prompts.
 
 Speed: the setting touches only the final norm, so every record's input to it is computed
 once (cached under ``--cache`` across rows and invocations) and shared by every row's
 holders and by the held-out scoring; a round then costs a norm and two output rows per
 example and candidate. Choose K and noise with ``--split dev``; report with ``--split test``.
 
-    python bench/bench_chunkvote.py --config examples/chunkvote-rich.toml --split dev \\
-        --rows plain cv:eps=6,K=32,lam=1 cv:eps=6,K=64,lam=1
-    python bench/bench_chunkvote.py --config examples/chunkvote-rich.toml --split test \\
-        --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,lam=1 cv:eps=6,K=64,lam=1 \\
+    python bench/bench_chunkvote.py --config examples/chunkvote-demo-data.toml --split dev \\
+        --repeats 2 --rows plain cv:eps=6,K=64,m=1
+    python bench/bench_chunkvote.py --config examples/chunkvote-demo-data.toml --split test \\
+        --drift --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,m=1 cv:eps=6,K=64,m=1 \\
+        dpzero:eps=2 dpzero:eps=6
+    python bench/bench_chunkvote.py --config examples/chunkvote-data-rich.toml --split test \\
+        --rows plain rr:eps=2 rr:eps=6 cv:eps=2,K=64,m=1 cv:eps=6,K=64,m=1 \\
         dpzero:eps=2 dpzero:eps=6
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sottovoce.api import read_config
-from sottovoce.client.evaluator import record_key
+from sottovoce.client.evaluator import record_key, suffix_start
 from sottovoce.client.holder import DataHolder
 from sottovoce.common.accounting import calibrate_randomized_response, calibrate_vote_noise
 from sottovoce.common.config import RunConfig, parse_config, read_toml
 from sottovoce.common.data import Record, shard
+from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import LoadedModel, load_model
+from sottovoce.common.parametrizations.registry import build_parametrization
+from sottovoce.common.quality import ood_records, text_windows
 from sottovoce.common.stats import accuracy_interval, mcnemar_pvalue
+from sottovoce.common.steplog import Step
+from sottovoce.evidence.drift import DriftMeter
+from sottovoce.evidence.scoring import SharedPrefixScorer
 from sottovoce.federation import bundled_split
 from sottovoce.heldout import HeldOut
 from sottovoce.local import drive_locally, join_all, open_local_holders
@@ -107,6 +125,7 @@ def row_config(base: dict[str, Any], row: Row, args: argparse.Namespace) -> RunC
             "smoothing": args.dpzero_smoothing,
             "clip": 1.0,
             "aggregate": "mean",
+            "max_coefficient": args.dpzero_max_coefficient,
         }
         privacy.update(epsilon=options["eps"], examples_per_holder=smallest)
         optimizer = {}
@@ -136,6 +155,7 @@ def head_cache(
         scorer.evaluator.score(missing[start : start + 100], [])  # fills the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, path)
+    scorer.parametrization.detach()
     print(
         f"head inputs: {len(records) - len(missing)} of {len(records)} records cached, the "
         f"rest computed in {time.time() - started:.0f} s",
@@ -157,6 +177,82 @@ def share_cache_at_join(holder: DataHolder, cache: dict[str, torch.Tensor]) -> N
     setattr(holder, "_take_divergence_reference", shared_then_take)  # noqa: B010
 
 
+class Drift:
+    """Amazon accuracy, perplexity ratio and KL of a row's model against the base.
+
+    The base's prefix (every block before the final norm) runs once on the 1,000 Amazon
+    sentences ``sottovoce evaluate`` uses and on the general text; a row's model is then
+    measured by its suffix alone (:class:`~sottovoce.evidence.drift.DriftMeter`).
+    """
+
+    def __init__(self, config: RunConfig, base: LoadedModel):
+        started = time.time()
+        self.config = config
+        self.model = copy.deepcopy(base.model)  # no parametrization attached: the base
+        parametrization = build_parametrization(config.parametrization)
+        parametrization.attach(self.model)
+        split = suffix_start(self.model, parametrization.touched_modules())
+        parametrization.detach()
+        scorer = SharedPrefixScorer(
+            self.model, build_fitness(config.fitness, base.tokenizer), split
+        )
+        scorer.add("amazon", ood_records()["amazon"])
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        windows = text_windows(base.tokenizer, max_positions=positions)
+        self.meter = DriftMeter(scorer, self.model, prompt_sets=["amazon"], windows=windows)
+        print(
+            f"drift meter: Amazon {len(scorer.records('amazon'))} sentences, "
+            f"{windows.scored_tokens} general-text tokens, prepared in "
+            f"{time.time() - started:.0f} s",
+            flush=True,
+        )
+
+    def measure(self, steps: list[Step]) -> dict[str, Any]:
+        model = copy.deepcopy(self.model)
+        parametrization = build_parametrization(self.config.parametrization)
+        parametrization.attach(model)
+        for step in steps:
+            parametrization.apply_step(step)
+        tuned = self.meter.measure(model)
+        parametrization.detach()
+        base = self.meter.base
+        before, after = base.correct["amazon"].tolist(), tuned.correct["amazon"].tolist()
+        accuracy, low, high = accuracy_interval(after)
+        test = mcnemar_pvalue(before, after)
+        assert base.perplexity is not None and tuned.perplexity is not None
+        return {
+            "amazon_before": round(float(sum(before) / len(before)), 4),
+            "amazon_accuracy": round(accuracy, 4),
+            "amazon_ci95": [round(low, 4), round(high, 4)],
+            "amazon_mcnemar_p": test.p_value,
+            "perplexity_ratio": float(f"{tuned.perplexity.value / base.perplexity.value:.4g}"),
+            "kl_amazon_nats": float(f"{tuned.kl['amazon']:.4g}"),
+        }
+
+
+def score_held_out(
+    config: RunConfig,
+    base: LoadedModel,
+    cache: dict[str, torch.Tensor],
+    held: list[Record],
+    steps: list[Step],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sentence scores and correctness of the base plus ``steps`` on ``held``.
+
+    HeldOut attaches its parametrization's hooks to the shared base module; they are taken
+    off again here, or every later row would be scored with this row's scales on top of
+    its own (the first version of this bench did that: rows after the first in one
+    invocation were scored as the sum of all rows so far).
+    """
+    scorer = HeldOut(config, base)
+    try:
+        scorer.evaluator.share_head_inputs(cache)
+        scorer.evaluator.apply_steps(steps)
+        return scorer.evaluator.score_incumbent(held, scorer.cache)
+    finally:
+        scorer.parametrization.detach()
+
+
 def run_row(
     config: RunConfig,
     row: Row,
@@ -165,6 +261,8 @@ def run_row(
     baseline: list[bool],
     cache: dict[str, torch.Tensor],
     base: LoadedModel,
+    zero_scores: np.ndarray,
+    drift: Drift | None = None,
 ) -> dict[str, Any]:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,11 +278,12 @@ def run_row(
             assert holder.evaluator is not None
             holder.evaluator.share_head_inputs(cache)
         drive_locally(coordinator, local)
-        trained = HeldOut(config, base)
-        trained.evaluator.share_head_inputs(cache)
-        trained.evaluator.apply_steps(list(state.log))
-        scores, correct = trained.evaluator.score_incumbent(held, trained.cache)
+        steps = list(state.log)
+        scores, correct = score_held_out(config, base, cache, held, steps)
         after = correct.tolist()
+        again, _ = score_held_out(config, base, cache, held, [])
+        if not np.array_equal(again, zero_scores):  # no row may leak into the next
+            raise SystemExit("the base no longer scores as zero-shot after a row")
         reports = [holder.local_report(state.bits_total) for holder in local]
         for holder in local:
             holder.ledger.close()
@@ -192,6 +291,7 @@ def run_row(
     test = mcnemar_pvalue(baseline, after)
     spec = coordinator.spec
     epsilons = [r.get("epsilon_this_run") for r in reports]
+    figures = drift.measure(steps) if drift is not None else {}
     return {
         "row": row[0] + (":" + ",".join(f"{k}={v:g}" for k, v in row[1].items()) if row[1] else ""),
         "mechanism": spec.mechanism,
@@ -213,6 +313,7 @@ def run_row(
         "steps_taken": state.log.version,
         "bits_heard": round(state.bits_total, 1),
         "train_risk_per_holder": [round(r["train_risk"], 4) for r in reports],
+        **figures,
         "seconds": round(time.time() - started, 1),
     }
 
@@ -231,10 +332,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each randomized row")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-cache/head-inputs.pt"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dpzero-steps", type=int, default=1000)
+    parser.add_argument("--dpzero-steps", type=int, default=25)
     parser.add_argument("--dpzero-batch", type=int, default=64)
-    parser.add_argument("--dpzero-learning-rate", type=float, default=0.5)
+    parser.add_argument("--dpzero-learning-rate", type=float, default=0.02)
     parser.add_argument("--dpzero-smoothing", type=float, default=0.01)
+    parser.add_argument("--dpzero-max-coefficient", type=float, default=0.002)
+    parser.add_argument(
+        "--drift",
+        action="store_true",
+        help="also Amazon accuracy, perplexity ratio and KL of every row's model",
+    )
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -257,10 +364,9 @@ def main() -> None:
         flush=True,
     )
     base = load_model(config.model.name)
+    drift = Drift(config, base) if args.drift else None
     cache = head_cache(args.cache, config, base, [*train, *held])
-    zero = HeldOut(config, base)
-    zero.evaluator.share_head_inputs(cache)
-    zero_scores, zero_correct = zero.evaluator.score_incumbent(held, zero.cache)
+    zero_scores, zero_correct = score_held_out(config, base, cache, held, [])
     baseline = zero_correct.tolist()
     accuracy, low, high = accuracy_interval(baseline)
     emit(
@@ -276,7 +382,15 @@ def main() -> None:
         randomized = row[0] != "plain" and not (row[0] == "cv" and row[1].get("noise") == 0)
         for _ in range(args.repeats if randomized else 1):
             result = run_row(
-                row_config(base_data, row, args), row, shards, held, baseline, cache, base
+                row_config(base_data, row, args),
+                row,
+                shards,
+                held,
+                baseline,
+                cache,
+                base,
+                zero_scores,
+                drift,
             )
             emit(args.out, result)
 

@@ -177,8 +177,10 @@ class ChunkVote(Mechanism):
     record, none more); each chunk then sums its records' scores per model and votes for
     the candidate with the largest sum if it beats the incumbent's sum, else for keeping
     the incumbent (ties: the lowest index, then "keep"; an empty chunk votes "keep"). The
-    holder adds N(0, vote_noise^2) to each count of the K votes, then ``keep_margin`` to the
-    keep count (post-processing), and releases the arg-max.
+    holder adds N(0, vote_noise^2) to each count of the K votes and releases the arg-max if
+    it leads every other noisy count by more than ``keep_margin``, else "keep"
+    (post-processing of the noisy counts; with lambda = 1 this is ``keep_margin`` votes
+    added to "keep").
 
     One record added or removed changes its own chunk's vote only: the histogram moves by
     at most (-1, +1) in two bins, L2 sensitivity sqrt(2), so an answer is the Gaussian event
@@ -243,9 +245,10 @@ class ChunkVote(Mechanism):
 
     def noisy_choice(self, counts: np.ndarray) -> int:
         """GNMax on the vote counts, noise from the holder's secure randomness, then the
-        keep margin (so noise alone seldom accepts a candidate)."""
+        keep margin: the winner must lead every other noisy count by it (so noise alone
+        seldom accepts a candidate)."""
         dp = self.spec.dp
-        return noisy_argmax(counts, dp.vote_noise, self.rng, first_margin=dp.keep_margin)
+        return noisy_argmax(counts, dp.vote_noise, self.rng, lead=dp.keep_margin)
 
 
 def chunk_votes(

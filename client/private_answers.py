@@ -116,19 +116,28 @@ def noisy_argmax(
     std: float,
     rng: SecureRandomness,
     *,
-    first_margin: float = 0.0,
+    lead: float = 0.0,
 ) -> int:
-    """GNMax: the index of the largest count after adding N(0, std^2) to each count.
+    """GNMax: the index of the largest count after adding N(0, std^2) to each count, or 0
+    ("keep the incumbent" in a choice histogram) unless that count beats every other noisy
+    count by more than ``lead``.
 
-    ``first_margin`` is added to the first noisy count ("keep the incumbent" in a choice
-    histogram) after the noise: a function of the noisy counts only, so it costs no
-    epsilon. Ties (only possible without noise, or at float resolution) go to the lowest
-    index, keep first: a fixed rule. With ``std`` = 0 this is the plain arg-max.
+    The lead is a function of the noisy counts only, so it costs no epsilon. With two
+    counts it is the same as adding ``lead`` to the first one; with more it also asks the
+    winner to beat the runner-up candidate by ``lead``: with mirrored candidates (+z, -z)
+    almost no chunk votes keep, so a lead over keep alone would let the noise pick among
+    candidates that no chunk clearly prefers. Ties (only possible without noise, or at float
+    resolution) go to the lowest index, keep first: a fixed rule. With ``std`` = 0 and
+    ``lead`` = 0 this is the plain arg-max.
     """
     noisy = noisy_counts(counts, std, rng)
-    if len(noisy):
-        noisy[0] += first_margin
-    return int(np.argmax(noisy))  # np.argmax returns the first of equal maxima
+    if not len(noisy):
+        return 0
+    winner = int(np.argmax(noisy))  # np.argmax returns the first of equal maxima
+    if winner == 0 or lead == 0:
+        return winner
+    runner_up = float(np.max(np.delete(noisy, winner)))
+    return winner if noisy[winner] - runner_up > lead else 0
 
 
 def noisy_counts(

@@ -125,8 +125,9 @@ class PrivacySection(_Section):
     ``randomized_response_epsilon`` makes each choice ε-DP; or ``chunks = K`` makes each
     choice the noisy arg-max of K secret chunks' votes, with ``vote_noise`` (the noise std
     on each vote count) given, or calibrated from ``epsilon`` over ``run.max_rounds``
-    answers at ``delta``; neither: non-private chunk votes. ``keep_margin``: votes added to
-    "keep the incumbent" after the noise (post-processing: free in ε), so that noise alone
+    answers at ``delta``; neither: non-private chunk votes. ``keep_margin``: the lead over
+    every other noisy count (keep's and every other candidate's) that a candidate needs to be
+    released, else "keep the incumbent" (post-processing: free in ε), so that noise alone
     rarely accepts a candidate.
     """
 

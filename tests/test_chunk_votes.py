@@ -33,7 +33,7 @@ from scipy.stats import norm
 from sottovoce.client.dataset_identity import chunk_assignment, holder_key, open_dataset_ledger
 from sottovoce.client.holder import DataHolder
 from sottovoce.client.mechanisms import ChunkVote, chunk_votes
-from sottovoce.client.private_answers import SecureRandomness
+from sottovoce.client.private_answers import SecureRandomness, noisy_argmax
 from sottovoce.common.accounting import (
     CHUNK_VOTE_SENSITIVITY,
     RDP_ORDERS,
@@ -259,6 +259,44 @@ def test_the_keep_margin_is_post_processing(tmp_path: Path) -> None:
     counts = np.array([0.0, 11.0])  # 11 chunks for the candidate, noise 8, margin 8
     kept = sum(margined.noisy_choice(counts) == 0 for _ in range(2000)) / 2000
     assert kept == pytest.approx(float(norm.cdf((8 - 11) / (8 * math.sqrt(2)))), abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("counts", "lead", "choice"),
+    [
+        ([0.0, 10.0, 9.0], 0.0, 1),  # no margin: the plain arg-max
+        ([0.0, 10.0, 9.0], 0.5, 1),  # leads the runner-up candidate by 1 > 0.5
+        ([0.0, 10.0, 9.0], 2.0, 0),  # ... but not by 2: keep, though far above keep's 0
+        ([3.0, 10.0, 0.0], 7.0, 0),  # a lead of exactly 7 over keep is not more than 7
+        ([3.0, 10.0, 0.0], 6.9, 1),
+        ([0.0, 5.0, 5.0], 0.0, 1),  # tie without a margin: the lowest index
+        ([0.0, 5.0, 5.0], 0.1, 0),  # tie with one: no candidate leads
+        ([9.0, 1.0], 0.0, 0),
+    ],
+)
+def test_the_keep_margin_is_a_lead_over_every_other_count(
+    counts: list[float], lead: float, choice: int
+) -> None:
+    """Without noise the rule is exact: the winner must beat keep and every other candidate."""
+    assert noisy_argmax(counts, 0.0, SecureRandomness(), lead=lead) == choice
+
+
+def test_with_mirrored_votes_the_margin_still_filters(tmp_path: Path) -> None:
+    """A +z / -z pair that splits the chunks evenly (no chunk keeps): noise alone must not
+    decide the step. Released iff |n1 - n2| > margin (keep, at -20 votes, never wins):
+    probability 2 Phi(-margin / (sigma sqrt 2)) = 0.48 at margin = sigma = 8; a margin over
+    keep alone would release a candidate every time."""
+    mechanism, _ = a_chunk_vote(tmp_path)
+    margined = ChunkVote(
+        dataclasses.replace(
+            mechanism.spec, dp=dataclasses.replace(mechanism.spec.dp, keep_margin=8.0)
+        ),
+        SecureRandomness(),
+        mechanism.record_key,
+    )
+    counts = np.array([-20.0, 20.0, 20.0])
+    released = sum(margined.noisy_choice(counts) != 0 for _ in range(2000)) / 2000
+    assert released == pytest.approx(2 * float(norm.cdf(-8 / (8 * math.sqrt(2)))), abs=0.035)
 
 
 # -- the accountant against Opacus, fed from measurements -------------------------------------

@@ -316,7 +316,7 @@ class DpSpec(_message.Message):
     vote_noise: _builtins.float
     """chunk votes: noise std on each vote count; 0 = non-private"""
     keep_margin: _builtins.float
-    """chunk votes: votes added to "keep" after the noise; >= 0"""
+    """chunk votes: lead over every other noisy count a candidate needs; >= 0"""
     def __init__(
         self,
         *,

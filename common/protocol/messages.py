@@ -162,9 +162,11 @@ class DpSpec:
     vote: the holder splits its records into K secret chunks (a keyed hash of each record),
     each chunk votes for its best choice, and the holder releases the arg-max of the vote
     histogram with Gaussian noise of standard deviation ``vote_noise`` (in votes) on every
-    count (GNMax); ``vote_noise = 0`` is non-private chunk voting. ``keep_margin`` votes are
-    added to "keep the incumbent" after the noise, so a candidate is accepted only when it
-    leads by that much: post-processing of the noisy histogram, free in epsilon.
+    count (GNMax); ``vote_noise = 0`` is non-private chunk voting. ``keep_margin``: after
+    the noise, the winning candidate must lead every other count (keep's and every other
+    candidate's) by more than this, else the answer is "keep the incumbent": post-processing
+    of the noisy histogram, free in epsilon (with one candidate: ``keep_margin`` votes added
+    to "keep").
 
     ``epsilon`` and ``delta`` are the run's target (what the coordinator calibrated
     ``noise_multiplier`` for); every holder accounts at its own policy's delta and refuses
