@@ -38,19 +38,15 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import tomli_w
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
-from sottovoce.client.ledger import PrivacyLimit
-from sottovoce.client.privacy_budget import declared_sampling_rate
-from sottovoce.common.accounting import DpEvent, answer_epsilon, answer_event
 from sottovoce.common.errors import ConfigError, PolicyViolation, RefusalCode
 from sottovoce.common.parametrizations.base import ParametrizationSpec
-from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 from sottovoce.common.protocol.answers import (
     ALGORITHM_ANSWER_KINDS,
     ANSWER_MECHANISMS,
@@ -79,6 +75,11 @@ from sottovoce.common.protocol.messages import (
 from sottovoce.common.protocol.seeds import SeedSchedule
 from sottovoce.common.steplog import Step
 from sottovoce.common.storage import canonical_json
+
+if TYPE_CHECKING:  # a policy loads without torch or dp-accounting: its errors come at once
+    from sottovoce.client.ledger import PrivacyLimit
+    from sottovoce.common.accounting import DpEvent
+    from sottovoce.common.parametrizations.drift import DriftTracker, PendingDrift
 
 _StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _StrictInt = Annotated[int, Field(strict=True)]
@@ -134,6 +135,8 @@ class HolderPolicy:
         """The ledger's (ε, δ) limit, or None when the policy sets no max_epsilon."""
         if self.max_epsilon is None or self.delta is None:
             return None
+        from sottovoce.client.ledger import PrivacyLimit
+
         return PrivacyLimit(self.max_epsilon, self.delta, self.require_dp)
 
     def __post_init__(self) -> None:
@@ -360,6 +363,9 @@ def check_run(policy: HolderPolicy, spec: RunSpec, local_fingerprint: str) -> No
             f"run's answers would be {spec.mechanism!r}; policy allows {allowed}"
             + (" (require_dp)" if policy.require_dp else "")
         )
+    from sottovoce.client.privacy_budget import declared_sampling_rate
+    from sottovoce.common.accounting import answer_event
+
     rate = declared_sampling_rate(spec.batch, policy.declared_examples)
     check_answer_epsilon(policy, answer_event(spec.dp, spec.answer_kind, 1, rate), "run")
 
@@ -373,6 +379,8 @@ def check_answer_epsilon(policy: HolderPolicy, event: DpEvent | None, who: str) 
     """
     if policy.max_answer_epsilon is None or event is None or policy.delta is None:
         return
+    from sottovoce.common.accounting import answer_epsilon
+
     epsilon = answer_epsilon(event, policy.delta)
     if epsilon > policy.max_answer_epsilon * (1 + 1e-9):
         raise PolicyViolation(

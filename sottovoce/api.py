@@ -106,16 +106,24 @@ def open_holder(
     status_path: Path | None = None,
     cache_dir: Path | None = None,
     max_batch: int = 32,
+    loaded_inputs: tuple[HolderPolicy, list[Record], list[int]] | None = None,
 ) -> DataHolder:
     """A data holder over one data file, bound to its policy and its lifetime ledger.
 
     Everything checkable offline (the model, the data against the pinned fitness, the
     pinned parametrizations) is checked here, before any coordinator is dialled.
+    ``loaded_inputs``: the policy and the numbered records the caller already read from
+    these two files (the CLI reads them before importing torch, to fail fast).
     """
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype: must be one of {list(DTYPE_NAMES)} (got {dtype!r})")
-    policy = load_policy(policy_path)
-    records, lines = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
+    if loaded_inputs is None:
+        policy = load_policy(policy_path)
+        records, lines = load_numbered_records(
+            data_path, required_fields=policy.fitness.record_fields
+        )
+    else:
+        policy, records, lines = loaded_inputs
 
     def load() -> LoadedModel:
         return load_model(model_name, dtype="float32", cache_dir=cache_dir)

@@ -245,6 +245,15 @@ def client(
     metrics_address: str | None,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
+    from sottovoce.client.policy import load_policy
+    from sottovoce.common.data import load_numbered_records
+
+    # The transport, the policy and the data file first: their errors in well under a
+    # second, before torch, transformers and gRPC are imported (seconds).
+    tls = _transport_security(address, certs, holder_id, insecure, server_name)
+    policy = load_policy(policy_path)
+    records = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
+
     import torch
 
     from sottovoce.api import open_holder
@@ -253,7 +262,6 @@ def client(
 
     if threads:
         torch.set_num_threads(threads)
-    tls = _transport_security(address, certs, holder_id, insecure, server_name)
     holder = open_holder(
         data_path,
         policy_path,
@@ -261,6 +269,7 @@ def client(
         model_name=model_name,
         dtype=dtype,
         status_path=status_path,
+        loaded_inputs=(policy, *records),
     )
     click.echo(
         f"{holder_id}: lifetime ledger {holder.ledger.path} ({holder.ledger.spent_bits:.1f} of "

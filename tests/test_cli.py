@@ -252,10 +252,10 @@ def test_version_short_help_and_simulate_help() -> None:
 
 
 def test_help_and_config_checks_import_nothing_heavy() -> None:
-    """No torch, transformers, gRPC or scipy for --help or a config check (seconds each to
-    import): both answer in well under a second."""
-    heavy = "{'torch', 'transformers', 'grpc', 'scipy'}"
-    for module in ("sottovoce.cli", "sottovoce.common.config"):
+    """No torch, transformers, gRPC, scipy or dp-accounting for --help, a run config's check
+    or a holder's policy check (seconds each to import): they answer in well under a second."""
+    heavy = "{'torch', 'transformers', 'grpc', 'scipy', 'dp_accounting'}"
+    for module in ("sottovoce.cli", "sottovoce.common.config", "sottovoce.client.policy"):
         probe = f"import sys, {module}; print(sorted({heavy} & set(sys.modules)))"
         out = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True
