@@ -65,4 +65,5 @@ class HeldOut:
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         windows = text_windows(self.tokenizer, max_positions=positions)
         meter = DriftMeter(scorer, model, prompt_sets=[HELDOUT, *ood], windows=windows)
+        scorer.on_forward = None  # the base's phase is over; later measures are not in it
         return meter, windows

@@ -33,7 +33,11 @@ def counted_phase(
     )
     task = progress.add_task(label, total=None)
 
+    closed = [False]
+
     def advance() -> None:
+        if closed[0]:  # called after the phase ended (a hook left attached): not this phase
+            return
         done[0] += 1
         progress.update(task, completed=done[0])
         now = time.monotonic()
@@ -43,6 +47,7 @@ def counted_phase(
 
     with progress:
         yield advance
+    closed[0] = True
     if plain:
         elapsed = time.monotonic() - started
         console.print(f"{label}: {done[0]} {unit}, done in {elapsed:.0f} s", soft_wrap=True)

@@ -142,7 +142,7 @@ def run_rounds(
                 last_line[0] = now
                 done = len(coordinator.state.rounds)
                 console.print(
-                    f"round {done}/{config.run.max_rounds}  waiting: "
+                    f"round {done}/{config.run.max_rounds}  waiting for round {done + 1}: "
                     f"{len(coordinator.active_holders)} of {len(federation.holder_dirs)} "
                     f"holders joined  ({now - started:.0f} s)",
                     soft_wrap=True,

@@ -90,6 +90,8 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert "round 4/4  bits 8/100" in stderr and "\x1b[" not in stderr
     # The base's measurement says how far it got (here it is short: only its closing line).
     assert re.search(r"measuring the base model .*: [1-9]\d* forward passes, done in", stderr)
+    after_phase = stderr.split("forward passes, done in", 1)[1]
+    assert "measuring the base model" not in after_phase  # the tuned model's is not counted in it
 
     # The holders' own ledgers agree with the coordinator. Simulated holders of the
     # bundled data keep them in the run, nothing in the home folder.

@@ -38,6 +38,15 @@ def test_a_long_interval_prints_only_the_closing_line() -> None:
     assert line.startswith("measuring: 1 passes, done in ")
 
 
+def test_counting_after_the_phase_prints_nothing() -> None:
+    console, out = log_console()
+    with counted_phase(console, "measuring", "passes", every_s=0.0) as advance:
+        advance()
+    before = out.getvalue()
+    advance()  # a hook left attached to a later measurement
+    assert out.getvalue() == before
+
+
 def test_the_scorer_reports_every_forward_pass() -> None:
     """The progress count is the scorer's own forward-pass count, prefixes included."""
     loaded = load_model(TINY)
