@@ -228,6 +228,14 @@ def server(
     default=None,
     help="Serve this holder's own metrics on a loopback HOST:PORT (off unless given).",
 )
+@click.option(
+    "--connect-timeout",
+    "connect_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the coordinator to answer at start before giving up.",
+)
 @user_errors
 def client(
     address: str,
@@ -243,6 +251,7 @@ def client(
     server_name: str | None,
     insecure: bool,
     metrics_address: str | None,
+    connect_timeout_s: float,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
     from sottovoce.client.policy import load_policy
@@ -282,7 +291,9 @@ def client(
         port = serve_holder_metrics(holder, metrics_address)
         click.echo(f"{holder_id}: local metrics on port {port} (this machine only)", err=True)
     traffic = WireTraffic()
-    finished = run_holder(holder, address, tls=tls, traffic=traffic)
+    finished = run_holder(
+        holder, address, tls=tls, traffic=traffic, connect_timeout_s=connect_timeout_s
+    )
     if report_path is not None and holder.spec is not None:
         report = holder.local_report(finished.bits_spent_total)
         report["cost"].update(dataclasses.asdict(traffic))

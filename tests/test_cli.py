@@ -43,7 +43,7 @@ def holder_inputs(folder: Path) -> tuple[Path, Path]:
 def client_argv(data: Path, policy: Path) -> list[str]:
     return [
         "client", "--server", UNREACHABLE, "--data", str(data), "--policy", str(policy),
-        "--holder-id", "h", "--model", TINY, "--insecure",
+        "--holder-id", "h", "--model", TINY, "--insecure", "--connect-timeout", "2",
     ]  # fmt: skip
 
 

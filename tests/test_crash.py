@@ -157,7 +157,7 @@ def test_kill_9_a_holder_mid_run_and_restart_it(tmp_path: Path) -> None:
         run={"max_rounds": ROUNDS, "bit_budget": 1000.0},
         # Never evicted while it is down: the rounds keep waiting for it, so it comes back
         # before the run is over (eviction and rejoining: test_hostile_holders.py).
-        server={"min_holders": 2, "quorum": 1, "round_timeout_s": 3.0, "max_missed_rounds": ROUNDS},
+        server={"min_holders": 2, "quorum": 1, "round_timeout_s": 1.5, "max_missed_rounds": ROUNDS},
     )
     coordinator = open_coordinator(config, tmp_path / "run", model_fingerprint=tiny_fingerprint())
     running = serve(coordinator, "127.0.0.1:0")
