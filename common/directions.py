@@ -124,13 +124,23 @@ def hash_words(
         length = min(count - done, (1 << 32) - counter)
         k1, k2 = stream_key(domain, seed, tensor_index, block)
         h = torch.arange(counter, counter + length, dtype=torch.int64, device=device)
-        h += k1
-        h &= MASK32
-        _fmix32_(h)
-        h ^= k2
-        pieces.append(_fmix32_(h))
+        pieces.append(_mix_(h, k1, k2))
         done += length
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _mix_(h: torch.Tensor, k1: int | torch.Tensor, k2: int | torch.Tensor) -> torch.Tensor:
+    """The words of word counters ``h`` under a stream key ``(k1, k2)``, in place.
+
+    The keys are one stream's (ints) or one per counter (int64 tensors, for many streams at
+    once): the one definition of a word, so every way of drawing directions agrees bit
+    for bit.
+    """
+    h += k1
+    h &= MASK32
+    _fmix32_(h)
+    h ^= k2
+    return _fmix32_(h)
 
 
 # -- expanding words into signs ------------------------------------------------------------
@@ -244,16 +254,14 @@ def rademacher_many(
     starts = torch.cumsum(counts, 0) - counts
     total = int(counts.sum())
     # the counter of each word within its own stream (block 0: every counter < 2**32)
-    h = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, counts)
-    h += torch.repeat_interleave(torch.tensor([k for k, _ in keys], dtype=torch.int64), counts)
-    h &= MASK32
-    h = h.to(device)
-    _fmix32_(h)
-    h ^= torch.repeat_interleave(torch.tensor([k for _, k in keys], dtype=torch.int64), counts).to(
-        device
-    )
-    _fmix32_(h)
-    signs = expand_signs(h).to(dtype)
+    counters = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, counts)
+    h = counters.to(device)
+
+    def per_word(key: int) -> torch.Tensor:  # each stream's key half, on each of its words
+        values = torch.tensor([pair[key] for pair in keys], dtype=torch.int64)
+        return torch.repeat_interleave(values, counts).to(device)
+
+    signs = expand_signs(_mix_(h, per_word(0), per_word(1))).to(dtype)
     return [
         signs[BITS_PER_WORD * start : BITS_PER_WORD * start + numel]
         for start, (_, _, numel) in zip(starts.tolist(), streams, strict=True)
