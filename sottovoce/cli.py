@@ -261,7 +261,7 @@ def client(
     # second, before torch, transformers and gRPC are imported (seconds).
     tls = _transport_security(address, certs, holder_id, insecure, server_name)
     policy = load_policy(policy_path)
-    records = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
+    records, lines = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
 
     import torch
 
@@ -278,7 +278,7 @@ def client(
         model_name=model_name,
         dtype=dtype,
         status_path=status_path,
-        loaded_inputs=(policy, *records),
+        loaded_inputs=(policy, records, lines),
     )
     click.echo(
         f"{holder_id}: lifetime ledger {holder.ledger.path} ({holder.ledger.spent_bits:.1f} of "
