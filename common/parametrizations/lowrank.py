@@ -74,13 +74,23 @@ def linear_weights(kind: str, model: nn.Module, spec: ParametrizationSpec) -> li
     return tensors
 
 
+def factor_streams(
+    seed: int, index: int, shape: tuple[int, int], rank: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The direction streams ``(seed, tensor_index, numel)`` of matrix ``index``'s A and B:
+    A is stream ``2 index``, B stream ``2 index + 1`` (one layout for every caller)."""
+    rows, columns = shape
+    return (seed, 2 * index, rows * rank), (seed, 2 * index + 1, columns * rank)
+
+
 def low_rank_factors(
     seed: int, index: int, shape: tuple[int, int], rank: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of ``z = A B^T / r`` for matrix ``index`` of ``shape`` (+-1, float32)."""
     rows, columns = shape
-    a = rademacher(seed, 2 * index, rows * rank, device=device).view(rows, rank)
-    b = rademacher(seed, 2 * index + 1, columns * rank, device=device).view(columns, rank)
+    a_stream, b_stream = factor_streams(seed, index, shape, rank)
+    a = rademacher(*a_stream, device=device).view(rows, rank)
+    b = rademacher(*b_stream, device=device).view(columns, rank)
     return a, b
 
 
@@ -164,14 +174,10 @@ class LowRankParametrization(InPlaceParametrization):
         rank, count = self.spec.rank, len(models)
         streams: dict[torch.device, list[tuple[int, int, int]]] = {}
         for tensor in self._tensors:
-            rows, columns = _shape(tensor)
             for model in models:
                 if model is not None:
                     streams.setdefault(tensor.param.device, []).extend(
-                        [
-                            (model.seed, 2 * tensor.index, rows * rank),
-                            (model.seed, 2 * tensor.index + 1, columns * rank),
-                        ]
+                        factor_streams(model.seed, tensor.index, _shape(tensor), rank)
                     )
         signs = {
             device: iter(rademacher_many(device_streams, device=device))
