@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,13 @@ def run_rounds(
     )
     bar = progress.add_task("rounds", total=config.run.max_rounds, bits="", info="")
 
+    def plain_line(text: Callable[[], str], *, force: bool = False) -> None:
+        """In a log: ``text()`` and the elapsed time, at most every 10 s unless ``force``."""
+        now = time.monotonic()
+        if plain and (force or now - last_line[0] >= 10.0):
+            last_line[0] = now
+            console.print(f"{text()}  ({now - started:.0f} s)", soft_wrap=True)
+
     def on_round(record: RoundRecord, state: RunState) -> None:
         accepted[0] += record.step is not None
         score = mean_holder_score(federation)
@@ -119,16 +127,17 @@ def run_rounds(
             f"  incumbent {score:.3f}" if score is not None else ""
         )
         progress.update(bar, completed=record.round_index + 1, bits=bits, info=info)
-        now = time.monotonic()
-        if plain and (
-            now - last_line[0] >= 10.0 or record.round_index + 1 >= config.run.max_rounds
-        ):
-            last_line[0] = now
-            console.print(
-                f"round {record.round_index + 1}/{config.run.max_rounds}  {bits}  {info}  "
-                f"({now - started:.0f} s)",
-                soft_wrap=True,
-            )
+        plain_line(
+            lambda: f"round {record.round_index + 1}/{config.run.max_rounds}  {bits}  {info}",
+            force=record.round_index + 1 >= config.run.max_rounds,
+        )
+
+    def waiting() -> str:
+        done = len(coordinator.state.rounds)
+        return (
+            f"round {done}/{config.run.max_rounds}  waiting for round {done + 1}: "
+            f"{len(coordinator.active_holders)} of {len(federation.holder_dirs)} holders joined"
+        )
 
     coordinator.add_listener(on_round)
     console.print(
@@ -137,16 +146,7 @@ def run_rounds(
     )
     with progress:
         while not coordinator.wait_finished(timeout_s=2.0):
-            now = time.monotonic()
-            if plain and now - last_line[0] >= 10.0:  # no round closed for 10 s: say so
-                last_line[0] = now
-                done = len(coordinator.state.rounds)
-                console.print(
-                    f"round {done}/{config.run.max_rounds}  waiting for round {done + 1}: "
-                    f"{len(coordinator.active_holders)} of {len(federation.holder_dirs)} "
-                    f"holders joined  ({now - started:.0f} s)",
-                    soft_wrap=True,
-                )
+            plain_line(waiting)  # no round closed for 10 s: say so
             for index, process in enumerate(processes):
                 if process.poll() not in (None, 0):
                     tail = _tail(federation.holder_dirs[index] / "holder.log")
