@@ -1,7 +1,10 @@
 """The data holder's side of the gRPC transport: dial out, join, then pull, answer, push.
 
 Holders dial out (enclaves often allow outbound connections only) and drive everything:
-the coordinator never calls them. The loop is resumable: every call has a deadline,
+the coordinator never calls them. PullTask and PushAnswer go as messages on one Session
+stream (:class:`_SessionStream`), each a request and its reply in turn, because a message
+costs the coordinator a small fraction of a call; a coordinator without Session is called
+unary, the same exchanges one call each. The loop is resumable: every exchange has a deadline,
 transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) are retried with
 capped exponential backoff for a bounded total time, PushAnswer is idempotent by task id
 so resending after a lost reply is safe, and a coordinator that restarted and forgot the
@@ -16,9 +19,10 @@ without touching data.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -67,7 +71,8 @@ class WireTraffic:
     """Protocol bytes this holder sent and received (serialized messages, without TLS framing).
 
     Filled in by :func:`run_holder` for the holder's own cost report: what a deployment
-    between organizations pays on the wire for a run.
+    between organizations pays on the wire for a run. ``calls`` counts exchanges (a unary
+    call, or a request and its reply on the Session stream).
     """
 
     calls: int = 0
@@ -166,6 +171,7 @@ class _HolderSession:
         self._retry = retry
         self._credentials: Credentials | None = None
         self._spec: RunSpec | None = None
+        self._stream: _SessionStream | None = _SessionStream(stub, stop)
 
     def run(self) -> RunFinished:
         try:
@@ -214,14 +220,19 @@ class _HolderSession:
                 )
             )
             timeout_s = self._poll_timeout_s + POLL_DEADLINE_MARGIN_S
-            return self._invoke(self._stub.PullTask, request, timeout_s)
+            if self._stream is None:
+                return self._invoke(self._stub.PullTask, request, timeout_s)
+            return wire.pulled(self._exchange(request, timeout_s))
 
         return wire.pull_task_reply_from_proto(self._call("PullTask", attempt, rejoin=True))
 
     def _push(self, answer: Answer) -> None:
         def attempt() -> pb.PushAnswerReply:
             call = PushAnswerCall(credentials=self._session(), answer=answer)
-            return self._invoke(self._stub.PushAnswer, wire.push_answer_request_to_proto(call))
+            request = wire.push_answer_request_to_proto(call)
+            if self._stream is None:
+                return self._invoke(self._stub.PushAnswer, request)
+            return wire.pushed(self._exchange(request, self._rpc_timeout_s))
 
         try:
             reply = self._call("PushAnswer", attempt, rejoin=True, refused_ok=True)
@@ -235,6 +246,8 @@ class _HolderSession:
 
     def _leave(self) -> None:
         """Tell the coordinator we go; best effort, since we may be leaving because it is gone."""
+        if self._stream is not None:
+            self._stream.close()
         if self._credentials is None:
             return
         request = wire.leave_request_to_proto(self._credentials)
@@ -315,6 +328,31 @@ class _HolderSession:
             self._count(request, reply)
             return reply
 
+    def _exchange(
+        self, request: pb.PullTaskRequest | pb.PushAnswerRequest, timeout_s: float
+    ) -> pb.SessionReply:
+        """One exchange on the Session stream; a coordinator that has no Session (an older
+        or a different server: UNIMPLEMENTED) is called unary from then on."""
+        assert self._stream is not None
+        message = wire.session_request(request)
+        try:
+            reply = self._stream.exchange(message, timeout_s)
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            logger.info("the coordinator has no Session stream; calling it unary")
+            self._stream.close()
+            self._stream = None
+            if isinstance(request, pb.PullTaskRequest):
+                return wire.session_reply(
+                    "PullTask", self._invoke(self._stub.PullTask, request, timeout_s)
+                )
+            return wire.session_reply(
+                "PushAnswer", self._invoke(self._stub.PushAnswer, request, timeout_s)
+            )
+        self._count(message, reply)
+        return reply
+
     def _count(self, request: object, reply: object) -> None:
         """Add one completed call's serialized sizes to the holder's traffic."""
         self._traffic.calls += 1
@@ -325,3 +363,107 @@ class _HolderSession:
 def _size(message: object) -> int:
     byte_size = getattr(message, "ByteSize", None)
     return int(byte_size()) if callable(byte_size) else 0
+
+
+class _SessionStream:
+    """The holder's Session stream: requests go in one at a time, each reply comes back
+    before the next request goes, as a unary call's would.
+
+    The stream is opened at the first exchange and again after it ends (a refusal ends it
+    with the call's status; a coordinator restart or a network fault breaks it). Its replies
+    are read on a thread of their own into a queue, so that an exchange can give up at its
+    deadline (DEADLINE_EXCEEDED, retried like a call's) or when the stop event is set,
+    which a blocking read cannot.
+    """
+
+    _CLOSED = object()
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub, stop: threading.Event):
+        self._stub = stub
+        self._stop = stop
+        self._requests: queue.SimpleQueue[object] | None = None
+        self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._call: grpc.CallIterator[pb.SessionReply] | None = None
+
+    def exchange(self, request: pb.SessionRequest, timeout_s: float) -> pb.SessionReply:
+        """Send ``request`` and return its reply; a failure raises ``grpc.RpcError`` (with
+        the stream's status) and closes the stream, so the next exchange opens a new one."""
+        if self._requests is None:
+            self._open()
+        assert self._requests is not None
+        self._requests.put(request)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = self._replies.get(timeout=_STOP_CHECK_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    self.close()
+                    raise _StopRequestedError from None
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise _StreamError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no reply on the Session stream within {timeout_s:g} s",
+                    ) from None
+                continue
+            if isinstance(item, pb.SessionReply):
+                return item
+            self.close()
+            if isinstance(item, grpc.RpcError):
+                raise item
+            raise _StreamError(
+                grpc.StatusCode.UNAVAILABLE, "the coordinator ended the Session stream"
+            )
+
+    def close(self) -> None:
+        """End the stream (if open): no more requests, and the call is cancelled."""
+        requests, call = self._requests, self._call
+        self._requests, self._call = None, None
+        if requests is not None:
+            requests.put(self._CLOSED)
+        if call is not None:
+            call.cancel()
+        self._replies = queue.SimpleQueue()  # what the old stream's reader puts is dropped
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        replies = self._replies
+
+        def outgoing() -> Iterator[pb.SessionRequest]:
+            while True:
+                item = requests.get()
+                if item is self._CLOSED:
+                    return
+                assert isinstance(item, pb.SessionRequest)
+                yield item
+
+        call = self._stub.Session(outgoing())
+
+        def read() -> None:
+            try:
+                for reply in call:
+                    replies.put(reply)
+            except grpc.RpcError as error:
+                replies.put(error)
+            else:
+                replies.put(self._CLOSED)
+
+        threading.Thread(target=read, name="sottovoce-session", daemon=True).start()
+        self._requests, self._call = requests, call
+
+
+class _StreamError(grpc.RpcError):
+    """A Session stream's failure seen on the holder's side (no reply by the deadline, or
+    the stream ended without one), raised as a call's error would be."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str):
+        super().__init__(detail)
+        self._code = code
+        self._detail = detail
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._detail

@@ -172,6 +172,7 @@ class CoordinatorServicer:
         self._joins = KeyedRateLimiter(limits.joins, clock=clock)
         self._rejected = KeyedRateLimiter(limits.calls, clock=clock)
         self._polls = ConcurrencyCap(limits.max_polls_per_holder)
+        self._streams = ConcurrencyCap(limits.max_polls_per_holder)
         self._deliveries = Deliveries()
         self._observer = observer
         self._executor: ThreadPoolExecutor | None = None
@@ -209,18 +210,29 @@ class CoordinatorServicer:
         """Parse ``data`` as ``method``'s request (INVALID_ARGUMENT, counted, if it is not
         one), then serve it as that method. What :func:`add_to_server` registers."""
         started = time.perf_counter()
-        request_type = _REQUEST_TYPES[method]
+        message = await self._serve(context, _parser(_REQUEST_TYPES[method]), data)
+        return await self._serve_call(method, message, context, started)
 
-        async def parse(_: bytes, __: Context) -> Message:
-            try:
-                return request_type.FromString(data)
-            except DecodeError:
-                raise _Rejected(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"invalid {request_type.DESCRIPTOR.name}: the bytes are not that message",
-                ) from None
+    async def handle_session(
+        self, requests: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[pb.SessionReply]:
+        """Serve a Session stream: each message is a PullTask or PushAnswer request, served
+        exactly as that call (the same checks, limits and journal waits, in the same order)
+        and answered before the next message is read. A refusal ends the stream with the
+        status the call would have had. A holder has at most ``max_polls_per_holder``
+        streams open (a stream waits in at most one poll at a time)."""
+        parse = _parser(pb.SessionRequest)
+        async with self._stream_slot(context):
+            async for data in requests:
+                started = time.perf_counter()
+                message = await self._serve(context, parse, data)
+                method, request = await self._serve(context, _session_call, message)
+                reply = await self._serve_call(method, request, context, started)
+                yield wire.session_reply(method, reply)
 
-        message = await self._serve(context, parse, data)
+    async def _serve_call(
+        self, method: str, message: Message, context: Context, started: float
+    ) -> Message:
         handler: Callable[[Message, Context], Awaitable[Message]] = getattr(self, method)
         reply = await handler(message, context)
         if self._observer is not None:
@@ -470,6 +482,28 @@ class CoordinatorServicer:
         finally:
             self._polls.release(holder_id)
 
+    @asynccontextmanager
+    async def _stream_slot(self, context: Context) -> AsyncIterator[None]:
+        """One of the caller's few Session streams for the block, or RESOURCE_EXHAUSTED
+        (counted against the caller, as any refusal). Keyed by the certificate under mutual
+        TLS, else by the connection, because a stream names no holder until its first
+        message."""
+        caller = _caller(context)
+
+        async def admit(_: None, __: Context) -> None:
+            if not self._streams.try_acquire(caller):
+                raise _Rejected(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"rate limit: {caller!r} already has {self._streams.limit} Session streams "
+                    "open; close one first",
+                )
+
+        await self._serve(context, admit, None)
+        try:
+            yield
+        finally:
+            self._streams.release(caller)
+
     def _authenticate(self, context: Context, credentials: Credentials) -> str:
         """The caller's holder id, once its identity and session token check out."""
         holder_id = credentials.holder_id
@@ -619,6 +653,11 @@ def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> Non
         )
 
     handlers = {method: handler(method) for method in _REQUEST_TYPES}
+    handlers["Session"] = grpc.stream_stream_rpc_method_handler(
+        servicer.handle_session,  # an async generator: grpc.aio streams what it yields
+        request_deserializer=None,
+        response_serializer=pb.SessionReply.SerializeToString,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
@@ -647,6 +686,28 @@ def _caller(context: Context) -> str:
     """Who is calling, known before its request is read: the certificate's common name
     under mutual TLS, else the peer's address (one connection)."""
     return _certificate_name(context) or context.peer()
+
+
+def _parser(request_type: type[Message]) -> Callable[[bytes, Context], Awaitable[Message]]:
+    """A handler that parses the bytes as ``request_type`` (INVALID_ARGUMENT if they are not
+    one), for :meth:`CoordinatorServicer._serve` to run and count."""
+
+    async def parse(data: bytes, _: Context) -> Message:
+        try:
+            return request_type.FromString(data)
+        except DecodeError:
+            raise _Rejected(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid {request_type.DESCRIPTOR.name}: the bytes are not that message",
+            ) from None
+
+    return parse
+
+
+async def _session_call(message: Message, _: Context) -> tuple[str, Message]:
+    """The call a Session message carries (INVALID_ARGUMENT if it carries none)."""
+    assert isinstance(message, pb.SessionRequest)
+    return _decode(wire.session_call, message)
 
 
 def _decode(decode: Callable[[M], R], message: M) -> R:

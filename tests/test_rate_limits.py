@@ -511,8 +511,9 @@ def test_a_normal_run_is_never_throttled(
 # -- nothing answers without authentication but health ----------------------------------------
 def test_only_health_answers_without_a_session(tmp_path: Path, custom_server: Any) -> None:
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Coordinator"].methods}
-    # A new method must be added here with the check that it authenticates its caller.
-    assert methods == {"Join", "PullTask", "PushAnswer", "Leave"}
+    # A new method must be added here with the check that it authenticates its caller
+    # (Session's messages: tests/test_session_stream.py, authenticated like a call).
+    assert methods == {"Join", "PullTask", "PushAnswer", "Leave", "Session"}
     spy = Spy(real_coordinator(tmp_path))
     address = custom_server(CoordinatorServicer(spy, limits=limits(burst=100)))
     genesis = spy.inner.state.genesis

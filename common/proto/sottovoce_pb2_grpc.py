@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/sottovoce.v1.Coordinator/Session',
+                request_serializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionRequest.SerializeToString,
+                response_deserializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -88,6 +93,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """PullTask and PushAnswer as messages on one stream: each request is answered by one
+        reply before the next request is read. A refused request ends the stream with the
+        status that call would have had.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveRequest.FromString,
                     response_serializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveReply.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionRequest.FromString,
+                    response_serializer=sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Coordinator:
             '/sottovoce.v1.Coordinator/Leave',
             sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveRequest.SerializeToString,
             sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sottovoce.v1.Coordinator/Session',
+            sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionRequest.SerializeToString,
+            sottovoce_dot_common_dot_proto_dot_sottovoce__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,10 +3,14 @@
 isort:skip_file
 The sottovoce wire protocol (DESIGN.md §5).
 
-Data holders dial out to the coordinator, which is the only gRPC server. Every call is
-unary, resumable and idempotent; there is no long-lived stream. A holder Joins once (and
-again after a coordinator restart), then long-polls PullTask and answers each task with
+Data holders dial out to the coordinator, which is the only gRPC server. Every exchange
+is a request and its reply, resumable and idempotent. A holder Joins once (and again
+after a coordinator restart), then long-polls PullTask and answers each task with
 PushAnswer, which is idempotent by task id, until PullTask says the run is finished.
+Session carries the same PullTask and PushAnswer exchanges as messages on one stream
+(one request, then its reply, in turn), which costs the coordinator a fraction of a
+call each; it holds no state of its own, so a broken stream loses at most the one
+exchange in flight, which the holder sends again as it would a failed call.
 
 Bounds on every field are enforced by sottovoce.common.wire on both sides; the comments
 here name them but the code is the authority. Regenerate the Python code with
@@ -53,6 +57,11 @@ class CoordinatorStub:
     """Deliver an answer; resending the same task id is harmless."""
     Leave: _grpc.UnaryUnaryMultiCallable[_sottovoce_pb2.LeaveRequest, _sottovoce_pb2.LeaveReply]
     """The holder is going away; its open task will not be waited for."""
+    Session: _grpc.StreamStreamMultiCallable[_sottovoce_pb2.SessionRequest, _sottovoce_pb2.SessionReply]
+    """PullTask and PushAnswer as messages on one stream: each request is answered by one
+    reply before the next request is read. A refused request ends the stream with the
+    status that call would have had.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -67,6 +76,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Deliver an answer; resending the same task id is harmless."""
     Leave: _aio.UnaryUnaryMultiCallable[_sottovoce_pb2.LeaveRequest, _sottovoce_pb2.LeaveReply]  # type: ignore[assignment]
     """The holder is going away; its open task will not be waited for."""
+    Session: _aio.StreamStreamMultiCallable[_sottovoce_pb2.SessionRequest, _sottovoce_pb2.SessionReply]  # type: ignore[assignment]
+    """PullTask and PushAnswer as messages on one stream: each request is answered by one
+    reply before the next request is read. A refused request ends the stream with the
+    status that call would have had.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,5 +116,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sottovoce_pb2.LeaveReply, _abc.Awaitable[_sottovoce_pb2.LeaveReply]]:
         """The holder is going away; its open task will not be waited for."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sottovoce_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sottovoce_pb2.SessionReply], _abc.AsyncIterator[_sottovoce_pb2.SessionReply]]:
+        """PullTask and PushAnswer as messages on one stream: each request is answered by one
+        reply before the next request is read. A refused request ends the stream with the
+        status that call would have had.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -895,3 +895,54 @@ def leave_request_from_proto(message: pb.LeaveRequest) -> Credentials:
     credentials = Credentials(holder_id=message.holder_id, session=message.session)
     _check_credentials("LeaveRequest", credentials)
     return credentials
+
+
+# -- the Session stream: PullTask and PushAnswer exchanges as messages -------------------
+SESSION_CALLS: dict[str, str] = {"pull": "PullTask", "push": "PushAnswer"}
+"""A SessionRequest's ``call`` field -> the unary method whose request it carries."""
+SESSION_REPLIES: dict[str, str] = {"PullTask": "pulled", "PushAnswer": "pushed"}
+"""A method -> the SessionReply field that carries its reply."""
+
+
+def session_request(
+    request: pb.PullTaskRequest | pb.PushAnswerRequest,
+) -> pb.SessionRequest:
+    """Wrap an encoded PullTask or PushAnswer request as one message of a Session stream."""
+    if isinstance(request, pb.PullTaskRequest):
+        return pb.SessionRequest(pull=request)
+    return pb.SessionRequest(push=request)
+
+
+def session_call(message: pb.SessionRequest) -> tuple[str, Message]:
+    """The call one Session message carries: (its unary method's name, its request)."""
+    which = message.WhichOneof("call")
+    if which is None:
+        _fail("SessionRequest.call", "none of pull, push is set")
+    request: Message = getattr(message, which)
+    return SESSION_CALLS[which], request
+
+
+def session_reply(method: str, reply: Message) -> pb.SessionReply:
+    """Wrap ``method``'s reply as the Session message that answers its request."""
+    wrapped = pb.SessionReply()
+    getattr(wrapped, SESSION_REPLIES[method]).CopyFrom(reply)
+    return wrapped
+
+
+def pulled(message: pb.SessionReply) -> pb.PullTaskReply:
+    """The PullTask reply a Session message must carry (a coordinator that answers a pull
+    with anything else breaks the protocol)."""
+    _expect_reply(message, "pulled", "PullTask")
+    return message.pulled
+
+
+def pushed(message: pb.SessionReply) -> pb.PushAnswerReply:
+    """The PushAnswer reply a Session message must carry."""
+    _expect_reply(message, "pushed", "PushAnswer")
+    return message.pushed
+
+
+def _expect_reply(message: pb.SessionReply, field: str, method: str) -> None:
+    which = message.WhichOneof("reply")
+    if which != field:
+        _fail("SessionReply.reply", f"{which or 'nothing'} came back for a {method}")
