@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -65,7 +66,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -221,29 +222,49 @@ class Tally:
 
 
 class SimulatedHolder:
-    """One holder: its own TLS channel, session and log head; answers at once."""
+    """One holder: its own TLS channel, session and log head; answers at once.
 
-    def __init__(self, holder_id: str, channel: grpc.aio.Channel, poll_s: float, tally: Tally):
+    ``streamed``: PullTask and PushAnswer go as messages on one Session stream, as the real
+    loop sends them; else as unary calls (the protocol before Session, for comparison).
+    """
+
+    def __init__(
+        self,
+        holder_id: str,
+        channel: grpc.aio.Channel,
+        poll_s: float,
+        tally: Tally,
+        *,
+        streamed: bool = True,
+    ):
         self.holder_id = holder_id
         self._channel = channel
         self._stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         self._poll_s = poll_s
         self._tally = tally
+        self._streamed = streamed
+        self._stream: Any = None
         self._credentials: Credentials | None = None
         self.version = 0
         self.head = ""
 
     async def run(self) -> None:
         await self._join()
+        reply = await self._call(self._pull, rejoin=True)
         while True:
-            result = wire.pull_task_reply_from_proto(await self._call(self._pull, rejoin=True))
-            if isinstance(result, Task):
-                self._follow(result.base_version, result.new_steps, result.log_head)
-                await self._call(functools.partial(self._push, self._answer(result)), rejoin=True)
-            elif isinstance(result, RunFinished):
+            result = wire.pull_task_reply_from_proto(reply)
+            if isinstance(result, RunFinished):
                 self._follow(result.base_version, result.new_steps, result.log_head)
                 self._tally.finished += 1
                 break
+            if isinstance(result, Task):
+                self._follow(result.base_version, result.new_steps, result.log_head)
+                answer = self._answer(result)
+                reply = await self._call(
+                    functools.partial(self._answer_then_pull, answer), rejoin=True
+                )
+            else:
+                reply = await self._call(self._pull, rejoin=True)
         await self._leave()
 
     async def _join(self) -> None:
@@ -256,20 +277,61 @@ class SimulatedHolder:
         if not self.head:
             self.head = spec.log_genesis
 
-    def _pull(self) -> Awaitable[pb.PullTaskReply]:
+    def _pull_request(self) -> pb.PullTaskRequest:
         assert self._credentials is not None
         call = PullTaskCall(self._credentials, self.version, self.head, self._poll_s)
-        request = wire.pull_task_request_to_proto(call)
-        return self._stub.PullTask(request, timeout=self._poll_s + POLL_DEADLINE_MARGIN_S)
+        return wire.pull_task_request_to_proto(call)
 
-    def _push(self, answer: Answer) -> Awaitable[pb.PushAnswerReply]:
+    async def _pull(self) -> pb.PullTaskReply:
+        request = self._pull_request()
+        timeout_s = self._poll_s + POLL_DEADLINE_MARGIN_S
+        if self._streamed:
+            _, pulled = await self._exchange(wire.session_request(pull=request), timeout_s)
+            assert pulled is not None
+            return pulled
+        reply: pb.PullTaskReply = await self._stub.PullTask(request, timeout=timeout_s)
+        return reply
+
+    async def _answer_then_pull(self, answer: Answer) -> pb.PullTaskReply:
+        """The answer, then the wait for the next task: one Session message (as the real
+        loop sends them), or two unary calls."""
         assert self._credentials is not None
-        request = wire.push_answer_request_to_proto(PushAnswerCall(self._credentials, answer))
-        return self._stub.PushAnswer(request, timeout=RPC_TIMEOUT_S)
+        push = wire.push_answer_request_to_proto(PushAnswerCall(self._credentials, answer))
+        if not self._streamed:
+            await self._stub.PushAnswer(push, timeout=RPC_TIMEOUT_S)
+            return await self._pull()
+        message = wire.session_request(push=push, pull=self._pull_request())
+        _, pulled = await self._exchange(message, self._poll_s + POLL_DEADLINE_MARGIN_S)
+        assert pulled is not None
+        return pulled
+
+    async def _exchange(
+        self, message: pb.SessionRequest, timeout_s: float
+    ) -> tuple[pb.PushAnswerReply | None, pb.PullTaskReply | None]:
+        """One request and its reply on the Session stream (opened at need, dropped on an
+        error, whose status then reaches :meth:`_call` as a call's would)."""
+        if self._stream is None:
+            self._stream = self._stub.Session()
+        stream = self._stream
+        try:
+            await stream.write(message)
+            reply = await asyncio.wait_for(stream.read(), timeout_s)
+        except BaseException:
+            self._stream = None
+            stream.cancel()
+            raise
+        if reply is grpc.aio.EOF:
+            self._stream = None
+            raise RuntimeError(f"{self.holder_id}: the coordinator ended the Session stream")
+        assert isinstance(reply, pb.SessionReply)
+        return wire.session_replies(reply, message)
 
     async def _leave(self) -> None:
         """Best effort, as the real loop's: a failed Leave is counted, not raised."""
         assert self._credentials is not None
+        if self._stream is not None:
+            await self._stream.done_writing()
+            self._stream = None
         request = wire.leave_request_to_proto(self._credentials)
         try:
             await self._stub.Leave(request, timeout=LEAVE_TIMEOUT_S)
@@ -322,7 +384,7 @@ def holder_channel(certs: Path, holder_id: str, address: str) -> grpc.aio.Channe
 
 
 async def run_holders(
-    certs: Path, address: str, holder_ids: Sequence[str], poll_s: float
+    certs: Path, address: str, holder_ids: Sequence[str], poll_s: float, *, streamed: bool
 ) -> tuple[Tally, float, float]:
     """Run every holder to the end of the run; (tally, process CPU s, wall s)."""
     tally = Tally()
@@ -330,7 +392,8 @@ async def run_holders(
     started, cpu = time.monotonic(), time.process_time()
     try:
         holders = [
-            SimulatedHolder(h, c, poll_s, tally) for h, c in zip(holder_ids, channels, strict=True)
+            SimulatedHolder(h, c, poll_s, tally, streamed=streamed)
+            for h, c in zip(holder_ids, channels, strict=True)
         ]
         await asyncio.gather(
             *(_later(i * RAMP_S_PER_HOLDER, holder.run()) for i, holder in enumerate(holders))
@@ -350,7 +413,10 @@ def generator_main(args: argparse.Namespace) -> None:
     raise_file_limit()
     ids = [holder_name(i) for i in range(args.first, args.first + args.count)]
     try:
-        tally, cpu, wall = asyncio.run(run_holders(args.certs, args.address, ids, args.poll_s))
+        streamed = args.transport == "session"
+        tally, cpu, wall = asyncio.run(
+            run_holders(args.certs, args.address, ids, args.poll_s, streamed=streamed)
+        )
     except grpc.aio.AioRpcError as error:
         print(f"FAILED {error.code().name}: {error.details()}", flush=True)
         return
@@ -366,13 +432,14 @@ def generator_main(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-# -- grpc.aio's own floor: two null RPCs over mutual TLS -----------------------------------
-FLOOR_METHOD = "/bench.Null/Call"
+# -- grpc.aio's own floor: two null exchanges over mutual TLS -------------------------------
+FLOOR_SERVICE = "bench.Null"
 
 
 def null_server_main(args: argparse.Namespace) -> None:
-    """A grpc.aio server over mutual TLS whose one method returns at once; prints its CPU
-    seconds each time a line arrives on stdin (before and after the load)."""
+    """A grpc.aio server over mutual TLS whose methods answer at once (a unary call, and a
+    stream that answers each message); prints its CPU seconds each time a line arrives on
+    stdin (before and after the load)."""
     raise_file_limit()
 
     async def serve_null() -> None:
@@ -382,9 +449,19 @@ def null_server_main(args: argparse.Namespace) -> None:
             context.auth_context()  # as the service does, once a call
             return request[:64]
 
-        handler = grpc.unary_unary_rpc_method_handler(call)  # type: ignore[arg-type]
+        async def stream(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[bytes]:
+            context.auth_context()  # once a stream: the service keeps the name for the call
+            async for request in requests:
+                yield request[:64]
+
+        handlers = {
+            "Call": grpc.unary_unary_rpc_method_handler(call),  # type: ignore[arg-type]
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),  # type: ignore[arg-type]
+        }
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("bench.Null", {"Call": handler}),)
+            (grpc.method_handlers_generic_handler(FLOOR_SERVICE, handlers),)
         )
         cert, key, ca = tls_config(Path(args.certs), "coordinator").read()
         credentials = grpc.ssl_server_credentials(
@@ -403,32 +480,47 @@ def null_server_main(args: argparse.Namespace) -> None:
 
 
 def null_client_main(args: argparse.Namespace) -> None:
-    """``--count`` holders' channels, each making ``--calls`` null calls in turn."""
+    """``--count`` holders' channels, each making ``--calls`` null exchanges in turn: unary
+    calls, or (``--transport session``) messages on one stream each."""
     raise_file_limit()
+    payload = b"x" * 90  # about a PushAnswer request
 
     async def load() -> None:
         ids = [holder_name(i) for i in range(args.count)]
         channels = [holder_channel(args.certs, h, args.address) for h in ids]
-        calls = [channel.unary_unary(FLOOR_METHOD) for channel in channels]
-        payload = b"x" * 90  # about a PushAnswer request
-        await asyncio.gather(*(call(payload, timeout=30) for call in calls))  # handshakes
+        if args.transport == "session":
+            streams = [c.stream_stream(f"/{FLOOR_SERVICE}/Stream")() for c in channels]
+
+            async def exchange(stream: Any) -> None:
+                await stream.write(payload)
+                await stream.read()
+
+            exchanges = [functools.partial(exchange, stream) for stream in streams]
+        else:
+            calls = [c.unary_unary(f"/{FLOOR_SERVICE}/Call") for c in channels]
+            exchanges = [functools.partial(call, payload, timeout=30) for call in calls]
+        await asyncio.gather(*(once() for once in exchanges))  # handshakes
         print("WARM", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
-        async def repeat(call: Any) -> None:
+        async def repeat(once: Callable[[], Awaitable[Any]]) -> None:
             for _ in range(args.calls):
-                await call(payload, timeout=30)
+                await once()
 
-        await asyncio.gather(*(repeat(call) for call in calls))
+        await asyncio.gather(*(repeat(once) for once in exchanges))
         print("DONE", flush=True)
+        if args.transport == "session":
+            await asyncio.gather(*(stream.done_writing() for stream in streams))
         await asyncio.gather(*(channel.close(None) for channel in channels))
 
     asyncio.run(load())
 
 
-def measure_floor(args: argparse.Namespace, holders: int = 100, calls: int = 100) -> float:
-    """CPU ms of a grpc.aio server for two null calls over mutual TLS (what an answer's
-    PullTask and PushAnswer cost before any of the service's own code), measured here."""
+def measure_floor(
+    args: argparse.Namespace, transport: str, holders: int = 100, calls: int = 100
+) -> float:
+    """CPU ms of a grpc.aio server for two null exchanges over mutual TLS (what an answer's
+    pull and push cost before any of the service's own code) on ``transport``."""
     server = subprocess.Popen(
         script_command("null-server", f"--certs={args.certs}"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -439,7 +531,7 @@ def measure_floor(args: argparse.Namespace, holders: int = 100, calls: int = 100
         client = subprocess.Popen(
             script_command(
                 "null-client", f"--certs={args.certs}", f"--address=127.0.0.1:{port}",
-                f"--count={holders}", f"--calls={calls}",
+                f"--count={holders}", f"--calls={calls}", f"--transport={transport}",
             ),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
@@ -463,6 +555,11 @@ def measure_floor(args: argparse.Namespace, holders: int = 100, calls: int = 100
         server.kill()
         server.wait()
     return (after - before) / (holders * calls) * 2 * 1e3
+
+
+def measure_floors(args: argparse.Namespace) -> dict[str, float]:
+    """The floor of every transport measured, by transport name."""
+    return {transport: measure_floor(args, transport) for transport in args.transports}
 
 
 # -- one point of the curve --------------------------------------------------------------
@@ -491,6 +588,7 @@ class Point:
     closed_by: dict[str, int]
     load_before: float
     load_after: float
+    transport: str = "session"
 
 
 def script_command(role: str, *options: str) -> list[str]:
@@ -512,7 +610,7 @@ def start_coordinator(
 
 
 def start_generators(
-    args: argparse.Namespace, holders: int, address: str
+    args: argparse.Namespace, holders: int, address: str, transport: str
 ) -> list[subprocess.Popen[str]]:
     count = args.generators or max(1, -(-holders // 2500))
     count = min(count, holders)
@@ -526,6 +624,7 @@ def start_generators(
                 f"--address={address}",
                 f"--certs={args.certs}",
                 f"--poll-s={args.poll_s}",
+                f"--transport={transport}",
             ),
             stdout=subprocess.PIPE,
             text=True,
@@ -558,8 +657,9 @@ def rounds_for(args: argparse.Namespace, holders: int) -> int:
     return max(args.min_rounds, min(args.rounds, args.answers // holders))
 
 
-def measure(args: argparse.Namespace, holders: int) -> Point | str:
-    """Run one coordinator process against ``holders`` holders in generator processes.
+def measure(args: argparse.Namespace, holders: int, transport: str) -> Point | str:
+    """Run one coordinator process against ``holders`` holders in generator processes,
+    whose holders speak ``transport`` ("session": the Session stream; "unary": calls).
 
     A holder's call that fails for good (its retries spent) ends the point: every process
     is stopped and the failure comes back as one line.
@@ -572,7 +672,7 @@ def measure(args: argparse.Namespace, holders: int) -> Point | str:
         generators: list[subprocess.Popen[str]] = []
         try:
             port = int(read_tagged(process.stdout, "READY", READY_TIMEOUT_S))
-            generators = start_generators(args, holders, f"127.0.0.1:{port}")
+            generators = start_generators(args, holders, f"127.0.0.1:{port}", transport)
             loads = []
             for generator in generators:
                 assert generator.stdout is not None
@@ -590,7 +690,8 @@ def measure(args: argparse.Namespace, holders: int) -> Point | str:
                 process.kill()
             for child in generators:
                 child.wait(timeout=60)
-    return summarize(args, holders, result, loads, load_before, os.getloadavg()[0])
+    point = summarize(args, holders, result, loads, load_before, os.getloadavg()[0])
+    return dataclasses.replace(point, transport=transport)
 
 
 def summarize(
@@ -661,7 +762,7 @@ def make_certificates(folder: Path, holders: int) -> float:
 def print_point(point: Point) -> None:
     retried = ", ".join(f"{k} {v}" for k, v in sorted(point.retried.items())) or "none"
     print(
-        f"  {point.holders:>7d} {point.rounds:>6d} {point.rounds_per_s:>8.2f} "
+        f"  {point.holders:>7d} {point.transport:>7} {point.rounds:>6d} {point.rounds_per_s:>8.2f} "
         f"{point.answers_per_s:>9.0f} {point.p50_ms:>8.1f} {point.p99_ms:>8.1f} "
         f"{point.cpu_ms_per_answer:>7.3f} {point.coordinator_cpu:>5.2f} "
         f"{point.system_share:>4.0%} {point.answers_per_fsync:>6.1f} "
@@ -689,9 +790,10 @@ def print_header(args: argparse.Namespace, cert_s: float, max_holders: int) -> N
         f"{args.warmup} warm-up"
     )
     print(
-        f"  {'holders':>7} {'rounds':>6} {'rounds/s':>8} {'answers/s':>9} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'ms/ans':>7} {'cpu':>5} {'sys':>4} {'a/sync':>6} {'rss0':>6} "
-        f"{'KiB/idl':>7} {'rss^':>7} {'thr':>4} {'gen':>3} {'g-cpu':>5} {'load':>11} retried"
+        f"  {'holders':>7} {'calls':>7} {'rounds':>6} {'rounds/s':>8} {'answers/s':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'ms/ans':>7} {'cpu':>5} {'sys':>4} {'a/sync':>6} "
+        f"{'rss0':>6} {'KiB/idl':>7} {'rss^':>7} {'thr':>4} {'gen':>3} {'g-cpu':>5} "
+        f"{'load':>11} retried"
     )
 
 
@@ -701,26 +803,28 @@ def main_bench(args: argparse.Namespace) -> None:
         cert_s = make_certificates(args.certs, max(*args.holders, 100))  # 100: the floor
         print_header(args, cert_s, max(args.holders))
         points: list[Point] = []
-        floor_ms = measure_floor(args) if args.floor else None
-        if floor_ms is not None:
+        floors = measure_floors(args) if args.floor else {}
+        for transport, floor_ms in floors.items():
             print(
-                f"  grpc.aio floor: {floor_ms:.3f} ms of server CPU for two null calls over mutual "
-                f"TLS (100 channels x 100 calls; load {os.getloadavg()[0]:.1f})"
+                f"  grpc.aio floor ({transport}): {floor_ms:.3f} ms of server CPU for two null "
+                f"exchanges over mutual TLS (100 channels x 100; load {os.getloadavg()[0]:.1f})"
             )
         for holders in args.holders:
-            point = measure(args, holders)
-            if isinstance(point, str):
-                print(f"  {holders:>7d} FAILED: {point}")
-                continue
-            print_point(point)
-            points.append(point)
-        if floor_ms is not None:
-            again = measure_floor(args)
-            print(f"  grpc.aio floor again after the points: {again:.3f} ms")
-            floor_ms = (floor_ms + again) / 2
+            for transport in args.transports:  # side by side, so the ratio is of one moment
+                point = measure(args, holders, transport)
+                if isinstance(point, str):
+                    print(f"  {holders:>7d} {transport:>7} FAILED: {point}")
+                    continue
+                print_point(point)
+                points.append(point)
+        if floors:
+            again = measure_floors(args)
+            for transport, floor_ms in again.items():
+                print(f"  grpc.aio floor ({transport}) again after the points: {floor_ms:.3f} ms")
+                floors[transport] = (floors[transport] + floor_ms) / 2
     print_legend()
     if points:
-        print_ratios(points, floor_ms)
+        print_ratios(points, floors)
 
 
 def print_legend() -> None:
@@ -735,21 +839,34 @@ def print_legend() -> None:
     )
 
 
-def print_ratios(points: Sequence[Point], floor_ms: float | None = None) -> None:
-    base = points[0]
-    if floor_ms:
-        for point in points:
+def print_ratios(points: Sequence[Point], floors: Mapping[str, float]) -> None:
+    for point in points:
+        floor_ms = floors.get(point.transport)
+        if floor_ms:
             print(
-                f"  {point.holders} holders: CPU per answer {point.cpu_ms_per_answer:.3f} ms = "
-                f"{point.cpu_ms_per_answer / floor_ms:.2f}x grpc.aio's floor ({floor_ms:.3f} ms)"
+                f"  {point.holders} holders, {point.transport}: CPU per answer "
+                f"{point.cpu_ms_per_answer:.3f} ms = {point.cpu_ms_per_answer / floor_ms:.2f}x "
+                f"grpc.aio's floor ({floor_ms:.3f} ms)"
             )
-    for point in points[1:]:
-        print(
-            f"  {point.holders} vs {base.holders} holders: rounds/s x"
-            f"{point.rounds_per_s / base.rounds_per_s:.3f}, answers/s x"
-            f"{point.answers_per_s / base.answers_per_s:.2f}, coordinator CPU per answer x"
-            f"{point.cpu_ms_per_answer / base.cpu_ms_per_answer:.2f}"
-        )
+    for transport in dict.fromkeys(point.transport for point in points):
+        same = [point for point in points if point.transport == transport]
+        base = same[0]
+        for point in same[1:]:
+            print(
+                f"  {transport}, {point.holders} vs {base.holders} holders: rounds/s x"
+                f"{point.rounds_per_s / base.rounds_per_s:.3f}, answers/s x"
+                f"{point.answers_per_s / base.answers_per_s:.2f}, coordinator CPU per answer x"
+                f"{point.cpu_ms_per_answer / base.cpu_ms_per_answer:.2f}"
+            )
+    by_key = {(point.holders, point.transport): point for point in points}
+    for (holders, transport), point in by_key.items():
+        unary = by_key.get((holders, "unary"))
+        if transport == "session" and unary is not None:
+            print(
+                f"  {holders} holders, session vs unary: coordinator CPU per answer x"
+                f"{point.cpu_ms_per_answer / unary.cpu_ms_per_answer:.2f}, answers/s x"
+                f"{point.answers_per_s / unary.answers_per_s:.2f}"
+            )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -767,7 +884,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-floor", dest="floor", action="store_false", help="skip the null-RPC floor"
     )
+    parser.add_argument(
+        "--transports",
+        nargs="+",
+        choices=["session", "unary"],
+        default=["session"],
+        help="how the holders call: the Session stream (the real loop's way), unary calls, "
+        "or both, measured side by side at each holder count",
+    )
     parser.add_argument("--calls", type=int, default=100, help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="session", help=argparse.SUPPRESS)
     # The coordinator and generator processes (started by the bench itself).
     parser.add_argument(
         "--role",

@@ -84,6 +84,10 @@ class _StopRequestedError(Exception):
     """The caller's stop event was set; unwinds the loop to a clean Leave."""
 
 
+class _NoSessionError(Exception):
+    """The coordinator has no Session stream; the exchange is to be made unary."""
+
+
 class _AnswerRefusedError(Exception):
     """The coordinator refused one answer (FAILED_PRECONDITION); the run may go on."""
 
@@ -199,50 +203,98 @@ class _HolderSession:
         logger.info("joined run %s as %s", spec.run_id, request.holder_id)
 
     def _loop(self) -> RunFinished:
+        result = self._pull()
         while True:
             if self._stop.is_set():
                 raise _StopRequestedError
-            result = self._pull()
             if isinstance(result, RunFinished):
                 logger.info("run %s finished: %s", result.run_id, result.reason)
                 return result
             if isinstance(result, Task):
-                self._push(self._holder.answer(result))
+                result = self._answer_then_pull(self._holder.answer(result))
+            else:
+                result = self._pull()
 
     def _pull(self) -> Task | RunFinished | None:
         def attempt() -> pb.PullTaskReply:
-            request = wire.pull_task_request_to_proto(
-                PullTaskCall(
-                    credentials=self._session(),
-                    have_version=self._holder.log_version,
-                    have_head=self._holder.log_head,
-                    wait_s=self._poll_timeout_s,
-                )
-            )
-            timeout_s = self._poll_timeout_s + POLL_DEADLINE_MARGIN_S
+            request = self._pull_request()
             if self._stream is None:
-                return self._invoke(self._stub.PullTask, request, timeout_s)
-            return wire.pulled(self._exchange(request, timeout_s))
+                return self._invoke(self._stub.PullTask, request, self._poll_deadline_s())
+            _, pulled = self._exchange(wire.session_request(pull=request))
+            assert pulled is not None
+            return pulled
 
-        return wire.pull_task_reply_from_proto(self._call("PullTask", attempt, rejoin=True))
+        try:
+            reply = self._call("PullTask", attempt, rejoin=True)
+        except _NoSessionError:  # the coordinator has no Session: the same call, unary
+            reply = self._call("PullTask", attempt, rejoin=True)
+        return wire.pull_task_reply_from_proto(reply)
+
+    def _answer_then_pull(self, answer: Answer) -> Task | RunFinished | None:
+        """Push ``answer`` and wait for the next task: one message on the Session stream,
+        or the two calls one after the other."""
+        if self._stream is None:
+            self._push(answer)
+            return self._pull()
+
+        def attempt() -> tuple[pb.PushAnswerReply | None, pb.PullTaskReply | None]:
+            message = wire.session_request(
+                push=self._push_request(answer), pull=self._pull_request()
+            )
+            return self._exchange(message)
+
+        try:
+            pushed, pulled = self._call(
+                "PushAnswer, then PullTask", attempt, rejoin=True, refused_ok=True
+            )
+        except _AnswerRefusedError as refused:
+            self._log_refused(answer, refused)
+            return self._pull()
+        except _NoSessionError:
+            self._push(answer)
+            return self._pull()
+        assert pushed is not None and pulled is not None
+        if not pushed.accepted:
+            logger.info("answer to task %s not used (duplicate or late)", answer.task_id)
+        return wire.pull_task_reply_from_proto(pulled)
 
     def _push(self, answer: Answer) -> None:
+        """PushAnswer as a unary call (a coordinator without Session)."""
+
         def attempt() -> pb.PushAnswerReply:
-            call = PushAnswerCall(credentials=self._session(), answer=answer)
-            request = wire.push_answer_request_to_proto(call)
-            if self._stream is None:
-                return self._invoke(self._stub.PushAnswer, request)
-            return wire.pushed(self._exchange(request, self._rpc_timeout_s))
+            return self._invoke(self._stub.PushAnswer, self._push_request(answer))
 
         try:
             reply = self._call("PushAnswer", attempt, rejoin=True, refused_ok=True)
         except _AnswerRefusedError as refused:
-            # The coordinator did not take it (the run ended, or a newer task superseded
-            # it): the answer is in the ledger either way; the next pull says what is next.
-            logger.info("answer to task %s not taken: %s", answer.task_id, refused)
+            self._log_refused(answer, refused)
             return
         if not reply.accepted:
             logger.info("answer to task %s not used (duplicate or late)", answer.task_id)
+
+    @staticmethod
+    def _log_refused(answer: Answer, refused: _AnswerRefusedError) -> None:
+        # The coordinator did not take it (the run ended, or a newer task superseded it):
+        # the answer is in the ledger either way; the next pull says what is next.
+        logger.info("answer to task %s not taken: %s", answer.task_id, refused)
+
+    def _pull_request(self) -> pb.PullTaskRequest:
+        """PullTask from where the holder's log is now (it may have rejoined since)."""
+        return wire.pull_task_request_to_proto(
+            PullTaskCall(
+                credentials=self._session(),
+                have_version=self._holder.log_version,
+                have_head=self._holder.log_head,
+                wait_s=self._poll_timeout_s,
+            )
+        )
+
+    def _push_request(self, answer: Answer) -> pb.PushAnswerRequest:
+        call = PushAnswerCall(credentials=self._session(), answer=answer)
+        return wire.push_answer_request_to_proto(call)
+
+    def _poll_deadline_s(self) -> float:
+        return self._poll_timeout_s + POLL_DEADLINE_MARGIN_S
 
     def _leave(self) -> None:
         """Tell the coordinator we go; best effort, since we may be leaving because it is gone."""
@@ -329,12 +381,14 @@ class _HolderSession:
             return reply
 
     def _exchange(
-        self, request: pb.PullTaskRequest | pb.PushAnswerRequest, timeout_s: float
-    ) -> pb.SessionReply:
-        """One exchange on the Session stream; a coordinator that has no Session (an older
-        or a different server: UNIMPLEMENTED) is called unary from then on."""
+        self, message: pb.SessionRequest
+    ) -> tuple[pb.PushAnswerReply | None, pb.PullTaskReply | None]:
+        """One exchange on the Session stream: (the push's reply, the pull's reply), each
+        present exactly when ``message`` carried that call. Its deadline is a poll's when it
+        waits for a task. A coordinator without Session (UNIMPLEMENTED: an older or a
+        different server) raises :class:`_NoSessionError` and is called unary from then on."""
         assert self._stream is not None
-        message = wire.session_request(request)
+        timeout_s = self._poll_deadline_s() if message.HasField("pull") else self._rpc_timeout_s
         try:
             reply = self._stream.exchange(message, timeout_s)
         except grpc.RpcError as error:
@@ -343,15 +397,9 @@ class _HolderSession:
             logger.info("the coordinator has no Session stream; calling it unary")
             self._stream.close()
             self._stream = None
-            if isinstance(request, pb.PullTaskRequest):
-                return wire.session_reply(
-                    "PullTask", self._invoke(self._stub.PullTask, request, timeout_s)
-                )
-            return wire.session_reply(
-                "PushAnswer", self._invoke(self._stub.PushAnswer, request, timeout_s)
-            )
+            raise _NoSessionError from None
         self._count(message, reply)
-        return reply
+        return wire.session_replies(reply, message)
 
     def _count(self, request: object, reply: object) -> None:
         """Add one completed call's serialized sizes to the holder's traffic."""

@@ -43,7 +43,6 @@ with the number of holders.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
 import re
@@ -119,7 +118,8 @@ class OpenRound:
         order = self._order
         while self._cursor < len(order) and self.answered(order[self._cursor]):
             self._cursor += 1
-        return (h for h in itertools.islice(order, self._cursor, None) if not self.answered(h))
+        # By index, not islice: islice would step over the answered front on every call.
+        return (order[i] for i in range(self._cursor, len(order)) if not self.answered(order[i]))
 
     @property
     def heard(self) -> int:

@@ -216,19 +216,30 @@ class CoordinatorServicer:
     async def handle_session(
         self, requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[pb.SessionReply]:
-        """Serve a Session stream: each message is a PullTask or PushAnswer request, served
-        exactly as that call (the same checks, limits and journal waits, in the same order)
-        and answered before the next message is read. A refusal ends the stream with the
-        status the call would have had. A holder has at most ``max_polls_per_holder``
-        streams open (a stream waits in at most one poll at a time)."""
+        """Serve a Session stream: each message carries a PushAnswer, a PullTask, or both
+        (served in that order), each served exactly as that call (the same checks, limits
+        and journal waits) and answered before the next message is read. A refusal ends the
+        stream with the status the call would have had. A holder has at most
+        ``max_polls_per_holder`` streams open (a stream waits in at most one poll at a time)."""
         parse = _parser(pb.SessionRequest)
         async with self._stream_slot(context):
             async for data in requests:
                 started = time.perf_counter()
                 message = await self._serve(context, parse, data)
-                method, request = await self._serve(context, _session_call, message)
-                reply = await self._serve_call(method, request, context, started)
-                yield wire.session_reply(method, reply)
+                calls = await self._serve(context, _session_calls, message)
+                replies = []
+                for index, (method, request) in enumerate(calls):
+                    # A call followed by another in the message (a push, then its pull) does
+                    # not wait for the disk itself: the last call's wait, for everything
+                    # journaled up to then, comes before the one reply that carries both.
+                    waits_later = _REPLY_WAITS_LATER.set(index < len(calls) - 1)
+                    try:
+                        replies.append(
+                            (method, await self._serve_call(method, request, context, started))
+                        )
+                    finally:
+                        _REPLY_WAITS_LATER.reset(waits_later)
+                yield wire.session_reply(replies)
 
     async def _serve_call(
         self, method: str, message: Message, context: Context, started: float
@@ -370,6 +381,8 @@ class CoordinatorServicer:
     async def _durable(self) -> None:
         coordinator = self._coordinator
         assert coordinator is not None
+        if _REPLY_WAITS_LATER.get():
+            return  # the reply leaves after a later call's wait (see handle_session)
         if self._durable_waits is None:
             self._durable_waits = _DurableWaits(coordinator)
         await self._durable_waits.wait()
@@ -661,6 +674,12 @@ def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> Non
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
+_REPLY_WAITS_LATER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sottovoce_reply_waits_later", default=False
+)
+"""Set while a Session message's earlier call is served: its reply leaves with a later
+call's, after that call's wait for the journal, which covers every record written so far."""
+
 _CALL_IDENTITY: contextvars.ContextVar[tuple[object, str | None]] = contextvars.ContextVar(
     "sottovoce_call_identity"
 )
@@ -704,10 +723,10 @@ def _parser(request_type: type[Message]) -> Callable[[bytes, Context], Awaitable
     return parse
 
 
-async def _session_call(message: Message, _: Context) -> tuple[str, Message]:
-    """The call a Session message carries (INVALID_ARGUMENT if it carries none)."""
+async def _session_calls(message: Message, _: Context) -> list[tuple[str, Message]]:
+    """The calls a Session message carries (INVALID_ARGUMENT if it carries none)."""
     assert isinstance(message, pb.SessionRequest)
-    return _decode(wire.session_call, message)
+    return _decode(wire.session_calls, message)
 
 
 def _decode(decode: Callable[[M], R], message: M) -> R:

@@ -109,9 +109,12 @@ def test_a_round_opening_hands_every_waiting_holder_its_task_in_one_record(
 def test_no_reply_leaves_before_its_journal_record_is_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hold every fsync: the holder's PushAnswer does not return until the disk has it."""
-    coord = coordinator(tmp_path, holders=1)
+    """Hold every fsync: the holder's PushAnswer does not return until the disk has it.
+    Two holders, so that the answer does not close the round (closing syncs on its own,
+    which would hold the reply whatever the service did)."""
+    coord = coordinator(tmp_path, holders=2)
     coord.join(JoinRequest("solo", FINGERPRINT))
+    coord.join(JoinRequest("other", FINGERPRINT))  # joins, never answers
     gate = threading.Event()
     synced: list[float] = []
     real_fsync = os.fsync

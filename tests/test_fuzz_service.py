@@ -238,7 +238,11 @@ def test_no_request_crashes_the_coordinator_or_changes_it_when_refused(
         if not isinstance(request, bytes):
             request = service.resolve(request)
         if streamed and isinstance(request, (pb.PullTaskRequest, pb.PushAnswerRequest)):
-            method, request = "Session", wire.session_request(request)  # the same, streamed
+            method = "Session"  # the same call, as a message on a stream
+            if isinstance(request, pb.PullTaskRequest):
+                request = wire.session_request(pull=request)
+            else:
+                request = wire.session_request(push=request)
         elif streamed and isinstance(request, bytes):
             method = "Session"  # bytes that may or may not be a SessionRequest
         before = service.snapshot()

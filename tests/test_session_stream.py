@@ -149,15 +149,16 @@ class Stream:
             self._outgoing.append(data)
             self._ready.notify()
 
-    def exchange(self, request: Any) -> pb.SessionReply:
-        self.send(wire.session_request(request))
+    def exchange(self, *requests: Any) -> pb.SessionReply:
+        self.send(as_session(*requests))
         return pb.SessionReply.FromString(next(self._replies))
 
-    def refused(self, message: Any) -> tuple[grpc.StatusCode, str]:
+    def refused(self, *message: Any) -> tuple[grpc.StatusCode, str]:
         """The status that ends the stream when ``message`` is sent."""
-        if isinstance(message, (pb.PullTaskRequest, pb.PushAnswerRequest)):
-            message = wire.session_request(message)
-        self.send(message)
+        if isinstance(message[0], (pb.PullTaskRequest, pb.PushAnswerRequest)):
+            self.send(as_session(*message))
+        else:
+            self.send(message[0])
         with pytest.raises(grpc.RpcError) as caught:
             next(self._replies)
         return caught.value.code(), caught.value.details() or ""
@@ -167,6 +168,15 @@ class Stream:
             self._outgoing.append(None)
             self._ready.notify()
         self._replies.cancel()
+
+
+def as_session(*requests: Any) -> pb.SessionRequest:
+    """PullTask and PushAnswer requests as one Session message."""
+    pulls = [r for r in requests if isinstance(r, pb.PullTaskRequest)]
+    pushes = [r for r in requests if isinstance(r, pb.PushAnswerRequest)]
+    return wire.session_request(
+        push=pushes[0] if pushes else None, pull=pulls[0] if pulls else None
+    )
 
 
 @dataclass
@@ -252,19 +262,20 @@ def run_federation(tmp_path: Path, servicer_type: type[CoordinatorServicer]) -> 
         [(r.round_index, r.closed_by, r.choices, r.winner, r.steps) for r in state.rounds],
         # Task ids less their run id (a random nonce per run), and the choices.
         [[(a.task_id.split(":", 1)[1], a.choice) for a in h.answers] for h in holders],
-        [(t.calls, t.bytes_sent > 0, t.bytes_received > 0) for t in traffic],
-    )
+    ), [(t.calls, t.bytes_sent > 0, t.bytes_received > 0) for t in traffic]
 
 
 def test_a_run_goes_over_one_stream_per_holder_and_equals_the_unary_run(tmp_path: Path) -> None:
     CountsStreams.streams = CountsStreams.messages = 0
-    streamed = run_federation(tmp_path / "streamed", CountsStreams)
-    unary = run_federation(tmp_path / "unary", NoSession)
-    assert streamed == unary  # the same log, rounds, answers and exchanges
+    streamed, streamed_traffic = run_federation(tmp_path / "streamed", CountsStreams)
+    unary, unary_traffic = run_federation(tmp_path / "unary", NoSession)
+    assert streamed == unary  # the same log, rounds and answers
     assert CountsStreams.streams == 3  # one stream per holder for the whole run
-    # Each holder's 10 answers and 11 pulls (the last says the run finished) were messages.
-    assert CountsStreams.messages == 3 * (10 + 11)
-    assert [calls for calls, _, _ in streamed[3]] == [1 + 21] * 3  # Join, then the 21 exchanges
+    # Each holder's first pull, then its 10 answers each with the next pull (the last one
+    # says the run finished): 11 messages.
+    assert CountsStreams.messages == 3 * 11
+    assert streamed_traffic == [(1 + 11, True, True)] * 3  # Join, then the 11 exchanges
+    assert unary_traffic == [(1 + 11 + 10, True, True)] * 3  # Join, 11 PullTasks, 10 pushes
 
 
 class WrongKind(pb_grpc.CoordinatorServicer):
@@ -312,7 +323,9 @@ def test_a_reply_of_the_wrong_kind_is_a_wire_error_and_the_holder_answers_nothin
     holder = InstantHolder("holder-a")
     try:
         with pytest.raises(
-            WireError, match=r"^invalid SessionReply\.reply: pushed came back for a PullTask$"
+            WireError,
+            match=r"^invalid SessionReply: carries a PushAnswer reply for a request that asked "
+            r"for a PullTask reply$",
         ):
             run_holder(holder, address, poll_timeout_s=1.0)
     finally:
@@ -394,7 +407,7 @@ def test_malformed_stream_messages_are_refused_counted_and_reach_nothing(
         )
         assert Stream(ch).refused(pb.SessionRequest()) == (
             grpc.StatusCode.INVALID_ARGUMENT,
-            "invalid SessionRequest.call: none of pull, push is set",
+            "invalid SessionRequest: carries no call (neither push nor pull is set)",
         )
         empty_pull = pb.SessionRequest(pull=pb.PullTaskRequest())
         code, detail = Stream(ch).refused(empty_pull)
@@ -482,10 +495,14 @@ def test_under_mutual_tls_a_message_for_another_holder_is_denied(tmp_path: Path)
     assert spy.calls == ["join", "join", "pull"]
 
 
+@pytest.mark.parametrize("then_pull", [False, True], ids=["push alone", "push, then pull"])
 def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then_pull: bool
 ) -> None:
-    coord = coordinator(tmp_path)
+    """Hold every fsync: the reply to a push (alone, or with the next pull, whose wait
+    covers the push's record) does not come until the disk has the answer. Two holders,
+    so that the answer does not close the round (closing syncs on its own)."""
+    coord = coordinator(tmp_path, holders=2)
     gate = threading.Event()
     synced: list[float] = []
     real_fsync = os.fsync
@@ -497,6 +514,7 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
 
     with serve(coord, "127.0.0.1:0") as running, grpc.insecure_channel(running.address) as ch:
         me = join(pb_grpc.CoordinatorStub(ch), "solo")
+        join(pb_grpc.CoordinatorStub(ch), "other")  # joins, never answers
         stream = Stream(ch)
         task = wire.pull_task_reply_from_proto(
             stream.exchange(pull(me, coord.state.genesis, wait_s=1.0)).pulled
@@ -504,9 +522,10 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
         assert isinstance(task, Task)
         monkeypatch.setattr("sottovoce.server.journal.os.fsync", held_fsync)
         replies: list[pb.SessionReply] = []
-        sender = threading.Thread(
-            target=lambda: replies.append(stream.exchange(push(me, task.task_id)))
-        )
+        requests = [push(me, task.task_id)]
+        if then_pull:  # nothing to hand out yet: the pull answers "no task" at once
+            requests.append(pull(me, task.log_head, version=task.target_version))
+        sender = threading.Thread(target=lambda: replies.append(stream.exchange(*requests)))
         sender.start()
         time.sleep(0.5)
         assert replies == []  # journaled, counted in memory, but not yet said to be
@@ -514,7 +533,37 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
         gate.set()
         sender.join(timeout=10)
         assert replies and replies[0].pushed.accepted
+        assert replies[0].HasField("pulled") is then_pull
+        if then_pull:
+            assert replies[0].pulled.HasField("nothing")
         assert synced and synced[0] >= released  # the fsync came before the reply
         stream.close()
     records = read_json_lines(coord.state.run_dir / JOURNAL)
     assert [r["task_id"] for r in records if r["type"] == "answer"] == [task.task_id]
+
+
+def test_an_answer_and_the_next_pull_go_in_one_message_the_answer_first(
+    tmp_path: Path, custom_server: Any
+) -> None:
+    spy = Spy(coordinator(tmp_path, rounds=3))
+    address = custom_server(CoordinatorServicer(spy, limits=limits()))
+    state = spy.inner.state
+    with grpc.insecure_channel(address) as channel:
+        me = join(pb_grpc.CoordinatorStub(channel))
+        stream = Stream(channel)
+        first = wire.pull_task_reply_from_proto(stream.exchange(pull(me, state.genesis)).pulled)
+        assert isinstance(first, Task)
+        reply = stream.exchange(
+            push(me, first.task_id), pull(me, state.genesis, wait_s=5.0)
+        )  # the answer closes round 0; the pull waits for round 1's task
+        assert reply.HasField("pushed") and reply.HasField("pulled")
+        assert reply.pushed.accepted
+        second = wire.pull_task_reply_from_proto(reply.pulled)
+        assert isinstance(second, Task) and second.round_index == 1
+        calls_before = list(spy.calls)
+        code, _ = stream.refused(
+            push(me, "stream-0:r9:00000000"), pull(me, state.genesis)
+        )  # an answer to a task never handed out: refused, and its pull is not served
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert spy.calls == [*calls_before, "push"]
+    assert [r.round_index for r in state.rounds] == [0]

@@ -531,6 +531,9 @@ def test_round_trips_cover_every_field_of_every_message() -> None:
     for value, (encode, _) in ROUND_TRIPS.values():
         _collect_set_fields(encode(value), seen)
     _collect_set_fields(wire.join_reply_to_proto(SPEC, SESSION), seen)
+    message, reply = _session_exchange()
+    _collect_set_fields(message, seen)
+    _collect_set_fields(reply, seen)
     no_conversion = {"PushAnswerReply", "LeaveReply", "NoTask"}  # a bool or empty
     expected = {
         f"{name}.{field.name}"
@@ -548,3 +551,43 @@ def _collect_set_fields(message: Any, seen: set[str]) -> None:
             continue
         for child in value if field.is_repeated else [value]:
             _collect_set_fields(child, seen)
+
+
+# -- the Session stream's messages -----------------------------------------------------------
+def _session_exchange() -> tuple[pb.SessionRequest, pb.SessionReply]:
+    """An answer and the next pull in one message, and the reply that carries both."""
+    push = wire.push_answer_request_to_proto(PushAnswerCall(CREDENTIALS, ANSWER))
+    pull = wire.pull_task_request_to_proto(PullTaskCall(CREDENTIALS, 0, GENESIS, wait_s=1.0))
+    message = wire.session_request(push=push, pull=pull)
+    replies = [("PushAnswer", pb.PushAnswerReply(accepted=True)), ("PullTask", pb.PullTaskReply())]
+    replies[1][1].nothing.SetInParent()
+    return message, wire.session_reply(replies)
+
+
+def test_a_session_message_serves_the_answer_before_the_pull_and_gets_both_replies() -> None:
+    message, reply = _session_exchange()
+    assert [method for method, _ in wire.session_calls(message)] == ["PushAnswer", "PullTask"]
+    pushed, pulled = wire.session_replies(reply, message)
+    assert pushed is not None and pushed.accepted
+    assert pulled is not None and wire.pull_task_reply_from_proto(pulled) is None
+    only_pull = wire.session_request(pull=message.pull)
+    assert [method for method, _ in wire.session_calls(only_pull)] == ["PullTask"]
+
+
+def test_a_session_message_must_carry_a_call_and_a_reply_exactly_its_calls_replies() -> None:
+    assert_wire_error(lambda: wire.session_request(), "SessionRequest")
+    assert_wire_error(lambda: wire.session_calls(pb.SessionRequest()), "SessionRequest")
+    message, reply = _session_exchange()
+    only_pull = wire.session_request(pull=message.pull)
+    with pytest.raises(
+        WireError,
+        match=r"^invalid SessionReply: carries a PushAnswer reply "
+        r"and a PullTask reply for a request that asked for a PullTask reply$",
+    ):
+        wire.session_replies(reply, only_pull)  # a reply it did not ask for
+    with pytest.raises(
+        WireError,
+        match=r"carries nothing for a request that asked for "
+        r"a PushAnswer reply and a PullTask reply$",
+    ):
+        wire.session_replies(pb.SessionReply(), message)

@@ -7,10 +7,11 @@ Data holders dial out to the coordinator, which is the only gRPC server. Every e
 is a request and its reply, resumable and idempotent. A holder Joins once (and again
 after a coordinator restart), then long-polls PullTask and answers each task with
 PushAnswer, which is idempotent by task id, until PullTask says the run is finished.
-Session carries the same PullTask and PushAnswer exchanges as messages on one stream
-(one request, then its reply, in turn), which costs the coordinator a fraction of a
-call each; it holds no state of its own, so a broken stream loses at most the one
-exchange in flight, which the holder sends again as it would a failed call.
+Session carries the same PullTask and PushAnswer calls as messages on one stream (one
+request, then its reply, in turn; an answer and the next pull in one message), which
+costs the coordinator a fraction of a call each; it holds no state of its own, so a
+broken stream loses at most the one exchange in flight, which the holder sends again as
+it would a failed call.
 
 Bounds on every field are enforced by sottovoce.common.wire on both sides; the comments
 here name them but the code is the authority. Regenerate the Python code with
@@ -836,7 +837,10 @@ Global___PushAnswerReply: _TypeAlias = PushAnswerReply  # noqa: Y015
 
 @_typing.final
 class SessionRequest(_message.Message):
-    """One exchange of a Session stream: exactly one of the calls."""
+    """One exchange of a Session stream: a PushAnswer, a PullTask, or a PushAnswer and then a
+    PullTask (a holder's answer and its wait for the next task, in one message). The push is
+    served first; a refused push ends the stream and its pull is not served.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -852,19 +856,17 @@ class SessionRequest(_message.Message):
         pull: Global___PullTaskRequest | None = ...,
         push: Global___PushAnswerRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "pull", b"pull", "push", b"push"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "pull", b"pull", "push", b"push"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "push", b"push"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["pull", "push"]  # noqa: Y015
-    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
 
 @_typing.final
 class SessionReply(_message.Message):
-    """The reply to a SessionRequest, of the same kind."""
+    """The reply to a SessionRequest: the reply of each call it carried, and no other."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -880,13 +882,11 @@ class SessionReply(_message.Message):
         pulled: Global___PullTaskReply | None = ...,
         pushed: Global___PushAnswerReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["pulled", b"pulled", "pushed", b"pushed", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pulled", b"pulled", "pushed", b"pushed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pulled", b"pulled", "pushed", b"pushed", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pulled", b"pulled", "pushed", b"pushed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_reply: _TypeAlias = _typing.Literal["pulled", "pushed"]  # noqa: Y015
-    _WhichOneofArgType_reply: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_reply) -> _WhichOneofReturnType_reply | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionReply: _TypeAlias = SessionReply  # noqa: Y015
 

@@ -95,8 +95,8 @@ class CoordinatorServicer:
 
     def Session(self, request_iterator, context):
         """PullTask and PushAnswer as messages on one stream: each request is answered by one
-        reply before the next request is read. A refused request ends the stream with the
-        status that call would have had.
+        reply before the next request is read. A refused call ends the stream with the
+        status it would have had as a unary call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

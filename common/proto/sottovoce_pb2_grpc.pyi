@@ -7,10 +7,11 @@ Data holders dial out to the coordinator, which is the only gRPC server. Every e
 is a request and its reply, resumable and idempotent. A holder Joins once (and again
 after a coordinator restart), then long-polls PullTask and answers each task with
 PushAnswer, which is idempotent by task id, until PullTask says the run is finished.
-Session carries the same PullTask and PushAnswer exchanges as messages on one stream
-(one request, then its reply, in turn), which costs the coordinator a fraction of a
-call each; it holds no state of its own, so a broken stream loses at most the one
-exchange in flight, which the holder sends again as it would a failed call.
+Session carries the same PullTask and PushAnswer calls as messages on one stream (one
+request, then its reply, in turn; an answer and the next pull in one message), which
+costs the coordinator a fraction of a call each; it holds no state of its own, so a
+broken stream loses at most the one exchange in flight, which the holder sends again as
+it would a failed call.
 
 Bounds on every field are enforced by sottovoce.common.wire on both sides; the comments
 here name them but the code is the authority. Regenerate the Python code with
@@ -59,8 +60,8 @@ class CoordinatorStub:
     """The holder is going away; its open task will not be waited for."""
     Session: _grpc.StreamStreamMultiCallable[_sottovoce_pb2.SessionRequest, _sottovoce_pb2.SessionReply]
     """PullTask and PushAnswer as messages on one stream: each request is answered by one
-    reply before the next request is read. A refused request ends the stream with the
-    status that call would have had.
+    reply before the next request is read. A refused call ends the stream with the
+    status it would have had as a unary call.
     """
 
 @_typing.type_check_only
@@ -78,8 +79,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """The holder is going away; its open task will not be waited for."""
     Session: _aio.StreamStreamMultiCallable[_sottovoce_pb2.SessionRequest, _sottovoce_pb2.SessionReply]  # type: ignore[assignment]
     """PullTask and PushAnswer as messages on one stream: each request is answered by one
-    reply before the next request is read. A refused request ends the stream with the
-    status that call would have had.
+    reply before the next request is read. A refused call ends the stream with the
+    status it would have had as a unary call.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -124,8 +125,8 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sottovoce_pb2.SessionReply], _abc.AsyncIterator[_sottovoce_pb2.SessionReply]]:
         """PullTask and PushAnswer as messages on one stream: each request is answered by one
-        reply before the next request is read. A refused request ends the stream with the
-        status that call would have had.
+        reply before the next request is read. A refused call ends the stream with the
+        status it would have had as a unary call.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

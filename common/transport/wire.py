@@ -898,51 +898,68 @@ def leave_request_from_proto(message: pb.LeaveRequest) -> Credentials:
 
 
 # -- the Session stream: PullTask and PushAnswer exchanges as messages -------------------
-SESSION_CALLS: dict[str, str] = {"pull": "PullTask", "push": "PushAnswer"}
-"""A SessionRequest's ``call`` field -> the unary method whose request it carries."""
-SESSION_REPLIES: dict[str, str] = {"PullTask": "pulled", "PushAnswer": "pushed"}
-"""A method -> the SessionReply field that carries its reply."""
-
-
 def session_request(
-    request: pb.PullTaskRequest | pb.PushAnswerRequest,
+    *, push: pb.PushAnswerRequest | None = None, pull: pb.PullTaskRequest | None = None
 ) -> pb.SessionRequest:
-    """Wrap an encoded PullTask or PushAnswer request as one message of a Session stream."""
-    if isinstance(request, pb.PullTaskRequest):
-        return pb.SessionRequest(pull=request)
-    return pb.SessionRequest(push=request)
+    """One message of a Session stream: an encoded PushAnswer, PullTask, or both (the
+    answer, then the wait for the next task)."""
+    if push is None and pull is None:
+        _fail("SessionRequest", "carries no call (neither push nor pull is set)")
+    return pb.SessionRequest(push=push, pull=pull)
 
 
-def session_call(message: pb.SessionRequest) -> tuple[str, Message]:
-    """The call one Session message carries: (its unary method's name, its request)."""
-    which = message.WhichOneof("call")
-    if which is None:
-        _fail("SessionRequest.call", "none of pull, push is set")
-    request: Message = getattr(message, which)
-    return SESSION_CALLS[which], request
+def session_calls(message: pb.SessionRequest) -> list[tuple[str, Message]]:
+    """The calls one Session message carries, in the order they are served (an answer
+    before the wait for the next task): [(unary method name, its request)], at least one."""
+    calls: list[tuple[str, Message]] = []
+    if message.HasField("push"):
+        calls.append(("PushAnswer", message.push))
+    if message.HasField("pull"):
+        calls.append(("PullTask", message.pull))
+    if not calls:
+        _fail("SessionRequest", "carries no call (neither push nor pull is set)")
+    return calls
 
 
-def session_reply(method: str, reply: Message) -> pb.SessionReply:
-    """Wrap ``method``'s reply as the Session message that answers its request."""
+def session_reply(replies: Sequence[tuple[str, Message]]) -> pb.SessionReply:
+    """The Session message that answers a request: the reply of each call it carried."""
     wrapped = pb.SessionReply()
-    getattr(wrapped, SESSION_REPLIES[method]).CopyFrom(reply)
+    for method, reply in replies:
+        if isinstance(reply, pb.PushAnswerReply) and method == "PushAnswer":
+            wrapped.pushed.CopyFrom(reply)
+        elif isinstance(reply, pb.PullTaskReply) and method == "PullTask":
+            wrapped.pulled.CopyFrom(reply)
+        else:
+            _fail("SessionReply", f"cannot carry a {type(reply).__name__} for {method}")
     return wrapped
 
 
-def pulled(message: pb.SessionReply) -> pb.PullTaskReply:
-    """The PullTask reply a Session message must carry (a coordinator that answers a pull
-    with anything else breaks the protocol)."""
-    _expect_reply(message, "pulled", "PullTask")
-    return message.pulled
+def session_replies(
+    message: pb.SessionReply, request: pb.SessionRequest
+) -> tuple[pb.PushAnswerReply | None, pb.PullTaskReply | None]:
+    """(the PushAnswer reply, the PullTask reply) a Session message brings for ``request``:
+    exactly the replies of the calls it carried (a coordinator that answers with any other
+    set breaks the protocol)."""
+    asked = [
+        name
+        for name, wanted in _session_kinds(request.HasField("push"), request.HasField("pull"))
+        if wanted
+    ]
+    given = [
+        name
+        for name, present in _session_kinds(message.HasField("pushed"), message.HasField("pulled"))
+        if present
+    ]
+    if given != asked:
+        _fail(
+            "SessionReply",
+            f"carries {' and '.join(given) or 'nothing'} for a request that asked for "
+            f"{' and '.join(asked)}",
+        )
+    pushed = message.pushed if message.HasField("pushed") else None
+    pulled = message.pulled if message.HasField("pulled") else None
+    return pushed, pulled
 
 
-def pushed(message: pb.SessionReply) -> pb.PushAnswerReply:
-    """The PushAnswer reply a Session message must carry."""
-    _expect_reply(message, "pushed", "PushAnswer")
-    return message.pushed
-
-
-def _expect_reply(message: pb.SessionReply, field: str, method: str) -> None:
-    which = message.WhichOneof("reply")
-    if which != field:
-        _fail("SessionReply.reply", f"{which or 'nothing'} came back for a {method}")
+def _session_kinds(push: bool, pull: bool) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    return ("a PushAnswer reply", push), ("a PullTask reply", pull)
