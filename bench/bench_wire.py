@@ -13,10 +13,13 @@ frames (PING, WINDOW_UPDATE). Messages are shaped like the demo's: run id
 
 Measured, each over ``--calls`` calls after ``--warmup`` calls on the same connection:
 
-1. raw stub after Join, as the client loop sends them: PushAnswer of a compare answer
-   and of a best-of-7 answer; PullTask returning a compare task and a best-of-7 task,
-   each with 0 and with 10 new log steps;
-2. the real client loop (``run_holder`` with a fake holder) for ``--rounds`` rounds of the
+1. raw stub after Join, as unary calls: PushAnswer of a compare answer and of a best-of-7
+   answer; PullTask returning a compare task and a best-of-7 task, each with 0 and with 10
+   new log steps;
+2. the same on one Session stream, as the client loop sends them: a compare answer alone,
+   and the demo's round (a best-of-7 answer with the next pull, in one message, returning
+   a best-of-7 task with one new step);
+3. the real client loop (``run_holder`` with a fake holder) for ``--rounds`` rounds of the
    demo's task (best-of-7, one new step per round): bytes per round, both directions.
 
 Also printed: the serialized protobuf size of each payload (what framing is added to).
@@ -26,12 +29,13 @@ Usage: ``python bench/bench_wire.py [--calls 200] [--rounds 100]``
 from __future__ import annotations
 
 import argparse
+import queue
 import random
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -291,6 +295,8 @@ def measure_stub_calls(args: argparse.Namespace) -> list[PerCall]:
                     rows.append(
                         _pull_row(stub, proxy, coordinator, credentials, (kind, lam, n_steps), args)
                     )
+            rows.append(_session_row(stub, proxy, coordinator, credentials, False, args))
+            rows.append(_session_row(stub, proxy, coordinator, credentials, True, args))
     finally:
         proxy.close()
         server.stop(grace_s=0)
@@ -361,6 +367,78 @@ def _pull_row(
     )
 
 
+class _Stream:
+    """A Session stream through the raw stub: one message out, its reply back."""
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub):
+        self._outgoing: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
+        self._replies = stub.Session(self._messages())
+
+    def _messages(self) -> Iterator[pb.SessionRequest]:
+        while (message := self._outgoing.get()) is not None:
+            yield message
+
+    def exchange(self, message: pb.SessionRequest) -> pb.SessionReply:
+        self._outgoing.put(message)
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._outgoing.put(None)
+        for _ in self._replies:  # the server ends the stream once ours is done
+            pass
+
+
+def _session_row(
+    stub: pb_grpc.CoordinatorStub,
+    proxy: CountingProxy,
+    coordinator: ScriptedCoordinator,
+    credentials: wire.Credentials,
+    with_pull: bool,
+    args: argparse.Namespace,
+) -> PerCall:
+    """A compare answer alone on the stream, or the demo's round: a best-of-7 answer and the
+    next pull in one message, returning a best-of-7 task with one new step."""
+    lam = 7 if with_pull else 1
+    coordinator.tasks = lambda n: make_task(FIRST_ROUND + n, AnswerKind.BEST_OF, 7, 1)
+    pull = wire.pull_task_request_to_proto(
+        wire.PullTaskCall(credentials, BASE_VERSION, GENESIS, wait_s=20.0)
+    )
+
+    def message(index: int) -> pb.SessionRequest:
+        task_id = task_id_for(RUN_ID, FIRST_ROUND + index, HOLDER)
+        push = wire.push_answer_request_to_proto(
+            wire.PushAnswerCall(credentials, Answer(task_id, choice=1 + index % lam))
+        )
+        return wire.session_request(push=push, pull=pull if with_pull else None)
+
+    stream = _Stream(stub)
+    try:
+        for index in range(args.warmup):
+            stream.exchange(message(index))
+        up, down = bytes_per_call(proxy, lambda i: stream.exchange(message(i)), args.calls)
+    finally:
+        stream.close()
+    replies: list[tuple[str, object]] = [("PushAnswer", pb.PushAnswerReply(accepted=True))]
+    if with_pull:
+        task = make_task(FIRST_ROUND, AnswerKind.BEST_OF, 7, 1)
+        replies.append(("PullTask", wire.pull_task_reply_to_proto(task)))
+    reply = wire.session_reply(replies)  # type: ignore[arg-type]
+    first = message(0)
+    name = (
+        "Session: best-of-7 answer + next pull -> best-of-7 task, 1 new step"
+        if with_pull
+        else "Session: compare answer alone"
+    )
+    return PerCall(
+        name,
+        payload=first.push.answer.ByteSize(),
+        request=first.ByteSize(),
+        up=up,
+        reply=reply.ByteSize(),
+        down=down,
+    )
+
+
 def measure_client_loop(rounds: int) -> tuple[float, float, int]:
     """Bytes per round of the real client loop: (client -> server, server -> client, rounds)."""
 
@@ -393,29 +471,31 @@ def main() -> None:
         f"(no TLS), {args.calls} calls per row after {args.warmup} warm-up calls"
     )
     print(
-        f"  {'bytes per call':<42} {'payload':>7} {'request':>7} {'wire c->s':>9} "
+        f"  {'bytes per call':<68} {'payload':>7} {'request':>7} {'wire c->s':>9} "
         f"{'reply':>5} {'wire s->c':>9}"
     )
     rows = measure_stub_calls(args)
     for row in rows:
         print(
-            f"  {row.name:<42} {row.payload:7d} {row.request:7d} {row.up:9.1f} "
+            f"  {row.name:<68} {row.payload:7d} {row.request:7d} {row.up:9.1f} "
             f"{row.reply:5d} {row.down:9.1f}"
         )
     print(
         "  payload: the serialized Answer or Task alone; request/reply: the whole serialized\n"
         "  message; wire: TCP bytes with HTTP/2 + gRPC framing, headers and control frames"
     )
-    worst = max(row.up for row in rows if row.name.startswith("PushAnswer"))
-    verdict = "met" if worst <= ANSWER_TARGET_BYTES else "NOT met"
-    print(
-        f"  per answer on the wire (PushAnswer, client->server): {worst:.1f} B; "
-        f"target (docs/architecture.md) <= {ANSWER_TARGET_BYTES} B: {verdict}"
-    )
+    for prefix, how in (("PushAnswer", "PushAnswer"), ("Session: compare", "on the stream")):
+        worst = max(row.up for row in rows if row.name.startswith(prefix))
+        verdict = "met" if worst <= ANSWER_TARGET_BYTES else "NOT met"
+        print(
+            f"  per answer on the wire ({how}, client->server): {worst:.1f} B; "
+            f"target (docs/architecture.md) <= {ANSWER_TARGET_BYTES} B: {verdict}"
+        )
     up, down, rounds = measure_client_loop(args.rounds)
     print(
         f"real client loop (run_holder), {rounds} rounds of best-of-7 tasks with 1 new step "
-        f"(PullTask + PushAnswer per round): client->server {up:.1f} B/round, "
+        f"(the answer and the next pull in one Session message a round): client->server "
+        f"{up:.1f} B/round, "
         f"server->client {down:.1f} B/round"
     )
 
