@@ -419,31 +419,26 @@ class _SessionStream:
 
     The stream is opened at the first exchange and again after it ends (a refusal ends it
     with the call's status; a coordinator restart or a network fault breaks it). Its replies
-    are read on a thread of their own into a queue, so that an exchange can give up at its
-    deadline (DEADLINE_EXCEEDED, retried like a call's) or when the stop event is set,
-    which a blocking read cannot.
+    are read on a thread of their own, so that an exchange can give up at its deadline
+    (DEADLINE_EXCEEDED, retried like a call's) or when the stop event is set, which a
+    blocking read cannot. That thread reads one reply per request sent and no more: what a
+    coordinator sends unasked stays in gRPC's flow-control window, never in our memory.
     """
-
-    _CLOSED = object()
 
     def __init__(self, stub: pb_grpc.CoordinatorStub, stop: threading.Event):
         self._stub = stub
         self._stop = stop
-        self._requests: queue.SimpleQueue[object] | None = None
-        self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._call: grpc.CallIterator[pb.SessionReply] | None = None
+        self._open: _OpenStream | None = None
 
     def exchange(self, request: pb.SessionRequest, timeout_s: float) -> pb.SessionReply:
         """Send ``request`` and return its reply; a failure raises ``grpc.RpcError`` (with
         the stream's status) and closes the stream, so the next exchange opens a new one."""
-        if self._requests is None:
-            self._open()
-        assert self._requests is not None
-        self._requests.put(request)
+        stream = self._open or self._start()
+        stream.send(request)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                item = self._replies.get(timeout=_STOP_CHECK_S)
+                item = stream.replies.get(timeout=_STOP_CHECK_S)
             except queue.Empty:
                 if self._stop.is_set():
                     self.close()
@@ -466,39 +461,61 @@ class _SessionStream:
 
     def close(self) -> None:
         """End the stream (if open): no more requests, and the call is cancelled."""
-        requests, call = self._requests, self._call
-        self._requests, self._call = None, None
-        if requests is not None:
-            requests.put(self._CLOSED)
-        if call is not None:
-            call.cancel()
-        self._replies = queue.SimpleQueue()  # what the old stream's reader puts is dropped
+        stream, self._open = self._open, None
+        if stream is not None:
+            stream.close()
 
-    def _open(self) -> None:
-        requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-        replies = self._replies
+    def _start(self) -> _OpenStream:
+        self._open = _OpenStream(self._stub)
+        return self._open
 
-        def outgoing() -> Iterator[pb.SessionRequest]:
-            while True:
-                item = requests.get()
-                if item is self._CLOSED:
-                    return
-                assert isinstance(item, pb.SessionRequest)
-                yield item
 
-        call = self._stub.Session(outgoing())
+class _OpenStream:
+    """One Session call: the requests waiting to go, the replies read, and the reader."""
 
-        def read() -> None:
+    _END = object()
+
+    def __init__(self, stub: pb_grpc.CoordinatorStub):
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._wanted = threading.Semaphore(0)  # replies asked for and not read yet
+        self._closed = threading.Event()
+        self._call = stub.Session(self._outgoing())
+        threading.Thread(target=self._read, name="sottovoce-session", daemon=True).start()
+
+    def send(self, request: pb.SessionRequest) -> None:
+        self._requests.put(request)
+        self._wanted.release()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._requests.put(self._END)
+        self._wanted.release()  # the reader wakes, sees the stream closed and stops
+        self._call.cancel()
+
+    def _outgoing(self) -> Iterator[pb.SessionRequest]:
+        while True:
+            item = self._requests.get()
+            if item is self._END:
+                return
+            assert isinstance(item, pb.SessionRequest)
+            yield item
+
+    def _read(self) -> None:
+        replies = iter(self._call)
+        while True:
+            self._wanted.acquire()
+            if self._closed.is_set():
+                return
             try:
-                for reply in call:
-                    replies.put(reply)
+                reply = next(replies)
+            except StopIteration:
+                self.replies.put(self._END)
+                return
             except grpc.RpcError as error:
-                replies.put(error)
-            else:
-                replies.put(self._CLOSED)
-
-        threading.Thread(target=read, name="sottovoce-session", daemon=True).start()
-        self._requests, self._call = requests, call
+                self.replies.put(error)
+                return
+            self.replies.put(reply)
 
 
 class _StreamError(grpc.RpcError):

@@ -42,6 +42,13 @@ endpoint. :func:`serve` reads the
 limits from the endpoint's run config (the Coordinator's ``[server]`` section) unless
 given them.
 
+The Session stream: a holder may send its PullTask and PushAnswer calls as messages on one
+bidirectional stream (:meth:`CoordinatorServicer.handle_session`), an answer and the next
+pull in one message, because a message costs a fraction of a call. Each message is served
+exactly as the calls it carries, in order, through the same checks, limits, statuses and
+journal waits; a refused call ends the stream with its status. A holder keeps at most
+``max_polls_per_holder`` streams open.
+
 Serving (``grpc.aio``): one event loop, in a thread of its own, serves every call, so a
 waiting long-poll costs a coroutine and a few hundred bytes, not a thread. For the real
 :class:`~sottovoce.server.coordinator.Coordinator` the loop calls it directly (its calls

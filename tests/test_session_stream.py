@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sottovoce.client.grpc_loop import RetryPolicy, WireTraffic, run_holder
+from sottovoce.client.grpc_loop import RetryPolicy, WireTraffic, _SessionStream, run_holder
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.errors import TransportError
 from sottovoce.common.proto import sottovoce_pb2 as pb
@@ -567,3 +567,38 @@ def test_an_answer_and_the_next_pull_go_in_one_message_the_answer_first(
         assert code is grpc.StatusCode.FAILED_PRECONDITION
         assert spy.calls == [*calls_before, "push"]
     assert [r.round_index for r in state.rounds] == [0]
+
+
+class Floods(pb_grpc.CoordinatorServicer):
+    """A hostile coordinator: thousands of replies, asked for or not, on every stream."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def Session(self, requests: Iterator[pb.SessionRequest], context: Any) -> Iterator[Any]:  # noqa: N802
+        next(requests)
+        reply = wire.session_reply([("PullTask", wire.pull_task_reply_to_proto(None))])
+        for _ in range(5000):
+            self.sent += 1
+            yield reply
+
+
+def test_replies_nobody_asked_for_are_never_read_into_the_holders_memory() -> None:
+    servicer = Floods()
+    server, address = sync_server(servicer)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stream = _SessionStream(pb_grpc.CoordinatorStub(channel), threading.Event())
+            message = wire.session_request(pull=pb.PullTaskRequest())
+            assert stream.exchange(message, timeout_s=5).HasField("pulled")
+            deadline = time.monotonic() + 5
+            while servicer.sent < 100 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the coordinator has pushed many more at us
+            time.sleep(0.2)
+            assert servicer.sent >= 100
+            opened = stream._open
+            assert opened is not None and opened.replies.qsize() == 0  # one asked, one read
+            assert stream.exchange(message, timeout_s=5).HasField("pulled")  # the next one
+            stream.close()
+    finally:
+        server.stop(0)
