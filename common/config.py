@@ -159,7 +159,7 @@ class ServerSection(_Section):
     rate_limit_burst: int = Field(default=50, ge=1, le=1_000_000)
     join_rate_limit_per_s: float = Field(default=1.0, gt=0, le=1e6)
     join_rate_limit_burst: int = Field(default=10, ge=1, le=1_000_000)
-    max_polls_per_holder: int = Field(default=4, ge=1, le=1024)  # PullTasks waiting at once
+    max_polls_per_holder: int = Field(default=4, ge=1, le=1024)  # PullTasks waiting, streams open
     # A holder asked in this many rounds in a row that closed without its answer is
     # evicted (it may join again); a round then no longer waits for it. Left out of the
     # fingerprint like the limits: it says how the coordinator defends its rounds.
