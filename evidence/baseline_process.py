@@ -26,6 +26,7 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.protocol.messages import FitnessSpec
 from sottovoce.common.resources import peak_rss_bytes
+from sottovoce.common.startup import start_up
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train, trainable_copy
 from sottovoce.evidence.scoring import SharedPrefixScorer
 
@@ -94,7 +95,8 @@ def _main(job: BaselineJob, out: Path) -> None:
     """The baseline's process: load, prefix, train, write result and weights."""
     started = time.perf_counter()
     torch.set_num_threads(job.threads)
-    loaded = load_model(job.model_name, dtype="float32", cache_dir=job.cache_dir)
+    with start_up():  # this process's own: its start-up is not walked again, nor at exit
+        loaded = load_model(job.model_name, dtype="float32", cache_dir=job.cache_dir)
     loaded_s = time.perf_counter() - started
     fitness = build_fitness(job.fitness, loaded.tokenizer)
     split = job.config.first_trained_block(loaded.model)
