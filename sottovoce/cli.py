@@ -144,11 +144,12 @@ def server(
     run_dir = run_dir or Path("runs") / config.run.name
     listen = address or config.server.address
     tls = _transport_security(listen, certs, cert_name, insecure)
-    with start_up():  # the imports (and the model, for its fingerprint)
+    # gRPC and the coordinator: given the model's fingerprint ([model] fingerprint) it
+    # serves without torch; otherwise the model is loaded here for it.
+    with start_up():
         from sottovoce.api import open_coordinator
         from sottovoce.server.grpc_service import serve
         from sottovoce.server.metrics import DEFAULT_METRICS_ADDRESS, CoordinatorMetrics
-        from sottovoce.server.run_report import coordinator_report, measure_public_quality
 
         coordinator = open_coordinator(config_path, run_dir)
     metrics = None if metrics_address == "off" else CoordinatorMetrics(coordinator)
@@ -178,6 +179,10 @@ def server(
     )
     try:
         coordinator.wait_finished()
+        # The report measures the model (torch, transformers): imported once it is needed.
+        with start_up():
+            from sottovoce.server.run_report import coordinator_report, measure_public_quality
+
         state = coordinator.state
         path = state.write_report(coordinator_report(config, state, coordinator.spec))
         click.echo(f"run finished: {state.finished_reason}; report {path}", err=True)
