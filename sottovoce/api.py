@@ -26,16 +26,17 @@ from sottovoce.common.config import RunConfig, parse_config, read_toml
 from sottovoce.common.data import Record, load_numbered_records, load_records
 from sottovoce.common.dtypes import DTYPE_NAMES, torch_dtype
 from sottovoce.common.errors import ConfigError
-from sottovoce.server.coordinator import Coordinator
-from sottovoce.server.run_state import RunState
 
-# torch and transformers (seconds to import) are imported by the functions that load a
-# model or open a ledger, not here: a coordinator given its model's fingerprint starts
-# serving without them (`sottovoce server`, a restart after a crash).
+# The heavy modules are imported by the functions that need them, not here: torch and
+# transformers (seconds) only where a model is loaded or a ledger opened, so a coordinator
+# given its model's fingerprint starts serving without them (`sottovoce server`, a restart
+# after a crash); the coordinator's (cma, scipy) only by open_coordinator, so a holder's
+# process never loads them.
 if TYPE_CHECKING:
     from sottovoce.client.holder import DataHolder
     from sottovoce.client.ledger import Ledger
     from sottovoce.common.models import LoadedModel
+    from sottovoce.server.coordinator import Coordinator
 
 log = logging.getLogger("sottovoce.holder")
 
@@ -58,6 +59,9 @@ def open_coordinator(
     The coordinator needs the base model's fingerprint, not its weights: pass it (or put
     it in the config's ``[model] fingerprint``) to avoid loading the model here.
     """
+    from sottovoce.server.coordinator import Coordinator
+    from sottovoce.server.run_state import RunState
+
     config, text = read_config(config_path)
     fingerprint = model_fingerprint or config.model.fingerprint
     if not fingerprint:
