@@ -13,6 +13,8 @@ walk it. The collector is on again for the run itself, whose garbage it does col
 from __future__ import annotations
 
 import gc
+import importlib
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,3 +35,19 @@ def start_up() -> Iterator[None]:
         gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def call_started_up(target: str, call: bytes) -> None:
+    """Import ``target`` (``"module:function"``), unpickle its arguments ``call``, both in
+    :func:`start_up`, then call it: the target of a process started with ``spawn``.
+
+    A spawned process unpickles its target and arguments, importing their modules (torch,
+    transformers), before any code of its own runs, so with the collector on. Handed this
+    light function, the target's name and the pickled arguments instead, it imports them
+    without the collector and frozen, like a CLI process.
+    """
+    with start_up():
+        module, _, name = target.partition(":")
+        function = getattr(importlib.import_module(module), name)
+        args = pickle.loads(call)  # from the parent process, as multiprocessing's own are
+    function(*args)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import gc
+import pickle
 
 import pytest
 
-from sottovoce.common.startup import start_up
+from sottovoce.common.startup import call_started_up, start_up
+
+CALLS: list[tuple[object, ...]] = []
+
+
+def _record(*args: object) -> None:
+    CALLS.append((gc.isenabled(), *args))
 
 
 def test_the_collector_is_off_inside_then_on_and_the_start_up_frozen() -> None:
@@ -32,3 +39,8 @@ def test_a_collector_that_was_off_stays_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_spawn_target_is_found_by_name_and_called_on_its_unpickled_arguments() -> None:
+    call_started_up(f"{__name__}:_record", pickle.dumps((1, "two")))
+    assert CALLS[-1] == (True, 1, "two")  # called after the start-up, the collector on
