@@ -43,19 +43,19 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from sottovoce.common.errors import AccountingError
 from sottovoce.common.protocol.answers import AnswerKind, choice_outcomes
 from sottovoce.common.protocol.messages import DpSpec
 
-_ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-_REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+# dp-accounting (with scipy.stats and scipy.signal: most of a second) is imported where an
+# event is first composed or calibrated: every holder's process opens a ledger, and one
+# that never releases a DP answer never needs the accountant.
+if TYPE_CHECKING:
+    import dp_accounting
 ACCOUNTANT_NAME = "dp-accounting 0.6.0 RDP (add/remove-one neighbours)"
 NEIGHBOURING_RELATION = "add-or-remove-one"
 # dp-accounting's default RDP orders, plus larger ones: a long-lived ledger at a small
@@ -90,6 +90,8 @@ class PoissonGaussian:
             raise AccountingError(f"sampling_rate must be in (0, 1] (got {self.sampling_rate!r})")
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         return dp_accounting.PoissonSampledDpEvent(
             self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
         )
@@ -134,6 +136,8 @@ class RandomizedResponse:
         return 1.0 / (1.0 + (self.outcomes - 1) * shrink)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         return dp_accounting.RandomizedResponseDpEvent(self.uniform_probability, self.outcomes)
 
     def to_json(self) -> dict[str, Any]:
@@ -166,6 +170,8 @@ class Gaussian:
         return self.noise_std / self.sensitivity
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         return dp_accounting.GaussianDpEvent(self.noise_multiplier)
 
     def to_json(self) -> dict[str, Any]:
@@ -302,7 +308,14 @@ def events_curve(events: Iterable[DpEvent]) -> np.ndarray:
 @functools.lru_cache(maxsize=1024)
 def _event_rdp(event: DpEvent) -> np.ndarray:
     """One event's RDP curve over ``RDP_ORDERS``, by dp-accounting (see the module doc)."""
-    relation = _REPLACE_ONE if isinstance(event, RandomizedResponse) else _ADD_OR_REMOVE
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    relation = (
+        NeighboringRelation.REPLACE_ONE
+        if isinstance(event, RandomizedResponse)
+        else NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
     accountant = RdpAccountant(list(RDP_ORDERS), relation)
     with _quiet_absl():
         accountant.compose(event.to_dp_event())
@@ -312,6 +325,8 @@ def _event_rdp(event: DpEvent) -> np.ndarray:
 
 
 def _epsilon(rdp: np.ndarray, delta: float) -> float:
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
     epsilon, _ = compute_epsilon(RDP_ORDERS, rdp.tolist(), delta)
     return float(epsilon)
 
@@ -413,9 +428,12 @@ def _calibrate(
             f"no noise multiplier up to {MAX_CALIBRATED_NOISE_MULTIPLIER:g} keeps {steps} steps "
             f"{where}within epsilon {target_epsilon:g}"
         )
+    import dp_accounting
+
+    batch, trial = _calibration_types()
     sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: _Trial(base),
-        lambda sigma: _Batch(make_event(sigma), steps),
+        lambda: trial(base),
+        lambda sigma: batch(make_event(sigma), steps),
         target_epsilon,
         delta,
         dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
@@ -429,39 +447,48 @@ def answer_epsilon(event: DpEvent, delta: float) -> float:
     return PrivacyAccountant([event]).epsilon(delta)
 
 
-@dataclass(frozen=True)
-class _Batch(dp_accounting.DpEvent):
-    """``count`` copies of one of our events, as a dp-accounting event for calibration."""
+@functools.cache
+def _calibration_types() -> tuple[type[Any], type[Any]]:
+    """``(_Batch, _Trial)``: dp-accounting's interfaces around our events and accountant,
+    defined on first use (they subclass dp-accounting's classes; see the module's imports)."""
+    import dp_accounting
 
-    event: DpEvent
-    count: int
+    @dataclass(frozen=True)
+    class _Batch(dp_accounting.DpEvent):
+        """``count`` copies of one of our events, as a dp-accounting event for calibration."""
 
+        event: DpEvent
+        count: int
 
-class _Trial(dp_accounting.PrivacyAccountant):
-    """A throw-away copy of a :class:`PrivacyAccountant` in dp-accounting's interface, so
-    ``calibrate_dp_mechanism`` bisects on exactly the accountant that will later charge."""
+    class _Trial(dp_accounting.PrivacyAccountant):
+        """A throw-away copy of a :class:`PrivacyAccountant` in dp-accounting's interface, so
+        ``calibrate_dp_mechanism`` bisects on exactly the accountant that will later charge."""
 
-    def __init__(self, base: PrivacyAccountant) -> None:
-        super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-        self._inner = copy.deepcopy(base)
+        def __init__(self, base: PrivacyAccountant) -> None:
+            super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+            self._inner = copy.deepcopy(base)
 
-    def supports(self, event: dp_accounting.DpEvent) -> bool:
-        return isinstance(event, _Batch)
+        def supports(self, event: dp_accounting.DpEvent) -> bool:
+            return isinstance(event, _Batch)
 
-    def _maybe_compose(self, event: dp_accounting.DpEvent, count: int, do_compose: bool) -> None:
-        if not isinstance(event, _Batch):
-            return dp_accounting.privacy_accountant.CompositionErrorDetails(
-                invalid_event=event, error_message="not a calibration batch"
-            )
-        if do_compose:
-            self._inner.compose(event.event, event.count * count)
-        return None
+        def _maybe_compose(
+            self, event: dp_accounting.DpEvent, count: int, do_compose: bool
+        ) -> None:
+            if not isinstance(event, _Batch):
+                return dp_accounting.privacy_accountant.CompositionErrorDetails(
+                    invalid_event=event, error_message="not a calibration batch"
+                )
+            if do_compose:
+                self._inner.compose(event.event, event.count * count)
+            return None
 
-    def get_epsilon(self, target_delta: float) -> float:
-        return self._inner.epsilon(target_delta)
+        def get_epsilon(self, target_delta: float) -> float:
+            return self._inner.epsilon(target_delta)
 
-    def get_delta(self, target_epsilon: float) -> float:
-        raise NotImplementedError("calibration only asks for epsilon")
+        def get_delta(self, target_epsilon: float) -> float:
+            raise NotImplementedError("calibration only asks for epsilon")
+
+    return _Batch, _Trial
 
 
 @contextlib.contextmanager

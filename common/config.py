@@ -188,6 +188,10 @@ class SimulateSection(_Section):
     threads_per_holder: int = Field(default=1, ge=1)
     eval_threads: int = Field(default=2, ge=1)
     eval_split: Literal["test", "dev"] = "test"
+    # At most this many examples of each bundled out-of-domain set in the before/after
+    # quality figures, a seeded sample (None: common.quality.OOD_CAP, 1000); what
+    # `sottovoce evaluate --ood-cap` is for an evaluation.
+    ood_cap: int | None = Field(default=None, ge=1)
     max_holder_policy_bits: float = Field(default=100_000.0, gt=0)
     # The simulated holders' drift caps: how far x (the parametrization's coordinates) may
     # move from the base in total, per coordinate and in L2 norm (None: no L2 cap).

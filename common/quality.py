@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -247,6 +246,8 @@ def margin_auc(margins: np.ndarray, labels: np.ndarray) -> float | None:
     positive, negative = margins[labels == 1], margins[labels == 0]
     if len(positive) == 0 or len(negative) == 0:
         return None
+    from scipy.stats import mannwhitneyu  # here: a holder's process never needs scipy.stats
+
     statistic = mannwhitneyu(positive, negative, alternative="two-sided").statistic
     return float(statistic) / (len(positive) * len(negative))
 

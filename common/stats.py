@@ -3,6 +3,10 @@
 Computed with maintained libraries (statsmodels) where one exists, so a reader can check the
 method by name: Wilson score intervals and the exact (binomial) McNemar test. The
 generalization bounds are :mod:`sottovoce.common.bounds`.
+
+statsmodels (with pandas and scipy.stats: about half a second) is imported by the functions
+that use it: a holder's process imports this module (through the quality figures) but
+computes no report statistics.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.proportion import proportion_confint
 
 from sottovoce.common.errors import ConfigError
 
@@ -31,6 +33,8 @@ def accuracy_interval(
     if flags.size == 0:
         raise ConfigError("accuracy_interval needs at least one example")
     hits = int(flags.sum())
+    from statsmodels.stats.proportion import proportion_confint
+
     low, high = proportion_confint(hits, flags.size, alpha=1.0 - confidence, method="wilson")
     return hits / flags.size, float(low), float(high)
 
@@ -64,6 +68,8 @@ def mcnemar_pvalue(before: Sequence[bool], after: Sequence[bool]) -> McNemarResu
     if improved + worsened == 0:
         return McNemarResult(improved=0, worsened=0, p_value=1.0)
     table = [[int(np.sum(old & new)), worsened], [improved, int(np.sum(~old & ~new))]]
+    from statsmodels.stats.contingency_tables import mcnemar
+
     result = mcnemar(table, exact=True)
     return McNemarResult(improved=improved, worsened=worsened, p_value=float(result.pvalue))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from sottovoce.common.fitness import build_fitness
 from sottovoce.common.models import load_model
 from sottovoce.common.protocol.messages import FitnessSpec
 from sottovoce.common.resources import peak_rss_bytes
+from sottovoce.common.startup import call_started_up, start_up
 from sottovoce.evidence.baseline import BaselineConfig, TrainingResult, train, trainable_copy
 from sottovoce.evidence.scoring import SharedPrefixScorer
 
@@ -58,7 +60,10 @@ def train_in_own_process(
     """Train the baseline in a fresh process; return it (on ``base``'s copy) and its cost."""
     with tempfile.TemporaryDirectory(prefix="sottovoce-baseline-") as folder:
         out = Path(folder)
-        process = multiprocessing.get_context("spawn").Process(target=_main, args=(job, out))
+        call = pickle.dumps((job, out))  # unpickled in the process, without the collector
+        process = multiprocessing.get_context("spawn").Process(
+            target=call_started_up, args=(f"{__name__}:{_main.__name__}", call)
+        )
         process.start()
         process.join()
         if process.exitcode != 0 or not (out / RESULT).exists():
@@ -94,7 +99,8 @@ def _main(job: BaselineJob, out: Path) -> None:
     """The baseline's process: load, prefix, train, write result and weights."""
     started = time.perf_counter()
     torch.set_num_threads(job.threads)
-    loaded = load_model(job.model_name, dtype="float32", cache_dir=job.cache_dir)
+    with start_up():  # this process's own: its start-up is not walked again, nor at exit
+        loaded = load_model(job.model_name, dtype="float32", cache_dir=job.cache_dir)
     loaded_s = time.perf_counter() - started
     fitness = build_fitness(job.fitness, loaded.tokenizer)
     split = job.config.first_trained_block(loaded.model)

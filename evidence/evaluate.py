@@ -54,14 +54,8 @@ from sottovoce.evidence.membership import (
     offline_lira_scores,
 )
 from sottovoce.evidence.scoring import SharedPrefixScorer, changed_tensors
-from sottovoce.server.export import (
-    LOG_FILE,
-    coordinator_dir,
-    read_run_config,
-    read_run_log,
-    replay,
-)
-from sottovoce.server.run_state import REPORT
+from sottovoce.server.export import LOG_FILE, read_run_log, replay
+from sottovoce.server.run_state import REPORT, coordinator_dir, read_run_config
 
 BASE = "base model (never saw the data)"
 BASELINE = "backprop baseline"

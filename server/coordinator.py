@@ -451,6 +451,14 @@ class Coordinator:
             self._close_locked("deadline")
         if self._round is None:
             self._maybe_open_locked()
+            if self._round is not None:
+                # Every answer may be in before it opened (journaled before a restart, or
+                # sent to the new coordinator before enough holders were back): then no
+                # answer can arrive to close it, so it closes now and the next one opens,
+                # rather than every holder idling until its deadline.
+                self._maybe_close_locked()
+                if self._round is None:
+                    self._maybe_open_locked()
 
     def _maybe_open_locked(self) -> None:
         needed = (

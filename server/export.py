@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 from peft import LoraConfig, get_peft_model
 
-from sottovoce.common.config import RunConfig, load_config
+from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.models import LoadedModel, load_model
 from sottovoce.common.parametrizations.lora import LoraParametrization
@@ -32,13 +32,14 @@ from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.steplog import StepLog, genesis_hash
 from sottovoce.common.storage import read_json_lines
 from sottovoce.server.run_state import (
-    CONFIG_COPY,
     JOURNAL,
     LOG,
     REPORT,
     RUN_META,
+    coordinator_dir,
     journal_steps,
     read_meta,
+    read_run_config,
 )
 
 LOG_FILE = "sottovoce_log.json"
@@ -107,28 +108,6 @@ def write_peft_adapter(
         wrapped.save_pretrained(str(out_dir))
     finally:
         wrapped.unload()
-
-
-def coordinator_dir(run_dir: Path) -> Path:
-    """The coordinator's state folder: ``run_dir`` itself, or ``run_dir/coordinator``.
-
-    ``sottovoce server --run-dir`` writes the state into the folder it is given;
-    ``sottovoce simulate`` puts it under ``coordinator/`` next to the holders' folders.
-    """
-    if not (run_dir / RUN_META).exists() and (run_dir / "coordinator" / RUN_META).exists():
-        return run_dir / "coordinator"
-    return run_dir
-
-
-def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The run's config (the copy the coordinator kept) and its metadata."""
-    meta_path = run_dir / RUN_META
-    if not meta_path.exists():
-        raise ConfigError(
-            f"{run_dir}: not a run directory (no {RUN_META}); give the folder "
-            "`sottovoce simulate` printed or `sottovoce server --run-dir`'s"
-        )
-    return load_config(run_dir / CONFIG_COPY), read_meta(meta_path)
 
 
 def read_run_log(run_dir: Path, config: RunConfig, fingerprint: str) -> tuple[StepLog, float]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sottovoce.common.config import RunConfig
+from sottovoce.common.config import RunConfig, load_config
 from sottovoce.common.errors import ConfigError, LogIntegrityError
 from sottovoce.common.protocol.messages import Candidate
 from sottovoce.common.steplog import Step, StepLog, genesis_hash
@@ -368,6 +368,31 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or "run_id" not in meta:
         raise LogIntegrityError(f"{path}: not a sottovoce run (no run_id)")
     return meta
+
+
+def coordinator_dir(run_dir: Path) -> Path:
+    """The coordinator's state folder: ``run_dir`` itself, or ``run_dir/coordinator``.
+
+    ``sottovoce server --run-dir`` writes the state into the folder it is given;
+    ``sottovoce simulate`` puts it under ``coordinator/`` next to the holders' folders.
+    """
+    if not (run_dir / RUN_META).exists() and (run_dir / "coordinator" / RUN_META).exists():
+        return run_dir / "coordinator"
+    return run_dir
+
+
+def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config (the copy the coordinator kept) and its metadata.
+
+    Light (no torch): ``sottovoce export`` checks its --run with it before the heavy imports.
+    """
+    meta_path = run_dir / RUN_META
+    if not meta_path.exists():
+        raise ConfigError(
+            f"{run_dir}: not a run directory (no {RUN_META}); give the folder "
+            "`sottovoce simulate` printed or `sottovoce server --run-dir`'s"
+        )
+    return load_config(run_dir / CONFIG_COPY), read_meta(meta_path)
 
 
 def _answer_from_json(record: dict[str, Any]) -> AnswerRecord:

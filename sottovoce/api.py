@@ -19,19 +19,24 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sottovoce.client.dataset_identity import open_dataset_ledger
-from sottovoce.client.holder import DataHolder, check_offline
-from sottovoce.client.ledger import Ledger
 from sottovoce.client.policy import HolderPolicy, load_policy
 from sottovoce.common.config import RunConfig, parse_config, read_toml
 from sottovoce.common.data import Record, load_numbered_records, load_records
 from sottovoce.common.dtypes import DTYPE_NAMES, torch_dtype
 from sottovoce.common.errors import ConfigError
-from sottovoce.common.fitness import examples_named
-from sottovoce.common.models import LoadedModel, load_model
-from sottovoce.server.coordinator import Coordinator
-from sottovoce.server.run_state import RunState
+
+# The heavy modules are imported by the functions that need them, not here: torch and
+# transformers (seconds) only where a model is loaded or a ledger opened, so a coordinator
+# given its model's fingerprint starts serving without them (`sottovoce server`, a restart
+# after a crash); the coordinator's (cma, scipy) only by open_coordinator, so a holder's
+# process never loads them.
+if TYPE_CHECKING:
+    from sottovoce.client.holder import DataHolder
+    from sottovoce.client.ledger import Ledger
+    from sottovoce.common.models import LoadedModel
+    from sottovoce.server.coordinator import Coordinator
 
 log = logging.getLogger("sottovoce.holder")
 
@@ -54,12 +59,17 @@ def open_coordinator(
     The coordinator needs the base model's fingerprint, not its weights: pass it (or put
     it in the config's ``[model] fingerprint``) to avoid loading the model here.
     """
+    from sottovoce.server.coordinator import Coordinator
+    from sottovoce.server.run_state import RunState
+
     config, text = read_config(config_path)
-    fingerprint = (
-        model_fingerprint
-        or config.model.fingerprint
-        or load_model(config.model.name, dtype="float32", cache_dir=cache_dir).fingerprint
-    )
+    fingerprint = model_fingerprint or config.model.fingerprint
+    if not fingerprint:
+        from sottovoce.common.models import load_model
+
+        fingerprint = load_model(
+            config.model.name, dtype="float32", cache_dir=cache_dir
+        ).fingerprint
     state = RunState.open(run_dir, config, text, fingerprint)
     return Coordinator(config, state, fingerprint)
 
@@ -83,6 +93,8 @@ def open_ledger(policy_path: Path, data_path: Path, *, read_only: bool = False) 
 def _dataset_ledger(
     policy: HolderPolicy, records: list[Record], data_path: Path, *, read_only: bool = False
 ) -> Ledger:
+    from sottovoce.client.dataset_identity import open_dataset_ledger
+
     ledger = open_dataset_ledger(
         policy.ledger_dir,
         records,
@@ -117,6 +129,10 @@ def open_holder(
     """
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype: must be one of {list(DTYPE_NAMES)} (got {dtype!r})")
+    from sottovoce.client.holder import DataHolder, check_offline
+    from sottovoce.common.fitness import examples_named
+    from sottovoce.common.models import load_model
+
     if loaded_inputs is None:
         policy = load_policy(policy_path)
         records, lines = load_numbered_records(

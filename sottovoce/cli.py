@@ -22,6 +22,7 @@ from sottovoce.common.errors import ConfigError, SottovoceError
 
 if TYPE_CHECKING:
     from sottovoce.client.holder import DataHolder
+    from sottovoce.common.config import RunConfig
     from sottovoce.common.transport.channel import TlsConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,11 +53,11 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_config(config_path: Path) -> None:
+def check_config(config_path: Path) -> RunConfig:
     """Validate the run config before the heavy imports (torch, gRPC): a typo costs < 1 s."""
     from sottovoce.common.config import load_config
 
-    load_config(config_path)
+    return load_config(config_path)
 
 
 def _insecure_warning() -> None:
@@ -135,17 +136,22 @@ def server(
     metrics_address: str | None,
 ) -> None:
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
-    check_config(config_path)
-    from sottovoce.api import open_coordinator, read_config
-    from sottovoce.server.grpc_service import serve
-    from sottovoce.server.metrics import DEFAULT_METRICS_ADDRESS, CoordinatorMetrics
-    from sottovoce.server.run_report import coordinator_report, measure_public_quality
+    config = check_config(config_path)
+    from sottovoce.common.startup import start_up
 
-    config, _ = read_config(config_path)
+    # The transport first too: its errors in well under a second, before torch,
+    # transformers and gRPC are imported (seconds).
     run_dir = run_dir or Path("runs") / config.run.name
     listen = address or config.server.address
     tls = _transport_security(listen, certs, cert_name, insecure)
-    coordinator = open_coordinator(config_path, run_dir)
+    # gRPC and the coordinator: given the model's fingerprint ([model] fingerprint) it
+    # serves without torch; otherwise the model is loaded here for it.
+    with start_up():
+        from sottovoce.api import open_coordinator
+        from sottovoce.server.grpc_service import serve
+        from sottovoce.server.metrics import DEFAULT_METRICS_ADDRESS, CoordinatorMetrics
+
+        coordinator = open_coordinator(config_path, run_dir)
     metrics = None if metrics_address == "off" else CoordinatorMetrics(coordinator)
     if metrics is not None:
         try:
@@ -173,6 +179,10 @@ def server(
     )
     try:
         coordinator.wait_finished()
+        # The report measures the model (torch, transformers): imported once it is needed.
+        with start_up():
+            from sottovoce.server.run_report import coordinator_report, measure_public_quality
+
         state = coordinator.state
         path = state.write_report(coordinator_report(config, state, coordinator.spec))
         click.echo(f"run finished: {state.finished_reason}; report {path}", err=True)
@@ -263,23 +273,26 @@ def client(
     policy = load_policy(policy_path)
     records, lines = load_numbered_records(data_path, required_fields=policy.fitness.record_fields)
 
-    import torch
+    from sottovoce.common.startup import start_up
 
-    from sottovoce.api import open_holder
-    from sottovoce.client.grpc_loop import WireTraffic, run_holder
-    from sottovoce.common.storage import atomic_write_json
+    with start_up():  # the imports and the model: seconds, less without the collector
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    holder = open_holder(
-        data_path,
-        policy_path,
-        holder_id=holder_id,
-        model_name=model_name,
-        dtype=dtype,
-        status_path=status_path,
-        loaded_inputs=(policy, records, lines),
-    )
+        from sottovoce.api import open_holder
+        from sottovoce.client.grpc_loop import WireTraffic, run_holder
+        from sottovoce.common.storage import atomic_write_json
+
+        if threads:
+            torch.set_num_threads(threads)
+        holder = open_holder(
+            data_path,
+            policy_path,
+            holder_id=holder_id,
+            model_name=model_name,
+            dtype=dtype,
+            status_path=status_path,
+            loaded_inputs=(policy, records, lines),
+        )
     click.echo(
         f"{holder_id}: lifetime ledger {holder.ledger.path} ({holder.ledger.spent_bits:.1f} of "
         f"{holder.policy.max_bits:g} bits spent; it is never reset: a new run continues it)",
@@ -322,7 +335,12 @@ def _epsilon_line(holder: DataHolder) -> str:
 @user_errors
 def export(run_dir: Path, out_dir: Path) -> None:
     """Replay a run's log on the base model and write a Hugging Face checkpoint."""
-    from sottovoce.server.export import export_run
+    from sottovoce.common.startup import start_up
+    from sottovoce.server.run_state import coordinator_dir, read_run_config
+
+    read_run_config(coordinator_dir(run_dir))  # not a run: said before torch is imported
+    with start_up():
+        from sottovoce.server.export import export_run
 
     result = export_run(run_dir, out_dir)
     click.echo(
@@ -367,8 +385,11 @@ def simulate(
     the run directory, the exported model and next commands at the end.
     """
     check_config(config_path)
-    from sottovoce.reporting import next_steps, print_report
-    from sottovoce.simulate import simulate as run_simulation
+    from sottovoce.common.startup import start_up
+
+    with start_up():
+        from sottovoce.reporting import next_steps, print_report
+        from sottovoce.simulate import simulate as run_simulation
 
     report = run_simulation(config_path, run_dir=run_dir, report_path=report_path, engine=engine)
     print_report(report)
@@ -455,12 +476,15 @@ def evaluate(
     Needs the training data: run it where the data is (a holder, an auditor), never at the
     coordinator.
     """
-    import torch
+    from sottovoce.common.startup import start_up
 
-    from sottovoce.evidence.baseline import BaselineConfig
-    from sottovoce.evidence.evaluate import EvaluateOptions
-    from sottovoce.evidence.evaluate import evaluate as run_evaluation
-    from sottovoce.evidence.report import write_report
+    with start_up():
+        import torch
+
+        from sottovoce.evidence.baseline import BaselineConfig
+        from sottovoce.evidence.evaluate import EvaluateOptions
+        from sottovoce.evidence.evaluate import evaluate as run_evaluation
+        from sottovoce.evidence.report import write_report
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir}: exists and is not empty; choose a new folder")
@@ -499,9 +523,13 @@ def evaluate(
 @user_errors
 def fingerprint(model_name: str) -> None:
     """Print a model's fingerprint (for a policy's expected_model_fingerprint)."""
-    from sottovoce.common.models import load_model
+    from sottovoce.common.startup import start_up
 
-    click.echo(load_model(model_name, dtype="float32").fingerprint)
+    with start_up():
+        from sottovoce.common.models import load_model
+
+        loaded = load_model(model_name, dtype="float32")
+    click.echo(loaded.fingerprint)
 
 
 @main.command()
@@ -517,10 +545,13 @@ def fingerprint(model_name: str) -> None:
 @user_errors
 def ledger(policy_path: Path, data_path: Path, html_path: Path | None, as_json: bool) -> None:
     """Show a data set's lifetime ledger: every release, its cost, what remains, refusals."""
-    from sottovoce.api import open_ledger
-    from sottovoce.client.ledger_report import render_html
-    from sottovoce.client.refusal_log import read_refusals, refusal_log_path
-    from sottovoce.common.storage import atomic_write_text
+    from sottovoce.common.startup import start_up
+
+    with start_up():
+        from sottovoce.api import open_ledger
+        from sottovoce.client.ledger_report import render_html
+        from sottovoce.client.refusal_log import read_refusals, refusal_log_path
+        from sottovoce.common.storage import atomic_write_text
 
     with open_ledger(policy_path, data_path, read_only=True) as book:
         refusals = read_refusals(refusal_log_path(book.path))

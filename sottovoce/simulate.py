@@ -34,7 +34,7 @@ from sottovoce.api import read_config
 from sottovoce.common.config import RunConfig
 from sottovoce.common.errors import ConfigError, SottovoceError
 from sottovoce.common.models import load_model
-from sottovoce.common.quality import ood_records, quality_section
+from sottovoce.common.quality import OOD_CAP, ood_records, quality_section
 from sottovoce.federation import Federation, prepare_federation
 from sottovoce.heldout import HELDOUT, HeldOut
 from sottovoce.progress import counted_phase
@@ -243,7 +243,7 @@ def simulate(
     console.print(
         f"held-out split: {len(federation.test)} examples, sha256 {federation.test_hash[:16]}"
     )
-    ood = ood_records()
+    ood = ood_records(cap=config.simulate.ood_cap or OOD_CAP)
     label = "measuring the base model (held-out, out-of-domain, general text)"
     with counted_phase(console, label, "forward passes") as advance:
         meter, windows = held_out.quality_meter(federation.test, ood, on_forward=advance)

@@ -33,11 +33,12 @@ REPORT_FIELDS = {
 
 
 def simulate_config(folder: Path) -> Path:
-    """Two holders, four rounds of one bit each, on the tiny model and bundled data."""
+    """Two holders, four rounds of one bit each, on the tiny model and bundled data (and
+    100 of the out-of-domain reviews, not 1000: two thirds of the quality figures' passes)."""
     return write_run_config(
         folder / "run.toml",
         run={"name": "cli-sim", "max_rounds": 4, "bit_budget": 100.0},
-        simulate={"holders": 2, "test_size": 60, "dev_size": 20, "train_size": 60},
+        simulate={"holders": 2, "test_size": 60, "dev_size": 20, "train_size": 60, "ood_cap": 100},
         server={"min_holders": 2, "quorum": 1},
     )
 
@@ -62,6 +63,7 @@ def test_simulate_runs_a_federation_end_to_end(tmp_path: Path) -> None:
     assert report["bits_spent_per_holder"] == {"holder-0": 4.0, "holder-1": 4.0}
     assert report["bits_spent_total"] == sum(report["bits_spent_per_holder"].values()) == 8.0
     assert report["heldout_examples"] == 60
+    assert report["quality"]["sets"]["amazon"]["examples"] == 100  # simulate.ood_cap
     for key in ("heldout_metric_before", "heldout_metric_after"):
         assert 0.0 <= report[key] <= 1.0
         assert report[key] * 60 == pytest.approx(round(report[key] * 60))  # k of 60 right

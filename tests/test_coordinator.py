@@ -207,6 +207,27 @@ def test_answer_to_a_task_of_the_crashed_coordinator_counts_after_restart(tmp_pa
         again.push_answer("a", Answer(task_id=task_b.task_id, choice=1))
 
 
+def test_a_round_answered_across_a_restart_closes_when_it_opens_again(tmp_path: Path) -> None:
+    """a answered before the crash, b to the new coordinator before a was back: nothing is
+    left to wait for, so the round closes as it opens again, not at its deadline."""
+    cfg = config()
+    first = open_coordinator(tmp_path / "run", cfg)
+    join_two(first)
+    play_round(first, {"a": 1, "b": 1})
+    task_a, task_b = pull(first, "a"), pull(first, "b")
+    assert first.push_answer("a", Answer(task_id=task_a.task_id, choice=1))  # then it dies
+    clock = Clock()
+    again = open_coordinator(tmp_path / "run", cfg, clock)
+    again.join(JoinRequest(holder_id="b", model_fingerprint=FINGERPRINT))
+    assert again.push_answer("b", Answer(task_id=task_b.task_id, choice=0))  # kept for it
+    again.join(JoinRequest(holder_id="a", model_fingerprint=FINGERPRINT))
+    again.tick()  # the clock has not moved: the deadline is 30 s away
+    closed = again.state.rounds[-1]
+    assert closed.round_index == 1 and closed.choices == {"a": 1, "b": 0}
+    assert closed.closed_by == "all answered"
+    assert pull(again, "a").round_index == 2  # and the next round is open
+
+
 def test_crash_between_journal_and_log_is_completed(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = config()

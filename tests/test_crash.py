@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import tiny_fingerprint, write_policy, write_records, write_run_config
+from helpers import TINY, tiny_fingerprint, write_policy, write_records, write_run_config
 
 from sottovoce.api import open_holder
 from sottovoce.client.grpc_loop import RetryPolicy, run_holder
@@ -68,6 +68,9 @@ def test_kill_9_coordinator_mid_run_and_resume(tmp_path: Path) -> None:
     config = write_run_config(
         tmp_path / "run.toml",
         run={"max_rounds": ROUNDS, "bit_budget": 1000.0},
+        # The fingerprint given, as a deployment gives it: the server serves within a second
+        # or two of its start (and of its restart), before it imports torch for the report.
+        model={"name": TINY, "dtype": "float32", "fingerprint": tiny_fingerprint()},
         evaluation={"mode": "minibatch", "batch_size": 16},
         server={"min_holders": 2, "quorum": 2, "round_timeout_s": 30.0},
     )

@@ -263,7 +263,7 @@ def test_evaluate_a_simulated_run_end_to_end(tmp_path: Path) -> None:
         tmp_path / "run.toml",
         run={"name": "ev", "max_rounds": 4, "bit_budget": 100.0},
         evaluation={"mode": "full"},
-        simulate={"holders": 2, "test_size": 60, "dev_size": 10, "train_size": 60},
+        simulate={"holders": 2, "test_size": 60, "dev_size": 10, "train_size": 60, "ood_cap": 100},
     )
     run_dir = tmp_path / "sim"
     run_report = simulate(config, run_dir=run_dir, state_dir=tmp_path / "ledgers")
@@ -273,7 +273,7 @@ def test_evaluate_a_simulated_run_end_to_end(tmp_path: Path) -> None:
     quality = run_report["quality"]
     assert quality["sets"]["heldout"]["sha256"] == run_report["heldout_sha256"]
     assert quality["sets"]["heldout"]["accuracy_tuned"] == run_report["heldout_metric_after"]
-    assert quality["sets"]["amazon"]["sha256"] == records_hash(ood_records()["amazon"])
+    assert quality["sets"]["amazon"]["sha256"] == records_hash(ood_records(cap=100)["amazon"])
     assert {e["role"] for e in quality["sets"].values()} == {
         "in-domain held-out (test split)",
         "out-of-domain",

@@ -353,7 +353,7 @@ def test_simulate_through_flower(tmp_path: Path) -> None:
         tmp_path / "run.toml",
         run={"name": "flower-sim", "max_rounds": 5, "bit_budget": 100.0},
         evaluation={"mode": "full"},
-        simulate={"holders": 2, "test_size": 40, "dev_size": 10, "train_size": 40},
+        simulate={"holders": 2, "test_size": 40, "dev_size": 10, "train_size": 40, "ood_cap": 100},
         server={"min_holders": 2, "quorum": 2},
     )
     run_dir, state_dir = tmp_path / "sim", tmp_path / "ledgers"
@@ -552,7 +552,7 @@ def test_dpzero_through_flower_with_epsilon_in_the_report(tmp_path: Path) -> Non
         evaluation={"mode": "poisson", "batch_size": 8},
         dpzero={"learning_rate": 0.05, "smoothing": 0.01, "quantization_bits": 8},
         privacy={"epsilon": 6.0, "delta": 1e-5, "examples_per_holder": 20},
-        simulate={"holders": 2, "test_size": 40, "dev_size": 10, "train_size": 40},
+        simulate={"holders": 2, "test_size": 40, "dev_size": 10, "train_size": 40, "ood_cap": 100},
         server={"min_holders": 2, "quorum": 2},
     )
     run_dir, state_dir = tmp_path / "sim", tmp_path / "ledgers"
