@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -98,6 +99,7 @@ RAMP_S_PER_HOLDER = 0.002  # holders of a generator start this far apart (a join
 READY_TIMEOUT_S = 120.0  # the coordinator process imports torch before it listens
 RETRY = RetryPolicy(total_s=600.0)
 Reply = TypeVar("Reply")
+DEFAULT_COLLECTOR = gc.get_threshold()  # CPython's, for --default-collector
 
 
 # -- the coordinator process -------------------------------------------------------------
@@ -159,16 +161,25 @@ def raise_file_limit() -> None:
 
 
 def coordinator_main(args: argparse.Namespace) -> None:
-    """Serve one run to ``args.holders`` holders; print READY <port>, then RESULT <json>."""
-    from sottovoce.server.coordinator import Coordinator
-    from sottovoce.server.grpc_service import serve
-    from sottovoce.server.limits import ServiceLimits
-    from sottovoce.server.run_state import RunState
+    """Serve one run to ``args.holders`` holders; print READY <port>, then RESULT <json>.
+    Set up as ``sottovoce server`` sets itself up (start-up without the collector, then
+    the serving collector's threshold)."""
+    from sottovoce.common.startup import collect_less_while_serving, start_up
 
     raise_file_limit()
-    config = bench_config(args.holders, args.total_rounds)
-    state = RunState.open(Path(args.run_dir), config, "# bench_load\n", FINGERPRINT)
-    coordinator = Coordinator(config, state, FINGERPRINT)
+    with start_up():
+        from sottovoce.server.coordinator import Coordinator
+        from sottovoce.server.grpc_service import serve
+        from sottovoce.server.limits import ServiceLimits
+        from sottovoce.server.run_state import RunState
+
+        config = bench_config(args.holders, args.total_rounds)
+        state = RunState.open(Path(args.run_dir), config, "# bench_load\n", FINGERPRINT)
+        coordinator = Coordinator(config, state, FINGERPRINT)
+    if args.default_collector:
+        gc.set_threshold(*DEFAULT_COLLECTOR)
+    else:
+        collect_less_while_serving()
     closes: list[Sample] = []
     fsyncs: list[int] = []
 
@@ -605,6 +616,7 @@ def start_coordinator(
         f"--certs={args.certs}",
         f"--run-dir={run_dir}",
         f"--timeout-s={args.timeout_s}",
+        *(["--default-collector"] if args.default_collector else []),
     )
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
@@ -783,7 +795,9 @@ def print_header(args: argparse.Namespace, cert_s: float, max_holders: int) -> N
         f"{os.cpu_count()} CPUs, grpcio {grpc.__version__}, Python {sys.version.split()[0]}"
     )
     print(
-        f"  (1+1)-ES compare tasks, quorum = all holders, journal group-committed; holders in "
+        f"  (1+1)-ES compare tasks, quorum = all holders, journal group-committed, collector "
+        f"{'CPython default' if args.default_collector else 'as sottovoce server sets it'}; "
+        f"holders in "
         f"separate asyncio processes, one TLS channel and certificate each ({max_holders} "
         f"certificates made in {cert_s:.1f} s), long-poll {args.poll_s:g} s, instant answers; "
         f"{args.answers} answers a point ({args.min_rounds}..{args.rounds} rounds) after "
@@ -891,6 +905,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["session"],
         help="how the holders call: the Session stream (the real loop's way), unary calls, "
         "or both, measured side by side at each holder count",
+    )
+    parser.add_argument(
+        "--default-collector",
+        action="store_true",
+        help="serve with CPython's default collector thresholds, not sottovoce server's",
     )
     parser.add_argument("--calls", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--transport", default="session", help=argparse.SUPPRESS)

@@ -137,7 +137,7 @@ def server(
 ) -> None:
     """Run the coordinator: serve tasks until the run's rounds or bit budget are spent."""
     config = check_config(config_path)
-    from sottovoce.common.startup import start_up
+    from sottovoce.common.startup import collect_less_while_serving, start_up
 
     # The transport first too: its errors in well under a second, before torch,
     # transformers and gRPC are imported (seconds).
@@ -162,6 +162,7 @@ def server(
             if metrics_address is not None:
                 raise  # asked for explicitly: an error; the default busy: say so, run on
             click.secho(f"WARNING: {exc}; serving without metrics", fg="yellow", err=True)
+    collect_less_while_serving()
     running = serve(coordinator, listen, tls=tls, observer=metrics)
     click.echo(
         f"coordinator {coordinator.state.run_id} listening on port {running.port}; "

@@ -44,3 +44,17 @@ def test_a_collector_that_was_off_stays_off() -> None:
 def test_a_spawn_target_is_found_by_name_and_called_on_its_unpickled_arguments() -> None:
     call_started_up(f"{__name__}:_record", pickle.dumps((1, "two")))
     assert CALLS[-1] == (True, 1, "two")  # called after the start-up, the collector on
+
+
+def test_serving_collects_the_young_generation_less_often_and_keeps_the_others() -> None:
+    import gc
+
+    from sottovoce.common.startup import SERVING_YOUNG_THRESHOLD, collect_less_while_serving
+
+    before = gc.get_threshold()
+    try:
+        collect_less_while_serving()
+        assert gc.get_threshold() == (SERVING_YOUNG_THRESHOLD, before[1], before[2])
+        assert gc.isenabled()  # cycles are still collected
+    finally:
+        gc.set_threshold(*before)
