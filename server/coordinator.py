@@ -42,6 +42,7 @@ with the number of holders.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -87,8 +88,13 @@ BUDGET_SLACK = 1e-9  # float sums of log2(λ+1) bits; never enough to hear one m
 
 def task_id_for(run_id: str, round_index: int, holder_id: str) -> str:
     """Deterministic, so a restarted coordinator re-asks a round under the same task ids."""
-    holder_tag = hashlib.sha256(holder_id.encode()).hexdigest()[:8]
-    return f"{run_id}:r{round_index}:{holder_tag}"
+    return f"{run_id}:r{round_index}:{_holder_tag(holder_id)}"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _holder_tag(holder_id: str) -> str:
+    """A holder's part of its task ids (computed a few times per answer: kept)."""
+    return hashlib.sha256(holder_id.encode()).hexdigest()[:8]
 
 
 @dataclass

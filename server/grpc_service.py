@@ -181,6 +181,7 @@ class CoordinatorServicer:
         self._polls = ConcurrencyCap(limits.max_polls_per_holder)
         self._streams = ConcurrencyCap(limits.max_polls_per_holder)
         self._deliveries = Deliveries()
+        self._task_replies = wire.TaskReplies()
         self._observer = observer
         self._executor: ThreadPoolExecutor | None = None
         self._durable_waits: _DurableWaits | None = None
@@ -228,12 +229,10 @@ class CoordinatorServicer:
         and journal waits) and answered before the next message is read. A refusal ends the
         stream with the status the call would have had. A holder has at most
         ``max_polls_per_holder`` streams open (a stream waits in at most one poll at a time)."""
-        parse = _parser(pb.SessionRequest)
         async with self._stream_slot(context):
             async for data in requests:
                 started = time.perf_counter()
-                message = await self._serve(context, parse, data)
-                calls = await self._serve(context, _session_calls, message)
+                calls = await self._serve(context, _parse_session, data)
                 replies = []
                 for index, (method, request) in enumerate(calls):
                     # A call followed by another in the message (a push, then its pull) does
@@ -307,7 +306,7 @@ class CoordinatorServicer:
                         timeout_s,
                     ),
                 )
-        reply = _encode(wire.pull_task_reply_to_proto, result)
+        reply = _encode(self._task_replies.encode, result)
         self._credit_delivery(holder_id, result)
         return reply
 
@@ -730,8 +729,10 @@ def _parser(request_type: type[Message]) -> Callable[[bytes, Context], Awaitable
     return parse
 
 
-async def _session_calls(message: Message, _: Context) -> list[tuple[str, Message]]:
-    """The calls a Session message carries (INVALID_ARGUMENT if it carries none)."""
+async def _parse_session(data: bytes, context: Context) -> list[tuple[str, Message]]:
+    """The calls a Session message's bytes carry (INVALID_ARGUMENT if they are not a
+    SessionRequest, or one that carries no call)."""
+    message = await _parser(pb.SessionRequest)(data, context)
     assert isinstance(message, pb.SessionRequest)
     return _decode(wire.session_calls, message)
 

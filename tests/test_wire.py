@@ -591,3 +591,20 @@ def test_a_session_message_must_carry_a_call_and_a_reply_exactly_its_calls_repli
         r"a PushAnswer reply and a PullTask reply$",
     ):
         wire.session_replies(pb.SessionReply(), message)
+
+
+def test_task_replies_encode_each_holders_task_exactly_as_the_plain_encoder() -> None:
+    replies = wire.TaskReplies(size=2)
+    tasks = [
+        TASK,
+        replace(TASK, task_id="run-1:r3:0000beef"),  # another holder, same round
+        replace(TASK, task_id="run-1:r3:0000cafe", base_version=TASK.base_version + 1,
+                new_steps=TASK.new_steps[1:]),  # behind by one step less
+        BEST_OF_TASK,
+        replace(TASK, task_id="run-1:r3:0000f00d"),  # evicted by now: encoded afresh
+        None,
+    ]  # fmt: skip
+    for task in tasks:
+        assert replies.encode(task) == wire.pull_task_reply_to_proto(task)
+    with pytest.raises(WireError, match=r"^invalid PullTaskReply\.task\.task_id: "):
+        replies.encode(replace(TASK, task_id="not an id"))  # a cached task, a bad id
