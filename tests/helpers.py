@@ -12,6 +12,7 @@ import functools
 import random
 import string
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,19 @@ from sottovoce.common.models import load_model
 from sottovoce.common.parametrizations.base import ParametrizationSpec
 from sottovoce.common.parametrizations.registry import build_parametrization
 from sottovoce.common.protocol.answers import AnswerKind
-from sottovoce.common.protocol.messages import BatchSpec, Candidate, FitnessSpec, RunSpec, Task
+from sottovoce.common.protocol.messages import (
+    Answer,
+    BatchSpec,
+    Candidate,
+    FitnessSpec,
+    JoinRequest,
+    RunFinished,
+    RunSpec,
+    Task,
+)
 from sottovoce.common.protocol.seeds import candidate_seed
 from sottovoce.common.steplog import Step, as_float32, extend_chain, genesis_hash
+from sottovoce.server.coordinator import Coordinator
 from sottovoce.server.run_state import RoundRecord
 
 TINY = "tiny-llama"
@@ -311,3 +322,32 @@ def accepted_round(index: int, step: Step) -> RoundRecord:
         bits=1.0,
         closed_by="all answered",
     )
+
+
+# -- the gRPC service's tests ------------------------------------------------------------
+
+
+@dataclass
+class Spy:
+    """The coordinator, with a record of which calls reached it."""
+
+    inner: Coordinator
+    calls: list[str] = field(default_factory=list)
+
+    def join(self, request: JoinRequest) -> RunSpec:
+        self.calls.append("join")
+        return self.inner.join(request)
+
+    def pull_task(
+        self, holder_id: str, have_version: int, have_head: str, timeout_s: float
+    ) -> Task | RunFinished | None:
+        self.calls.append("pull")
+        return self.inner.pull_task(holder_id, have_version, have_head, timeout_s)
+
+    def push_answer(self, holder_id: str, answer: Answer) -> bool:
+        self.calls.append("push")
+        return self.inner.push_answer(holder_id, answer)
+
+    def leave(self, holder_id: str) -> None:
+        self.calls.append("leave")
+        self.inner.leave(holder_id)

@@ -12,13 +12,14 @@ import secrets
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import Spy
 
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.common.config import SERVICE_LIMIT_KEYS, RunConfig, ServerSection, parse_config
@@ -165,32 +166,6 @@ def real_coordinator(tmp_path: Path, **server: Any) -> Coordinator:
     config = run_config(**server)
     state = RunState.open(tmp_path / "run", config, "# test\n", FINGERPRINT)
     return Coordinator(config, state, FINGERPRINT)
-
-
-@dataclass
-class Spy:
-    """The coordinator, with a record of which calls reached it."""
-
-    inner: Coordinator
-    calls: list[str] = field(default_factory=list)
-
-    def join(self, request: JoinRequest) -> RunSpec:
-        self.calls.append("join")
-        return self.inner.join(request)
-
-    def pull_task(
-        self, holder_id: str, have_version: int, have_head: str, timeout_s: float
-    ) -> Task | RunFinished | None:
-        self.calls.append("pull")
-        return self.inner.pull_task(holder_id, have_version, have_head, timeout_s)
-
-    def push_answer(self, holder_id: str, answer: Answer) -> bool:
-        self.calls.append("push")
-        return self.inner.push_answer(holder_id, answer)
-
-    def leave(self, holder_id: str) -> None:
-        self.calls.append("leave")
-        self.inner.leave(holder_id)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import Spy
 
 from sottovoce.client.grpc_loop import RetryPolicy, WireTraffic, _SessionStream, run_holder
 from sottovoce.common.config import RunConfig, parse_config
@@ -60,32 +61,6 @@ def coordinator(tmp_path: Path, rounds: int = 3, holders: int = 1) -> Coordinato
     config = run_config(rounds, holders)
     state = RunState.open(tmp_path / "run", config, "# test\n", FINGERPRINT)
     return Coordinator(config, state, FINGERPRINT)
-
-
-@dataclass
-class Spy:
-    """The coordinator, with a record of which calls reached it."""
-
-    inner: Coordinator
-    calls: list[str] = field(default_factory=list)
-
-    def join(self, request: JoinRequest) -> RunSpec:
-        self.calls.append("join")
-        return self.inner.join(request)
-
-    def pull_task(
-        self, holder_id: str, have_version: int, have_head: str, timeout_s: float
-    ) -> Task | RunFinished | None:
-        self.calls.append("pull")
-        return self.inner.pull_task(holder_id, have_version, have_head, timeout_s)
-
-    def push_answer(self, holder_id: str, answer: Answer) -> bool:
-        self.calls.append("push")
-        return self.inner.push_answer(holder_id, answer)
-
-    def leave(self, holder_id: str) -> None:
-        self.calls.append("leave")
-        self.inner.leave(holder_id)
 
 
 def limits(*, burst: int = 100, polls: int = 4) -> ServiceLimits:
