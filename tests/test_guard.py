@@ -369,14 +369,18 @@ def test_randomized_response_bounds_the_same_attack_by_its_epsilon(tmp_path: Pat
     outsider = holder_on(tmp_path / "out", others(), name="out", **privacy)
     for holder in (member, outsider):
         holder.accept_run(spec)
-    trials = 200
+    trials = 300
     success = membership_success(
         ask_many(member, spec, question, trials),
         ask_many(outsider, spec, question, trials),
         question,
     )
     bound = RandomizedResponse(epsilon, 2).truth_probability  # e / (1 + e) = 0.731
-    assert success <= bound + 3 * math.sqrt(bound * (1 - bound) / (2 * trials))
+    # The attack meets this bound exactly (the question isolates the record), and the noise
+    # comes from the holder's secure source, so no seed fixes the draw: 4.5 standard
+    # errors make a false alarm a few in a million (3 made it one in 700, and it happened);
+    # RR at epsilon 1.6 or more (0.83), or no RR (1.0), is still caught.
+    assert success <= bound + 4.5 * math.sqrt(bound * (1 - bound) / (2 * trials))
     assert success > 0.6  # the question does isolate the record: RR is what protects it
 
 
@@ -419,7 +423,9 @@ def test_chunk_votes_bound_the_same_attack_by_their_epsilon(tmp_path: Path) -> N
     gaussian = float(NormalDist().cdf(math.sqrt(2) / (2 * sigma)))  # 0.57
     measured, tolerance = success(100, "q")
     assert measured <= bound + tolerance
-    assert abs(measured - gaussian) <= tolerance
+    # Two-sided, and from the holder's secure noise: 4.5 standard errors of the Gaussian's
+    # own rate (a false alarm a few in a million), not 3 (about one in 370).
+    assert abs(measured - gaussian) <= 4.5 * math.sqrt(gaussian * (1 - gaussian) / 200)
     for holder in (member, outsider):  # planted: the accountant is told sigma, no noise added
         assert holder.run is not None
         holder.run.mechanism.noisy_choice = lambda counts: int(np.argmax(counts))  # type: ignore[attr-defined]
