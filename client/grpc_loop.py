@@ -103,6 +103,7 @@ def run_holder(
     rpc_timeout_s: float = 10.0,
     retry: RetryPolicy | None = None,
     traffic: WireTraffic | None = None,
+    streamed: bool = True,
 ) -> RunFinished:
     """Take part in the coordinator's run at ``address`` until it finishes; return its end.
 
@@ -111,7 +112,9 @@ def run_holder(
     WireError if it sends a malformed message. If ``stop`` is set, the holder leaves and a
     RunFinished with reason :data:`STOPPED_REASON` comes back (its ``bits_spent_total`` is
     0.0: the coordinator never said; the holder's own ledger knows what it released).
-    ``traffic``, if given, counts the bytes of every call that got a reply.
+    ``traffic``, if given, counts the bytes of every call that got a reply. ``streamed``
+    False makes every exchange a unary call (for a proxy on the way that does not pass
+    bidirectional streams); the coordinator sees the same calls either way.
     """
     channel = _open_channel(address, tls)
     try:
@@ -124,6 +127,7 @@ def run_holder(
             rpc_timeout_s=rpc_timeout_s,
             retry=retry or RetryPolicy(),
             traffic=traffic if traffic is not None else WireTraffic(),
+            streamed=streamed,
         )
         return session.run()
     finally:
@@ -165,6 +169,7 @@ class _HolderSession:
         rpc_timeout_s: float,
         retry: RetryPolicy,
         traffic: WireTraffic,
+        streamed: bool,
     ):
         self._holder = holder
         self._traffic = traffic
@@ -175,7 +180,7 @@ class _HolderSession:
         self._retry = retry
         self._credentials: Credentials | None = None
         self._spec: RunSpec | None = None
-        self._stream: _SessionStream | None = _SessionStream(stub, stop)
+        self._stream: _SessionStream | None = _SessionStream(stub, stop) if streamed else None
 
     def run(self) -> RunFinished:
         try:

@@ -247,6 +247,12 @@ def server(
     show_default=True,
     help="Seconds to wait for the coordinator to answer at start before giving up.",
 )
+@click.option(
+    "--unary",
+    is_flag=True,
+    help="Make every exchange a unary call instead of a message on one Session stream "
+    "(for a proxy on the way that does not pass bidirectional gRPC streams).",
+)
 @user_errors
 def client(
     address: str,
@@ -263,6 +269,7 @@ def client(
     insecure: bool,
     metrics_address: str | None,
     connect_timeout_s: float,
+    unary: bool,
 ) -> None:
     """Run a data holder: dial out to the coordinator and answer within the policy."""
     from sottovoce.client.policy import load_policy
@@ -306,7 +313,12 @@ def client(
         click.echo(f"{holder_id}: local metrics on port {port} (this machine only)", err=True)
     traffic = WireTraffic()
     finished = run_holder(
-        holder, address, tls=tls, traffic=traffic, connect_timeout_s=connect_timeout_s
+        holder,
+        address,
+        tls=tls,
+        traffic=traffic,
+        connect_timeout_s=connect_timeout_s,
+        streamed=not unary,
     )
     if report_path is not None and holder.spec is not None:
         report = holder.local_report(finished.bits_spent_total)

@@ -208,7 +208,9 @@ class NoSession(CoordinatorServicer):
 
 
 # -- the holder's loop over the stream -------------------------------------------------------
-def run_federation(tmp_path: Path, servicer_type: type[CoordinatorServicer]) -> Any:
+def run_federation(
+    tmp_path: Path, servicer_type: type[CoordinatorServicer], *, streamed: bool = True
+) -> Any:
     """Three holders, ten rounds, through the given service; what the run left behind."""
     names = ("holder-a", "holder-b", "holder-c")
     coord = coordinator(tmp_path, rounds=10, holders=3)
@@ -221,7 +223,7 @@ def run_federation(tmp_path: Path, servicer_type: type[CoordinatorServicer]) -> 
             threading.Thread(
                 target=run_holder,
                 args=(holder, running.address),
-                kwargs={"poll_timeout_s": 5.0, "traffic": t},
+                kwargs={"poll_timeout_s": 5.0, "traffic": t, "streamed": streamed},
             )
             for holder, t in zip(holders, traffic, strict=True)
         ]
@@ -251,6 +253,10 @@ def test_a_run_goes_over_one_stream_per_holder_and_equals_the_unary_run(tmp_path
     assert CountsStreams.messages == 3 * 11
     assert streamed_traffic == [(1 + 11, True, True)] * 3  # Join, then the 11 exchanges
     assert unary_traffic == [(1 + 11 + 10, True, True)] * 3  # Join, 11 PullTasks, 10 pushes
+    # A holder told not to stream (`sottovoce client --unary`) opens none, with the same run.
+    forced, forced_traffic = run_federation(tmp_path / "forced", CountsStreams, streamed=False)
+    assert (forced, forced_traffic) == (unary, unary_traffic)
+    assert CountsStreams.streams == 3
 
 
 class WrongKind(pb_grpc.CoordinatorServicer):
