@@ -237,27 +237,28 @@ class _HolderSession:
 
     def _answer_then_pull(self, answer: Answer) -> Task | RunFinished | None:
         """Push ``answer`` and wait for the next task: one message on the Session stream,
-        or the two calls one after the other."""
-        if self._stream is None:
-            self._push(answer)
-            return self._pull()
+        or the two calls one after the other (no stream, or a coordinator without one)."""
+        if self._stream is not None:
+            try:
+                return self._answer_then_pull_streamed(answer)
+            except _AnswerRefusedError as refused:
+                self._log_refused(answer, refused)
+                return self._pull()
+            except _NoSessionError:
+                pass  # the stream is dropped: the same answer, unary
+        self._push(answer)
+        return self._pull()
 
+    def _answer_then_pull_streamed(self, answer: Answer) -> Task | RunFinished | None:
         def attempt() -> tuple[pb.PushAnswerReply | None, pb.PullTaskReply | None]:
             message = wire.session_request(
                 push=self._push_request(answer), pull=self._pull_request()
             )
             return self._exchange(message)
 
-        try:
-            pushed, pulled = self._call(
-                "PushAnswer, then PullTask", attempt, rejoin=True, refused_ok=True
-            )
-        except _AnswerRefusedError as refused:
-            self._log_refused(answer, refused)
-            return self._pull()
-        except _NoSessionError:
-            self._push(answer)
-            return self._pull()
+        pushed, pulled = self._call(
+            "PushAnswer, then PullTask", attempt, rejoin=True, refused_ok=True
+        )
         assert pushed is not None and pulled is not None
         if not pushed.accepted:
             logger.info("answer to task %s not used (duplicate or late)", answer.task_id)

@@ -218,7 +218,7 @@ class CoordinatorServicer:
         """Parse ``data`` as ``method``'s request (INVALID_ARGUMENT, counted, if it is not
         one), then serve it as that method. What :func:`add_to_server` registers."""
         started = time.perf_counter()
-        message = await self._serve(context, _parser(_REQUEST_TYPES[method]), data)
+        message = await self._serve(context, _PARSERS[method], data)
         return await self._serve_call(method, message, context, started)
 
     async def handle_session(
@@ -729,10 +729,14 @@ def _parser(request_type: type[Message]) -> Callable[[bytes, Context], Awaitable
     return parse
 
 
+_PARSERS = {method: _parser(request_type) for method, request_type in _REQUEST_TYPES.items()}
+_PARSE_SESSION_REQUEST = _parser(pb.SessionRequest)
+
+
 async def _parse_session(data: bytes, context: Context) -> list[tuple[str, Message]]:
     """The calls a Session message's bytes carry (INVALID_ARGUMENT if they are not a
     SessionRequest, or one that carries no call)."""
-    message = await _parser(pb.SessionRequest)(data, context)
+    message = await _PARSE_SESSION_REQUEST(data, context)
     assert isinstance(message, pb.SessionRequest)
     return _decode(wire.session_calls, message)
 

@@ -934,13 +934,16 @@ def leave_request_from_proto(message: pb.LeaveRequest) -> Credentials:
 
 
 # -- the Session stream: PullTask and PushAnswer exchanges as messages -------------------
+_NO_CALL = "carries no call (neither push nor pull is set)"
+
+
 def session_request(
     *, push: pb.PushAnswerRequest | None = None, pull: pb.PullTaskRequest | None = None
 ) -> pb.SessionRequest:
     """One message of a Session stream: an encoded PushAnswer, PullTask, or both (the
     answer, then the wait for the next task)."""
     if push is None and pull is None:
-        _fail("SessionRequest", "carries no call (neither push nor pull is set)")
+        _fail("SessionRequest", _NO_CALL)
     return pb.SessionRequest(push=push, pull=pull)
 
 
@@ -953,7 +956,7 @@ def session_calls(message: pb.SessionRequest) -> list[tuple[str, Message]]:
     if message.HasField("pull"):
         calls.append(("PullTask", message.pull))
     if not calls:
-        _fail("SessionRequest", "carries no call (neither push nor pull is set)")
+        _fail("SessionRequest", _NO_CALL)
     return calls
 
 
@@ -976,16 +979,8 @@ def session_replies(
     """(the PushAnswer reply, the PullTask reply) a Session message brings for ``request``:
     exactly the replies of the calls it carried (a coordinator that answers with any other
     set breaks the protocol)."""
-    asked = [
-        name
-        for name, wanted in _session_kinds(request.HasField("push"), request.HasField("pull"))
-        if wanted
-    ]
-    given = [
-        name
-        for name, present in _session_kinds(message.HasField("pushed"), message.HasField("pulled"))
-        if present
-    ]
+    asked = _replies_named(request.HasField("push"), request.HasField("pull"))
+    given = _replies_named(message.HasField("pushed"), message.HasField("pulled"))
     if given != asked:
         _fail(
             "SessionReply",
@@ -997,5 +992,10 @@ def session_replies(
     return pushed, pulled
 
 
-def _session_kinds(push: bool, pull: bool) -> tuple[tuple[str, bool], tuple[str, bool]]:
-    return ("a PushAnswer reply", push), ("a PullTask reply", pull)
+def _replies_named(push: bool, pull: bool) -> list[str]:
+    """The replies a Session message carries (or its request asks for), in words."""
+    return [
+        name
+        for name, present in (("a PushAnswer reply", push), ("a PullTask reply", pull))
+        if present
+    ]
