@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import os
 import random
 import string
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,3 +354,56 @@ class Spy:
     def leave(self, holder_id: str) -> None:
         self.calls.append("leave")
         self.inner.leave(holder_id)
+
+
+@dataclass
+class InstantHolder:
+    """A holder endpoint for transport tests: answers at once (a bit of its candidate's
+    seed and its name) and follows the log; keeps every answer it gave."""
+
+    holder_id: str
+    fingerprint: str
+    log_version: int = 0
+    log_head: str = ""
+    answers: list[Answer] = field(default_factory=list)
+
+    def join_request(self) -> JoinRequest:
+        return JoinRequest(self.holder_id, self.fingerprint)
+
+    def accept_run(self, spec: RunSpec) -> None:
+        self.log_head = self.log_head or spec.log_genesis
+
+    def answer(self, task: Task) -> Answer:
+        if task.base_version == self.log_version:
+            self.log_head = extend_chain(self.log_head, self.log_version, task.new_steps)
+            self.log_version = task.target_version
+        answer = Answer(task.task_id, choice=(task.candidates[0].seed + len(self.holder_id)) % 2)
+        self.answers.append(answer)
+        return answer
+
+    def finish(self, finished: RunFinished) -> None:
+        pass
+
+
+class HeldFsyncs:
+    """The journal's fsyncs held until :meth:`release`, with the times they then ran: a
+    test checks that no reply left before its record was on disk."""
+
+    def __init__(self) -> None:
+        self.synced: list[float] = []
+        self._gate = threading.Event()
+        self._real_fsync = os.fsync
+
+    def hold(self, monkeypatch: Any) -> None:
+        monkeypatch.setattr("sottovoce.server.journal.os.fsync", self._held)
+
+    def release(self) -> float:
+        """Let the fsyncs run; the moment they were let go."""
+        released = time.monotonic()
+        self._gate.set()
+        return released
+
+    def _held(self, fd: int) -> None:
+        self._gate.wait(10)
+        self._real_fsync(fd)
+        self.synced.append(time.monotonic())

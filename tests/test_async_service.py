@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import HeldFsyncs
 
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.proto import sottovoce_pb2 as pb
@@ -115,15 +116,7 @@ def test_no_reply_leaves_before_its_journal_record_is_on_disk(
     coord = coordinator(tmp_path, holders=2)
     coord.join(JoinRequest("solo", FINGERPRINT))
     coord.join(JoinRequest("other", FINGERPRINT))  # joins, never answers
-    gate = threading.Event()
-    synced: list[float] = []
-    real_fsync = os.fsync
-
-    def held_fsync(fd: int) -> None:
-        gate.wait(10)
-        real_fsync(fd)
-        synced.append(time.monotonic())
-
+    fsyncs = HeldFsyncs()
     with serve(coord, "127.0.0.1:0") as running, grpc.insecure_channel(running.address) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         reply = stub.Join(wire.join_request_to_proto(JoinRequest("solo", FINGERPRINT)), timeout=5)
@@ -134,17 +127,16 @@ def test_no_reply_leaves_before_its_journal_record_is_on_disk(
         )
         task = wire.pull_task_reply_from_proto(pulled)
         assert isinstance(task, Task)
-        monkeypatch.setattr("sottovoce.server.journal.os.fsync", held_fsync)
+        fsyncs.hold(monkeypatch)
         push = stub.PushAnswer.future(
             wire.push_answer_request_to_proto(PushAnswerCall(me, Answer(task.task_id, 1))),
             timeout=10,
         )
         time.sleep(0.5)
         assert not push.done()  # journaled, counted in memory, but not yet said to be
-        released = time.monotonic()
-        gate.set()
+        released = fsyncs.release()
         assert push.result().accepted
-        assert synced and synced[0] >= released  # the fsync came before the reply
+        assert fsyncs.synced and fsyncs.synced[0] >= released  # the fsync came before the reply
     records = read_json_lines(coord.state.run_dir / JOURNAL)
     assert [r["task_id"] for r in records if r["type"] == "answer"] == [task.task_id]
 

@@ -204,6 +204,13 @@ def a_chunk_vote(tmp_path: Path, mechanism: type[ChunkVote] = ChunkVote) -> tupl
     return mechanism(spec, SecureRandomness(), key), make_task(spec, "t")
 
 
+def with_keep_margin(mechanism: ChunkVote, margin: float) -> ChunkVote:
+    """The same holder's chunk vote (its key, fresh secure noise) with a keep margin."""
+    dp = dataclasses.replace(mechanism.spec.dp, keep_margin=margin)
+    spec = dataclasses.replace(mechanism.spec, dp=dp)
+    return ChunkVote(spec, SecureRandomness(), mechanism.record_key)
+
+
 def test_the_vote_noise_has_the_std_the_accountant_was_told(tmp_path: Path) -> None:
     mechanism, task = a_chunk_vote(tmp_path)
     event = mechanism.event(1, 1.0)
@@ -248,13 +255,7 @@ def test_default_answer_is_the_noise_on_all_chunks_keeping(tmp_path: Path) -> No
 def test_the_keep_margin_is_post_processing(tmp_path: Path) -> None:
     """Votes added to "keep" after the noise: the same event, a higher bar for candidates."""
     mechanism, _ = a_chunk_vote(tmp_path)
-    margined = ChunkVote(
-        dataclasses.replace(
-            mechanism.spec, dp=dataclasses.replace(mechanism.spec.dp, keep_margin=8.0)
-        ),
-        SecureRandomness(),
-        mechanism.record_key,
-    )
+    margined = with_keep_margin(mechanism, 8.0)
     assert margined.event(1, 1.0) == mechanism.event(1, 1.0)
     counts = np.array([0.0, 11.0])  # 11 chunks for the candidate, noise 8, margin 8
     kept = sum(margined.noisy_choice(counts) == 0 for _ in range(2000)) / 2000
@@ -287,13 +288,7 @@ def test_with_mirrored_votes_the_margin_still_filters(tmp_path: Path) -> None:
     probability 2 Phi(-margin / (sigma sqrt 2)) = 0.48 at margin = sigma = 8; a margin over
     keep alone would release a candidate every time."""
     mechanism, _ = a_chunk_vote(tmp_path)
-    margined = ChunkVote(
-        dataclasses.replace(
-            mechanism.spec, dp=dataclasses.replace(mechanism.spec.dp, keep_margin=8.0)
-        ),
-        SecureRandomness(),
-        mechanism.record_key,
-    )
+    margined = with_keep_margin(mechanism, 8.0)
     counts = np.array([-20.0, 20.0, 20.0])
     released = sum(margined.noisy_choice(counts) != 0 for _ in range(2000)) / 2000
     assert released == pytest.approx(2 * float(norm.cdf(-8 / (8 * math.sqrt(2)))), abs=0.035)

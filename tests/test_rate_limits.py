@@ -12,21 +12,20 @@ import secrets
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import Spy
+from helpers import InstantHolder, Spy
 
 from sottovoce.client.grpc_loop import run_holder
 from sottovoce.common.config import SERVICE_LIMIT_KEYS, RunConfig, ServerSection, parse_config
 from sottovoce.common.errors import ConfigError
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
-from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, Task
 from sottovoce.common.steplog import extend_chain
 from sottovoce.common.transport import wire
 from sottovoce.common.transport.certs import init_ca, issue, tls_config
@@ -433,32 +432,6 @@ def test_unauthenticated_calls_count_against_the_certificate_on_any_connection(
 
 
 # -- a normal run is not affected --------------------------------------------------------------
-@dataclass
-class InstantHolder:
-    """A holder endpoint that answers at once and follows the log."""
-
-    holder_id: str
-    log_version: int = 0
-    log_head: str = ""
-    answered: int = 0
-
-    def join_request(self) -> JoinRequest:
-        return JoinRequest(self.holder_id, FINGERPRINT)
-
-    def accept_run(self, spec: RunSpec) -> None:
-        self.log_head = self.log_head or spec.log_genesis
-
-    def answer(self, task: Task) -> Answer:
-        if task.base_version == self.log_version:
-            self.log_head = extend_chain(self.log_head, self.log_version, task.new_steps)
-            self.log_version = task.target_version
-        self.answered += 1
-        return Answer(task.task_id, choice=(task.candidates[0].seed + len(self.holder_id)) % 2)
-
-    def finish(self, finished: RunFinished) -> None:
-        pass
-
-
 @pytest.mark.parametrize("limited", ["defaults", "one-token"])
 def test_a_normal_run_is_never_throttled(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, limited: str
@@ -469,7 +442,7 @@ def test_a_normal_run_is_never_throttled(
     state = RunState.open(tmp_path / "run", config, "# test\n", FINGERPRINT)
     coordinator = Coordinator(config, state, FINGERPRINT)
     tight = limits(per_s=1e-6, burst=1) if limited == "one-token" else None
-    holders = [InstantHolder(name) for name in names]
+    holders = [InstantHolder(name, FINGERPRINT) for name in names]
     caplog.set_level(logging.INFO)
     with (
         serve(coordinator, "127.0.0.1:0", limits=tight) as running,
@@ -478,7 +451,7 @@ def test_a_normal_run_is_never_throttled(
         runs = [pool.submit(run_holder, h, running.address, poll_timeout_s=5.0) for h in holders]
         finished = [run.result(timeout=60) for run in runs]
     assert {f.reason for f in finished} == {f"max_rounds ({rounds}) reached"}
-    assert [h.answered for h in holders] == [rounds] * 3
+    assert [len(h.answers) for h in holders] == [rounds] * 3
     assert {r.closed_by for r in state.rounds} == {"all answered"}
     assert "RESOURCE_EXHAUSTED" not in caplog.text
 

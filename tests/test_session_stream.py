@@ -5,27 +5,24 @@ called unary, and a hostile one gets nothing from a wrong reply."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from helpers import Spy
+from helpers import HeldFsyncs, InstantHolder, Spy
 
 from sottovoce.client.grpc_loop import RetryPolicy, WireTraffic, _SessionStream, run_holder
 from sottovoce.common.config import RunConfig, parse_config
 from sottovoce.common.errors import TransportError
 from sottovoce.common.proto import sottovoce_pb2 as pb
 from sottovoce.common.proto import sottovoce_pb2_grpc as pb_grpc
-from sottovoce.common.protocol.messages import Answer, JoinRequest, RunFinished, RunSpec, Task
-from sottovoce.common.steplog import extend_chain
+from sottovoce.common.protocol.messages import Answer, JoinRequest, RunSpec, Task
 from sottovoce.common.storage import read_json_lines
 from sottovoce.common.transport import wire
 from sottovoce.common.transport.certs import init_ca, issue, tls_config
@@ -154,33 +151,6 @@ def as_session(*requests: Any) -> pb.SessionRequest:
     )
 
 
-@dataclass
-class InstantHolder:
-    """A holder endpoint that answers at once and follows the log."""
-
-    holder_id: str
-    log_version: int = 0
-    log_head: str = ""
-    answers: list[Answer] = field(default_factory=list)
-
-    def join_request(self) -> JoinRequest:
-        return JoinRequest(self.holder_id, FINGERPRINT)
-
-    def accept_run(self, spec: RunSpec) -> None:
-        self.log_head = self.log_head or spec.log_genesis
-
-    def answer(self, task: Task) -> Answer:
-        if task.base_version == self.log_version:
-            self.log_head = extend_chain(self.log_head, self.log_version, task.new_steps)
-            self.log_version = task.target_version
-        answer = Answer(task.task_id, choice=(task.candidates[0].seed + len(self.holder_id)) % 2)
-        self.answers.append(answer)
-        return answer
-
-    def finish(self, finished: RunFinished) -> None:
-        pass
-
-
 class CountsStreams(CoordinatorServicer):
     """The real service, counting the Session streams opened and the messages on them."""
 
@@ -214,7 +184,7 @@ def run_federation(
     """Three holders, ten rounds, through the given service; what the run left behind."""
     names = ("holder-a", "holder-b", "holder-c")
     coord = coordinator(tmp_path, rounds=10, holders=3)
-    holders = [InstantHolder(name) for name in names]
+    holders = [InstantHolder(name, FINGERPRINT) for name in names]
     traffic = [WireTraffic() for _ in names]
     servicer = servicer_type(coord, limits=limits())
     running = start_server(servicer, "127.0.0.1:0")
@@ -301,7 +271,7 @@ def test_a_reply_of_the_wrong_kind_is_a_wire_error_and_the_holder_answers_nothin
     _SPEC[:] = [coord.join(JoinRequest("probe", FINGERPRINT))]
     servicer = WrongKind()
     server, address = sync_server(servicer)
-    holder = InstantHolder("holder-a")
+    holder = InstantHolder("holder-a", FINGERPRINT)
     try:
         with pytest.raises(
             WireError,
@@ -348,7 +318,12 @@ def test_an_exchange_with_no_reply_gives_up_at_its_deadline_and_retries_on_a_new
         with pytest.raises(
             TransportError, match=r"^PullTask failed with DEADLINE_EXCEEDED: no reply"
         ):
-            run_holder(InstantHolder("holder-a"), address, poll_timeout_s=0.1, retry=FAST_RETRY)
+            run_holder(
+                InstantHolder("holder-a", FINGERPRINT),
+                address,
+                poll_timeout_s=0.1,
+                retry=FAST_RETRY,
+            )
     finally:
         servicer.released.set()
         server.stop(0)
@@ -484,15 +459,7 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
     covers the push's record) does not come until the disk has the answer. Two holders,
     so that the answer does not close the round (closing syncs on its own)."""
     coord = coordinator(tmp_path, holders=2)
-    gate = threading.Event()
-    synced: list[float] = []
-    real_fsync = os.fsync
-
-    def held_fsync(fd: int) -> None:
-        gate.wait(10)
-        real_fsync(fd)
-        synced.append(time.monotonic())
-
+    fsyncs = HeldFsyncs()
     with serve(coord, "127.0.0.1:0") as running, grpc.insecure_channel(running.address) as ch:
         me = join(pb_grpc.CoordinatorStub(ch), "solo")
         join(pb_grpc.CoordinatorStub(ch), "other")  # joins, never answers
@@ -501,7 +468,7 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
             stream.exchange(pull(me, coord.state.genesis, wait_s=1.0)).pulled
         )
         assert isinstance(task, Task)
-        monkeypatch.setattr("sottovoce.server.journal.os.fsync", held_fsync)
+        fsyncs.hold(monkeypatch)
         replies: list[pb.SessionReply] = []
         requests = [push(me, task.task_id)]
         if then_pull:  # nothing to hand out yet: the pull answers "no task" at once
@@ -510,14 +477,13 @@ def test_no_stream_reply_leaves_before_its_journal_record_is_on_disk(
         sender.start()
         time.sleep(0.5)
         assert replies == []  # journaled, counted in memory, but not yet said to be
-        released = time.monotonic()
-        gate.set()
+        released = fsyncs.release()
         sender.join(timeout=10)
         assert replies and replies[0].pushed.accepted
         assert replies[0].HasField("pulled") is then_pull
         if then_pull:
             assert replies[0].pulled.HasField("nothing")
-        assert synced and synced[0] >= released  # the fsync came before the reply
+        assert fsyncs.synced and fsyncs.synced[0] >= released  # the fsync came first
         stream.close()
     records = read_json_lines(coord.state.run_dir / JOURNAL)
     assert [r["task_id"] for r in records if r["type"] == "answer"] == [task.task_id]
